@@ -1,0 +1,372 @@
+"""DeiT and distilled DeiT with per-block widths, registered with timm.
+
+DeiT (Touvron et al., "Training data-efficient image transformers & distillation through
+attention", ICML 2021) is a ViT trained with a strong recipe; the distilled variant appends a
+distillation token after the class token, ``[CLS, DIST, patches]``, read by a second head. In
+training the two heads are supervised separately; at eval the logits are averaged:
+``y = (head(z_cls) + head_dist(z_dist)) / 2``.
+
+The models here are timm's ``VisionTransformer`` / ``VisionTransformerDistilled`` with one change:
+every block may have its own widths, so that a structurally pruned model (NViT) is the same
+architecture with other numbers in ``config.json``:
+
+* ``num_heads[i]``  heads of block i,
+* ``qk_dim[i]``     query/key width of each head in block i,
+* ``v_dim[i]``      value width of each head in block i (decoupled from ``qk_dim``),
+* ``mlp_hidden[i]`` hidden width of the MLP of block i,
+* ``embed_dim``     the global residual width shared by all blocks,
+* ``attn_scale[i]`` the softmax scale (default ``qk_dim[i] ** -0.5``; a pruned model keeps the
+  dense model's scale so that removing query/key channels changes nothing else).
+
+With uniform widths the parameter names and the forward pass equal timm's, so timm's DeiT weights
+load unchanged and give the same logits.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import DropPath, LayerScale, Mlp, use_fused_attn
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models.deit import VisionTransformerDistilled
+from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+
+__all__ = [
+    'WidthAttention', 'WidthBlock', 'DeiT', 'DeiTDistilled', 'resolve_widths', 'SMALL_IMAGE_CONFIGS',
+]
+
+IntOrList = Union[int, Sequence[int]]
+
+
+class WidthAttention(nn.Module):
+    """Multi-head self-attention whose query/key and value head widths may differ.
+
+    ``qkv`` is one linear layer whose output rows are ``[Q (heads x qk_dim), K (heads x qk_dim),
+    V (heads x v_dim)]``, each head contiguous, which is timm's layout when ``qk_dim == v_dim``.
+    ``Attention(Q, K, V) = softmax(scale * Q K^T) V`` per head, then ``proj``.
+    """
+
+    def __init__(
+            self,
+            dim: int,
+            num_heads: int,
+            qk_dim: int,
+            v_dim: int,
+            qkv_bias: bool = True,
+            scale: Optional[float] = None,
+            attn_drop: float = 0.,
+            proj_drop: float = 0.,
+    ):
+        super().__init__()
+        if num_heads < 1 or qk_dim < 1 or v_dim < 1:
+            raise ValueError(f'attention needs at least one head and one channel per head, '
+                             f'got heads={num_heads} qk_dim={qk_dim} v_dim={v_dim}')
+        self.num_heads = num_heads
+        self.qk_dim = qk_dim
+        self.v_dim = v_dim
+        self.scale = float(scale) if scale is not None else qk_dim ** -0.5
+        self.fused_attn = use_fused_attn()
+        self.qkv = nn.Linear(dim, num_heads * (2 * qk_dim + v_dim), bias=qkv_bias)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(num_heads * v_dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def split_qkv(self, x: torch.Tensor):
+        """Return q, k (B, H, N, qk_dim) and v (B, H, N, v_dim) for tokens x (B, N, C)."""
+        B, N, _ = x.shape
+        H, dq, dv = self.num_heads, self.qk_dim, self.v_dim
+        q, k, v = self.qkv(x).split([H * dq, H * dq, H * dv], dim=-1)
+        q = q.reshape(B, N, H, dq).transpose(1, 2)
+        k = k.reshape(B, N, H, dq).transpose(1, 2)
+        v = v.reshape(B, N, H, dv).transpose(1, 2)
+        return q, k, v
+
+    def attention_probs(self, x: torch.Tensor) -> torch.Tensor:
+        """The softmax attention map (B, H, N, N) this layer computes for tokens x."""
+        q, k, _ = self.split_qkv(x)
+        return ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        B, N, _ = x.shape
+        q, k, v = self.split_qkv(x)
+        if self.fused_attn:
+            x = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask, dropout_p=self.attn_drop.p if self.training else 0.,
+                scale=self.scale)
+        else:
+            attn = (q * self.scale) @ k.transpose(-2, -1)
+            if attn_mask is not None:
+                attn = attn + attn_mask
+            attn = self.attn_drop(attn.softmax(dim=-1))
+            x = attn @ v
+        x = x.transpose(1, 2).reshape(B, N, self.num_heads * self.v_dim)
+        return self.proj_drop(self.proj(x))
+
+
+class WidthBlock(nn.Module):
+    """Pre-norm transformer block, ``x + ls1*attn(norm1(x))`` then ``x + ls2*mlp(norm2(x))``,
+    with the names timm's ``Block`` uses (norm1, attn, ls1, drop_path1, norm2, mlp, ...)."""
+
+    def __init__(
+            self,
+            dim: int,
+            num_heads: int,
+            qk_dim: int,
+            v_dim: int,
+            mlp_hidden: int,
+            qkv_bias: bool = True,
+            attn_scale: Optional[float] = None,
+            init_values: Optional[float] = None,
+            proj_drop: float = 0.,
+            attn_drop: float = 0.,
+            drop_path: float = 0.,
+            norm_layer=nn.LayerNorm,
+            act_layer=nn.GELU,
+    ):
+        super().__init__()
+        if mlp_hidden < 1:
+            raise ValueError(f'the MLP needs at least one hidden unit, got {mlp_hidden}')
+        self.norm1 = norm_layer(dim)
+        self.attn = WidthAttention(dim, num_heads, qk_dim, v_dim, qkv_bias=qkv_bias, scale=attn_scale,
+                                   attn_drop=attn_drop, proj_drop=proj_drop)
+        self.ls1 = LayerScale(dim, init_values=init_values) if init_values else nn.Identity()
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        self.norm2 = norm_layer(dim)
+        self.mlp = Mlp(in_features=dim, hidden_features=mlp_hidden, act_layer=act_layer, drop=proj_drop)
+        self.ls2 = LayerScale(dim, init_values=init_values) if init_values else nn.Identity()
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask)))
+        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        return x
+
+
+def _per_block(name: str, value, depth: int, default) -> list:
+    if value is None:
+        value = default
+    if isinstance(value, (list, tuple)):
+        if len(value) != depth:
+            raise ValueError(f'{name} has {len(value)} entries but the model has depth {depth}')
+        return list(value)
+    return [value] * depth
+
+
+def resolve_widths(
+        embed_dim: int,
+        depth: int,
+        num_heads: IntOrList,
+        qk_dim: Optional[IntOrList] = None,
+        v_dim: Optional[IntOrList] = None,
+        mlp_hidden: Optional[IntOrList] = None,
+        mlp_ratio: float = 4.,
+        attn_scale=None,
+) -> dict:
+    """Expand width arguments (an int for every block, or one value per block) into lists.
+
+    ``qk_dim``/``v_dim`` default to ``embed_dim // num_heads[i]`` and ``mlp_hidden`` to
+    ``mlp_ratio * embed_dim``.
+    """
+    heads = [int(h) for h in _per_block('num_heads', num_heads, depth, None)]
+    head_dims = [embed_dim // h if h > 0 else 0 for h in heads]
+    qk = _per_block('qk_dim', qk_dim, depth, None)
+    qk = [int(q) if q is not None else d for q, d in zip(qk, head_dims)]
+    vv = _per_block('v_dim', v_dim, depth, None)
+    vv = [int(v) if v is not None else d for v, d in zip(vv, head_dims)]
+    mlp = [int(m) for m in _per_block('mlp_hidden', mlp_hidden, depth, int(embed_dim * mlp_ratio))]
+    scale = _per_block('attn_scale', attn_scale, depth, None)
+    scale = [float(s) if s is not None else (q ** -0.5 if q > 0 else 1.0) for s, q in zip(scale, qk)]
+    return dict(num_heads=heads, qk_dim=qk, v_dim=vv, mlp_hidden=mlp, attn_scale=scale)
+
+
+class _BlockFactory:
+    """Builds block i with the widths of block i; timm calls it once per block, in order."""
+
+    def __init__(self, widths: dict, depth: int):
+        self.widths = widths
+        self.depth = depth
+        self.i = 0
+
+    def __call__(self, dim, qkv_bias=True, init_values=None, proj_drop=0., attn_drop=0., drop_path=0.,
+                 norm_layer=nn.LayerNorm, act_layer=nn.GELU, **_):
+        i = self.i
+        self.i += 1
+        w = self.widths
+        return WidthBlock(
+            dim, w['num_heads'][i], w['qk_dim'][i], w['v_dim'][i], w['mlp_hidden'][i], qkv_bias=qkv_bias,
+            attn_scale=w['attn_scale'][i], init_values=init_values, proj_drop=proj_drop, attn_drop=attn_drop,
+            drop_path=drop_path, norm_layer=norm_layer, act_layer=act_layer)
+
+
+def _split_width_kwargs(kwargs: dict) -> dict:
+    embed_dim = kwargs.get('embed_dim', 768)
+    depth = kwargs.get('depth', 12)
+    widths = resolve_widths(
+        embed_dim, depth, kwargs.pop('num_heads', 12), kwargs.pop('qk_dim', None), kwargs.pop('v_dim', None),
+        kwargs.pop('mlp_hidden', None), kwargs.pop('mlp_ratio', 4.), kwargs.pop('attn_scale', None))
+    if kwargs.get('block_fn') is not None:
+        raise ValueError('deitlab DeiT models build their own blocks; block_fn is not accepted')
+    kwargs['block_fn'] = _BlockFactory(widths, depth)
+    # timm's constructor wants one int; the real per-block heads live in the blocks.
+    kwargs['num_heads'] = max(widths['num_heads'])
+    return widths
+
+
+def _arch_kwargs(kwargs: dict) -> dict:
+    """The JSON-serialisable constructor arguments (stored as config.json's model_args)."""
+    out = {}
+    for k, v in kwargs.items():
+        if isinstance(v, tuple):
+            v = list(v)
+        if v is None or isinstance(v, (bool, int, float, str, list)):
+            out[k] = v
+    return out
+
+
+class _WidthMixin:
+    arch_kwargs: dict
+
+    @property
+    def model_args(self) -> dict:
+        """Constructor arguments that rebuild this model, including its current per-block widths."""
+        args = {k: v for k, v in self.arch_kwargs.items() if k not in ('num_classes', 'mlp_ratio')}
+        args.update(self.block_widths)
+        args['embed_dim'] = self.embed_dim
+        args['depth'] = len(self.blocks)
+        args['in_chans'] = self.patch_embed.proj.in_channels
+        args['img_size'] = list(self.patch_embed.img_size)
+        args['patch_size'] = list(self.patch_embed.patch_size)
+        return args
+
+    @property
+    def block_widths(self) -> dict:
+        """Per-block widths read from the modules (what a pruner edits and config.json stores)."""
+        blocks = list(self.blocks)
+        return dict(
+            num_heads=[b.attn.num_heads for b in blocks],
+            qk_dim=[b.attn.qk_dim for b in blocks],
+            v_dim=[b.attn.v_dim for b in blocks],
+            mlp_hidden=[b.mlp.fc1.out_features for b in blocks],
+            attn_scale=[b.attn.scale for b in blocks],
+        )
+
+    def set_fused_attn(self, enable: bool) -> None:
+        """Switch every attention between fused SDPA and the explicit softmax (same math)."""
+        for m in self.modules():
+            if hasattr(m, 'fused_attn'):
+                m.fused_attn = enable
+
+
+class DeiT(_WidthMixin, VisionTransformer):
+    """DeiT (a ViT with the DeiT recipe) with per-block widths; see the module docstring."""
+
+    def __init__(self, **kwargs):
+        arch = _arch_kwargs(kwargs)
+        widths = _split_width_kwargs(kwargs)
+        super().__init__(**kwargs)
+        self.arch_kwargs = arch
+
+
+class DeiTDistilled(_WidthMixin, VisionTransformerDistilled):
+    """Distilled DeiT: ``[CLS, DIST, patches]``, two heads, logits averaged at eval.
+
+    ``set_distilled_training(True)`` makes the training forward return ``(cls_logits, dist_logits)``.
+    """
+
+    def __init__(self, **kwargs):
+        arch = _arch_kwargs(kwargs)
+        widths = _split_width_kwargs(kwargs)
+        super().__init__(**kwargs)
+        self.arch_kwargs = arch
+
+
+def _cfg(url: str = '', **kwargs) -> dict:
+    return {
+        'url': url, 'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': None,
+        'crop_pct': .9, 'interpolation': 'bicubic', 'fixed_input_size': True,
+        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
+        'first_conv': 'patch_embed.proj', 'classifier': 'head', 'license': 'apache-2.0',
+        **kwargs,
+    }
+
+
+def _small_cfg(**kwargs) -> dict:
+    return _cfg(num_classes=10, input_size=(3, 32, 32), crop_pct=1.0, interpolation='bilinear',
+                mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), **kwargs)
+
+
+_DIST = dict(classifier=('head', 'head_dist'))
+
+default_cfgs = generate_default_cfgs({
+    # ImageNet shapes; weights are timm's DeiT releases (same tensors, same names).
+    'deitlab_deit_tiny_patch16_224.fb_in1k': _cfg(hf_hub_id='timm/deit_tiny_patch16_224.fb_in1k'),
+    'deitlab_deit_small_patch16_224.fb_in1k': _cfg(hf_hub_id='timm/deit_small_patch16_224.fb_in1k'),
+    'deitlab_deit_base_patch16_224.fb_in1k': _cfg(hf_hub_id='timm/deit_base_patch16_224.fb_in1k'),
+    'deitlab_deit_tiny_distilled_patch16_224.fb_in1k': _cfg(
+        hf_hub_id='timm/deit_tiny_distilled_patch16_224.fb_in1k', **_DIST),
+    'deitlab_deit_small_distilled_patch16_224.fb_in1k': _cfg(
+        hf_hub_id='timm/deit_small_distilled_patch16_224.fb_in1k', **_DIST),
+    'deitlab_deit_base_distilled_patch16_224.fb_in1k': _cfg(
+        hf_hub_id='timm/deit_base_distilled_patch16_224.fb_in1k', **_DIST),
+    # Small-image family for CPU work (no released weights).
+    'deitlab_deit_pico_patch4_32': _small_cfg(),
+    'deitlab_deit_nano_patch4_32': _small_cfg(),
+    'deitlab_deit_micro_patch4_32': _small_cfg(),
+    'deitlab_deit_mini_patch4_32': _small_cfg(),
+    'deitlab_deit_pico_distilled_patch4_32': _small_cfg(**_DIST),
+    'deitlab_deit_nano_distilled_patch4_32': _small_cfg(**_DIST),
+    'deitlab_deit_micro_distilled_patch4_32': _small_cfg(**_DIST),
+    'deitlab_deit_mini_distilled_patch4_32': _small_cfg(**_DIST),
+})
+
+# The small-image family: patch 4 on 28-32 px inputs (7x7 or 8x8 tokens), head width 32.
+SMALL_IMAGE_CONFIGS = {
+    'pico': dict(embed_dim=64, depth=4, num_heads=2),
+    'nano': dict(embed_dim=96, depth=6, num_heads=3),
+    'micro': dict(embed_dim=128, depth=8, num_heads=4),
+    'mini': dict(embed_dim=192, depth=12, num_heads=6),
+}
+_IMAGENET_CONFIGS = {
+    'tiny': dict(embed_dim=192, depth=12, num_heads=3),
+    'small': dict(embed_dim=384, depth=12, num_heads=6),
+    'base': dict(embed_dim=768, depth=12, num_heads=12),
+}
+
+# Constructor arguments that describe the architecture, stored in config.json's model_args.
+ARCH_KEYS = ('img_size', 'patch_size', 'in_chans', 'embed_dim', 'depth', 'qkv_bias', 'init_values',
+             'class_token', 'global_pool')
+
+
+def _create(variant: str, pretrained: bool, distilled: bool, **kwargs):
+    cls = DeiTDistilled if distilled else DeiT
+    model = build_model_with_cfg(
+        cls, variant, pretrained,
+        pretrained_filter_fn=lambda sd, m: checkpoint_filter_fn(sd, m, adapt_layer_scale=True),
+        **kwargs)
+    return model
+
+
+def _register(size: str, dims: dict, patch: int, img: int, distilled: bool):
+    tag = '_distilled' if distilled else ''
+    name = f'deitlab_deit_{size}{tag}_patch{patch}_{img}'
+
+    def entry(pretrained: bool = False, **kwargs):
+        args = dict(img_size=img, patch_size=patch, **dims)
+        args.update(kwargs)
+        return _create(name, pretrained, distilled, **args)
+
+    entry.__name__ = name
+    entry.__doc__ = f'DeiT-{size}{" distilled" if distilled else ""}: patch {patch}, {img} px, {dims}.'
+    register_model(entry)
+    return entry
+
+
+for _size, _dims in _IMAGENET_CONFIGS.items():
+    for _d in (False, True):
+        _register(_size, _dims, 16, 224, _d)
+for _size, _dims in SMALL_IMAGE_CONFIGS.items():
+    for _d in (False, True):
+        _register(_size, _dims, 4, 32, _d)
