@@ -1,0 +1,170 @@
+"""``deitlab`` command line: each subcommand calls one public function.
+
+With ``--json`` a subcommand prints one JSON object on the last line of stdout; progress and logs go
+to stderr. Errors from bad input print ``deitlab: error: ...`` and exit with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import typing
+from typing import Optional
+
+
+def _emit(result: dict, as_json: bool, text: Optional[str] = None) -> None:
+    if text:
+        print(text)
+    if as_json:
+        print(json.dumps(result, default=str))
+    elif not text:
+        for k, v in result.items():
+            print(f'{k}: {v}')
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    from .train.config import TrainConfig
+    p.add_argument('--config', help='YAML file of options; its values become the defaults, flags win')
+    for f in dataclasses.fields(TrainConfig):
+        flag = '--' + f.name.replace('_', '-')
+        hint = typing.get_type_hints(TrainConfig)[f.name]
+        origin = typing.get_args(hint)
+        base = next((a for a in origin if a is not type(None)), hint) if origin else hint
+        default = argparse.SUPPRESS
+        if f.name == 'model_kwargs':
+            p.add_argument('--model-kwargs', nargs='*', default=default, metavar='K=V',
+                           help='extra model constructor arguments (values parsed as JSON when possible)')
+        elif base is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+        else:
+            p.add_argument(flag, type=base, default=default, help=f'(default: {_default_of(f)})')
+
+
+def _default_of(f) -> str:
+    if f.default is not dataclasses.MISSING:
+        return str(f.default)
+    return '{}'
+
+
+def _parse_kv(items) -> dict:
+    out = {}
+    for item in items or []:
+        if '=' not in item:
+            raise ValueError(f'--model-kwargs takes K=V pairs, got {item!r}')
+        k, v = item.split('=', 1)
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k] = v
+    return out
+
+
+def build_train_config(args: argparse.Namespace):
+    from .train.config import TrainConfig, config_fields, load_yaml_defaults
+    values = load_yaml_defaults(args.config) if getattr(args, 'config', None) else {}
+    for name in config_fields():
+        if hasattr(args, name):
+            values[name] = getattr(args, name)
+    if isinstance(values.get('model_kwargs'), list):
+        values['model_kwargs'] = _parse_kv(values['model_kwargs'])
+    return TrainConfig(**values)
+
+
+def cmd_train(args) -> dict:
+    from .train import train
+    return train(build_train_config(args))
+
+
+def cmd_eval(args) -> dict:
+    from .evaluate import evaluate_model
+    return evaluate_model(args.model, args.data, split=args.split, batch_size=args.batch_size,
+                          device=args.device, workers=args.workers)
+
+
+def cmd_bench(args) -> dict:
+    from .bench import benchmark_model, format_table
+    from .rundir import create
+    kwargs = {}
+    if args.img_size:
+        kwargs['img_size'] = args.img_size
+    if args.in_chans:
+        kwargs['in_chans'] = args.in_chans
+    model = create(args.model, **kwargs)
+    if args.device:
+        model.to(args.device)
+    res = benchmark_model(model, batch_size=args.batch_size, quick=args.quick)
+    res['model'] = args.model
+    return res
+
+
+def cmd_models(args) -> dict:
+    from .bench import format_table, models_table
+    rows = models_table()
+    if not args.json:
+        print(format_table(rows, ['name', 'input_size', 'params_m', 'gmacs']))
+    return {'models': rows}
+
+
+def cmd_demo(args) -> dict:
+    from .demo import run_demo
+    return run_demo(out=args.out, quick=args.quick, progress=not args.json)
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog='deitlab', description='DeiT-family vision transformers on timm.')
+    sub = parser.add_subparsers(dest='command', required=True)
+
+    p = sub.add_parser('train', help='train a model with the DeiT recipe')
+    _add_train_args(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser('eval', help='top-1/top-5 of a model on a dataset split')
+    p.add_argument('--model', required=True, help='timm/deitlab name or run directory')
+    p.add_argument('--data', required=True, help='dataset spec: glyphs, fashion-mnist[:PATH], folder:PATH')
+    p.add_argument('--split', default='val', choices=['train', 'val'])
+    p.add_argument('--batch-size', type=int, default=256)
+    p.add_argument('--workers', type=int, default=0)
+    p.add_argument('--device', default=None)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser('bench', help='params, GMACs, latency, throughput, peak memory')
+    p.add_argument('--model', required=True, help='timm/deitlab name or run directory')
+    p.add_argument('--batch-size', type=int, default=64, help='batch for throughput (latency uses 1)')
+    p.add_argument('--img-size', type=int, default=None)
+    p.add_argument('--in-chans', type=int, default=None)
+    p.add_argument('--device', default=None)
+    p.add_argument('--quick', action='store_true', help='fewer repeats')
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser('models', help='registered deitlab architectures')
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser('demo', help='the main job: train a small DeiT on glyphs and report')
+    p.add_argument('--out', default='demo-out')
+    p.add_argument('--quick', action='store_true', help='a much shorter run (smoke test)')
+    p.set_defaults(func=cmd_demo)
+
+    for p in sub.choices.values():
+        p.add_argument('--json', action='store_true', help='print one JSON object on the last line')
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    from .errors import USER_ERRORS
+    try:
+        result = args.func(args)
+    except USER_ERRORS as e:
+        print(f'deitlab: error: {e}', file=sys.stderr)
+        if args.json:
+            print(json.dumps({'error': str(e), 'type': type(e).__name__}))
+        return 2
+    if args.command not in ('models',) or args.json:
+        _emit(result, args.json)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,7 @@
+"""The error types that mean bad input (reported to the user as a message, not a traceback)."""
+from .data import DataError
+from .rundir import ModelLoadError
+from .train.config import ConfigError
+from .train.engine import TrainingDiverged
+
+USER_ERRORS = (DataError, ModelLoadError, ConfigError, TrainingDiverged)

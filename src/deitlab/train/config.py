@@ -1,0 +1,123 @@
+"""The training configuration: one dataclass, defaults from the DeiT recipe.
+
+Defaults follow DeiT's ``main.py`` (Touvron et al. 2021, Table 9): AdamW, ``lr = 5e-4 * batch / 512``,
+weight decay 0.05, cosine schedule with warm-up, label smoothing 0.1, Mixup 0.8 / CutMix 1.0,
+drop path 0.1, optional EMA, hard or soft distillation. ``--config FILE.yaml`` values become the
+defaults and explicit flags win (timm's convention).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """An invalid training configuration, with the reason."""
+
+
+@dataclass
+class TrainConfig:
+    model: str = 'deitlab_deit_nano_patch4_32'
+    data: str = 'glyphs'
+    out: str = 'runs/train'
+    epochs: int = 30
+    batch_size: int = 128            # global batch (all processes together)
+    lr: Optional[float] = None       # None: base_lr * batch_size / 512
+    base_lr: float = 5e-4
+    min_lr: float = 1e-5
+    warmup_lr: float = 1e-6
+    warmup_epochs: float = 5.0
+    weight_decay: float = 0.05
+    opt: str = 'adamw'
+    grad_clip: Optional[float] = None
+    smoothing: float = 0.1
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+    drop_path: float = 0.1
+    drop: float = 0.0
+    ema: bool = False
+    ema_decay: float = 0.99996
+    teacher: Optional[str] = None     # timm name or run directory
+    distill: str = 'none'             # none | soft | hard
+    distill_alpha: float = 0.5
+    distill_tau: float = 1.0
+    kd_norm: str = 'numel'            # numel (DeiT's code) | batch
+    img_size: Optional[int] = None    # None: the data's size if the patch size divides it
+    in_chans: Optional[int] = None    # None: the data's channels
+    aug: str = 'light'                # none | light | deit
+    hflip: Optional[float] = None
+    pretrained: bool = False
+    pretrained_file: Optional[str] = None
+    model_kwargs: dict = field(default_factory=dict)
+    workers: int = 0
+    seed: int = 0
+    device: Optional[str] = None
+    amp: bool = True                  # bf16 autocast on CUDA; ignored on CPU
+    resume: bool = False
+    eval_every: int = 1
+    eval_batch_size: Optional[int] = None
+    tensorboard: bool = True
+    progress: Optional[bool] = None   # None: progress bars when attached to a terminal
+    max_steps_per_epoch: Optional[int] = None   # cap steps (quick runs, tests)
+
+    def validate(self) -> 'TrainConfig':
+        if self.epochs < 1:
+            raise ConfigError(f'epochs must be >= 1, got {self.epochs}')
+        if self.batch_size < 1:
+            raise ConfigError(f'batch_size must be >= 1, got {self.batch_size}')
+        if self.distill not in ('none', 'soft', 'hard'):
+            raise ConfigError(f"distill must be one of none, soft, hard; got {self.distill!r}")
+        if self.distill != 'none' and not self.teacher:
+            raise ConfigError(f'--distill {self.distill} needs --teacher NAME|RUN_DIR')
+        if self.teacher and self.distill == 'none':
+            raise ConfigError('a teacher was given but --distill is none; choose --distill hard or soft')
+        if self.kd_norm not in ('numel', 'batch'):
+            raise ConfigError(f"kd_norm must be 'numel' or 'batch', got {self.kd_norm!r}")
+        if not 0.0 <= self.distill_alpha <= 1.0:
+            raise ConfigError(f'distill_alpha must be in [0, 1], got {self.distill_alpha}')
+        if self.aug not in ('none', 'light', 'deit'):
+            raise ConfigError(f"aug must be one of none, light, deit; got {self.aug!r}")
+        if self.warmup_epochs < 0:
+            raise ConfigError(f'warmup_epochs must be >= 0, got {self.warmup_epochs}')
+        if self.warmup_epochs >= self.epochs:
+            # A short run with the recipe's 5 warm-up epochs: warm up for a tenth of it instead.
+            self.warmup_epochs = self.epochs * 0.1
+        return self
+
+    @property
+    def mixup_active(self) -> bool:
+        return self.mixup_prob > 0 and (self.mixup > 0 or self.cutmix > 0)
+
+    def resolved_lr(self) -> float:
+        return self.lr if self.lr is not None else self.base_lr * self.batch_size / 512
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def config_fields() -> dict:
+    return {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def load_yaml_defaults(path: str | Path) -> dict:
+    """Read a YAML file of TrainConfig fields (dashes or underscores); unknown keys are an error."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f'config file does not exist: {path}')
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f'{path} must hold a mapping of option: value')
+    known = config_fields()
+    out = {}
+    for k, v in data.items():
+        key = str(k).replace('-', '_')
+        if key not in known:
+            raise ConfigError(f'{path}: unknown option {k!r}')
+        out[key] = v
+    return out

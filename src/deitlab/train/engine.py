@@ -1,0 +1,365 @@
+"""The DeiT training engine: one linear loop, run by ``deitlab train`` and :func:`train`.
+
+Per step: Mixup/CutMix (timm) -> forward (bf16 autocast on CUDA) -> label loss plus optional DeiT
+distillation -> NaN check -> backward -> optional clipping -> AdamW -> per-step cosine schedule
+(timm) -> optional EMA (timm). Per epoch: top-1/top-5 on the validation split, one line of
+``metrics.jsonl``, TensorBoard scalars, an atomic ``checkpoint.pt`` (model, optimizer, schedule,
+EMA) and the run directory's ``config.json`` + ``model.safetensors``.
+
+Determinism: every epoch reseeds Python/NumPy/torch from ``(seed, epoch, rank)`` and the sampler
+from ``(seed, epoch)``, so ``--resume`` from an epoch checkpoint continues to the same weights as an
+uninterrupted run. Under ``torchrun`` each process takes ``batch_size / world_size`` samples of
+the same global batch and DDP averages the gradients.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import re
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, DistributedSampler, Subset
+from timm.data import Mixup
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2
+from timm.scheduler import CosineLRScheduler
+from timm.utils import accuracy
+
+from ..data import build_dataset, dataset_info
+from ..rundir import atomic_torch_save, create, is_run_dir, save_run_dir
+from .config import ConfigError, TrainConfig
+from .distill import DistillationLoss
+from .distributed import DistInfo, all_reduce_sum, barrier, init_distributed, seed_all
+
+CHECKPOINT_NAME = 'checkpoint.pt'
+METRICS_NAME = 'metrics.jsonl'
+RUN_CONFIG_NAME = 'train_config.json'
+_RESUME_KEYS = ('model', 'data', 'batch_size', 'seed', 'img_size', 'in_chans', 'distill', 'teacher')
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the message names the step and the last good checkpoint."""
+
+
+def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    return seed * 100003 + epoch * 1009 + rank
+
+
+def _progress(enabled: Optional[bool], is_main: bool, **kw):
+    from tqdm.auto import tqdm
+    disable = (not is_main) if enabled is None else (not enabled or not is_main)
+    return tqdm(disable=disable if enabled is not None else (None if is_main else True), **kw)
+
+
+def _log(msg: str, is_main: bool = True) -> None:
+    if is_main:
+        from tqdm.auto import tqdm
+        tqdm.write(f'[deitlab] {msg}')
+
+
+def build_student(cfg: TrainConfig, num_classes: int, data_chans: int, data_size: int) -> nn.Module:
+    """The model to train: a run directory (its architecture and weights) or a timm/deitlab name."""
+    kwargs = dict(cfg.model_kwargs)
+    if cfg.drop_path:
+        kwargs['drop_path_rate'] = cfg.drop_path
+    if cfg.drop:
+        kwargs['drop_rate'] = cfg.drop
+    if is_run_dir(cfg.model) or str(cfg.model).startswith('local-dir:'):
+        model = create(cfg.model, **kwargs)
+        if model.num_classes != num_classes:
+            model.reset_classifier(num_classes)
+        return model
+    kwargs['num_classes'] = num_classes
+    kwargs['in_chans'] = cfg.in_chans or data_chans
+    patch = re.search(r'patch(\d+)', str(cfg.model))
+    if cfg.img_size:
+        kwargs['img_size'] = cfg.img_size
+    elif patch and data_size and data_size % int(patch.group(1)) == 0:
+        kwargs['img_size'] = data_size
+    if cfg.pretrained_file:
+        kwargs['pretrained_cfg_overlay'] = dict(file=str(cfg.pretrained_file))
+    return create(cfg.model, pretrained=cfg.pretrained or bool(cfg.pretrained_file), **kwargs)
+
+
+def model_input(model: nn.Module) -> tuple[int, int]:
+    """(channels, size) the model takes."""
+    pe = getattr(model, 'patch_embed', None)
+    if pe is not None and hasattr(pe, 'img_size'):
+        return pe.proj.in_channels, int(pe.img_size[0])
+    size = (getattr(model, 'pretrained_cfg', None) or {}).get('input_size', (3, 224, 224))
+    return int(size[0]), int(size[-1])
+
+
+def norm_stats(model: nn.Module, chans: int):
+    cfg = getattr(model, 'pretrained_cfg', None) or {}
+    mean = list(cfg.get('mean', (0.5,) * 3))
+    std = list(cfg.get('std', (0.5,) * 3))
+    if chans == 1 and len(mean) > 1:
+        mean, std = [sum(mean) / len(mean)], [sum(std) / len(std)]
+    return tuple(mean), tuple(std)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device: torch.device, amp: bool = False,
+             progress: Optional[bool] = None, is_main: bool = True) -> dict:
+    """Top-1/top-5 accuracy (%) and mean cross-entropy over a loader (summed over processes)."""
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(4, dtype=torch.float64)  # correct1, correct5, loss, count
+    autocast = torch.autocast('cuda', dtype=torch.bfloat16) if amp and device.type == 'cuda' \
+        else contextlib.nullcontext()
+    for x, y in _progress(progress, is_main, iterable=loader, desc='eval', leave=False):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with autocast:
+            out = model(x)
+        out = out.float()
+        k = min(5, out.shape[1])
+        top1, top5 = accuracy(out, y, topk=(1, k))
+        n = y.shape[0]
+        loss = nn.functional.cross_entropy(out, y, reduction='sum')
+        sums += torch.tensor([top1.item() * n / 100, top5.item() * n / 100, loss.item(), n], dtype=torch.float64)
+    sums = all_reduce_sum(sums.to(device)).cpu()
+    model.train(was_training)
+    n = max(sums[3].item(), 1)
+    return dict(top1=100 * sums[0].item() / n, top5=100 * sums[1].item() / n, loss=sums[2].item() / n,
+                count=int(sums[3].item()))
+
+
+def _truncate_metrics(path: Path, last_epoch: int) -> None:
+    if not path.exists():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get('epoch', 0) <= last_epoch]
+    path.write_text(''.join(ln + '\n' for ln in keep))
+
+
+class _Writer:
+    """metrics.jsonl plus TensorBoard (when installed and enabled), on the main process only."""
+
+    def __init__(self, out: Path, enabled_tb: bool, is_main: bool):
+        self.path = out / METRICS_NAME
+        self.is_main = is_main
+        self.tb = None
+        if is_main and enabled_tb:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.tb = SummaryWriter(log_dir=str(out / 'tb'))
+            except ImportError:
+                _log('tensorboard is not installed: writing metrics.jsonl only (pip install tensorboard)')
+
+    def write(self, row: dict) -> None:
+        if not self.is_main:
+            return
+        with open(self.path, 'a') as f:
+            f.write(json.dumps(row) + '\n')
+        if self.tb is not None:
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and k != 'epoch':
+                    self.tb.add_scalar(k, v, row['epoch'])
+            self.tb.flush()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _load_teacher(cfg: TrainConfig, num_classes: int, device: torch.device) -> Optional[nn.Module]:
+    if not cfg.teacher:
+        return None
+    teacher = create(cfg.teacher, pretrained=not is_run_dir(cfg.teacher))
+    if getattr(teacher, 'num_classes', num_classes) != num_classes:
+        raise ConfigError(f'teacher {cfg.teacher} predicts {teacher.num_classes} classes but the data has '
+                          f'{num_classes}')
+    return teacher.to(device).eval()
+
+
+def _check_resume(ckpt: dict, cfg: TrainConfig, path: Path) -> None:
+    saved = ckpt.get('config', {})
+    diff = [k for k in _RESUME_KEYS if saved.get(k) != getattr(cfg, k)]
+    if diff:
+        detail = ', '.join(f'{k}: saved {saved.get(k)!r} vs now {getattr(cfg, k)!r}' for k in diff)
+        raise ConfigError(f'cannot resume {path}: the run was started with other settings ({detail})')
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Train a model with the DeiT recipe; returns a summary (final and best accuracy, run dir)."""
+    cfg.validate()
+    di: DistInfo = init_distributed(cfg.device)
+    device, main = di.device, di.is_main
+    if cfg.batch_size % di.world_size:
+        raise ConfigError(f'batch size {cfg.batch_size} is not divisible by the {di.world_size} processes')
+    local_bs = cfg.batch_size // di.world_size
+    if cfg.mixup_active and local_bs % 2:
+        raise ConfigError(f'Mixup/CutMix needs an even batch size per process, got {local_bs}; '
+                          f'use an even --batch-size or turn mixing off (--mixup 0 --cutmix 0)')
+    out = Path(cfg.out)
+    ckpt_path = out / CHECKPOINT_NAME
+    if ckpt_path.exists() and not cfg.resume:
+        raise ConfigError(f'{out} already holds a training checkpoint; pass --resume to continue it '
+                          f'or choose another --out')
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+    barrier()
+
+    seed_all(cfg.seed)
+    info = dataset_info(cfg.data)
+    model = build_student(cfg, info.num_classes, info.in_chans, info.img_size)
+    chans, size = model_input(model)
+    mean, std = norm_stats(model, chans)
+    train_set = build_dataset(cfg.data, 'train', img_size=size, in_chans=chans, aug=cfg.aug, mean=mean, std=std,
+                              hflip=cfg.hflip, seed=cfg.seed)
+    val_set = build_dataset(cfg.data, 'val', img_size=size, in_chans=chans, aug='none', mean=mean, std=std,
+                            seed=cfg.seed)
+    if len(train_set) < cfg.batch_size:
+        raise ConfigError(f'the training split has {len(train_set)} images, fewer than one batch of '
+                          f'{cfg.batch_size}')
+    sampler = DistributedSampler(train_set, num_replicas=di.world_size, rank=di.rank, shuffle=True,
+                                 seed=cfg.seed, drop_last=True)
+    pin = device.type == 'cuda'
+    train_loader = DataLoader(train_set, batch_size=local_bs, sampler=sampler, drop_last=True,
+                              num_workers=cfg.workers, pin_memory=pin)
+    val_part = Subset(val_set, range(di.rank, len(val_set), di.world_size)) if di.distributed else val_set
+    val_loader = DataLoader(val_part, batch_size=cfg.eval_batch_size or local_bs * 2, shuffle=False,
+                            num_workers=cfg.workers, pin_memory=pin)
+    steps_per_epoch = len(train_loader)
+    if cfg.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
+
+    model.to(device)
+    is_distilled = hasattr(model, 'set_distilled_training')
+    if is_distilled:
+        model.set_distilled_training(True)
+    lr = cfg.resolved_lr()
+    optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=lr, weight_decay=cfg.weight_decay)
+    total_steps = cfg.epochs * steps_per_epoch
+    scheduler = CosineLRScheduler(
+        optimizer, t_initial=total_steps, lr_min=cfg.min_lr, warmup_t=int(cfg.warmup_epochs * steps_per_epoch),
+        warmup_lr_init=cfg.warmup_lr, t_in_epochs=False)
+    ema = None
+    if cfg.ema:
+        from timm.utils import ModelEmaV2
+        ema = ModelEmaV2(model, decay=cfg.ema_decay)
+    mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob,
+                  switch_prob=cfg.mixup_switch_prob, label_smoothing=cfg.smoothing,
+                  num_classes=info.num_classes) if cfg.mixup_active else None
+    if mixup is not None:
+        base_loss = SoftTargetCrossEntropy()
+    elif cfg.smoothing > 0:
+        base_loss = LabelSmoothingCrossEntropy(cfg.smoothing)
+    else:
+        base_loss = nn.CrossEntropyLoss()
+    teacher = _load_teacher(cfg, info.num_classes, device)
+    criterion = DistillationLoss(base_loss, teacher, cfg.distill, cfg.distill_alpha, cfg.distill_tau, cfg.kd_norm)
+
+    start_epoch, best = 0, 0.0
+    if cfg.resume and ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=True)
+        _check_resume(ckpt, cfg, ckpt_path)
+        model.load_state_dict(ckpt['model'])
+        optimizer.load_state_dict(ckpt['optimizer'])
+        scheduler.load_state_dict(ckpt['scheduler'])
+        if ema is not None and ckpt.get('ema') is not None:
+            ema.module.load_state_dict(ckpt['ema'])
+        start_epoch, best = int(ckpt['epoch']) + 1, float(ckpt.get('best_top1', 0.0))
+        if main:
+            _truncate_metrics(out / METRICS_NAME, start_epoch)
+        _log(f'resuming {out} after epoch {start_epoch}', main)
+    elif cfg.resume:
+        _log(f'no checkpoint in {out}: starting a new run', main)
+    elif main and (out / METRICS_NAME).exists():
+        (out / METRICS_NAME).unlink()
+
+    run_model = model
+    if di.distributed:
+        run_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == 'cuda' else None)
+    resolved = dict(cfg.to_dict(), lr_resolved=lr, world_size=di.world_size, device=str(device),
+                    steps_per_epoch=steps_per_epoch, input=[chans, size, size], num_classes=info.num_classes)
+    if main:
+        (out / RUN_CONFIG_NAME).write_text(json.dumps(resolved, indent=2))
+    writer = _Writer(out, cfg.tensorboard, main)
+    use_amp = cfg.amp and device.type == 'cuda'
+    autocast = (lambda: torch.autocast('cuda', dtype=torch.bfloat16)) if use_amp else contextlib.nullcontext
+    n_params = sum(p.numel() for p in model.parameters())
+    _log(f'{cfg.model}: {n_params / 1e6:.2f}M params, input {chans}x{size}x{size}, {len(train_set)} train / '
+         f'{len(val_set)} val images, {di.world_size} process(es) on {device}, lr {lr:.2e}', main)
+
+    last_eval: dict = {}
+    last_saved = start_epoch  # epochs finished and checkpointed
+    t_start = time.perf_counter()
+    for epoch in range(start_epoch, cfg.epochs):
+        seed_all(_epoch_seed(cfg.seed, epoch, di.rank))
+        sampler.set_epoch(epoch)
+        run_model.train()
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        seen, t0 = 0, time.perf_counter()
+        bar = _progress(cfg.progress, main, total=steps_per_epoch, desc=f'epoch {epoch + 1}/{cfg.epochs}')
+        for step, (x, y) in enumerate(train_loader):
+            if step >= steps_per_epoch:
+                break
+            global_step = epoch * steps_per_epoch + step
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if mixup is not None:
+                x, y = mixup(x, y)
+            with autocast():
+                outputs = run_model(x)
+                loss = criterion(x, outputs, y)
+            if not torch.isfinite(loss):
+                last = f'{ckpt_path} (after epoch {last_saved})' if last_saved else 'none (no epoch had finished)'
+                raise TrainingDiverged(
+                    f'loss became {loss.item()} at epoch {epoch + 1}, step {step + 1} (global step '
+                    f'{global_step + 1}); training stopped. Last good checkpoint: {last}. '
+                    f'Try a lower --lr or --grad-clip.')
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip:
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            scheduler.step_update(global_step + 1)
+            if ema is not None:
+                ema.update(model)
+            loss_sum += loss.detach().double().cpu()
+            seen += x.shape[0]
+            bar.update(1)
+            if step % 20 == 0:
+                bar.set_postfix(loss=f'{loss.item():.3f}', lr=f'{optimizer.param_groups[0]["lr"]:.2e}')
+        bar.close()
+        train_time = time.perf_counter() - t0
+        steps_done = max(1, min(steps_per_epoch, len(train_loader)))
+        row = dict(epoch=epoch + 1, step=(epoch + 1) * steps_per_epoch,
+                   train_loss=all_reduce_sum(loss_sum.to(device)).item() / (steps_done * di.world_size),
+                   lr=optimizer.param_groups[0]['lr'], epoch_time_s=train_time,
+                   train_img_per_s=seen * di.world_size / max(train_time, 1e-9))
+        if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+            last_eval = evaluate(model, val_loader, device, use_amp, cfg.progress, main)
+            row.update(val_top1=last_eval['top1'], val_top5=last_eval['top5'], val_loss=last_eval['loss'])
+            if ema is not None:
+                ema_eval = evaluate(ema.module, val_loader, device, use_amp, cfg.progress, main)
+                row.update(ema_top1=ema_eval['top1'], ema_top5=ema_eval['top5'])
+            best = max(best, last_eval['top1'])
+            _log(f'epoch {epoch + 1}: loss {row["train_loss"]:.4f}  val top-1 {last_eval["top1"]:.2f}  '
+                 f'top-5 {last_eval["top5"]:.2f}  ({row["train_img_per_s"]:.0f} img/s)', main)
+        writer.write(row)
+        if main:
+            save_run_dir(model, out, label_names=list(info.classes))
+            if ema is not None:
+                save_run_dir(ema.module, out / 'ema', label_names=list(info.classes))
+            atomic_torch_save(dict(
+                model=model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                ema=ema.module.state_dict() if ema is not None else None, epoch=epoch, best_top1=best,
+                config=cfg.to_dict()), ckpt_path)
+        last_saved = epoch + 1
+        barrier()
+    writer.close()
+    if not last_eval:
+        last_eval = evaluate(model, val_loader, device, use_amp, cfg.progress, main)
+    summary = dict(run_dir=str(out), model=cfg.model, data=cfg.data, epochs=cfg.epochs,
+                   val_top1=last_eval['top1'], val_top5=last_eval['top5'], best_top1=max(best, last_eval['top1']),
+                   params=n_params, train_time_s=time.perf_counter() - t_start, world_size=di.world_size)
+    if is_distilled:
+        model.set_distilled_training(False)
+    return summary
