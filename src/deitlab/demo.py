@@ -87,8 +87,8 @@ def run_demo(out: str = 'demo-out', quick: bool = False, progress: bool = True) 
     bench = benchmark_model(model, batch_size=64, quick=True)
     metrics = [json.loads(ln) for ln in (Path(cfg.out) / METRICS_NAME).read_text().splitlines() if ln.strip()]
     rows = [dict(model='DeiT-nano (dense)', top1=round(summary['val_top1'], 2), params_m=round(bench['params'] / 1e6, 3),
-                 gmacs=round(bench['gmacs'], 4), latency_ms=round(bench['latency']['median_ms'], 2),
-                 img_per_s=round(bench['throughput']['img_per_s'], 1))]
+                 gmacs=round(bench['gmacs'], 4), latency_ms=round(bench['latency_ms'], 2),
+                 img_per_s=round(bench['images_per_s'], 1))]
     plot = _plot(out_dir, metrics, model, cfg.data)
     result = dict(rows=rows, train_time_s=round(train_s, 1), run_dir=cfg.out, plot=str(plot),
                   settings=dict(device=bench['settings']['device'], threads=bench['settings']['threads'],

@@ -64,17 +64,16 @@ class DistillationLoss(nn.Module):
             teacher.eval()
             for p in teacher.parameters():
                 p.requires_grad_(False)
-            pe = getattr(teacher, 'patch_embed', None)
-            cfg = getattr(teacher, 'pretrained_cfg', {}) or {}
-            if pe is not None and hasattr(pe, 'img_size'):
-                self.teacher_in = (pe.proj.in_channels, tuple(pe.img_size))
-            else:
-                size = cfg.get('input_size', (3, 224, 224))
-                self.teacher_in = (size[0], tuple(size[1:]))
+            from ..bench import resolve_input_size
+            try:
+                chans, h, w = resolve_input_size(teacher)
+                self.teacher_in = (chans, (h, w))
+            except ValueError:  # input shape unknown: the teacher gets the student's batch as is
+                self.teacher_in = None
 
     def teacher_logits(self, inputs: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            x = adapt_input(inputs, self.teacher_in[0], self.teacher_in[1])
+            x = inputs if self.teacher_in is None else adapt_input(inputs, *self.teacher_in)
             return self.teacher(x).float()
 
     def kd_term(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:

@@ -30,6 +30,7 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from timm.utils import accuracy
 
+from ..bench import resolve_input_size
 from ..data import build_dataset, dataset_info
 from ..rundir import atomic_torch_save, create, is_run_dir, save_run_dir
 from .config import ConfigError, TrainConfig
@@ -87,12 +88,9 @@ def build_student(cfg: TrainConfig, num_classes: int, data_chans: int, data_size
 
 
 def model_input(model: nn.Module) -> tuple[int, int]:
-    """(channels, size) the model takes."""
-    pe = getattr(model, 'patch_embed', None)
-    if pe is not None and hasattr(pe, 'img_size'):
-        return pe.proj.in_channels, int(pe.img_size[0])
-    size = (getattr(model, 'pretrained_cfg', None) or {}).get('input_size', (3, 224, 224))
-    return int(size[0]), int(size[-1])
+    """(channels, size) of the square input the model takes."""
+    chans, size, _ = resolve_input_size(model)
+    return chans, size
 
 
 def norm_stats(model: nn.Module, chans: int):

@@ -1,0 +1,95 @@
+"""Training throughput of ``deitlab train`` against a plain timm training loop, in one process.
+
+Same model (``deitlab_deit_nano_patch4_32`` at 28 px, 1 channel), same data (Fashion-MNIST, the
+same ``deitlab.data`` loader), same batch, same recipe pieces (timm AdamW, per-step cosine schedule,
+Mixup/CutMix, soft-target cross-entropy, drop path). The plain loop is what a timm user writes by
+hand; ``deitlab train`` adds the NaN check, progress bar, logging, EMA hook and distillation
+wrapper. Rounds alternate A, B, A, B; the ratio is taken per round and the median reported.
+
+    python benchmarks/train_throughput.py [--rounds 5] [--steps 40]
+
+Writes ``benchmarks/results/train_throughput.json``. Target: median ratio >= 0.95.
+"""
+import argparse
+import json
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import timm
+from torch.utils.data import DataLoader
+from timm.data import Mixup
+from timm.loss import SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2
+from timm.scheduler import CosineLRScheduler
+
+import deitlab  # noqa: F401
+from deitlab.data import build_dataset
+from deitlab.train import TrainConfig, train
+
+MODEL, DATA, BATCH = 'deitlab_deit_nano_patch4_32', 'fashion-mnist', 128
+RESULTS = Path(__file__).resolve().parent / 'results'
+
+
+def ours(steps: int, out: Path) -> float:
+    cfg = TrainConfig(model=MODEL, data=DATA, out=str(out), epochs=1, batch_size=BATCH, lr=1e-3, warmup_epochs=0,
+                      drop_path=0.1, mixup=0.8, cutmix=1.0, aug='light', max_steps_per_epoch=steps, tensorboard=False,
+                      progress=False)
+    train(cfg)
+    row = json.loads((out / 'metrics.jsonl').read_text().splitlines()[-1])
+    return row['train_img_per_s']
+
+
+def plain(steps: int) -> float:
+    torch.manual_seed(0)
+    model = timm.create_model(MODEL, img_size=28, in_chans=1, num_classes=10, drop_path_rate=0.1)
+    ds = build_dataset(DATA, 'train', img_size=28, in_chans=1, aug='light')
+    loader = DataLoader(ds, batch_size=BATCH, shuffle=True, drop_last=True)
+    opt = create_optimizer_v2(model, opt='adamw', lr=1e-3, weight_decay=0.05)
+    sched = CosineLRScheduler(opt, t_initial=steps, lr_min=1e-5, t_in_epochs=False)
+    mixup = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1, num_classes=10)
+    criterion = SoftTargetCrossEntropy()
+    model.train()
+    seen, t0 = 0, time.perf_counter()
+    for step, (x, y) in enumerate(loader):
+        if step >= steps:
+            break
+        x, y = mixup(x, y)
+        loss = criterion(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step_update(step + 1)
+        seen += x.shape[0]
+    return seen / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument('--rounds', type=int, default=5)
+    ap.add_argument('--steps', type=int, default=40)
+    args = ap.parse_args()
+    plain(5)  # warm-up: data cached, kernels loaded
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(args.rounds):
+            a = ours(args.steps, Path(tmp) / f'r{r}')
+            b = plain(args.steps)
+            rows.append(dict(round=r, deitlab_img_per_s=a, timm_loop_img_per_s=b, ratio=a / b))
+            print(rows[-1], flush=True)
+    ratios = [r['ratio'] for r in rows]
+    res = dict(model=MODEL, data=DATA, batch=BATCH, steps_per_round=args.steps, rounds=rows,
+               median_ratio=statistics.median(ratios), min_ratio=min(ratios), max_ratio=max(ratios),
+               settings=dict(device='cpu', dtype='float32', threads=torch.get_num_threads(),
+                             torch=torch.__version__, timm=timm.__version__, machine=platform.machine()),
+               target='median ratio >= 0.95')
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / 'train_throughput.json').write_text(json.dumps(res, indent=2))
+    print(json.dumps({k: res[k] for k in ('median_ratio', 'min_ratio', 'max_ratio')}))
+
+
+if __name__ == '__main__':
+    main()

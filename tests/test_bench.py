@@ -1,0 +1,310 @@
+"""deitlab.bench: counted GMACs equal the closed form, published DeiT figures, state restored,
+timers return numbers with their settings. No timing value or speed ratio is asserted."""
+import json
+import math
+
+import pytest
+import timm
+import torch
+import torch.nn as nn
+
+import deitlab  # noqa: F401  (registers the architectures)
+from deitlab.bench import (MODELS_COLUMNS, MODELS_DIGITS, analytic_gmacs, analytic_macs, benchmark_model, compare, count_gmacs, count_params,
+                           format_benchmark, format_table, fused_attention, measure_latency, measure_memory,
+                           measure_throughput, models_table, peak_memory_mb, plot_tradeoff, resolve_input_size)
+
+SMALL = timm.list_models('deitlab_deit_*_patch4_32')
+SETTINGS_KEYS = {'device', 'dtype', 'batch_size', 'threads', 'torch', 'fused_attn', 'warmup', 'repeats', 'input_size'}
+ODD_WIDTHS = dict(num_heads=[3, 2, 3, 1, 3, 3], qk_dim=[8, 16, 32, 32, 32, 32], v_dim=[32, 8, 16, 32, 32, 32],
+                  mlp_hidden=[10, 20, 30, 40, 50, 60], img_size=28, in_chans=1)
+
+
+def _rel(a, b):
+    return abs(a - b) / max(abs(b), 1e-30)
+
+
+def _meta(name, **kwargs):
+    with torch.device('meta'):
+        return timm.create_model(name, pretrained=False, **kwargs)
+
+
+def _hand_macs(patches, chans, patch, dim, heads, qk, v, mlp, classes, prefix):
+    """The closed form written out independently of deitlab.bench (lists: one entry per block)."""
+    n = patches + prefix
+    total = patches * chans * patch * patch * dim
+    for h, dq, dv, m in zip(heads, qk, v, mlp):
+        total += n * dim * h * (2 * dq + dv) + h * n * n * dq + h * n * n * dv + n * h * dv * dim + 2 * n * dim * m
+    return total + dim * classes * (2 if prefix == 2 else 1)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: with two, a busy 2-core machine makes every forward ~50x slower
+    (OpenMP threads wait for a core); results here do not depend on speed."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def nano():
+    torch.manual_seed(0)
+    return timm.create_model('deitlab_deit_nano_patch4_32', img_size=28, in_chans=1)
+
+
+# ------------------------------------------------------------------ GMACs and parameters
+
+def test_small_family_registered():
+    assert len(SMALL) == 8 and sum('distilled' in n for n in SMALL) == 4
+
+
+@pytest.mark.parametrize('name', SMALL)
+def test_analytic_equals_counter_small_models(name):
+    model = timm.create_model(name)
+    counted, closed = count_gmacs(model), analytic_gmacs(model)
+    assert closed > 0 and _rel(counted, closed) < 1e-6
+    assert analytic_macs(model)['tokens'] == 64 + (2 if 'distilled' in name else 1)
+
+
+@pytest.mark.parametrize('distilled', [False, True])
+def test_non_uniform_widths(distilled):
+    name = 'deitlab_deit_nano_distilled_patch4_32' if distilled else 'deitlab_deit_nano_patch4_32'
+    model = timm.create_model(name, **ODD_WIDTHS)
+    assert resolve_input_size(model) == (1, 28, 28)
+    counted, closed = count_gmacs(model), analytic_gmacs(model)
+    assert _rel(counted, closed) < 1e-6
+    hand = _hand_macs(49, 1, 4, 96, ODD_WIDTHS['num_heads'], ODD_WIDTHS['qk_dim'], ODD_WIDTHS['v_dim'],
+                      ODD_WIDTHS['mlp_hidden'], 10, 2 if distilled else 1)
+    assert analytic_macs(model)['total'] == hand
+
+
+@pytest.mark.parametrize('name', ['deit_tiny_patch16_224', 'deit_tiny_distilled_patch16_224'])
+def test_timm_deit_analytic_equals_counter(name):
+    model = timm.create_model(name, pretrained=False)
+    assert _rel(count_gmacs(model), analytic_gmacs(model)) < 1e-6
+
+
+@pytest.mark.parametrize('size,published,dim,heads', [
+    ('tiny', 1.258, 192, 3), ('small', 4.608, 384, 6), ('base', 17.58, 768, 12)])
+def test_published_deit_figures(size, published, dim, heads):
+    model = _meta(f'deitlab_deit_{size}_patch16_224')
+    # the papers' figures are fvcore's totals, which add an estimate for each LayerNorm
+    assert abs(analytic_gmacs(model, convention='fvcore') - published) < 0.01
+    # matmuls only: exactly the closed form, and what FlopCounterMode counts
+    hand = _hand_macs(196, 3, 16, dim, [heads] * 12, [64] * 12, [64] * 12, [4 * dim] * 12, 1000, 1)
+    assert analytic_macs(model)['total'] == hand
+    assert _rel(count_gmacs(model), hand / 1e9) < 1e-6
+    assert 0 < published - analytic_gmacs(model) < 0.02
+
+
+@pytest.mark.slow
+def test_deit_base_counter_on_cpu():
+    model = timm.create_model('deitlab_deit_base_patch16_224', pretrained=False)
+    assert 86e6 < count_params(model) < 87e6
+    assert _rel(count_gmacs(model), analytic_gmacs(model)) < 1e-6
+
+
+def test_count_params(nano):
+    assert count_params(nano) == sum(p.numel() for p in nano.parameters())
+    nano.patch_embed.requires_grad_(False)
+    frozen = sum(p.numel() for p in nano.patch_embed.parameters())
+    assert count_params(nano, trainable=True) == count_params(nano) - frozen
+
+
+def test_count_gmacs_batch_size_does_not_change_per_image(nano):
+    assert _rel(count_gmacs(nano, batch_size=3), count_gmacs(nano)) < 1e-9
+
+
+def test_count_gmacs_restores_fused_attn_and_mode(nano):
+    attns = [b.attn for b in nano.blocks]
+    for i, a in enumerate(attns):
+        a.fused_attn = i % 2 == 0
+    nano.train()
+    nano.blocks[1].eval()
+    count_gmacs(nano)
+    assert [a.fused_attn for a in attns] == [i % 2 == 0 for i in range(len(attns))]
+    assert nano.training and nano.blocks[0].training and not nano.blocks[1].training
+
+
+def test_count_gmacs_restores_state_after_an_error(nano):
+    nano.set_fused_attn(True)
+    nano.train()
+    with pytest.raises(RuntimeError):
+        count_gmacs(nano, input_size=(3, 28, 28))  # the patch embedding takes one channel
+    assert all(b.attn.fused_attn for b in nano.blocks) and nano.training
+
+
+def test_fused_attention_context_restores_on_exception(nano):
+    nano.set_fused_attn(True)
+    with pytest.raises(KeyError):
+        with fused_attention(nano, False):
+            assert not any(b.attn.fused_attn for b in nano.blocks)
+            raise KeyError('boom')
+    assert all(b.attn.fused_attn for b in nano.blocks)
+
+
+def test_fused_counter_misses_attention_without_the_switch(nano):
+    """Why count_gmacs switches fused attention off: the counter drops SDPA on the CPU."""
+    from torch.utils.flop_counter import FlopCounterMode
+    nano.set_fused_attn(True)
+    nano.eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        nano(torch.randn(1, 1, 28, 28))
+    parts = analytic_macs(nano)
+    assert fc.get_total_flops() / 2 == parts['total'] - parts['attn_qk'] - parts['attn_av']
+
+
+def test_input_size_follows_patch_embed_not_stale_cfg(nano):
+    assert nano.pretrained_cfg['input_size'] == (3, 32, 32)
+    assert resolve_input_size(nano) == (1, 28, 28)
+    assert resolve_input_size(nano, (1, 28, 28)) == (1, 28, 28)
+    with pytest.raises(ValueError, match='three positive ints'):
+        resolve_input_size(nano, (28, 28))
+
+
+# ------------------------------------------------------------------ unsupported / inconsistent
+
+def test_analytic_rejects_other_models():
+    cnn = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+    with pytest.raises(ValueError, match='supports deitlab DeiT .* not Sequential'):
+        analytic_gmacs(cnn, (3, 32, 32))
+    assert count_gmacs(cnn, (3, 32, 32)) > 0  # the counter works on anything
+
+
+def test_analytic_rejects_stale_widths(nano):
+    nano.blocks[2].attn.num_heads = 2  # as a pruner that forgot to update the module would leave it
+    with pytest.raises(ValueError, match='stale widths'):
+        analytic_gmacs(nano)
+
+
+def test_analytic_rejects_attention_pooling_and_bad_convention(nano):
+    vit = timm.create_model('vit_tiny_patch16_224', pretrained=False, global_pool='map', img_size=32,
+                            patch_size=16, depth=1)
+    with pytest.raises(ValueError, match='attention pooling'):
+        analytic_gmacs(vit)
+    with pytest.raises(ValueError, match='convention'):
+        analytic_gmacs(nano, convention='thop')
+
+
+# ------------------------------------------------------------------ timers and memory
+
+def _check_settings(settings, batch, keys=SETTINGS_KEYS):
+    assert keys <= set(settings)
+    assert settings['batch_size'] == batch and settings['device'] == 'cpu' and settings['dtype'] == 'float32'
+    assert settings['threads'] == torch.get_num_threads() and settings['torch'] == torch.__version__
+
+
+def test_measure_latency(nano):
+    nano.train()
+    res = measure_latency(nano, quick=True)
+    assert res['median_ms'] > 0 and 0 < res['p10_ms'] <= res['median_ms'] <= res['p90_ms']
+    assert res['samples'] >= 5
+    _check_settings(res['settings'], 1)
+    assert res['settings']['input_size'] == [1, 28, 28] and res['settings']['fused_attn'] is True
+    assert nano.training
+
+
+def test_measure_throughput(nano):
+    res = measure_throughput(nano, batch_size=8, quick=True, fused_attn=False)
+    assert res['images_per_s'] > 0 and res['batch_ms'] > 0 and res['samples'] >= 3
+    _check_settings(res['settings'], 8)
+    assert res['settings']['fused_attn'] is False
+    assert all(b.attn.fused_attn for b in nano.blocks)  # forced only for the measurement
+
+
+def test_timers_refuse_meta_models():
+    with pytest.raises(ValueError, match='meta device'):
+        measure_latency(_meta('deitlab_deit_pico_patch4_32'), quick=True)
+
+
+def test_timers_leave_the_callers_model_alone(nano):
+    res = measure_latency(nano, dtype=torch.float64, warmup=0, repeats=2, min_time=0, channels_last=True)
+    assert res['settings']['dtype'] == 'float64' and res['settings']['channels_last'] is True
+    assert res['samples'] == 2
+    assert all(p.dtype == torch.float32 for p in nano.parameters())
+    assert nano.patch_embed.proj.weight.is_contiguous()
+
+
+def test_memory(nano):
+    res = measure_memory(nano, batch_size=16)
+    assert res['forward_peak_mb'] > 0 and res['weights_mb'] > 0
+    assert math.isclose(res['peak_mb'], res['weights_mb'] + res['input_mb'] + res['forward_peak_mb'])
+    assert res['settings']['batch_size'] == 16 and res['method']
+    assert peak_memory_mb(nano, batch_size=16) > 0
+
+
+def test_compare_interleaved(nano):
+    pico = timm.create_model('deitlab_deit_pico_patch4_32', img_size=28, in_chans=1)
+    rows = compare({'nano': nano, 'pico': pico}, baseline='nano', batch_size=8, quick=True)
+    assert [r['name'] for r in rows] == ['nano', 'pico'] and rows[0]['baseline']
+    assert rows[0]['latency_speedup'] == 1.0 and rows[0]['throughput_ratio'] == 1.0
+    for r in rows:
+        assert r['latency_ms'] > 0 and r['images_per_s'] > 0 and r['latency_speedup'] > 0 and r['gmacs'] > 0
+        assert r['settings']['rounds'] == 2 and r['settings']['order'] == ['nano', 'pico']
+        _check_settings(r['settings'], 8, SETTINGS_KEYS - {'repeats', 'fused_attn'} | {'latency_steps'})
+        assert r['fused_attn'] is True
+    assert rows[1]['gmacs_ratio'] < 1
+    with pytest.raises(ValueError, match='baseline'):
+        compare({'nano': nano}, baseline='dense')
+
+
+def test_compare_with_channels_last_leaves_trainable_weights(nano):
+    pico = timm.create_model('deitlab_deit_pico_patch4_32', img_size=28, in_chans=1)
+    compare({'nano': nano, 'pico': pico}, baseline='nano', batch_size=2, quick=True, channels_last=True, gmacs=False)
+    for m in (nano, pico):
+        w = m.patch_embed.proj.weight
+        assert not w.is_inference() and w.is_contiguous()
+        m.train()
+        m(torch.randn(2, 1, 28, 28)).sum().backward()
+
+
+def test_benchmark_model(nano):
+    res = benchmark_model(nano, batch_size=8, quick=True)
+    assert res['input_size'] == [1, 28, 28] and res['params'] == count_params(nano)
+    assert res['gmacs_match'] is True and _rel(res['gmacs'], res['gmacs_analytic']) < 1e-6
+    assert res['latency_ms'] > 0 and res['images_per_s'] > 0 and res['peak_memory_mb'] > 0
+    assert res['settings']['batch_size'] == 8 and res['settings']['latency_batch_size'] == 1
+    text = format_benchmark(res)
+    assert 'GMACs' in text and 'images/s' in text
+    assert json.loads(json.dumps(res))['gmacs'] == res['gmacs']  # what `deitlab bench --json` prints
+
+
+def test_benchmark_model_without_timers_on_a_cnn():
+    cnn = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+    res = benchmark_model(cnn, (3, 16, 16), latency=False, throughput=False, memory=False)
+    assert res['gmacs'] > 0 and res['gmacs_analytic'] is None and res['gmacs_match'] is None
+    assert res['latency'] is None and res['settings']['threads'] > 0
+
+
+# ------------------------------------------------------------------ tables and plots
+
+def test_models_table_and_format():
+    rows = models_table()
+    assert {r['name'] for r in rows} == set(timm.list_models('deitlab_*'))
+    by = {r['name']: r for r in rows}
+    assert by['deitlab_deit_base_patch16_224']['input_size'] == [3, 224, 224]
+    assert 86 < by['deitlab_deit_base_patch16_224']['params_m'] < 87
+    for r in rows:
+        if r['gmacs_analytic'] is not None:
+            assert _rel(r['gmacs'], r['gmacs_analytic']) < 1e-6
+    json.dumps(rows)
+    text = format_table(rows, MODELS_COLUMNS, digits=MODELS_DIGITS)
+    lines = text.splitlines()
+    assert lines[0].split() == ['name', 'input', 'params', '(M)', 'gmacs']
+    assert len(lines) == len(rows) + 2 and len({len(line) for line in lines[2:]}) == 1
+    assert '3x32x32' in text and '17.5638' in text
+
+
+def test_format_table_cells():
+    text = format_table([dict(a='x', b=1.23456, c=None, d=True), dict(a='long', b=10.0, c=3, d=False)], digits=2)
+    lines = text.splitlines()
+    assert lines[2].split() == ['x', '1.23', '-', 'yes'] and lines[3].split() == ['long', '10.00', '3', 'no']
+    assert format_table([], ['a']).splitlines()[0] == 'a'
+
+
+def test_plot_tradeoff(tmp_path):
+    rows = [dict(name='a', gmacs=1.0, images_per_s=10.0, baseline=True), dict(name='b', gmacs=0.5, images_per_s=18.0)]
+    path = tmp_path / 'tradeoff.png'
+    plot_tradeoff(rows, path=str(path), title='t')
+    assert path.stat().st_size > 1000
