@@ -14,6 +14,7 @@ the same global batch and DDP averages the gradients.
 from __future__ import annotations
 
 import contextlib
+import sys
 import json
 import math
 import re
@@ -60,7 +61,7 @@ def _progress(enabled: Optional[bool], is_main: bool, **kw):
 def _log(msg: str, is_main: bool = True) -> None:
     if is_main:
         from tqdm.auto import tqdm
-        tqdm.write(f'[deitlab] {msg}')
+        tqdm.write(f'[deitlab] {msg}', file=sys.stderr)
 
 
 def build_student(cfg: TrainConfig, num_classes: int, data_chans: int, data_size: int) -> nn.Module:
@@ -209,9 +210,8 @@ def train(cfg: TrainConfig) -> dict:
     chans, size = model_input(model)
     mean, std = norm_stats(model, chans)
     train_set = build_dataset(cfg.data, 'train', img_size=size, in_chans=chans, aug=cfg.aug, mean=mean, std=std,
-                              hflip=cfg.hflip, seed=cfg.seed)
-    val_set = build_dataset(cfg.data, 'val', img_size=size, in_chans=chans, aug='none', mean=mean, std=std,
-                            seed=cfg.seed)
+                              hflip=cfg.hflip)
+    val_set = build_dataset(cfg.data, 'val', img_size=size, in_chans=chans, aug='none', mean=mean, std=std)
     if len(train_set) < cfg.batch_size:
         raise ConfigError(f'the training split has {len(train_set)} images, fewer than one batch of '
                           f'{cfg.batch_size}')

@@ -1,0 +1,161 @@
+"""Datasets named by spec strings, ready for a DataLoader.
+
+Spec grammar: ``NAME[:ARG]`` (split at the first colon)::
+
+    glyphs[:KEY=VALUE,...]   synthetic Greek capitals on papyrus, 24 classes (see .glyphs)
+                             keys: train=12000 val=2400 size=32 seed=0 fonts=bundled|system
+    fashion-mnist[:PATH]     Fashion-MNIST, 28x28 grayscale, 10 classes (see .fashion_mnist)
+    folder:PATH              an ImageFolder tree PATH/{train,val}/<class>/ (see .folder)
+
+Every dataset yields ``(image, label)``: a float32 tensor ``(in_chans, img_size, img_size)``
+normalised with ``mean``/``std``, and an int. It has ``.classes``, ``.num_classes`` and
+``.targets`` (a LongTensor, known without decoding images). Bad input of any kind raises
+:class:`DataError` with a message that says what is wrong.
+
+Example::
+
+    from deitlab.data import build_dataset
+    train = build_dataset('glyphs', 'train', aug='light')
+    val = build_dataset('glyphs', 'val')
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Sequence, Tuple, Union
+
+from torch.utils.data import Dataset
+
+from . import fashion_mnist, folder, glyphs
+from .base import DataError, DatasetInfo, TensorImageDataset, check_split
+from .transforms import (AUGS, build_pil_transform, build_tensor_transform, channel_stats, check_aug,
+                         convert_channels, resize_images)
+
+__all__ = ['build_dataset', 'dataset_info', 'parse_spec', 'parse_glyph_options', 'DataError', 'DatasetInfo',
+           'DATASETS', 'AUGS', 'GLYPH_DEFAULTS']
+
+DATASETS = ('glyphs', 'fashion-mnist', 'folder')
+GLYPH_DEFAULTS: Dict[str, Union[int, str]] = {'train': 12000, 'val': 2400, 'size': 32, 'seed': 0,
+                                              'fonts': 'bundled'}
+_DEFAULT_HFLIP = {'glyphs': 0.0, 'fashion-mnist': 0.5, 'folder': 0.5}
+
+
+def parse_spec(spec: str) -> Tuple[str, Optional[str]]:
+    """Split ``'NAME[:ARG]'`` into ``(NAME, ARG or None)`` and check that NAME is known."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise DataError(f'empty dataset spec {spec!r}; known datasets: {", ".join(DATASETS)}')
+    name, sep, arg = spec.strip().partition(':')
+    name = name.strip().lower()
+    if name not in DATASETS:
+        raise DataError(f'unknown dataset {name!r} in spec {spec!r}; known datasets: {", ".join(DATASETS)} '
+                        f'(spec grammar: glyphs[:k=v,...] | fashion-mnist[:PATH] | folder:PATH)')
+    return name, (arg if sep and arg else None)
+
+
+def parse_glyph_options(arg: Optional[str]) -> Dict[str, Union[int, str]]:
+    """Parse ``'train=12000,val=2400,size=32,seed=0,fonts=bundled'``; only the keys given are returned."""
+    out: Dict[str, Union[int, str]] = {}
+    for item in (arg or '').split(','):
+        if not item.strip():
+            continue
+        key, eq, value = (s.strip() for s in item.partition('='))
+        if key not in GLYPH_DEFAULTS or not eq:
+            raise DataError(f'glyphs: bad option {item.strip()!r}; expected KEY=VALUE with KEY in '
+                            f'{", ".join(GLYPH_DEFAULTS)}')
+        if key == 'fonts':
+            if value not in ('bundled', 'system'):
+                raise DataError(f"glyphs: fonts must be 'bundled' or 'system', got {value!r}")
+            out[key] = value
+            continue
+        try:
+            out[key] = int(value)
+        except ValueError:
+            raise DataError(f'glyphs: option {key} needs an integer, got {value!r}') from None
+        low = {'train': 1, 'val': 1, 'size': 8}.get(key)
+        if low is not None and out[key] < low:
+            raise DataError(f'glyphs: option {key} must be >= {low}, got {out[key]}')
+    return out
+
+
+def dataset_info(spec: str) -> DatasetInfo:
+    """Name, classes, native size and channels of a spec, without loading images.
+
+    ``folder:PATH`` lists ``PATH/train`` for its classes; the others touch no files.
+    """
+    name, arg = parse_spec(spec)
+    if name == 'glyphs':
+        opts = {**GLYPH_DEFAULTS, **parse_glyph_options(arg)}
+        classes, size, chans = glyphs.GLYPH_CLASSES, int(opts['size']), 3
+    elif name == 'fashion-mnist':
+        classes, size, chans = fashion_mnist.CLASSES, 28, 1
+    else:
+        if arg is None:
+            raise DataError("folder needs a path: 'folder:PATH' with PATH/train/<class>/ and PATH/val/<class>/")
+        classes, size, chans = tuple(folder.find_classes(arg)), folder.DEFAULT_IMG_SIZE, 3
+    return DatasetInfo(name=name, spec=spec, num_classes=len(classes), classes=tuple(classes),
+                       img_size=size, in_chans=chans, default_hflip=_DEFAULT_HFLIP[name])
+
+
+def build_dataset(spec: str, split: str, *, img_size: Optional[int] = None, in_chans: int = 3,
+                  aug: str = 'none', mean: Sequence[float] = (0.5, 0.5, 0.5),
+                  std: Sequence[float] = (0.5, 0.5, 0.5), hflip: Optional[float] = None, seed: int = 0,
+                  download: bool = False) -> Dataset:
+    """Build one split of a dataset spec.
+
+    Args:
+        spec: ``NAME[:ARG]``, see the module docstring.
+        split: ``'train'`` or ``'val'``.
+        img_size: Output side; None = the dataset's native size (224 for ``folder``).
+        in_chans: 1 or 3; grayscale data is replicated to 3, colour data reduced to luminance for 1.
+        aug: ``'none'`` (resize + normalise), ``'light'`` (random crop with 4 px zero padding at
+            native scale, i.e. ``round(4 * img_size / native)`` px, 4 px per 32 px for ``folder``,
+            + horizontal flip) or ``'deit'`` (timm's DeiT training transform).
+        mean, std: Normalisation statistics; the first ``in_chans`` entries are used.
+        hflip: Flip probability for ``'light'``/``'deit'``; None = the dataset's default (0.0 for
+            glyphs, whose mirror images are not letters; 0.5 otherwise).
+        seed: Generation seed of synthetic data (``glyphs``) when the spec has no ``seed=``;
+            real datasets ignore it. Augmentation randomness comes from torch's RNG.
+        download: ``fashion-mnist`` only: download with torchvision if no local copy is found.
+
+    Returns:
+        A map-style dataset with ``.classes``, ``.num_classes`` and ``.targets``.
+
+    Raises:
+        DataError: for an unknown spec, split or aug, bad options, or missing/corrupt data.
+    """
+    name, arg = parse_spec(spec)
+    check_split(split)
+    check_aug(aug)
+    if in_chans not in (1, 3):
+        raise DataError(f'in_chans must be 1 or 3, got {in_chans!r}')
+    if img_size is not None and (not isinstance(img_size, int) or img_size < 1):
+        raise DataError(f'img_size must be a positive int or None, got {img_size!r}')
+    mean, std = channel_stats(mean, std, in_chans)
+    hflip = _DEFAULT_HFLIP[name] if hflip is None else float(hflip)
+    if not 0.0 <= hflip <= 1.0:
+        raise DataError(f'hflip must be a probability in [0, 1], got {hflip}')
+    common = dict(in_chans=in_chans, mean=mean, std=std, hflip=hflip)
+
+    if name == 'folder':
+        if arg is None:
+            raise DataError("folder needs a path: 'folder:PATH' with PATH/train/<class>/ and PATH/val/<class>/")
+        size = img_size or folder.DEFAULT_IMG_SIZE
+        ds = folder.FolderDataset(arg, split, in_chans, build_pil_transform(aug, img_size=size, **common))
+    else:
+        if name == 'glyphs':
+            opts = {**GLYPH_DEFAULTS, 'seed': seed, **parse_glyph_options(arg)}
+            images, targets = glyphs.cached_glyphs(int(opts[split]), int(opts['size']), int(opts['seed']),
+                                                   split, str(opts['fonts']))
+            classes = glyphs.GLYPH_CLASSES
+        else:
+            images, targets = fashion_mnist.load_split(split, arg, download)
+            classes = fashion_mnist.CLASSES
+        native = images.shape[-1]
+        size = img_size or native
+        if in_chans == 1:
+            images = convert_channels(images, 1)
+        if size != native and aug != 'deit':  # resize once rather than per item, if it fits in memory
+            resized = resize_images(images, size)
+            images = images if resized is None else resized
+        tf = build_tensor_transform(aug, img_size=size, native_size=native, **common)
+        ds = TensorImageDataset(convert_channels(images, in_chans), targets, classes, tf)
+    ds.spec = spec
+    return ds

@@ -1,0 +1,77 @@
+"""Shared pieces of :mod:`deitlab.data`: the error type, dataset metadata and the in-memory dataset."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence, Tuple
+
+import torch
+from torch.utils.data import Dataset
+
+__all__ = ['DataError', 'DatasetInfo', 'TensorImageDataset']
+
+
+class DataError(ValueError):
+    """Raised for every bad dataset input: unknown spec, missing or corrupt files, bad options."""
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What a dataset spec describes, known without loading the images.
+
+    Attributes:
+        name: Dataset name (``glyphs``, ``fashion-mnist``, ``folder``).
+        spec: The spec string the info was made from.
+        num_classes: Number of classes.
+        classes: Class names, index ``i`` is label ``i``.
+        img_size: Native image size (the size used when ``img_size=None``).
+        in_chans: Native number of channels (1 for grayscale data, 3 for RGB).
+        default_hflip: Horizontal-flip probability used by augmentation when ``hflip=None``.
+    """
+
+    name: str
+    spec: str
+    num_classes: int
+    classes: Tuple[str, ...]
+    img_size: int
+    in_chans: int
+    default_hflip: float
+
+
+class TensorImageDataset(Dataset):
+    """Images held in memory as one uint8 tensor ``(N, C, H, W)``, transformed per item.
+
+    Args:
+        images: uint8 tensor ``(N, C, H, W)`` (already in the requested number of channels).
+        targets: Integer labels ``(N,)``.
+        classes: Class names.
+        transform: Callable mapping one uint8 ``(C, H, W)`` tensor to a float tensor.
+    """
+
+    def __init__(self, images: torch.Tensor, targets: torch.Tensor, classes: Sequence[str],
+                 transform: Callable[[torch.Tensor], torch.Tensor]):
+        if images.dtype != torch.uint8 or images.ndim != 4:
+            raise DataError(f'expected uint8 images of shape (N, C, H, W), got {images.dtype} {tuple(images.shape)}')
+        if len(images) != len(targets):
+            raise DataError(f'{len(images)} images but {len(targets)} labels')
+        self.images = images
+        self.targets = torch.as_tensor(targets, dtype=torch.long)
+        self.classes = list(classes)
+        self.num_classes = len(self.classes)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> Tuple[torch.Tensor, int]:
+        return self.transform(self.images[index]), int(self.targets[index])
+
+    def __repr__(self) -> str:
+        n, c, h, w = self.images.shape
+        return f'{type(self).__name__}(n={n}, stored={c}x{h}x{w}, classes={self.num_classes})'
+
+
+def check_split(split: str, allowed: Optional[Sequence[str]] = ('train', 'val')) -> str:
+    """Return ``split`` if it is one of ``allowed``, else raise :class:`DataError`."""
+    if split not in allowed:
+        raise DataError(f'unknown split {split!r}; allowed: {", ".join(map(repr, allowed))}')
+    return split
