@@ -53,9 +53,13 @@ def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
 
 
 def _progress(enabled: Optional[bool], is_main: bool, **kw):
+    """A tqdm bar on the main process: on a terminal by default, always/never if enabled is set."""
     from tqdm.auto import tqdm
-    disable = (not is_main) if enabled is None else (not enabled or not is_main)
-    return tqdm(disable=disable if enabled is not None else (None if is_main else True), **kw)
+    if not is_main:
+        disable = True
+    else:
+        disable = None if enabled is None else not enabled  # None: tqdm shows it only on a TTY
+    return tqdm(disable=disable, **kw)
 
 
 def _log(msg: str, is_main: bool = True) -> None:
