@@ -30,19 +30,25 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write data to path so that a reader never sees a partial file (write, fsync, rename)."""
     path = Path(path)
     tmp = path.with_name(path.name + '.tmp')
-    with open(tmp, 'wb') as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, 'wb') as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def atomic_torch_save(obj, path: Path) -> None:
     """``torch.save`` through a temporary file and a rename."""
     path = Path(path)
     tmp = path.with_name(path.name + '.tmp')
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def model_args_of(model: nn.Module) -> dict:
@@ -87,8 +93,11 @@ def save_run_dir(model: nn.Module, out: str | Path, label_names: Optional[list] 
     sd = state_dict if state_dict is not None else unwrapped.state_dict()
     sd = {k: v.detach().contiguous().cpu() for k, v in sd.items()}
     tmp = out / (WEIGHTS_NAME + '.tmp')
-    save_file(sd, str(tmp))
-    os.replace(tmp, out / WEIGHTS_NAME)
+    try:
+        save_file(sd, str(tmp))
+        os.replace(tmp, out / WEIGHTS_NAME)
+    finally:
+        tmp.unlink(missing_ok=True)
     config = {
         'architecture': architecture_of(unwrapped),
         'num_classes': getattr(unwrapped, 'num_classes', None),
@@ -202,9 +211,14 @@ def create(name_or_dir: str, pretrained: bool = False, **kwargs) -> nn.Module:
         if config.get('label_names'):
             model.pretrained_cfg['label_names'] = config['label_names']
         return model
-    if Path(spec).exists() or os.sep in spec:
-        if Path(spec).is_dir():
-            raise ModelLoadError(f'{spec} is a directory but not a run directory (no {CONFIG_NAME})')
+    if spec.startswith('hf-hub:'):
+        return timm.create_model(spec, pretrained=pretrained, **kwargs)
+    if Path(spec).is_dir():
+        raise ModelLoadError(f'{spec} is a directory but not a run directory (no {CONFIG_NAME})')
+    if Path(spec).is_file():
+        raise ModelLoadError(f'{spec} is a file, not a run directory or model name; to load weights from a file use '
+                             f'timm.create_model(NAME, pretrained=True, pretrained_cfg_overlay=dict(file=PATH))')
+    if os.sep in spec:
         raise ModelLoadError(f'model path does not exist: {spec}')
     base = spec.split('.')[0]
     if not timm.is_model(base) and not timm.is_model(spec):

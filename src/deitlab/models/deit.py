@@ -191,14 +191,24 @@ class _BlockFactory:
         self.i = 0
 
     def __call__(self, dim, qkv_bias=True, init_values=None, proj_drop=0., attn_drop=0., drop_path=0.,
-                 norm_layer=nn.LayerNorm, act_layer=nn.GELU, **_):
+                 norm_layer=nn.LayerNorm, act_layer=nn.GELU, qk_norm=False, proj_bias=True, scale_attn_norm=False,
+                 scale_mlp_norm=False, device=None, dtype=None, **_):
+        unsupported = [name for name, value, default in (
+            ('qk_norm', qk_norm, False), ('proj_bias', proj_bias, True), ('scale_attn_norm', scale_attn_norm, False),
+            ('scale_mlp_norm', scale_mlp_norm, False)) if value != default]
+        if unsupported:
+            raise ValueError(f'deitlab DeiT blocks do not support {", ".join(unsupported)}; use timm\'s '
+                             f'VisionTransformer for those options')
         i = self.i
         self.i += 1
         w = self.widths
-        return WidthBlock(
+        block = WidthBlock(
             dim, w['num_heads'][i], w['qk_dim'][i], w['v_dim'][i], w['mlp_hidden'][i], qkv_bias=qkv_bias,
             attn_scale=w['attn_scale'][i], init_values=init_values, proj_drop=proj_drop, attn_drop=attn_drop,
             drop_path=drop_path, norm_layer=norm_layer, act_layer=act_layer)
+        if device is not None or dtype is not None:
+            block.to(device=device, dtype=dtype)
+        return block
 
 
 def _split_width_kwargs(kwargs: dict) -> dict:
@@ -219,6 +229,8 @@ def _arch_kwargs(kwargs: dict) -> dict:
     """The JSON-serialisable constructor arguments (stored as config.json's model_args)."""
     out = {}
     for k, v in kwargs.items():
+        if k in ('device', 'dtype'):
+            continue
         if isinstance(v, tuple):
             v = list(v)
         if v is None or isinstance(v, (bool, int, float, str, list)):
