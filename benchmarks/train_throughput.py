@@ -6,7 +6,7 @@ Mixup/CutMix, soft-target cross-entropy, drop path). The plain loop is what a ti
 hand; ``deitlab train`` adds the NaN check, progress bar, logging, EMA hook and distillation
 wrapper. Rounds alternate A, B, A, B; the ratio is taken per round and the median reported.
 
-    python benchmarks/train_throughput.py [--rounds 5] [--steps 40]
+    python benchmarks/train_throughput.py [--rounds 5] [--steps 40] [--threads N]
 
 Writes ``benchmarks/results/train_throughput.json``. Target: median ratio >= 0.95.
 """
@@ -71,7 +71,10 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument('--rounds', type=int, default=5)
     ap.add_argument('--steps', type=int, default=40)
+    ap.add_argument('--threads', type=int, default=None, help='torch threads (default: torch\'s choice)')
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     plain(5)  # warm-up: data cached, kernels loaded
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
