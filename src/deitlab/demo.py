@@ -16,16 +16,16 @@ from pathlib import Path
 
 import torch
 
-DEMO_DATA = 'glyphs:train=9600,val=2400,size=32,seed=0'
-DEMO_MODEL = 'deitlab_deit_nano_patch4_32'
+DEMO_DATA = 'glyphs:train=24000,val=2400,size=32,seed=0'
+DEMO_MODEL = 'deitlab_deit_pico_patch4_32'
 
 
 def _demo_config(out: Path, quick: bool, progress: bool):
     from .train import TrainConfig
     return TrainConfig(
         model=DEMO_MODEL, data='glyphs:train=960,val=480,size=32,seed=0' if quick else DEMO_DATA,
-        out=str(out / 'deit'), epochs=1 if quick else 8, batch_size=64, lr=1e-3, warmup_epochs=1 if not quick else 0,
-        drop_path=0.0, mixup=0.0, cutmix=0.0, smoothing=0.1, aug='light', seed=0, tensorboard=False,
+        out=str(out / 'deit'), epochs=1 if quick else 5, batch_size=32, lr=1e-3, warmup_epochs=0.5,
+        drop_path=0.0, mixup=0.0, cutmix=0.0, smoothing=0.1, aug='none', seed=0, tensorboard=False,
         progress=None if progress else False)
 
 
@@ -48,6 +48,7 @@ def _plot(out: Path, metrics: list, model, data_spec: str) -> Path:
     epochs = [m['epoch'] for m in metrics if 'val_top1' in m]
     ax.plot(epochs, [m['val_top1'] for m in metrics if 'val_top1' in m], 'o-', label='val top-1')
     ax.plot(epochs, [m['val_top5'] for m in metrics if 'val_top5' in m], 's--', label='val top-5')
+    ax.set_xticks(epochs)
     ax.set_xlabel('epoch')
     ax.set_ylabel('accuracy (%)')
     ax.set_title(f'{DEMO_MODEL} on glyphs')
@@ -86,7 +87,7 @@ def run_demo(out: str = 'demo-out', quick: bool = False, progress: bool = True) 
     model = create(cfg.out).eval()
     bench = benchmark_model(model, batch_size=64, quick=True)
     metrics = [json.loads(ln) for ln in (Path(cfg.out) / METRICS_NAME).read_text().splitlines() if ln.strip()]
-    rows = [dict(model='DeiT-nano (dense)', top1=round(summary['val_top1'], 2), params_m=round(bench['params'] / 1e6, 3),
+    rows = [dict(model='DeiT-pico (dense)', top1=round(summary['val_top1'], 2), params_m=round(bench['params'] / 1e6, 3),
                  gmacs=round(bench['gmacs'], 4), latency_ms=round(bench['latency_ms'], 2),
                  img_per_s=round(bench['images_per_s'], 1))]
     plot = _plot(out_dir, metrics, model, cfg.data)
