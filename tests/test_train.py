@@ -238,3 +238,17 @@ def test_train_with_teacher_run_dir(tmp_path):
     assert res['epochs'] == 1
     with pytest.raises(ConfigError, match='needs --teacher'):
         train(tiny_cfg(tmp_path / 's2', distill='soft'))
+
+
+def test_yaml_config_gives_defaults_and_flags_win(tmp_path):
+    from deitlab.cli import build_train_config, make_parser
+    cfg_file = tmp_path / 'recipe.yaml'
+    cfg_file.write_text('epochs: 7\nbatch-size: 64\nsmoothing: 0.0\nmodel_kwargs: {drop_rate: 0.1}\n')
+    args = make_parser().parse_args(['train', '--config', str(cfg_file), '--epochs', '3', '--out', 'x'])
+    cfg = build_train_config(args)
+    assert (cfg.epochs, cfg.batch_size, cfg.smoothing, cfg.out) == (3, 64, 0.0, 'x')
+    assert cfg.model_kwargs == {'drop_rate': 0.1}
+    assert cfg.resolved_lr() == 5e-4 * 64 / 512
+    cfg_file.write_text('epochz: 7\n')
+    with pytest.raises(ConfigError, match="unknown option 'epochz'"):
+        build_train_config(make_parser().parse_args(['train', '--config', str(cfg_file)]))
