@@ -28,8 +28,8 @@ RUN = ROOT / 'reference' / 'fmnist-deit-nano'
 RESULTS = ROOT / 'results'
 TRAIN_ARGS = [
     '--model', 'deitlab_deit_nano_patch4_32', '--data', 'fashion-mnist', '--epochs', '9',
-    '--batch-size', '128', '--lr', '1e-3', '--warmup-epochs', '0.5', '--weight-decay', '0.05',
-    '--smoothing', '0.1', '--mixup', '0', '--cutmix', '0', '--drop-path', '0', '--aug', 'light',
+    '--batch-size', '32', '--lr', '5e-4', '--warmup-epochs', '0.5', '--weight-decay', '0.05',
+    '--smoothing', '0.1', '--mixup', '0', '--cutmix', '0', '--drop-path', '0', '--aug', 'none',
     '--seed', '0', '--workers', '0',
 ]
 
