@@ -399,20 +399,10 @@ def _mask_and_slice(model, kind: str, block: int, index: int):
     mlp = blk.mlp.fc1.out_features
     heads, qk, vv, units = list(range(H)), list(range(dq)), list(range(dv)), list(range(mlp))
     widths = copy.deepcopy(model.block_widths)
-    if kind == 'qk':
-        qk.remove(index)
-        widths['qk_dim'][block] -= 1
-    elif kind == 'head':
-        heads.remove(index)
-        widths['num_heads'][block] -= 1
-    elif kind == 'v':
-        vv.remove(index)
-        widths['v_dim'][block] -= 1
-    elif kind == 'mlp':
-        units.remove(index)
-        widths['mlp_hidden'][block] -= 1
-    else:
-        raise AssertionError(kind)
+    kept, key = {'qk': (qk, 'qk_dim'), 'head': (heads, 'num_heads'), 'v': (vv, 'v_dim'),
+                 'mlp': (units, 'mlp_hidden')}[kind]
+    kept.remove(index)
+    widths[key][block] -= 1
     rows, cols = _kept_rows(H, dq, dv, heads, qk, vv)
     all_rows, all_cols = _kept_rows(H, dq, dv, range(H), range(dq), range(dv))
     drop_rows = sorted(set(all_rows) - set(rows))

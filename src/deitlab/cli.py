@@ -10,15 +10,12 @@ import dataclasses
 import json
 import sys
 import typing
-from typing import Optional
 
 
-def _emit(result: dict, as_json: bool, text: Optional[str] = None) -> None:
-    if text:
-        print(text)
+def _emit(result: dict, as_json: bool) -> None:
     if as_json:
         print(json.dumps(result, default=str))
-    elif not text:
+    else:
         for k, v in result.items():
             print(f'{k}: {v}')
 
@@ -83,7 +80,7 @@ def cmd_eval(args) -> dict:
 
 
 def cmd_bench(args) -> dict:
-    from .bench import benchmark_model, format_table
+    from .bench import benchmark_model
     from .rundir import create
     kwargs = {}
     if args.img_size:

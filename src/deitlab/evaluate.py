@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
 from torch.utils.data import DataLoader
 
 from .data import build_dataset

@@ -149,7 +149,7 @@ def device_name(device: torch.device) -> str:
                 if line.startswith('model name'):
                     return line.split(':', 1)[1].strip()
     except OSError:
-        pass
+        pass  # no /proc/cpuinfo (not Linux): fall back to platform below
     return platform.processor() or platform.machine() or device.type
 
 

@@ -85,7 +85,7 @@ def _build(name: str, device: str) -> nn.Module:
             with torch.device('meta'):
                 return timm.create_model(name, pretrained=False)
         except Exception:  # some constructors need real tensors; a CPU build always works
-            pass
+            pass  # fall through to a real CPU build
     model = timm.create_model(name, pretrained=False)
     return model if device == 'meta' else model.to(device)
 

@@ -74,9 +74,9 @@ def _draws_greek(path: str) -> bool:
         if any(ord(ch) not in cmap for ch in GREEK_CAPITALS):
             return False
     except ImportError:
-        pass
-    except Exception:  # unreadable by fontTools: let the rendering check decide
-        pass
+        pass  # fontTools not installed: the rendering check below decides
+    except Exception:
+        pass  # unreadable by fontTools: the rendering check below decides
     try:
         font = ImageFont.truetype(path, 32)
         masks = [_draw(font, ch, 96) for ch in GREEK_CAPITALS]

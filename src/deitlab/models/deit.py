@@ -211,7 +211,8 @@ class _BlockFactory:
         return block
 
 
-def _split_width_kwargs(kwargs: dict) -> dict:
+def _install_block_factory(kwargs: dict) -> None:
+    """Replace the width kwargs by a block factory that builds each block with its own widths."""
     embed_dim = kwargs.get('embed_dim', 768)
     depth = kwargs.get('depth', 12)
     widths = resolve_widths(
@@ -222,7 +223,6 @@ def _split_width_kwargs(kwargs: dict) -> dict:
     kwargs['block_fn'] = _BlockFactory(widths, depth)
     # timm's constructor wants one int; the real per-block heads live in the blocks.
     kwargs['num_heads'] = max(widths['num_heads'])
-    return widths
 
 
 def _arch_kwargs(kwargs: dict) -> dict:
@@ -277,7 +277,7 @@ class DeiT(_WidthMixin, VisionTransformer):
 
     def __init__(self, **kwargs):
         arch = _arch_kwargs(kwargs)
-        widths = _split_width_kwargs(kwargs)
+        _install_block_factory(kwargs)
         super().__init__(**kwargs)
         self.arch_kwargs = arch
 
@@ -290,7 +290,7 @@ class DeiTDistilled(_WidthMixin, VisionTransformerDistilled):
 
     def __init__(self, **kwargs):
         arch = _arch_kwargs(kwargs)
-        widths = _split_width_kwargs(kwargs)
+        _install_block_factory(kwargs)
         super().__init__(**kwargs)
         self.arch_kwargs = arch
 

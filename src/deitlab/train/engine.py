@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import sys
 import json
-import math
 import re
 import time
 from pathlib import Path
