@@ -35,7 +35,7 @@ from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
 __all__ = [
-    'WidthAttention', 'WidthBlock', 'DeiT', 'DeiTDistilled', 'resolve_widths', 'SMALL_IMAGE_CONFIGS',
+    'WidthAttention', 'WidthBlock', 'DeiT', 'DeiTDistilled', 'resolve_widths', 'SMALL_IMAGE_CONFIGS', 'from_timm',
 ]
 
 IntOrList = Union[int, Sequence[int]]
@@ -93,9 +93,19 @@ class WidthAttention(nn.Module):
         B, N, _ = x.shape
         q, k, v = self.split_qkv(x)
         if self.fused_attn:
+            dq, dv = self.qk_dim, self.v_dim
+            # SDPA's fast kernels need one head width for q, k and v (on the CPU a mismatch falls
+            # back to a path ~3x slower). Zero-padding q and k, or v, is exact: q.k and the kept
+            # output columns do not change.
+            if dq < dv:
+                q, k = F.pad(q, (0, dv - dq)), F.pad(k, (0, dv - dq))
+            elif dv < dq:
+                v = F.pad(v, (0, dq - dv))
             x = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=attn_mask, dropout_p=self.attn_drop.p if self.training else 0.,
                 scale=self.scale)
+            if dv < dq:
+                x = x[..., :dv]
         else:
             attn = (q * self.scale) @ k.transpose(-2, -1)
             if attn_mask is not None:
@@ -222,7 +232,7 @@ def _install_block_factory(kwargs: dict) -> None:
         raise ValueError('deitlab DeiT models build their own blocks; block_fn is not accepted')
     kwargs['block_fn'] = _BlockFactory(widths, depth)
     # timm's constructor wants one int; the real per-block heads live in the blocks.
-    kwargs['num_heads'] = max(widths['num_heads'])
+    kwargs['num_heads'] = max(widths['num_heads'], default=1)
 
 
 def _arch_kwargs(kwargs: dict) -> dict:
@@ -382,3 +392,48 @@ for _size, _dims in _IMAGENET_CONFIGS.items():
 for _size, _dims in SMALL_IMAGE_CONFIGS.items():
     for _d in (False, True):
         _register(_size, _dims, 4, 32, _d)
+
+
+def from_timm(model: nn.Module) -> nn.Module:
+    """A deitlab DeiT holding the weights of a timm ``VisionTransformer`` or
+    ``VisionTransformerDistilled`` (uniform widths), with identical logits.
+
+    The structural pruner and the width-aware tools work on deitlab's DeiT; this is how a timm
+    model (``timm.create_model('deit_base_distilled_patch16_224', pretrained=True)``) gets there.
+    """
+    import timm
+
+    if isinstance(model, (DeiT, DeiTDistilled)):
+        return model
+    if type(model) not in (VisionTransformer, VisionTransformerDistilled):
+        raise ValueError(f'from_timm converts timm VisionTransformer / VisionTransformerDistilled models, '
+                         f'not {type(model).__name__}')
+    blk = model.blocks[0]
+    attn = blk.attn
+    for name in ('q_norm', 'k_norm', 'norm'):
+        if not isinstance(getattr(attn, name, nn.Identity()), nn.Identity):
+            raise ValueError(f'from_timm: attention with {name} is not supported')
+    distilled = isinstance(model, VisionTransformerDistilled)
+    pe = model.patch_embed
+    init_values = 1e-5 if isinstance(blk.ls1, LayerScale) else None
+    args = dict(
+        img_size=list(pe.img_size), patch_size=list(pe.patch_size), in_chans=pe.proj.in_channels,
+        num_classes=model.num_classes, embed_dim=model.embed_dim, depth=len(model.blocks),
+        num_heads=[b.attn.num_heads for b in model.blocks], mlp_hidden=[b.mlp.fc1.out_features for b in model.blocks],
+        qk_dim=[b.attn.head_dim for b in model.blocks], v_dim=[b.attn.head_dim for b in model.blocks],
+        attn_scale=[float(b.attn.scale) for b in model.blocks],
+        qkv_bias=blk.attn.qkv.bias is not None, init_values=init_values,
+        class_token=model.cls_token is not None, global_pool=model.global_pool,
+        no_embed_class=model.no_embed_class, reg_tokens=getattr(model, 'num_reg_tokens', 0),
+        pre_norm=not isinstance(model.norm_pre, nn.Identity), fc_norm=not isinstance(model.fc_norm, nn.Identity),
+    )
+    if distilled:
+        for k in ('class_token', 'global_pool', 'reg_tokens'):
+            args.pop(k)
+    arch = f'deitlab_deit_base{"_distilled" if distilled else ""}_patch16_224'
+    p = next(model.parameters())
+    new = timm.create_model(arch, pretrained=False, **args).to(device=p.device, dtype=p.dtype)
+    new.load_state_dict(model.state_dict())
+    new.pretrained_cfg = dict(getattr(model, 'pretrained_cfg', None) or {}, architecture=arch)
+    new.train(model.training)
+    return new

@@ -1,0 +1,387 @@
+"""NViT: global structural pruning of a DeiT with Hessian-aware saliency and a latency budget.
+
+Yang, Yin, Molchanov, Li, Kautz: "Global Vision Transformer Pruning with Hessian-Aware Saliency",
+CVPR 2023. The procedure (``prune_nvit``, ``deitlab prune nvit``):
+
+1. Load the dense DeiT (run directory, deitlab name or timm ViT/DeiT), keep a frozen copy as the
+   distillation target, and measure (or load) a latency table of its blocks on this device.
+2. Train the model on with ``L = ce_weight * CE(y) + kl_weight * T^2 * KL(p_dense^T || p^T)``
+   (plus an optional hard/soft DeiT teacher) while accumulating the saliency of every unit. After
+   every optimizer step the masks are enforced: removed weights, their gradients and their AdamW
+   moments stay exactly zero.
+3. Every ``interval`` steps, rank all groups of all layers by ``I - lambda * dLat`` and remove the
+   ``groups_per_event`` lowest, one at a time, stopping as soon as the target (latency, GMACs or
+   parameter fraction of the dense model) is met.
+4. Densify into the compact non-uniform DeiT (widths optionally rounded up to multiples), save it
+   as a run directory, and fine-tune it with soft distillation from the dense model.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..rundir import create, is_run_dir, save_run_dir
+from .densify import densify, rounded_masks
+from .groups import GROUP_TYPES, Masks, PruneError, check_prunable, use_masked_layernorm
+from .latency import LatencyTable, build_latency_table
+from .ranking import Budget, default_group_sizes, rank_groups, remove_group
+from .saliency import Saliency, per_sample_sq_grads
+
+PRUNE_LOG = 'prune_log.jsonl'
+LUT_NAME = 'latency_table.json'
+
+
+@dataclass
+class NViTConfig:
+    model: str
+    data: str
+    out: str
+    # target: exactly one, a fraction of the dense model
+    target_latency: Optional[float] = None
+    target_gmacs: Optional[float] = None
+    target_params: Optional[float] = None
+    # saliency and ranking
+    criterion: str = 'nvit'                 # nvit | taylor | magnitude | fisher
+    lam: float = 1.0                        # latency penalty weight (scale-free, see ranking.py)
+    momentum: float = 0.9
+    divisors: Optional[str] = 'nvit'        # NViT's constants, or None
+    group_sizes: Dict[str, int] = field(default_factory=dict)   # per type; default: scaled NViT
+    min_keep: Dict[str, int] = field(default_factory=dict)      # per type; default: one group
+    prune_types: tuple = GROUP_TYPES
+    interval: int = 100                     # optimizer steps between pruning events
+    groups_per_event: int = 2               # NViT's schedule: this many groups per event...
+    prune_steps: Optional[int] = None       # ...or reach the target linearly over this many steps
+    total_steps: Optional[int] = None       # pruning + fine-tuning steps (fine-tune gets the rest)
+    max_prune_steps: int = 20000
+    fisher_samples: int = 8                 # per-sample gradients per batch (criterion fisher)
+    masked_ln: bool = True
+    round_to: Optional[int] = None
+    # training while pruning
+    batch_size: int = 32
+    lr: float = 1e-4
+    weight_decay: float = 0.05
+    kl_weight: float = 1.0
+    kl_tau: float = 3.0
+    ce_weight: float = 1.0
+    smoothing: float = 0.0
+    teacher: Optional[str] = None
+    distill: str = 'none'
+    aug: str = 'none'
+    # latency table
+    lut: Optional[str] = None               # reuse a saved table
+    lut_batch: int = 64
+    lut_passes: int = 3
+    # fine-tuning of the densified model
+    finetune_epochs: int = 1
+    finetune_steps: Optional[int] = None    # cap on steps per fine-tune epoch
+    finetune_lr: float = 2e-4
+    finetune_alpha: float = 0.5
+    finetune_tau: float = 2.0
+    # run
+    val_batches: int = 20                   # validation batches per event (0: none)
+    measure: bool = True                    # time dense vs pruned at the end
+    seed: int = 0
+    device: Optional[str] = None
+    progress: Optional[bool] = None
+
+    def validate(self) -> 'NViTConfig':
+        if isinstance(self.divisors, str) and self.divisors.lower() in ('none', ''):
+            self.divisors = None
+        self.prune_types = tuple(self.prune_types)
+        if self.prune_steps is not None and self.prune_steps < self.interval:
+            raise PruneError(f'prune_steps ({self.prune_steps}) must be at least one interval ({self.interval})')
+        if self.total_steps is not None and self.prune_steps is not None and self.total_steps <= self.prune_steps:
+            raise PruneError(f'total_steps ({self.total_steps}) must exceed prune_steps ({self.prune_steps})')
+        for k in ('interval', 'groups_per_event', 'batch_size', 'max_prune_steps', 'lut_batch'):
+            if getattr(self, k) < 1:
+                raise PruneError(f'{k} must be >= 1, got {getattr(self, k)}')
+        if self.finetune_epochs < 0:
+            raise PruneError(f'finetune_epochs must be >= 0, got {self.finetune_epochs}')
+        bad = [t for t in self.prune_types if t not in GROUP_TYPES]
+        if bad or not self.prune_types:
+            raise PruneError(f'prune_types must be a non-empty subset of {GROUP_TYPES}, got {self.prune_types}')
+        for name in ('group_sizes', 'min_keep'):
+            bad = [k for k in getattr(self, name) if k not in GROUP_TYPES]
+            if bad:
+                raise PruneError(f'{name} has unknown unit types {bad}; use {GROUP_TYPES}')
+        if self.lam < 0:
+            raise PruneError(f'the latency penalty lam must be >= 0, got {self.lam}')
+        if self.distill not in ('none', 'soft', 'hard') or (self.distill != 'none') != bool(self.teacher):
+            raise PruneError('an extra teacher needs --distill hard|soft and --teacher NAME|RUN_DIR together')
+        return self
+
+
+def load_dense(spec: str) -> nn.Module:
+    """A deitlab DeiT from a run directory, a deitlab name or a timm ViT/DeiT name."""
+    from ..models.deit import from_timm
+    model = create(spec, pretrained=not is_run_dir(spec) and not str(spec).startswith('deitlab_'))
+    try:
+        model = from_timm(model)
+    except ValueError as e:
+        raise PruneError(f'{spec}: {e}') from None
+    check_prunable(model)
+    return model
+
+
+def kd_kl(student: torch.Tensor, teacher: torch.Tensor, tau: float) -> torch.Tensor:
+    """``T^2 * KL(softmax(teacher/T) || softmax(student/T))``, mean over the batch."""
+    return F.kl_div(F.log_softmax(student / tau, -1), F.log_softmax(teacher / tau, -1), reduction='batchmean',
+                    log_target=True) * tau * tau
+
+
+def _loaders(cfg: NViTConfig, model: nn.Module):
+    from torch.utils.data import DataLoader
+    from ..data import build_dataset
+    from ..train.engine import model_input, norm_stats
+    chans, size = model_input(model)
+    mean, std = norm_stats(model, chans)
+    train_set = build_dataset(cfg.data, 'train', img_size=size, in_chans=chans, aug=cfg.aug, mean=mean, std=std)
+    val_set = build_dataset(cfg.data, 'val', img_size=size, in_chans=chans, aug='none', mean=mean, std=std)
+    if len(train_set) < cfg.batch_size:
+        raise PruneError(f'the training split has {len(train_set)} images, fewer than one batch of {cfg.batch_size}')
+    g = torch.Generator().manual_seed(cfg.seed)
+    train = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, drop_last=True, generator=g)
+    val = DataLoader(val_set, batch_size=max(64, cfg.batch_size), shuffle=False)
+    return train, val, train_set
+
+
+@torch.no_grad()
+def _accuracy(model: nn.Module, loader, device, max_batches: Optional[int] = None) -> float:
+    correct = total = 0
+    for i, (x, y) in enumerate(loader):
+        if max_batches is not None and i >= max_batches:
+            break
+        out = model(x.to(device))
+        correct += int((out.argmax(1).cpu() == y).sum())
+        total += y.numel()
+    return 100.0 * correct / max(total, 1)
+
+
+def _forever(loader):
+    while True:
+        yield from loader
+
+
+class NViTPruner:
+    """The pruning phase on a model in memory: ``run()`` trains, scores and removes groups until
+    the budget is met, and returns the masks. ``densified()`` gives the compact model."""
+
+    def __init__(self, model: nn.Module, cfg: NViTConfig, lut: Optional[LatencyTable], device: torch.device):
+        cfg.validate()
+        check_prunable(model)
+        self.cfg = cfg
+        self.device = device
+        self.model = model.to(device)
+        self.dense = copy.deepcopy(model).eval()
+        for p in self.dense.parameters():
+            p.requires_grad_(False)
+        self.lut = lut
+        self.budget = Budget(model, lut, cfg.target_latency, cfg.target_gmacs, cfg.target_params)
+        self.group_sizes = {**default_group_sizes(model), **cfg.group_sizes}
+        self.min_keep = {k: max(1, int(cfg.min_keep.get(k, self.group_sizes[k]))) for k in GROUP_TYPES}
+        if cfg.masked_ln:
+            use_masked_layernorm(self.model, True)
+        self.masks = Masks(self.model)
+        self.saliency = Saliency(cfg.criterion, cfg.momentum, cfg.divisors, depth=len(model.blocks))
+        self.scores: Optional[dict] = None
+        self.events = 0
+        self.steps = 0
+        self.log: list = []
+
+    def widths(self) -> dict:
+        return self.masks.kept()
+
+    def estimate(self) -> dict:
+        rel = self.budget.relative(self.widths())
+        ab = self.budget.absolute(self.widths())
+        return dict(rel, gmacs_abs=ab['gmacs'], params_abs=ab['params'], **(
+            {'latency_ms': ab['latency_ms']} if 'latency_ms' in ab else {}))
+
+    def done(self) -> bool:
+        return self.budget.reached(self.widths())
+
+    def event_goal(self) -> Optional[float]:
+        """With ``prune_steps``: the budget fraction this event should reach, falling linearly from 1
+        at step 0 to the target at ``prune_steps``. None: NViT's fixed number of groups per event."""
+        if self.cfg.prune_steps is None:
+            return None
+        frac = min(1.0, self.steps / self.cfg.prune_steps)
+        return 1.0 - (1.0 - self.budget.target) * frac
+
+    def event(self) -> list:
+        """Score and rank all groups, then remove the lowest: ``groups_per_event`` of them, or with
+        ``prune_steps`` as many as the schedule asks for; never past the target."""
+        self.scores = self.saliency.event(self.model)
+        goal = self.event_goal()
+        removed = []
+        while not self.done():
+            savings = self.lut.unit_savings(self.widths()) if (self.lut is not None and self.cfg.lam) else None
+            groups = rank_groups(self.scores, savings, self.masks, self.cfg.lam, self.group_sizes, self.min_keep,
+                                 self.cfg.prune_types)
+            if not groups:
+                break
+            # savings change as widths shrink: re-rank after each small batch of removals
+            for g in groups[:max(1, self.cfg.groups_per_event if goal is None else 4)]:
+                if self.done() or (goal is not None and self.budget.relative(self.widths())[self.budget.kind] <= goal):
+                    break
+                remove_group(self.masks, g)
+                removed.append(g)
+            if goal is None or self.budget.relative(self.widths())[self.budget.kind] <= goal:
+                break
+        self.events += 1
+        return removed
+
+    def _loss(self, out, teacher_out, y, extra_loss=None, x=None):
+        loss = self.cfg.kl_weight * kd_kl(out, teacher_out, self.cfg.kl_tau) if self.cfg.kl_weight else 0.0
+        if self.cfg.ce_weight:
+            if extra_loss is not None:
+                loss = loss + self.cfg.ce_weight * extra_loss(x, out, y)
+            else:
+                loss = loss + self.cfg.ce_weight * F.cross_entropy(out, y, label_smoothing=self.cfg.smoothing)
+        return loss
+
+    def run(self, train_loader, val_loader=None, on_event=None) -> Masks:
+        from timm.optim import create_optimizer_v2
+        from tqdm.auto import tqdm
+        cfg = self.cfg
+        model = self.model
+        model.eval()  # NViT prunes with the student in eval mode (no dropout / drop path)
+        optimizer = create_optimizer_v2(model, opt='adamw', lr=cfg.lr, weight_decay=cfg.weight_decay)
+        extra = None
+        if cfg.teacher:
+            from ..train.distill import DistillationLoss
+            teacher = create(cfg.teacher, pretrained=not is_run_dir(cfg.teacher)).to(self.device).eval()
+            extra = DistillationLoss(nn.CrossEntropyLoss(label_smoothing=cfg.smoothing), teacher, cfg.distill)
+        pmasks = self.masks.param_masks(model)
+        self.masks.apply(model, optimizer, pmasks)
+        bar = tqdm(total=None, desc='nvit prune', disable=cfg.progress is False, leave=False)
+        t0 = time.perf_counter()
+        for x, y in _forever(train_loader):
+            if self.done() or self.steps >= cfg.max_prune_steps:
+                break
+            x, y = x.to(self.device), y.to(self.device)
+            with torch.no_grad():
+                t = self.dense(x)
+            out = model(x)
+            loss = self._loss(out, t, y, extra, x)
+            if not torch.isfinite(loss):
+                raise PruneError(f'the loss became {loss.item()} at pruning step {self.steps + 1}; try a lower --lr')
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.saliency.needs_grad:
+                self.saliency.accumulate(model)
+            if self.saliency.needs_per_sample:
+                k = min(cfg.fisher_samples, x.shape[0])
+                sq = per_sample_sq_grads(model, lambda o, yi, ti: self._loss(o, ti, yi), x[:k], y[:k], t[:k])
+                self.saliency.accumulate_sq_grads(sq, k)
+            self.masks.apply(model, optimizer, pmasks)   # no update reaches removed slices...
+            optimizer.step()
+            self.masks.apply(model, optimizer, pmasks)   # ...and they stay exactly zero
+            self.steps += 1
+            bar.update(1)
+            if self.steps % cfg.interval == 0:
+                removed = self.event()
+                pmasks = self.masks.param_masks(model)
+                self.masks.apply(model, optimizer, pmasks)
+                row = dict(event=self.events, step=self.steps, loss=float(loss.detach()), removed=[g.describe() for g in removed],
+                           widths=self.widths(), time_s=round(time.perf_counter() - t0, 1), **self.estimate())
+                if val_loader is not None and cfg.val_batches:
+                    row['val_top1'] = _accuracy(model, val_loader, self.device, cfg.val_batches)
+                self.log.append(row)
+                bar.set_postfix({self.budget.kind: f'{row[self.budget.kind]:.3f}', 'acc': row.get('val_top1', '-')})
+                if on_event is not None:
+                    on_event(row)
+        bar.close()
+        if not self.done():
+            est = self.estimate()[self.budget.kind]
+            raise PruneError(f'the {self.budget.kind} target {self.budget.target} was not reached within '
+                             f'{cfg.max_prune_steps} steps (now {est:.3f}); raise --max-prune-steps or '
+                             f'--groups-per-event, or lower --interval')
+        return self.masks
+
+    def densified(self) -> nn.Module:
+        masks = rounded_masks(self.masks, self.cfg.round_to, self.scores) if self.cfg.round_to else self.masks
+        return densify(self.model, masks).eval()
+
+
+def prune_nvit(cfg: NViTConfig) -> dict:
+    """Prune, densify, fine-tune and report (see the module docstring). Writes into ``cfg.out``:
+    the fine-tuned run directory, ``pruned/`` (densified, before fine-tuning), ``dense/`` when the
+    dense model was not a run directory, ``prune_log.jsonl``, ``latency_table.json``,
+    ``report.json`` and ``widths.png``."""
+    from ..train.distributed import seed_all
+    from .report import finish_report
+
+    cfg.validate()
+    out = Path(cfg.out)
+    if (out / 'config.json').exists() or (out / PRUNE_LOG).exists():
+        raise PruneError(f'{out} already holds a pruning run; choose another --out')
+    out.mkdir(parents=True, exist_ok=True)
+    seed_all(cfg.seed)
+    device = torch.device(cfg.device) if cfg.device else torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    dense = load_dense(cfg.model).to(device)
+    label_names = (dense.pretrained_cfg or {}).get('label_names')
+    dense_dir = cfg.model if is_run_dir(cfg.model) else str(save_run_dir(dense, out / 'dense', label_names))
+    train_loader, val_loader, train_set = _loaders(cfg, dense)
+    if getattr(train_set, 'classes', None) is not None and len(train_set.classes) != dense.num_classes:
+        raise PruneError(f'{cfg.model} predicts {dense.num_classes} classes but {cfg.data} has {len(train_set.classes)}')
+
+    lut = None
+    if cfg.lut:
+        lut = LatencyTable.load(cfg.lut)
+        lut.check_covers(dense)
+    elif cfg.target_latency is not None or cfg.lam:
+        lut = build_latency_table(dense, batch_size=cfg.lut_batch, passes=cfg.lut_passes, progress=cfg.progress)
+    if lut is not None:
+        lut.save(out / LUT_NAME)
+
+    pruner = NViTPruner(dense, cfg, lut, device)
+    t0 = time.perf_counter()
+    with open(out / PRUNE_LOG, 'w') as f:
+        def write(row):
+            f.write(json.dumps(row) + '\n')
+            f.flush()
+        pruner.run(train_loader, val_loader, on_event=write)
+    prune_s = time.perf_counter() - t0
+    masked = pruner.model
+    compact = pruner.densified()
+    check = next(iter(val_loader))[0][:16].to(device)
+    with torch.no_grad():
+        gap = float((masked(check) - compact(check)).abs().max())
+    pruned_dir = save_run_dir(compact, out / 'pruned', label_names)
+
+    finetune = None
+    epochs, step_cap = cfg.finetune_epochs, cfg.finetune_steps
+    if cfg.total_steps is not None:
+        rest = cfg.total_steps - pruner.steps
+        if rest < 1:
+            raise PruneError(f'pruning took {pruner.steps} steps, the whole --total-steps budget '
+                             f'({cfg.total_steps}); raise it or prune faster')
+        per_epoch = len(train_loader)
+        epochs = -(-rest // per_epoch)
+        step_cap = -(-rest // epochs)
+    if epochs:
+        from ..train import TrainConfig, train
+        tcfg = TrainConfig(model=str(pruned_dir), data=cfg.data, out=str(out), epochs=epochs,
+                           batch_size=cfg.batch_size, lr=cfg.finetune_lr, warmup_epochs=0.0, min_lr=cfg.finetune_lr / 20,
+                           weight_decay=cfg.weight_decay, smoothing=cfg.smoothing, mixup=0.0, cutmix=0.0,
+                           drop_path=0.0, aug=cfg.aug, teacher=dense_dir, distill='soft',
+                           distill_alpha=cfg.finetune_alpha, distill_tau=cfg.finetune_tau, kd_norm='batch',
+                           seed=cfg.seed, device=cfg.device, progress=cfg.progress, tensorboard=False,
+                           max_steps_per_epoch=step_cap)
+        finetune = train(tcfg)
+    else:
+        save_run_dir(compact, out, label_names)
+    final = create(str(out)).to(device).eval()
+    return finish_report(cfg, out, create(dense_dir).to(device).eval(), final, pruner, val_loader, device,
+                         dict(prune_steps=pruner.steps, events=pruner.events, prune_time_s=round(prune_s, 1),
+                              masked_vs_dense_max_abs=gap, finetune=finetune, dense_dir=dense_dir,
+                              config=asdict(cfg)))

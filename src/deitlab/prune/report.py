@@ -1,0 +1,79 @@
+"""What a pruning run bought: accuracy, params, GMACs, measured and predicted speed-up, and the
+per-block widths against the dense model (NViT's "parameter redistribution" picture)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch.nn as nn
+
+WIDTH_PANELS = (('num_heads', 'heads'), ('qk_dim', 'QK dim / head'), ('v_dim', 'V dim / head'),
+                ('mlp_hidden', 'MLP hidden'))
+
+
+def widths_of(model: nn.Module) -> dict:
+    return dict(model.block_widths, embed_dim=model.embed_dim)
+
+
+def plot_widths(dense: dict, pruned: dict, path, title: str = '') -> Path:
+    """Bars of heads, QK dim, V dim and MLP width per block, dense (grey) against pruned."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    depth = len(dense['num_heads'])
+    x = np.arange(depth)
+    fig, axes = plt.subplots(1, 4, figsize=(14, 3.3))
+    for ax, (key, label) in zip(axes, WIDTH_PANELS):
+        ax.bar(x, dense[key], color='0.82', label='dense')
+        ax.bar(x, pruned[key], color='tab:blue', width=0.55, label='pruned')
+        ax.set_title(label)
+        ax.set_xlabel('block')
+        ax.set_xticks(x)
+        ax.grid(axis='y', alpha=.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f'{title}  embedding {dense["embed_dim"]} -> {pruned["embed_dim"]}'.strip())
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def speed_rows(models: dict, baseline: str, batch_size: int, lut=None, quick: bool = False) -> list:
+    """``bench.compare`` rows (interleaved, one process) plus the LUT's predicted speed-up."""
+    from ..bench import compare
+    rows = compare(models, baseline, batch_size=batch_size, quick=quick)
+    if lut is not None:
+        base_ms = lut.model_ms(widths_of(models[baseline]))
+        for r in rows:
+            r['predicted_speedup'] = base_ms / lut.model_ms(widths_of(models[r['name']]))
+    return rows
+
+
+def finish_report(cfg, out: Path, dense: nn.Module, final: nn.Module, pruner, val_loader, device,
+                  extra: Optional[dict] = None) -> dict:
+    from ..bench import analytic_gmacs, count_params, format_table
+    from .nvit import _accuracy
+
+    acc = dict(dense=_accuracy(dense, val_loader, device), nvit=_accuracy(final, val_loader, device))
+    rows = []
+    if cfg.measure:
+        rows = speed_rows({'dense': dense, 'nvit': final}, 'dense', cfg.lut_batch, pruner.lut)
+    else:
+        for name, m in (('dense', dense), ('nvit', final)):
+            rows.append(dict(name=name, params_m=count_params(m) / 1e6, gmacs=analytic_gmacs(m)))
+    for r in rows:
+        r['top1'] = acc[r['name']]
+    dw, pw = widths_of(dense), widths_of(final)
+    plot = plot_widths(dw, pw, out / 'widths.png', title=f'NViT {pruner.budget.kind} target {pruner.budget.target}')
+    report = dict(rows=rows, dense_widths=dw, pruned_widths=pw, target=dict(kind=pruner.budget.kind,
+                  value=pruner.budget.target), estimate=pruner.estimate(), plot=str(plot), run_dir=str(out),
+                  **(extra or {}))
+    (out / 'report.json').write_text(json.dumps(report, indent=2, default=str))
+    cols = ['name', 'top1', 'params_m', 'gmacs', 'latency_ms', 'images_per_s', 'latency_speedup',
+            'throughput_ratio', 'predicted_speedup']
+    report['table'] = format_table(rows, [c for c in cols if any(c in r for r in rows)])
+    return report
