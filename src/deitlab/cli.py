@@ -20,22 +20,34 @@ def _emit(result: dict, as_json: bool) -> None:
             print(f'{k}: {v}')
 
 
+def _add_dataclass_args(p: argparse.ArgumentParser, cls, required=()) -> None:
+    """One flag per dataclass field: bools as --x/--no-x, dicts as K=V pairs, tuples comma-separated."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        flag = '--' + f.name.replace('_', '-')
+        hint = hints[f.name]
+        origin = typing.get_args(hint)
+        base = next((a for a in origin if a is not type(None)), hint) if origin else hint
+        base = typing.get_origin(base) or base
+        default = argparse.SUPPRESS
+        if f.name in required:
+            p.add_argument(flag, required=True, type=base)
+        elif base is dict:
+            p.add_argument(flag, nargs='*', default=default, metavar='K=V',
+                           help='key=value pairs (values parsed as JSON when possible)')
+        elif base is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+        elif base is tuple:
+            p.add_argument(flag, type=lambda v: tuple(x for x in v.split(',') if x), default=default,
+                           help=f'comma-separated (default: {",".join(f.default)})')
+        else:
+            p.add_argument(flag, type=base, default=default, help=f'(default: {_default_of(f)})')
+
+
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     from .train.config import TrainConfig
     p.add_argument('--config', help='YAML file of options; its values become the defaults, flags win')
-    for f in dataclasses.fields(TrainConfig):
-        flag = '--' + f.name.replace('_', '-')
-        hint = typing.get_type_hints(TrainConfig)[f.name]
-        origin = typing.get_args(hint)
-        base = next((a for a in origin if a is not type(None)), hint) if origin else hint
-        default = argparse.SUPPRESS
-        if f.name == 'model_kwargs':
-            p.add_argument('--model-kwargs', nargs='*', default=default, metavar='K=V',
-                           help='extra model constructor arguments (values parsed as JSON when possible)')
-        elif base is bool:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
-        else:
-            p.add_argument(flag, type=base, default=default, help=f'(default: {_default_of(f)})')
+    _add_dataclass_args(p, TrainConfig)
 
 
 def _default_of(f) -> str:
@@ -44,11 +56,11 @@ def _default_of(f) -> str:
     return '{}'
 
 
-def _parse_kv(items) -> dict:
+def _parse_kv(items, flag: str = '--model-kwargs') -> dict:
     out = {}
     for item in items or []:
         if '=' not in item:
-            raise ValueError(f'--model-kwargs takes K=V pairs, got {item!r}')
+            raise ValueError(f'{flag} takes K=V pairs, got {item!r}')
         k, v = item.split('=', 1)
         try:
             out[k] = json.loads(v)
@@ -103,6 +115,21 @@ def cmd_models(args) -> dict:
     return {'models': rows}
 
 
+def cmd_prune_nvit(args) -> dict:
+    from .prune import NViTConfig, prune_nvit
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(NViTConfig) if hasattr(args, f.name)}
+    for name in ('group_sizes', 'min_keep'):
+        if isinstance(values.get(name), list):
+            values[name] = _parse_kv(values[name], '--' + name.replace('_', '-'))
+    report = prune_nvit(NViTConfig(**values))
+    if not args.json:
+        print(report.pop('table'))
+        print(f'run directory {report["run_dir"]}; widths plot {report["plot"]}')
+        return {}
+    report.pop('table', None)
+    return report
+
+
 def cmd_demo(args) -> dict:
     from .demo import run_demo
     return run_demo(out=args.out, quick=args.quick, progress=not args.json)
@@ -134,6 +161,14 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument('--quick', action='store_true', help='fewer repeats')
     p.set_defaults(func=cmd_bench)
 
+    p = sub.add_parser('prune', help='structural pruning into a smaller, faster model')
+    methods = p.add_subparsers(dest='method', required=True)
+    from .prune import NViTConfig
+    q = methods.add_parser('nvit', help='NViT: Hessian-aware global pruning with a latency budget')
+    _add_dataclass_args(q, NViTConfig, required=('model', 'data', 'out'))
+    q.add_argument('--json', action='store_true', help='print one JSON object on the last line')
+    q.set_defaults(func=cmd_prune_nvit)
+
     p = sub.add_parser('models', help='registered deitlab architectures')
     p.set_defaults(func=cmd_models)
 
@@ -142,8 +177,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument('--quick', action='store_true', help='a much shorter run (smoke test)')
     p.set_defaults(func=cmd_demo)
 
-    for p in sub.choices.values():
-        p.add_argument('--json', action='store_true', help='print one JSON object on the last line')
+    for name, p in sub.choices.items():
+        if name != 'prune':
+            p.add_argument('--json', action='store_true', help='print one JSON object on the last line')
     return parser
 
 
@@ -158,7 +194,7 @@ def main(argv=None) -> int:
         if args.json:
             print(json.dumps({'error': str(e), 'type': type(e).__name__}))
         return 2
-    if args.command not in ('models',) or args.json:
+    if (args.command not in ('models',) or args.json) and (result or args.json):
         _emit(result, args.json)
     return 0
 

@@ -2,8 +2,12 @@
 
 1. Generate ``glyphs`` (synthetic Greek letters on papyrus texture) from a fixed seed.
 2. Train a small DeiT on it with the DeiT recipe (scaled to a short CPU run).
-3. Measure it: accuracy, parameters, GMACs, batch-1 latency and batch throughput.
-4. Print a table, write ``results.json`` and ``demo.png`` (accuracy curve, predictions) to ``--out``.
+3. Prune it with NViT to half its latency (latency table measured on this machine), densify and
+   fine-tune it with distillation from the dense model.
+4. Measure both: accuracy, parameters, GMACs, batch-1 latency and batch throughput, measured
+   interleaved in one process, and the speed-up the latency table predicted.
+5. Print a table, write ``results.json``, ``demo.png`` (accuracy curve, predictions) and
+   ``widths.png`` (per-block widths of the pruned model) to ``--out``.
 
 Later methods (pruning, token fusion) add their steps here, each reported in the same table.
 """
@@ -69,9 +73,18 @@ def _plot(out: Path, metrics: list, model, data_spec: str) -> Path:
     return path
 
 
+def _prune_config(out: Path, quick: bool, progress: bool, dense_dir: str, data: str):
+    from .prune import NViTConfig
+    return NViTConfig(
+        model=dense_dir, data=data, out=str(out / 'nvit'), target_latency=0.5, lam=0.1, interval=10 if quick else 20,
+        prune_steps=20 if quick else 300, total_steps=30 if quick else 750, batch_size=32, finetune_lr=5e-4,
+        lut_passes=1 if quick else 2, val_batches=0 if quick else 4, measure=False, seed=0,
+        progress=None if progress else False)
+
+
 def run_demo(out: str = 'demo-out', quick: bool = False, progress: bool = True) -> dict:
     """Run the demo and return its results (also written to ``OUT/results.json``)."""
-    from .bench import benchmark_model, format_table
+    from .bench import format_table
     from .train import train
     from .train.engine import METRICS_NAME
 
@@ -83,19 +96,43 @@ def run_demo(out: str = 'demo-out', quick: bool = False, progress: bool = True) 
     summary = train(cfg)
     train_s = time.perf_counter() - t0
 
+    from .prune import prune_nvit
+    from .prune.report import speed_rows
     from .rundir import create
+    pcfg = _prune_config(out_dir, quick, progress, cfg.out, cfg.data)
+    if Path(pcfg.out).exists():
+        shutil.rmtree(pcfg.out)
+    t0 = time.perf_counter()
+    pruned = prune_nvit(pcfg)
+    prune_s = time.perf_counter() - t0
+
     model = create(cfg.out).eval()
-    bench = benchmark_model(model, batch_size=64, quick=True)
+    small = create(pcfg.out).eval()
+    speed = {r['name']: r for r in speed_rows({'dense': model, 'nvit': small}, 'dense', 64, _lut(pcfg), quick=quick)}
+    top1 = dict(dense=summary['val_top1'], nvit=next(r['top1'] for r in pruned['rows'] if r['name'] == 'nvit'))
+    labels = dict(dense='DeiT-pico (dense)', nvit='NViT-pruned (latency 0.5)')
+    rows = [dict(model=labels[k], top1=round(top1[k], 2), params_m=round(r['params_m'], 3), gmacs=round(r['gmacs'], 4),
+                 latency_ms=round(r['latency_ms'], 2), img_per_s=round(r['images_per_s'], 1),
+                 speedup=round(r['throughput_ratio'], 2), predicted=round(r['predicted_speedup'], 2))
+            for k, r in speed.items()]
     metrics = [json.loads(ln) for ln in (Path(cfg.out) / METRICS_NAME).read_text().splitlines() if ln.strip()]
-    rows = [dict(model='DeiT-pico (dense)', top1=round(summary['val_top1'], 2), params_m=round(bench['params'] / 1e6, 3),
-                 gmacs=round(bench['gmacs'], 4), latency_ms=round(bench['latency_ms'], 2),
-                 img_per_s=round(bench['images_per_s'], 1))]
     plot = _plot(out_dir, metrics, model, cfg.data)
-    result = dict(rows=rows, train_time_s=round(train_s, 1), run_dir=cfg.out, plot=str(plot),
-                  settings=dict(device=bench['settings']['device'], threads=bench['settings']['threads'],
+    widths = shutil.copy(Path(pcfg.out) / 'widths.png', out_dir / 'widths.png')
+    result = dict(rows=rows, train_time_s=round(train_s, 1), prune_time_s=round(prune_s, 1), run_dir=cfg.out,
+                  pruned_run_dir=pcfg.out, plot=str(plot), widths_plot=str(widths),
+                  settings=dict(device=speed['dense']['device'], threads=speed['dense']['settings']['threads'],
                                 batch=64, data=cfg.data, epochs=cfg.epochs))
     (out_dir / 'results.json').write_text(json.dumps(result, indent=2))
     if progress:
-        print(format_table(rows, ['model', 'top1', 'params_m', 'gmacs', 'latency_ms', 'img_per_s']))
-        print(f'trained in {train_s:.0f} s; run directory {cfg.out}; plot {plot}')
+        print(format_table(rows, ['model', 'top1', 'params_m', 'gmacs', 'latency_ms', 'img_per_s', 'speedup',
+                                  'predicted']))
+        print(f'trained in {train_s:.0f} s, pruned and fine-tuned in {prune_s:.0f} s; speed-up = measured '
+              f'throughput at batch 64 over the dense model; run directories {cfg.out}, {pcfg.out}; plots {plot}, '
+              f'{widths}')
     return result
+
+
+def _lut(pcfg):
+    from .prune import LatencyTable
+    from .prune.nvit import LUT_NAME
+    return LatencyTable.load(Path(pcfg.out) / LUT_NAME)

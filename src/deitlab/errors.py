@@ -1,7 +1,8 @@
 """The error types that mean bad input (reported to the user as a message, not a traceback)."""
 from .data import DataError
+from .prune.groups import PruneError
 from .rundir import ModelLoadError
 from .train.config import ConfigError
 from .train.engine import TrainingDiverged
 
-USER_ERRORS = (DataError, ModelLoadError, ConfigError, TrainingDiverged)
+USER_ERRORS = (DataError, ModelLoadError, ConfigError, TrainingDiverged, PruneError)
