@@ -19,7 +19,7 @@ from ..models.deit import DeiT, DeiTDistilled
 from .common import (eval_mode, fused_attention, model_device, model_dtype, random_input,
                      resolve_input_size)
 
-__all__ = ['count_params', 'count_gmacs', 'analytic_macs', 'analytic_gmacs', 'CONVENTIONS']
+__all__ = ['count_params', 'count_gmacs', 'analytic_macs', 'analytic_gmacs', 'block_macs', 'CONVENTIONS']
 
 # 'matmul': multiply-accumulates of convolutions and matrix products only (what FlopCounterMode,
 #   timm and most papers count; norms, softmax, GELU, scaling and adds are free).
@@ -91,6 +91,13 @@ def _block_widths(model: nn.Module) -> list:
     return out
 
 
+def block_macs(N: int, D: int, H: int, dq: int, dv: int, M: int) -> dict:
+    """MACs of one pre-norm block on N tokens of width D (heads H, query/key width dq and value
+    width dv per head, MLP hidden width M), by part (see ``analytic_gmacs``)."""
+    return dict(qkv=N * D * H * (2 * dq + dv), attn_qk=H * N * N * dq, attn_av=H * N * N * dv,
+                proj=N * H * dv * D, mlp=2 * N * D * M)
+
+
 def analytic_macs(model: nn.Module, input_size: Optional[Sequence[int]] = None,
                   convention: str = 'matmul') -> dict:
     """Closed-form MACs per image of a DeiT / ViT, itemised (ints).
@@ -159,8 +166,7 @@ def analytic_macs(model: nn.Module, input_size: Optional[Sequence[int]] = None,
         _check(_linear_ids(blk) == {id(qkv), id(proj), id(fc1), id(fc2)},
                f'block {i} ({type(blk).__name__}) has layers the closed form does not know; use count_gmacs')
         seen |= _linear_ids(blk)
-        cost = dict(qkv=N * D * H * (2 * dq + dv), attn_qk=H * N * N * dq, attn_av=H * N * N * dv,
-                    proj=N * H * dv * D, mlp=2 * N * D * M)
+        cost = block_macs(N, D, H, dq, dv, M)
         for k, v in cost.items():
             parts[k] += v
         block_norms = (_norm_cost(blk.norm1, N * D, seen_norms) + _norm_cost(blk.norm2, N * D, seen_norms)

@@ -17,6 +17,7 @@ CVPR 2023. The procedure (``prune_nvit``, ``deitlab prune nvit``):
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import time
@@ -31,7 +32,7 @@ import torch.nn.functional as F
 from ..rundir import create, is_run_dir, save_run_dir
 from .densify import densify, rounded_masks
 from .groups import GROUP_TYPES, Masks, PruneError, check_prunable, use_masked_layernorm
-from .latency import LatencyTable, build_latency_table
+from .latency import LatencyTable, build_latency_table, default_grid
 from .ranking import Budget, default_group_sizes, rank_groups, remove_group
 from .saliency import Saliency, per_sample_sq_grads
 
@@ -50,7 +51,7 @@ class NViTConfig:
     target_params: Optional[float] = None
     # saliency and ranking
     criterion: str = 'nvit'                 # nvit | taylor | magnitude | fisher
-    lam: float = 1.0                        # latency penalty weight (scale-free, see ranking.py)
+    lam: float = 0.02                       # latency penalty weight (scale-free, see ranking.py)
     momentum: float = 0.9
     divisors: Optional[str] = 'nvit'        # NViT's constants, or None
     group_sizes: Dict[str, int] = field(default_factory=dict)   # per type; default: scaled NViT
@@ -79,6 +80,7 @@ class NViTConfig:
     lut: Optional[str] = None               # reuse a saved table
     lut_batch: int = 64
     lut_passes: int = 3
+    lut_grid: Dict[str, list] = field(default_factory=dict)   # per axis (emb, heads, qk, v, mlp); default grid otherwise
     # fine-tuning of the densified model
     finetune_epochs: int = 1
     finetune_steps: Optional[int] = None    # cap on steps per fine-tune epoch
@@ -96,6 +98,14 @@ class NViTConfig:
         if isinstance(self.divisors, str) and self.divisors.lower() in ('none', ''):
             self.divisors = None
         self.prune_types = tuple(self.prune_types)
+        targets = {k: v for k, v in (('latency', self.target_latency), ('gmacs', self.target_gmacs),
+                                     ('params', self.target_params)) if v is not None}
+        if len(targets) != 1:
+            raise PruneError(f'give exactly one pruning target (--target-latency, --target-gmacs or '
+                             f'--target-params, a fraction of the dense model), got {sorted(targets) or "none"}')
+        (kind, value), = targets.items()
+        if not 0.0 < value <= 1.0:
+            raise PruneError(f'the {kind} target is a fraction of the dense model in (0, 1], got {value}')
         if self.prune_steps is not None and self.prune_steps < self.interval:
             raise PruneError(f'prune_steps ({self.prune_steps}) must be at least one interval ({self.interval})')
         if self.total_steps is not None and self.prune_steps is not None and self.total_steps <= self.prune_steps:
@@ -165,6 +175,15 @@ def _accuracy(model: nn.Module, loader, device, max_batches: Optional[int] = Non
     return 100.0 * correct / max(total, 1)
 
 
+def _removed_units(groups) -> dict:
+    """Units removed at an event, counted per layer: {'emb': 4, 'mlp.3': 12, ...}."""
+    out: dict = {}
+    for g in groups:
+        key = g.kind if g.block is None else f'{g.kind}.{g.block}'
+        out[key] = out.get(key, 0) + int(g.units.numel())
+    return out
+
+
 def _forever(loader):
     while True:
         yield from loader
@@ -230,11 +249,11 @@ class NViTPruner:
                 break
             # savings change as widths shrink: re-rank after each small batch of removals
             for g in groups[:max(1, self.cfg.groups_per_event if goal is None else 4)]:
-                if self.done() or (goal is not None and self.budget.relative(self.widths())[self.budget.kind] <= goal):
+                if self.done() or (goal is not None and self.budget.fraction(self.widths()) <= goal):
                     break
                 remove_group(self.masks, g)
                 removed.append(g)
-            if goal is None or self.budget.relative(self.widths())[self.budget.kind] <= goal:
+            if goal is None or self.budget.fraction(self.widths()) <= goal:
                 break
         self.events += 1
         return removed
@@ -262,16 +281,20 @@ class NViTPruner:
             extra = DistillationLoss(nn.CrossEntropyLoss(label_smoothing=cfg.smoothing), teacher, cfg.distill)
         pmasks = self.masks.param_masks(model)
         self.masks.apply(model, optimizer, pmasks)
+        # bf16 autocast on CUDA (the saliency is read from fp32 parameters and gradients)
+        autocast = (lambda: torch.autocast('cuda', dtype=torch.bfloat16)) if self.device.type == 'cuda' \
+            else contextlib.nullcontext
         bar = tqdm(total=None, desc='nvit prune', disable=cfg.progress is False, leave=False)
         t0 = time.perf_counter()
         for x, y in _forever(train_loader):
             if self.done() or self.steps >= cfg.max_prune_steps:
                 break
             x, y = x.to(self.device), y.to(self.device)
-            with torch.no_grad():
-                t = self.dense(x)
-            out = model(x)
-            loss = self._loss(out, t, y, extra, x)
+            with autocast():
+                with torch.no_grad():
+                    t = self.dense(x)
+                out = model(x)
+                loss = self._loss(out.float(), t.float(), y, extra, x)
             if not torch.isfinite(loss):
                 raise PruneError(f'the loss became {loss.item()} at pruning step {self.steps + 1}; try a lower --lr')
             optimizer.zero_grad(set_to_none=True)
@@ -291,7 +314,7 @@ class NViTPruner:
                 removed = self.event()
                 pmasks = self.masks.param_masks(model)
                 self.masks.apply(model, optimizer, pmasks)
-                row = dict(event=self.events, step=self.steps, loss=float(loss.detach()), removed=[g.describe() for g in removed],
+                row = dict(event=self.events, step=self.steps, loss=float(loss.detach()), removed=_removed_units(removed),
                            widths=self.widths(), time_s=round(time.perf_counter() - t0, 1), **self.estimate())
                 if val_loader is not None and cfg.val_batches:
                     row['val_top1'] = _accuracy(model, val_loader, self.device, cfg.val_batches)
@@ -339,7 +362,9 @@ def prune_nvit(cfg: NViTConfig) -> dict:
         lut = LatencyTable.load(cfg.lut)
         lut.check_covers(dense)
     elif cfg.target_latency is not None or cfg.lam:
-        lut = build_latency_table(dense, batch_size=cfg.lut_batch, passes=cfg.lut_passes, progress=cfg.progress)
+        grid = dict(default_grid(dense), **cfg.lut_grid) if cfg.lut_grid else None
+        lut = build_latency_table(dense, batch_size=cfg.lut_batch, grid=grid, passes=cfg.lut_passes,
+                                  progress=cfg.progress)
     if lut is not None:
         lut.save(out / LUT_NAME)
 

@@ -94,11 +94,19 @@ def remove_group(masks: Masks, group: Group) -> None:
     masks.layer(group.kind, group.block)[group.units] = False
 
 
+def block_params(D: int, H: int, dq: int, dv: int, M: int, qkv_bias: bool = True, layer_scale: bool = False) -> int:
+    """Parameters of one block: two LayerNorms, qkv (+bias), proj, fc1, fc2 (+biases), LayerScale."""
+    qkv = D * H * (2 * dq + dv) + (H * (2 * dq + dv) if qkv_bias else 0)
+    return 4 * D + qkv + H * dv * D + D + D * M + M + M * D + D + (2 * D if layer_scale else 0)
+
+
 class Budget:
     """Estimates of a pruned model relative to the dense one, and whether the target is met.
 
     Exactly one target: ``latency`` (needs a ``LatencyTable``), ``gmacs`` or ``params``, each a
-    fraction of the dense model in (0, 1].
+    fraction of the dense model in (0, 1]. GMACs and parameters come in closed form from the widths:
+    per block exactly, and for the rest of the model (patch embedding, tokens, final norm, heads),
+    which is affine in the embedding width, from two models without blocks built once.
     """
 
     def __init__(self, model, lut=None, latency: Optional[float] = None, gmacs: Optional[float] = None,
@@ -112,22 +120,46 @@ class Budget:
             raise PruneError(f'the {self.kind} target is a fraction of the dense model in (0, 1], got {self.target}')
         if self.kind == 'latency' and lut is None:
             raise PruneError('a latency target needs a latency table')
-        self.model = model
         self.lut = lut
-        self._cache: Dict[tuple, dict] = {}
+        blk = model.blocks[0]
+        self.qkv_bias = blk.attn.qkv.bias is not None
+        self.layer_scale = hasattr(blk.ls1, 'gamma')
+        self.tokens = int(model.patch_embed.num_patches) + int(model.num_prefix_tokens)
+        self._rest = self._affine_rest(model)
         self.dense = self.absolute(dict(model.block_widths, embed_dim=model.embed_dim))
+
+    @staticmethod
+    def _affine_rest(model) -> dict:
+        from ..bench import analytic_macs, count_params
+        E = model.embed_dim
+        pts = {}
+        for d in (E, max(1, E // 2)):
+            meta = build_like(model, dict(embed_dim=d, num_heads=[], qk_dim=[], v_dim=[], mlp_hidden=[]),
+                              device='meta', depth=0)
+            pts[d] = (analytic_macs(meta)['total'], count_params(meta))
+        (d1, (m1, p1)), (d2, (m2, p2)) = sorted(pts.items())
+        slope = lambda a, b: (b - a) / (d2 - d1) if d2 != d1 else 0.0
+        return dict(macs=(m1 - slope(m1, m2) * d1, slope(m1, m2)), params=(p1 - slope(p1, p2) * d1, slope(p1, p2)))
 
     def absolute(self, widths: dict) -> dict:
         """``gmacs``, ``params`` and (with a table) ``latency_ms`` of a model with these widths."""
-        key = (widths['embed_dim'],) + tuple(tuple(widths[k]) for k in ('num_heads', 'qk_dim', 'v_dim', 'mlp_hidden'))
-        if key not in self._cache:
-            from ..bench import analytic_gmacs, count_params
-            meta = build_like(self.model, widths, device='meta')
-            row = dict(gmacs=analytic_gmacs(meta), params=count_params(meta))
-            if self.lut is not None:
-                row['latency_ms'] = self.lut.model_ms(widths)
-            self._cache[key] = row
-        return self._cache[key]
+        D, N = widths['embed_dim'], self.tokens
+        rows = list(zip(widths['num_heads'], widths['qk_dim'], widths['v_dim'], widths['mlp_hidden']))
+        from ..bench import block_macs
+        macs = self._rest['macs'][0] + self._rest['macs'][1] * D + sum(
+            sum(block_macs(N, D, *r).values()) for r in rows)
+        params = self._rest['params'][0] + self._rest['params'][1] * D + sum(
+            block_params(D, *r, qkv_bias=self.qkv_bias, layer_scale=self.layer_scale) for r in rows)
+        out = dict(gmacs=macs / 1e9, params=int(round(params)))
+        if self.lut is not None:
+            out['latency_ms'] = self.lut.model_ms(widths)
+        return out
+
+    def fraction(self, widths: dict) -> float:
+        """The target quantity of a model with these widths, as a fraction of the dense model."""
+        if self.kind == 'latency':
+            return self.lut.model_ms(widths) / self.dense['latency_ms']
+        return self.absolute(widths)[self.kind] / self.dense[self.kind]
 
     def relative(self, widths: dict) -> dict:
         a = self.absolute(widths)
@@ -137,17 +169,18 @@ class Budget:
         return out
 
     def reached(self, widths: dict) -> bool:
-        return self.relative(widths)[self.kind] <= self.target
+        return self.fraction(widths) <= self.target
 
 
-def build_like(model, widths: dict, device=None):
+def build_like(model, widths: dict, device=None, **overrides):
     """A model of ``model``'s architecture with other widths (random weights; ``device='meta'``
     builds it without memory). The attention scale stays the dense model's."""
     import timm
     from ..rundir import architecture_of
     args = dict(model.model_args)
     args.update({k: widths[k] for k in ('embed_dim', 'num_heads', 'qk_dim', 'v_dim', 'mlp_hidden')})
-    args['attn_scale'] = list(model.block_widths['attn_scale'])
+    args['attn_scale'] = list(model.block_widths['attn_scale'])[:len(widths['num_heads'])]
+    args.update(overrides)
     if device == 'meta':
         with torch.device('meta'):
             return timm.create_model(architecture_of(model), pretrained=False, num_classes=model.num_classes, **args)
