@@ -45,6 +45,41 @@ def test_demo_quick(tmp_path):
     out = tmp_path / 'demo'
     res = last_json(run('demo', '--out', str(out), '--quick', '--json'))
     assert (out / 'demo.png').is_file() and (out / 'results.json').is_file()
-    row = res['rows'][0]
-    assert 0 <= row['top1'] <= 100 and row['params_m'] > 0 and row['gmacs'] > 0 and row['img_per_s'] > 0
+    dense, pruned = res['rows']
+    for row in (dense, pruned):
+        assert 0 <= row['top1'] <= 100 and row['params_m'] > 0 and row['gmacs'] > 0 and row['img_per_s'] > 0
+    # the pruning step met its latency budget (predicted by the table it measured) and shrank the model
+    assert pruned['predicted'] >= 1.9 and pruned['gmacs'] < dense['gmacs'] and pruned['params_m'] < dense['params_m']
+    assert (out / 'widths.png').is_file()
+    assert timm_local_dir_logits_match(res['pruned_run_dir'])
     assert json.loads((out / 'results.json').read_text())['rows'] == res['rows']
+
+
+def timm_local_dir_logits_match(run_dir):
+    import timm
+    import torch
+    from deitlab.rundir import create
+    a = timm.create_model(f'local-dir:{run_dir}', pretrained=True).eval()
+    b = create(run_dir).eval()
+    x = torch.randn(2, 3, 32, 32)
+    return torch.equal(a(x), b(x)) and a.embed_dim <= 64
+
+
+def test_prune_nvit_cli_json_and_bad_input(tmp_path):
+    data = 'glyphs:train=320,val=64,size=32,seed=1'
+    r = run('train', '--model', 'deitlab_deit_pico_patch4_32', '--data', data, '--out', str(tmp_path / 'dense'),
+            '--epochs', '1', '--batch-size', '32', '--no-tensorboard', '--json')
+    out = tmp_path / 'nvit'
+    res = last_json(run('prune', 'nvit', '--model', str(tmp_path / 'dense'), '--data', data, '--out', str(out),
+                        '--target-gmacs', '0.6', '--interval', '2', '--prune-steps', '4', '--total-steps', '6',
+                        '--lam', '0', '--no-measure', '--val-batches', '1', '--group-sizes', 'mlp=16', '--json'))
+    assert res['estimate']['gmacs'] <= 0.6 and res['target'] == {'kind': 'gmacs', 'value': 0.6}
+    names = [row['name'] for row in res['rows']]
+    assert names == ['dense', 'nvit']
+    assert (out / 'config.json').is_file() and (out / 'prune_log.jsonl').is_file() and (out / 'widths.png').is_file()
+    bad = run('prune', 'nvit', '--model', str(tmp_path / 'dense'), '--data', data, '--out', str(tmp_path / 'x'),
+              '--json', ok=False)
+    assert bad.returncode == 2 and 'exactly one pruning target' in bad.stderr
+    again = run('prune', 'nvit', '--model', str(tmp_path / 'dense'), '--data', data, '--out', str(out),
+                '--target-gmacs', '0.5', '--json', ok=False)
+    assert again.returncode == 2 and 'already holds a pruning run' in again.stderr

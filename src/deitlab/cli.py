@@ -26,9 +26,10 @@ def _add_dataclass_args(p: argparse.ArgumentParser, cls, required=()) -> None:
     for f in dataclasses.fields(cls):
         flag = '--' + f.name.replace('_', '-')
         hint = hints[f.name]
-        origin = typing.get_args(hint)
-        base = next((a for a in origin if a is not type(None)), hint) if origin else hint
-        base = typing.get_origin(base) or base
+        base = hint
+        if typing.get_origin(hint) is typing.Union:   # Optional[X] -> X
+            base = next(a for a in typing.get_args(hint) if a is not type(None))
+        base = typing.get_origin(base) or base        # Dict[str, int] -> dict
         default = argparse.SUPPRESS
         if f.name in required:
             p.add_argument(flag, required=True, type=base)
@@ -118,7 +119,7 @@ def cmd_models(args) -> dict:
 def cmd_prune_nvit(args) -> dict:
     from .prune import NViTConfig, prune_nvit
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(NViTConfig) if hasattr(args, f.name)}
-    for name in ('group_sizes', 'min_keep'):
+    for name in ('group_sizes', 'min_keep', 'lut_grid'):
         if isinstance(values.get(name), list):
             values[name] = _parse_kv(values[name], '--' + name.replace('_', '-'))
     report = prune_nvit(NViTConfig(**values))

@@ -73,12 +73,18 @@ def _plot(out: Path, metrics: list, model, data_spec: str) -> Path:
     return path
 
 
+# Latency-table grids for pico (embed 64, 2 heads of 32, MLP 256): coarse, so the table takes seconds.
+_DEMO_GRID = dict(emb=[16, 32, 48, 64], heads=[1, 2], qk=[1, 16, 32], v=[1, 16, 32], mlp=[1, 64, 128, 256])
+_DEMO_GRID_QUICK = dict(emb=[16, 64], heads=[1, 2], qk=[1, 32], v=[1, 32], mlp=[1, 256])
+
+
 def _prune_config(out: Path, quick: bool, progress: bool, dense_dir: str, data: str):
     from .prune import NViTConfig
     return NViTConfig(
-        model=dense_dir, data=data, out=str(out / 'nvit'), target_latency=0.5, lam=0.1, interval=10 if quick else 20,
+        model=dense_dir, data=data, out=str(out / 'nvit'), target_latency=0.5, lam=0.02, interval=10 if quick else 20,
         prune_steps=20 if quick else 300, total_steps=30 if quick else 750, batch_size=32, finetune_lr=5e-4,
-        lut_passes=1 if quick else 2, val_batches=0 if quick else 4, measure=False, seed=0,
+        lut_passes=1 if quick else 2, lut_grid=_DEMO_GRID_QUICK if quick else _DEMO_GRID, val_batches=0 if quick else 4,
+        measure=False, seed=0,
         progress=None if progress else False)
 
 
