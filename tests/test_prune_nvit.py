@@ -298,3 +298,9 @@ def test_nvit_config_validate(field, value, message):
         _cfg(**{field: value}).validate()
     with pytest.raises(PruneError, match=message):
         NViTPruner(_model(), _cfg(**{field: value}), lut=None, device=torch.device('cpu'))
+
+
+def test_load_dense_refuses_a_name_without_weights():
+    from deitlab.prune import load_dense
+    with pytest.raises(PruneError, match='has no released weights and pruning a random model means nothing'):
+        load_dense('deitlab_deit_pico_patch4_32')

@@ -130,9 +130,16 @@ class NViTConfig:
 
 
 def load_dense(spec: str) -> nn.Module:
-    """A deitlab DeiT from a run directory, a deitlab name or a timm ViT/DeiT name."""
+    """A trained deitlab DeiT: from a run directory, or a timm / deitlab name with released weights
+    (downloaded by timm; a timm ViT/DeiT is converted with ``from_timm``)."""
     from ..models.deit import from_timm
-    model = create(spec, pretrained=not is_run_dir(spec) and not str(spec).startswith('deitlab_'))
+    if not is_run_dir(spec) and not str(spec).startswith('local-dir:'):
+        import timm
+        cfg = timm.models.get_pretrained_cfg(str(spec).split('.')[0]) if timm.is_model(str(spec)) else None
+        if cfg is not None and not (cfg.hf_hub_id or cfg.url or cfg.file):
+            raise PruneError(f'{spec} has no released weights and pruning a random model means nothing; '
+                             f'train it first (deitlab train ... --out RUN_DIR) and prune the run directory')
+    model = create(spec, pretrained=not is_run_dir(spec))
     try:
         model = from_timm(model)
     except ValueError as e:
@@ -284,7 +291,7 @@ class NViTPruner:
         # bf16 autocast on CUDA (the saliency is read from fp32 parameters and gradients)
         autocast = (lambda: torch.autocast('cuda', dtype=torch.bfloat16)) if self.device.type == 'cuda' \
             else contextlib.nullcontext
-        bar = tqdm(total=None, desc='nvit prune', disable=cfg.progress is False, leave=False)
+        bar = tqdm(total=cfg.prune_steps, desc='nvit prune', disable=cfg.progress is False, leave=False)
         t0 = time.perf_counter()
         for x, y in _forever(train_loader):
             if self.done() or self.steps >= cfg.max_prune_steps:
