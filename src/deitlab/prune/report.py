@@ -42,10 +42,11 @@ def plot_widths(dense: dict, pruned: dict, path, title: str = '') -> Path:
     return path
 
 
-def speed_rows(models: dict, baseline: str, batch_size: int, lut=None, quick: bool = False) -> list:
+def speed_rows(models: dict, baseline: str, batch_size: int, lut=None, quick: bool = False,
+               rounds: Optional[int] = None) -> list:
     """``bench.compare`` rows (interleaved, one process) plus the LUT's predicted speed-up."""
     from ..bench import compare
-    rows = compare(models, baseline, batch_size=batch_size, quick=quick)
+    rows = compare(models, baseline, batch_size=batch_size, quick=quick, rounds=rounds)
     if lut is not None:
         base_ms = lut.model_ms(widths_of(models[baseline]))
         for r in rows:
