@@ -133,7 +133,8 @@ def cmd_prune_nvit(args) -> dict:
 
 def cmd_demo(args) -> dict:
     from .demo import run_demo
-    return run_demo(out=args.out, quick=args.quick, progress=not args.json)
+    result = run_demo(out=args.out, quick=args.quick, progress=not args.json)
+    return result if args.json else {}   # without --json the demo has printed its table
 
 
 def make_parser() -> argparse.ArgumentParser:

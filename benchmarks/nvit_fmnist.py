@@ -1,0 +1,383 @@
+"""NViT against Torch-Pruning and a uniform small DeiT on Fashion-MNIST, at three latency budgets.
+
+Start model: the reference DeiT-nano (``benchmarks/reference/fmnist-deit-nano``, 89.12% test
+top-1). Budgets are latency fractions of the dense model (0.7, 0.5, 0.35), predicted by one
+latency table measured on this CPU (2 threads, batch 64) and shared by every arm. Every arm gets
+the same number of training steps (``--total-steps``, batch 32) and the same soft distillation from
+the dense model (alpha 0.5, T 2):
+
+* ``nvit``       deitlab NViT: Hessian-aware saliency + latency penalty, pruned while training over
+                 ``--prune-steps``, densified, fine-tuned for the remaining steps.
+* ``tp_taylor``  Torch-Pruning 1.6.x ``BasePruner``, global pruning, ``GroupTaylorImportance``,
+                 heads pruned (as its ViT example does), one shot; the channel ratio is searched so
+                 that the predicted latency lands on the budget; fine-tuned for all steps.
+* ``tp_hessian`` the same with ``GroupHessianImportance`` (per-sample gradients).
+* ``uniform``    a uniform-width DeiT with the GMACs of the NViT model, trained from scratch with
+                 the same steps and distillation.
+
+Then, in one process on a quiet machine: test accuracy (10k), params, GMACs, and batch-1 latency and
+batch-64 throughput of every model measured interleaved against the dense model (``bench.compare``),
+with the latency table's predicted speed-up.
+
+    pip install --no-deps torch-pruning==1.6.1        # the peer; not a deitlab dependency
+    python benchmarks/nvit_fmnist.py all --jobs 2      # ~1 h on 2 cores (training at 1 thread/job)
+    python benchmarks/nvit_fmnist.py measure           # re-measure only (needs a quiet machine)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REF = HERE / 'reference' / 'fmnist-deit-nano'
+RESULTS = HERE / 'results'
+RUNS = Path(os.environ.get('DEITLAB_BENCH_RUNS', '/tmp/deitlab-nvit-bench'))
+LUT = RESULTS / 'nvit_fmnist_latency_table.json'
+DATA = 'fashion-mnist'
+BUDGETS = (0.7, 0.5, 0.35)
+ARMS = ('nvit', 'tp_taylor', 'tp_hessian', 'uniform')
+COMMON = dict(batch_size=32, finetune_lr=2e-4, alpha=0.5, tau=2.0)
+
+
+def _finetune(model_dir: str, out: Path, steps: int, lr: float, warmup: float = 0.0) -> dict:
+    from deitlab.train import TrainConfig, train
+    per_epoch = 60000 // COMMON['batch_size']
+    epochs = -(-steps // per_epoch)
+    cfg = TrainConfig(model=model_dir, data=DATA, out=str(out), epochs=epochs, batch_size=COMMON['batch_size'], lr=lr,
+                      warmup_epochs=warmup, min_lr=lr / 20, weight_decay=0.05, smoothing=0.0, mixup=0.0, cutmix=0.0,
+                      drop_path=0.0, aug='none', teacher=str(REF), distill='soft', distill_alpha=COMMON['alpha'],
+                      distill_tau=COMMON['tau'], kd_norm='batch', seed=0, tensorboard=False, progress=False,
+                      max_steps_per_epoch=-(-steps // epochs))
+    return train(cfg)
+
+
+# ------------------------------------------------------------------------------ arms
+
+def run_nvit(budget: float, args) -> dict:
+    from deitlab.prune import NViTConfig, prune_nvit
+    out = RUNS / f'nvit_{budget}'
+    cfg = NViTConfig(model=str(REF), data=DATA, out=str(out), target_latency=budget, lam=args.lam,
+                     interval=args.interval, prune_steps=args.prune_steps, total_steps=args.total_steps,
+                     batch_size=COMMON['batch_size'], finetune_lr=COMMON['finetune_lr'],
+                     finetune_alpha=COMMON['alpha'], finetune_tau=COMMON['tau'], lut=str(LUT), val_batches=10,
+                     measure=False, progress=False)
+    rep = prune_nvit(cfg)
+    return dict(run_dir=str(out), prune_steps=rep['prune_steps'], estimate=rep['estimate'])
+
+
+def _timm_vit(model):
+    """Our uniform DeiT as timm's VisionTransformer (same tensors), which Torch-Pruning traces."""
+    from timm.models.vision_transformer import VisionTransformer
+    w = model.block_widths
+    vit = VisionTransformer(img_size=model.patch_embed.img_size, patch_size=model.patch_embed.patch_size,
+                            in_chans=model.patch_embed.proj.in_channels, num_classes=model.num_classes,
+                            embed_dim=model.embed_dim, depth=len(model.blocks), num_heads=w['num_heads'][0],
+                            mlp_ratio=w['mlp_hidden'][0] / model.embed_dim, qkv_bias=True)
+    vit.load_state_dict(model.state_dict())
+    return vit
+
+
+def _back_to_deitlab(vit, dense, pruner):
+    """The pruned timm ViT as a deitlab DeiT with its per-block widths and the dense attention scale."""
+    from deitlab.prune import build_like
+    heads, dims, mlps = [], [], []
+    for blk in vit.blocks:
+        h = pruner.num_heads.get(blk.attn.qkv, blk.attn.num_heads)
+        heads.append(int(h))
+        dims.append(blk.attn.qkv.out_features // (3 * int(h)))
+        mlps.append(blk.mlp.fc1.out_features)
+    widths = dict(embed_dim=vit.patch_embed.proj.out_channels, num_heads=heads, qk_dim=dims, v_dim=dims,
+                  mlp_hidden=mlps)
+    model = build_like(dense, widths)
+    model.load_state_dict(vit.state_dict())
+    model.pretrained_cfg = dict(dense.pretrained_cfg)
+    return model
+
+
+def tp_prune(dense, kind: str, ratio: float, batches, head_ratio=None):
+    """One-shot Torch-Pruning of the dense model at a channel ratio (heads at ``head_ratio``,
+    default the same). Returns None when a block loses all its heads (the model is broken)."""
+    import torch
+    import torch.nn.functional as F
+    import torch_pruning as tp
+    from timm.models.vision_transformer import Attention
+
+    vit = _timm_vit(dense).eval()
+    example = batches[0][0][:2]
+    if kind == 'taylor':
+        imp = tp.importance.GroupTaylorImportance()
+    else:
+        imp = tp.importance.GroupHessianImportance()
+    num_heads = {m.qkv: m.num_heads for m in vit.modules() if isinstance(m, Attention)}
+    pruner = tp.pruner.BasePruner(vit, example, importance=imp, global_pruning=True, pruning_ratio=ratio,
+                                  ignored_layers=[vit.head], num_heads=num_heads, prune_num_heads=True,
+                                  prune_head_dims=False, head_pruning_ratio=ratio if head_ratio is None else head_ratio)
+    vit.zero_grad()
+    if kind == 'taylor':
+        for x, y in batches:
+            F.cross_entropy(vit(x), y).backward()
+    else:
+        imp.zero_grad()
+        for x, y in batches:
+            for i in range(x.shape[0]):
+                vit.zero_grad()
+                F.cross_entropy(vit(x[i:i + 1]), y[i:i + 1]).backward()
+                imp.accumulate_grad(vit)
+    pruner.step()
+    if any(pruner.num_heads[m.qkv] < 1 for m in vit.modules() if isinstance(m, Attention)):
+        return None
+    for m in vit.modules():
+        if isinstance(m, Attention):
+            m.num_heads = pruner.num_heads[m.qkv]
+            m.head_dim = m.qkv.out_features // (3 * m.num_heads)
+            if hasattr(m, 'attn_dim'):
+                m.attn_dim = m.num_heads * m.head_dim
+    return _back_to_deitlab(vit, dense, pruner)
+
+
+def run_tp(kind: str, budget: float, args) -> dict:
+    import torch
+    from deitlab.prune import LatencyTable
+    from deitlab.rundir import create, save_run_dir
+    from deitlab.data import build_dataset
+    from deitlab.train.engine import norm_stats
+    dense = create(str(REF)).eval()
+    lut = LatencyTable.load(LUT)
+    base = lut.model_ms(dict(dense.block_widths, embed_dim=dense.embed_dim))
+    mean, std = norm_stats(dense, 1)
+    ds = build_dataset(DATA, 'train', img_size=28, in_chans=1, aug='none', mean=mean, std=std)
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randperm(len(ds), generator=g)
+    n_batches, bs = (10, 32) if kind == 'taylor' else (4, 16)   # Taylor: 320 images; Hessian: 64 per-sample grads
+    batches = []
+    for b in range(n_batches):
+        items = [ds[int(i)] for i in idx[b * bs:(b + 1) * bs]]
+        batches.append((torch.stack([t[0] for t in items]), torch.tensor([t[1] for t in items])))
+    lo, hi, best = 0.0, 0.95, None
+    for _ in range(args.search_steps):    # bisection on the channel ratio for the latency budget
+        mid = (lo + hi) / 2
+        # a block left without heads is a broken model: retry with half the head ratio, else go lower
+        model = tp_prune(dense, kind, mid, batches) or tp_prune(dense, kind, mid, batches, head_ratio=mid / 2)
+        if model is None:
+            hi = mid
+            continue
+        frac = lut.model_ms(dict(model.block_widths, embed_dim=model.embed_dim)) / base
+        if frac <= budget:
+            best, hi = (mid, frac, model), mid
+        else:
+            lo = mid
+    if best is None:
+        raise RuntimeError(f'Torch-Pruning did not reach latency {budget}')
+    ratio, frac, model = best
+    out = RUNS / f'{"tp_" + kind}_{budget}'
+    pruned_dir = save_run_dir(model, out / 'pruned')
+    _finetune(str(pruned_dir), out, args.total_steps, COMMON['finetune_lr'])
+    return dict(run_dir=str(out), ratio=ratio, predicted_latency=frac, widths=dict(model.block_widths,
+                embed_dim=model.embed_dim))
+
+
+def run_uniform(budget: float, args) -> dict:
+    """A uniform DeiT (depth 6, head width 32) whose GMACs match the NViT model of this budget."""
+    import timm
+    from deitlab.bench import analytic_gmacs
+    from deitlab.rundir import create, save_run_dir
+    nvit = create(str(RUNS / f'nvit_{budget}'))
+    target = analytic_gmacs(nvit)
+    best = None
+    for heads in range(1, 4):
+        for e in range(8, 97, 4):
+            m = timm.create_model('deitlab_deit_nano_patch4_32', img_size=28, in_chans=1, num_classes=10, embed_dim=e,
+                                  num_heads=heads, qk_dim=32, v_dim=32, mlp_hidden=4 * e)
+            gap = abs(analytic_gmacs(m) - target)
+            if best is None or gap < best[0]:
+                best = (gap, m)
+    model = best[1]
+    model.pretrained_cfg = dict(create(str(REF)).pretrained_cfg)
+    out = RUNS / f'uniform_{budget}'
+    init_dir = save_run_dir(model, out / 'init')
+    _finetune(str(init_dir), out, args.total_steps, args.scratch_lr, warmup=0.1)
+    return dict(run_dir=str(out), gmacs_target=target, widths=dict(model.block_widths, embed_dim=model.embed_dim))
+
+
+def run_one(arm: str, budget: float, args) -> dict:
+    t0 = time.time()
+    if arm == 'nvit':
+        res = run_nvit(budget, args)
+    elif arm.startswith('tp_'):
+        res = run_tp(arm[3:], budget, args)
+    else:
+        res = run_uniform(budget, args)
+    res.update(arm=arm, budget=budget, train_wall_s=round(time.time() - t0, 1))
+    (RUNS / f'{arm}_{budget}' / 'arm.json').write_text(json.dumps(res, indent=2, default=str))
+    return res
+
+
+# ------------------------------------------------------------------------------ phases
+
+def build_lut(args) -> None:
+    from deitlab.prune import build_latency_table
+    from deitlab.rundir import create
+    dense = create(str(REF)).eval()
+    lut = build_latency_table(dense, batch_size=64, passes=args.lut_passes, threads=args.threads)
+    lut.save(LUT)
+    print(f'latency table: {LUT} ({lut.meta["seconds"]} s)')
+
+
+def run_all(args) -> None:
+    """Train every arm, ``--jobs`` processes at a time (1 thread each); uniform arms wait for NViT."""
+    RUNS.mkdir(parents=True, exist_ok=True)
+    if not LUT.exists():
+        build_lut(args)
+    todo = [(a, b) for a in args.arms for b in args.budgets if not (RUNS / f'{a}_{b}' / 'arm.json').exists()]
+    running: dict = {}
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    base = [sys.executable, __file__]
+    for k in ('total_steps', 'prune_steps', 'interval', 'lam', 'search_steps', 'scratch_lr'):
+        base += [f'--{k.replace("_", "-")}', str(getattr(args, k))]
+    while todo or running:
+        for key, proc in list(running.items()):
+            if proc.poll() is not None:
+                running.pop(key)
+                print(f'{key[0]} {key[1]}: exit {proc.returncode}', flush=True)
+        ready = [t for t in todo if t[0] != 'uniform' or (RUNS / f'nvit_{t[1]}' / 'arm.json').exists()]
+        while ready and len(running) < args.jobs:
+            arm, b = ready.pop(0)
+            todo.remove((arm, b))
+            log = open(RUNS / f'{arm}_{b}.log', 'w')
+            running[(arm, b)] = subprocess.Popen(base + ['one', '--arm', arm, '--budget', str(b)], env=env,
+                                                 stdout=log, stderr=subprocess.STDOUT)
+            print(f'started {arm} {b}', flush=True)
+        if not ready and not running and todo:
+            raise RuntimeError(f'cannot run {todo}: the NViT arms they need failed')
+        time.sleep(5)
+    measure(args)
+
+
+def _accuracy(model) -> float:
+    from deitlab.evaluate import evaluate_model
+    return evaluate_model(model, DATA, split='val', batch_size=256)['top1']
+
+
+def measure(args) -> None:
+    """Accuracy and speed of every finished arm against the dense model, in one process."""
+    import torch
+    from deitlab.bench import analytic_gmacs, count_params
+    from deitlab.prune import LatencyTable
+    from deitlab.prune.report import speed_rows
+    from deitlab.rundir import create
+    torch.set_num_threads(args.threads)
+    lut = LatencyTable.load(LUT)
+    dense = create(str(REF)).eval()
+    rows = [dict(arm='dense', budget=1.0, top1=_accuracy(str(REF)), params_m=count_params(dense) / 1e6,
+                 gmacs=analytic_gmacs(dense), widths=dict(dense.block_widths, embed_dim=dense.embed_dim))]
+    for b in args.budgets:
+        models = {'dense': dense}
+        for arm in args.arms:
+            run = RUNS / f'{arm}_{b}'
+            if not (run / 'arm.json').exists():
+                print(f'skipping {arm} {b}: not trained')
+                continue
+            info = json.loads((run / 'arm.json').read_text())
+            m = create(str(run)).eval()
+            models[arm] = m
+            rows.append(dict(arm=arm, budget=b, top1=_accuracy(str(run)), params_m=count_params(m) / 1e6,
+                             gmacs=analytic_gmacs(m), widths=dict(m.block_widths, embed_dim=m.embed_dim),
+                             train_wall_s=info.get('train_wall_s'), detail=info))
+        speed = {r['name']: r for r in speed_rows(models, 'dense', 64, lut, rounds=args.rounds)}
+        for r in rows:
+            if r['budget'] == b and r['arm'] in speed:
+                s = speed[r['arm']]
+                r.update(latency_speedup=s['latency_speedup'], throughput_speedup=s['throughput_ratio'],
+                         predicted_speedup=s['predicted_speedup'], latency_ms=s['latency_ms'],
+                         images_per_s=s['images_per_s'], dense_images_per_s=speed['dense']['images_per_s'])
+    settings = dict(threads=args.threads, batch=64, rounds=args.rounds, data=DATA, total_steps=args.total_steps,
+                    prune_steps=args.prune_steps, interval=args.interval, lam=args.lam, common=COMMON,
+                    torch=torch.__version__, lut_meta=lut.meta)
+    try:
+        import torch_pruning
+        settings['torch_pruning'] = getattr(torch_pruning, '__version__', '?')
+    except ImportError:
+        pass
+    out = dict(benchmark='nvit_fmnist', reference=str(REF.relative_to(HERE.parent)), settings=settings, rows=rows)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / 'nvit_fmnist.json').write_text(json.dumps(out, indent=2, default=str))
+    plot(rows)
+    for r in rows:
+        print(f"{r['arm']:>10} {r['budget']:>5} top1 {r['top1']:6.2f}  GMACs {r['gmacs']:.4f}  params {r['params_m']:.3f}M  "
+              f"thr x{r.get('throughput_speedup', 1):.2f}  lat x{r.get('latency_speedup', 1):.2f}  "
+              f"pred x{r.get('predicted_speedup', 1):.2f}")
+
+
+def plot(rows) -> None:
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    from deitlab.prune.report import plot_widths
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    dense = next(r for r in rows if r['arm'] == 'dense')
+    marks = dict(nvit='o-', tp_taylor='s--', tp_hessian='^--', uniform='d:')
+    for arm, style in marks.items():
+        rs = sorted((r for r in rows if r['arm'] == arm and 'throughput_speedup' in r), key=lambda r: r['budget'])
+        if not rs:
+            continue
+        axes[0].plot([r['throughput_speedup'] for r in rs], [r['top1'] for r in rs], style, label=arm)
+        axes[1].plot([r['gmacs'] for r in rs], [r['top1'] for r in rs], style, label=arm)
+        axes[2].plot([r['predicted_speedup'] for r in rs], [r['throughput_speedup'] for r in rs], style, label=arm)
+    axes[0].axhline(dense['top1'], color='0.6', lw=1, label='dense')
+    axes[1].axhline(dense['top1'], color='0.6', lw=1)
+    axes[0].set_xlabel('measured throughput speed-up (batch 64, CPU)')
+    axes[1].set_xlabel('GMACs')
+    for ax in axes[:2]:
+        ax.set_ylabel('Fashion-MNIST test top-1 (%)')
+    lim = [1, max([r.get('predicted_speedup', 1) for r in rows] + [r.get('throughput_speedup', 1) for r in rows]) * 1.05]
+    axes[2].plot(lim, lim, color='0.6', lw=1)
+    axes[2].set_xlabel('predicted speed-up (latency table)')
+    axes[2].set_ylabel('measured throughput speed-up')
+    for ax in axes:
+        ax.grid(alpha=.3)
+        ax.legend(fontsize=8)
+    fig.suptitle('Pruning DeiT-nano on Fashion-MNIST: same steps and distillation for every arm')
+    fig.tight_layout()
+    fig.savefig(RESULTS / 'nvit_fmnist.png', dpi=110)
+    plt.close(fig)
+    for r in rows:
+        if r['arm'] == 'nvit':
+            plot_widths(dense['widths'], r['widths'], RESULTS / f'nvit_fmnist_widths_{r["budget"]}.png',
+                        title=f'NViT, latency budget {r["budget"]}')
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('phase', choices=['lut', 'all', 'one', 'measure'])
+    p.add_argument('--arm', choices=ARMS)
+    p.add_argument('--budget', type=float)
+    p.add_argument('--arms', nargs='*', default=list(ARMS))
+    p.add_argument('--budgets', nargs='*', type=float, default=list(BUDGETS))
+    p.add_argument('--jobs', type=int, default=2)
+    p.add_argument('--threads', type=int, default=2, help='threads for the latency table and the measurements')
+    p.add_argument('--total-steps', type=int, default=1875, help='training steps per arm (1875 = one epoch)')
+    p.add_argument('--prune-steps', type=int, default=800)
+    p.add_argument('--interval', type=int, default=20)
+    p.add_argument('--lam', type=float, default=0.02)
+    p.add_argument('--search-steps', type=int, default=8)
+    p.add_argument('--scratch-lr', type=float, default=1e-3)
+    p.add_argument('--lut-passes', type=int, default=3)
+    p.add_argument('--rounds', type=int, default=15, help='interleaved timing rounds per budget')
+    args = p.parse_args(argv)
+    if args.phase == 'lut':
+        build_lut(args)
+    elif args.phase == 'one':
+        print(json.dumps(run_one(args.arm, args.budget, args), default=str))
+    elif args.phase == 'all':
+        run_all(args)
+    else:
+        measure(args)
+
+
+if __name__ == '__main__':
+    main()
