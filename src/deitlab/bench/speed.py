@@ -199,8 +199,9 @@ def compare(models: Dict[str, nn.Module], baseline: str, input_size: Optional[Se
     process, interleaved, and reported as ratios to ``baseline``.
 
     After ``warmup`` forwards of each model, every round runs ``latency_steps`` batch-1 forwards
-    and ``throughput_steps`` batch forwards of each model in turn; the order is reversed every
-    other round (A, B, B, A, ...) so that no model always runs first. Each row has ``name``,
+    and ``throughput_steps`` batch forwards of each model in turn, each run preceded by one
+    untimed forward; the order is reversed every other round (A, B, B, A, ...) so that no model
+    always runs first. Each row has ``name``,
     ``baseline``, ``params_m``, ``gmacs`` (``count_gmacs``, when ``gmacs``), ``latency_ms``
     (median of all batch-1 samples) with ``latency_p10_ms`` / ``latency_p90_ms``,
     ``images_per_s`` (median), and the ratios ``latency_speedup`` (baseline latency / latency),
@@ -236,7 +237,11 @@ def compare(models: Dict[str, nn.Module], baseline: str, input_size: Optional[Se
         for r in range(d['rounds']):
             for n in (names if r % 2 == 0 else names[::-1]):
                 r1, rb = runners[n]
+                # one untimed forward before each timed run: the first call after another model or
+                # another batch shape pays for cold caches and allocations, more so for small models
+                r1.step()
                 lat[n].extend(r1.step() for _ in range(d['latency_steps']))
+                rb.step()
                 thr[n].extend(batch_size / rb.step() for _ in range(d['throughput_steps']))
     shared = dict(settings[baseline])
     shared.pop('fused_attn', None)
