@@ -48,6 +48,9 @@ FIXED_MALLOC = dict(MALLOC_MMAP_THRESHOLD_=str(32 * 2 ** 20), MALLOC_TRIM_THRESH
 DATA = 'fashion-mnist'
 BUDGETS = (0.7, 0.5, 0.35)
 ARMS = ('nvit', 'tp_taylor', 'tp_hessian', 'uniform')
+# ablations of NViT (same loop): another saliency criterion, or no latency penalty
+ABLATIONS = {'nvit_taylor': dict(criterion='taylor'), 'nvit_magnitude': dict(criterion='magnitude'),
+             'nvit_fisher': dict(criterion='fisher'), 'nvit_lam0': dict(lam=0.0)}
 COMMON = dict(batch_size=32, finetune_lr=2e-4, alpha=0.5, tau=2.0)
 
 
@@ -65,14 +68,15 @@ def _finetune(model_dir: str, out: Path, steps: int, lr: float, warmup: float = 
 
 # ------------------------------------------------------------------------------ arms
 
-def run_nvit(budget: float, args) -> dict:
+def run_nvit(budget: float, args, arm: str = 'nvit') -> dict:
     from deitlab.prune import NViTConfig, prune_nvit
-    out = RUNS / f'nvit_{budget}'
-    cfg = NViTConfig(model=str(REF), data=DATA, out=str(out), target_latency=budget, lam=args.lam,
+    out = RUNS / f'{arm}_{budget}'
+    extra = dict(ABLATIONS.get(arm, {}))
+    cfg = NViTConfig(model=str(REF), data=DATA, out=str(out), target_latency=budget, lam=extra.pop('lam', args.lam),
                      interval=args.interval, prune_steps=args.prune_steps, total_steps=args.total_steps,
                      batch_size=COMMON['batch_size'], finetune_lr=COMMON['finetune_lr'],
                      finetune_alpha=COMMON['alpha'], finetune_tau=COMMON['tau'], lut=str(LUT), val_batches=10,
-                     measure=False, progress=False)
+                     measure=False, progress=False, **extra)
     rep = prune_nvit(cfg)
     return dict(run_dir=str(out), prune_steps=rep['prune_steps'], estimate=rep['estimate'])
 
@@ -213,8 +217,8 @@ def run_uniform(budget: float, args) -> dict:
 
 def run_one(arm: str, budget: float, args) -> dict:
     t0 = time.time()
-    if arm == 'nvit':
-        res = run_nvit(budget, args)
+    if arm == 'nvit' or arm in ABLATIONS:
+        res = run_nvit(budget, args, arm)
     elif arm.startswith('tp_'):
         res = run_tp(arm[3:], budget, args)
     else:
@@ -282,12 +286,13 @@ def measure(args) -> None:
     dense = create(str(REF)).eval()
     rows = [dict(arm='dense', budget=1.0, top1=_accuracy(str(REF)), params_m=count_params(dense) / 1e6,
                  gmacs=analytic_gmacs(dense), widths=dict(dense.block_widths, embed_dim=dense.embed_dim))]
-    for b in args.budgets:
+    for b in BUDGETS:
         models = {'dense': dense}
-        for arm in args.arms:
+        for arm in ARMS + tuple(ABLATIONS):
             run = RUNS / f'{arm}_{b}'
             if not (run / 'arm.json').exists():
-                print(f'skipping {arm} {b}: not trained')
+                if arm in ARMS:
+                    print(f'skipping {arm} {b}: not trained')
                 continue
             info = json.loads((run / 'arm.json').read_text())
             m = create(str(run)).eval()
@@ -367,6 +372,11 @@ def plot(rows) -> None:
         axes[0].plot([r['throughput_speedup'] for r in rs], [r['top1'] for r in rs], style, label=arm)
         axes[1].plot([r['gmacs'] for r in rs], [r['top1'] for r in rs], style, label=arm)
         axes[2].plot([r['predicted_speedup'] for r in rs], [r['throughput_speedup'] for r in rs], style, label=arm)
+    for arm, marker in zip(ABLATIONS, 'xPv*'):
+        rs = [r for r in rows if r['arm'] == arm and 'throughput_speedup' in r]
+        if rs:
+            axes[0].plot([r['throughput_speedup'] for r in rs], [r['top1'] for r in rs], marker, color='0.35', label=arm)
+            axes[1].plot([r['gmacs'] for r in rs], [r['top1'] for r in rs], marker, color='0.35', label=arm)
     axes[0].axhline(dense['top1'], color='0.6', lw=1, label='dense')
     axes[1].axhline(dense['top1'], color='0.6', lw=1)
     axes[0].set_xlabel('measured throughput speed-up (batch 64, CPU)')
@@ -393,7 +403,7 @@ def plot(rows) -> None:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('phase', choices=['lut', 'all', 'one', 'measure', 'speed'])
-    p.add_argument('--arm', choices=ARMS)
+    p.add_argument('--arm', choices=ARMS + tuple(ABLATIONS))
     p.add_argument('--budget', type=float)
     p.add_argument('--arms', nargs='*', default=list(ARMS))
     p.add_argument('--budgets', nargs='*', type=float, default=list(BUDGETS))
