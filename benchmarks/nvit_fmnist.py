@@ -357,6 +357,10 @@ def speed(args) -> None:
     print(json.dumps({r['name']: r for r in rows}, default=str))
 
 
+def _predicted(row) -> float:
+    return row.get('predicted_speedup_fixed_malloc') or row.get('predicted_speedup', 1.0)
+
+
 def plot(rows) -> None:
     import matplotlib
     matplotlib.use('Agg')
@@ -371,7 +375,7 @@ def plot(rows) -> None:
             continue
         axes[0].plot([r['throughput_speedup'] for r in rs], [r['top1'] for r in rs], style, label=arm)
         axes[1].plot([r['gmacs'] for r in rs], [r['top1'] for r in rs], style, label=arm)
-        axes[2].plot([r['predicted_speedup'] for r in rs], [r['throughput_speedup'] for r in rs], style, label=arm)
+        axes[2].plot([_predicted(r) for r in rs], [r['throughput_speedup'] for r in rs], style, label=arm)
     for arm, marker in zip(ABLATIONS, 'xPv*'):
         rs = [r for r in rows if r['arm'] == arm and 'throughput_speedup' in r]
         if rs:
@@ -383,9 +387,9 @@ def plot(rows) -> None:
     axes[1].set_xlabel('GMACs')
     for ax in axes[:2]:
         ax.set_ylabel('Fashion-MNIST test top-1 (%)')
-    lim = [1, max([r.get('predicted_speedup', 1) for r in rows] + [r.get('throughput_speedup', 1) for r in rows]) * 1.05]
+    lim = [1, max([_predicted(r) for r in rows] + [r.get('throughput_speedup', 1) for r in rows]) * 1.05]
     axes[2].plot(lim, lim, color='0.6', lw=1)
-    axes[2].set_xlabel('predicted speed-up (latency table)')
+    axes[2].set_xlabel('predicted speed-up (table timed like the measurements)')
     axes[2].set_ylabel('measured throughput speed-up')
     for ax in axes:
         ax.grid(alpha=.3)
@@ -402,7 +406,7 @@ def plot(rows) -> None:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('phase', choices=['lut', 'all', 'one', 'measure', 'speed'])
+    p.add_argument('phase', choices=['lut', 'all', 'one', 'measure', 'speed', 'plot'])
     p.add_argument('--arm', choices=ARMS + tuple(ABLATIONS))
     p.add_argument('--budget', type=float)
     p.add_argument('--arms', nargs='*', default=list(ARMS))
@@ -426,6 +430,8 @@ def main(argv=None) -> None:
         run_all(args)
     elif args.phase == 'speed':
         speed(args)
+    elif args.phase == 'plot':   # redraw from the saved results
+        plot(json.loads((RESULTS / 'nvit_fmnist.json').read_text())['rows'])
     else:
         measure(args)
 
