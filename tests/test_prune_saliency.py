@@ -46,15 +46,20 @@ NVIT_UNITS = [('head', 0, 1), ('head', 1, 3), ('qk', 1, 5), ('v', 0, 2), ('mlp',
               ('emb', None, 11)]
 
 
+def _window_scores(model, criterion: str, batches: int):
+    """Hand-set gradients for ``batches`` batches, accumulated into one window: (grads, scores)."""
+    sal = Saliency(criterion, momentum=0, divisors=None)
+    grads = []
+    for s in range(batches):
+        grads.append(_set_grads(model, seed=s))
+        sal.accumulate(model)
+    return grads, sal.event(model)
+
+
 def test_nvit_score_is_w_fisher_w_over_the_criteria_slices():
     model = _model()
     params = dict(model.named_parameters())
-    sal = Saliency('nvit', momentum=0, divisors=None)
-    grads = []
-    for s in range(5):
-        grads.append(_set_grads(model, seed=s))
-        sal.accumulate(model)
-    scores = sal.event(model)
+    grads, scores = _window_scores(model, 'nvit', batches=5)
     for kind, block, i in NVIT_UNITS:
         sel = _criteria(model, kind, block, i)
         w = _flat(params, sel)
@@ -118,12 +123,7 @@ def test_magnitude_is_sum_of_squared_weights_over_criteria_slices():
 def test_taylor_is_mean_of_elementwise_abs_w_times_g():
     model = _model()
     params = dict(model.named_parameters())
-    sal = Saliency('taylor', momentum=0, divisors=None)
-    grads = []
-    for s in range(3):
-        grads.append(_set_grads(model, seed=s))
-        sal.accumulate(model)
-    scores = sal.event(model)
+    grads, scores = _window_scores(model, 'taylor', batches=3)
     for kind, block, i in NVIT_UNITS:
         sel = _criteria(model, kind, block, i)
         w = _flat(params, sel)

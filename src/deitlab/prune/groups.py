@@ -284,40 +284,34 @@ def reduce_units(model: nn.Module, elem: ElemFn) -> Dict[str, object]:
     t = get('patch_embed.proj.bias')
     if t is not None:
         emb += t
+    def linear(name: str, n_out: int, n_in: int):
+        """Per-output-row sums (weight and bias) and per-input-column sums (weight) of a Linear."""
+        rows, cols = torch.zeros(n_out, device=dev), torch.zeros(n_in, device=dev)
+        t = get(name + '.weight')
+        if t is not None:
+            rows += t.sum(1)
+            cols += t.sum(0)
+        t = get(name + '.bias')
+        if t is not None:
+            rows += t
+        return rows, cols
+
     out = {'emb': emb, 'head': [], 'qk': [], 'v': [], 'mlp': []}
     for b, blk in enumerate(model.blocks):
         p = f'blocks.{b}.'
         H, dq, dv = blk.attn.num_heads, blk.attn.qk_dim, blk.attn.v_dim
-        rows = torch.zeros(H * (2 * dq + dv), device=dev)
-        t = get(p + 'attn.qkv.weight')
-        if t is not None:
-            rows += t.sum(1)
-            emb += t.sum(0)
-        t = get(p + 'attn.qkv.bias')
-        if t is not None:
-            rows += t
+        rows, cols = linear(p + 'attn.qkv', H * (2 * dq + dv), E)
+        emb += cols
         q = rows[:H * dq].view(H, dq)
         k = rows[H * dq:2 * H * dq].view(H, dq)
         v = rows[2 * H * dq:].view(H, dv)
         out['head'].append(q.sum(1) + k.sum(1) + v.sum(1))
         out['qk'].append(q.sum(0))
         out['v'].append(v.sum(0))
-        mlp = torch.zeros(blk.mlp.fc1.out_features, device=dev)
-        t = get(p + 'mlp.fc1.weight')
-        if t is not None:
-            mlp += t.sum(1)
-            emb += t.sum(0)
-        t = get(p + 'mlp.fc1.bias')
-        if t is not None:
-            mlp += t
+        mlp, cols = linear(p + 'mlp.fc1', blk.mlp.fc1.out_features, E)
+        emb += cols
         out['mlp'].append(mlp)
-        for lname in ('attn.proj', 'mlp.fc2'):
-            t = get(p + lname + '.weight')
-            if t is not None:
-                emb += t.sum(1)
-            t = get(p + lname + '.bias')
-            if t is not None:
-                emb += t
+        emb += linear(p + 'attn.proj', E, H * dv)[0] + linear(p + 'mlp.fc2', E, blk.mlp.fc1.out_features)[0]
     return out
 
 
