@@ -70,16 +70,9 @@ def check_prunable(model: nn.Module) -> None:
             raise PruneError(f'block {i}: qkv without bias is not supported by the pruner')
 
 
-def _prefix_tokens(model: nn.Module) -> List[nn.Parameter]:
-    out = [getattr(model, 'cls_token', None), getattr(model, 'dist_token', None), getattr(model, 'pos_embed', None)]
-    return [p for p in out if p is not None]
-
-
-def _heads(model: nn.Module) -> List[nn.Linear]:
-    out = [model.head]
-    if getattr(model, 'head_dist', None) is not None:
-        out.append(model.head_dist)
-    return [h for h in out if isinstance(h, nn.Linear)]
+def tokens_of(model: nn.Module) -> int:
+    """Tokens a block sees: patches plus prefix tokens (class, distillation)."""
+    return int(model.patch_embed.num_patches) + int(model.num_prefix_tokens)
 
 
 class MaskedLayerNorm(nn.LayerNorm):
@@ -195,7 +188,6 @@ class Masks:
                 put(pname, e.view(1, 1, -1))
         for b, blk in enumerate(model.blocks):
             p = f'blocks.{b}.'
-            attn = blk.attn
             head = self.block['head'][b].float()
             qk = self.block['qk'][b].float()
             v = self.block['v'][b].float()
@@ -313,9 +305,3 @@ def reduce_units(model: nn.Module, elem: ElemFn) -> Dict[str, object]:
         out['mlp'].append(mlp)
         emb += linear(p + 'attn.proj', E, H * dv)[0] + linear(p + 'mlp.fc2', E, blk.mlp.fc1.out_features)[0]
     return out
-
-
-def unit_counts(widths: dict) -> Dict[str, object]:
-    """Number of units per layer for a width dict (``Masks.kept()`` / ``model.block_widths``)."""
-    return {'emb': widths['embed_dim'], 'head': list(widths['num_heads']), 'qk': list(widths['qk_dim']),
-            'v': list(widths['v_dim']), 'mlp': list(widths['mlp_hidden'])}

@@ -30,7 +30,7 @@ import torch.nn as nn
 
 from ..bench.common import device_name, num_threads, synchronize
 from ..models.deit import WidthBlock
-from .groups import PruneError
+from .groups import PruneError, tokens_of
 
 AXES = ('emb', 'heads', 'qk', 'v', 'mlp')
 FORMAT = 'deitlab-latency-table/1'
@@ -138,9 +138,9 @@ class LatencyTable:
                 raise PruneError(f'the latency table covers {k} up to {max(self.axes[k])} but the model has '
                                  f'{max(vals)}; build a table for this model')
         tokens = self.meta.get('tokens')
-        if tokens is not None and tokens != _tokens(model):
+        if tokens is not None and tokens != tokens_of(model):
             raise PruneError(f'the latency table was measured with {tokens} tokens, the model has '
-                             f'{_tokens(model)}; build a table for this model')
+                             f'{tokens_of(model)}; build a table for this model')
 
     # ------------------------------------------------------------------ files
     def to_dict(self) -> dict:
@@ -169,10 +169,6 @@ class LatencyTable:
             return cls(d['axes'], np.asarray(d['block_ms']), d['other']['emb'], d['other']['ms'], d.get('meta'))
         except (KeyError, TypeError, ValueError) as e:
             raise PruneError(f'{path} is a damaged latency table ({type(e).__name__}: {e})') from None
-
-
-def _tokens(model: nn.Module) -> int:
-    return int(model.patch_embed.num_patches) + int(model.num_prefix_tokens)
 
 
 def _time(fn, device: torch.device, n: int) -> List[float]:
@@ -221,7 +217,7 @@ def build_latency_table(model: nn.Module, batch_size: int = 64, grid: Optional[D
         grid[k] = sorted({int(v) for v in grid[k]})
         if grid[k][0] < 1:
             raise PruneError(f'latency grid axis {k} must hold widths >= 1, got {grid[k]}')
-    N = _tokens(model)
+    N = tokens_of(model)
     blk0 = model.blocks[0]
     ln_eps = getattr(blk0.norm1, 'eps', 1e-6)
     qkv_bias = blk0.attn.qkv.bias is not None

@@ -22,7 +22,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from .groups import GROUP_TYPES, Masks, PruneError
+from .groups import GROUP_TYPES, Masks, PruneError, tokens_of
 
 
 @dataclass
@@ -31,10 +31,6 @@ class Group:
     kind: str
     block: Optional[int]
     units: torch.Tensor      # indices into the layer's mask
-
-    def describe(self) -> str:
-        where = 'embedding' if self.block is None else f'block {self.block}'
-        return f'{self.units.numel()} {self.kind} unit(s) of {where}'
 
 
 def default_group_sizes(model) -> Dict[str, int]:
@@ -124,7 +120,7 @@ class Budget:
         blk = model.blocks[0]
         self.qkv_bias = blk.attn.qkv.bias is not None
         self.layer_scale = hasattr(blk.ls1, 'gamma')
-        self.tokens = int(model.patch_embed.num_patches) + int(model.num_prefix_tokens)
+        self.tokens = tokens_of(model)
         self._rest = self._affine_rest(model)
         self.dense = self.absolute(dict(model.block_widths, embed_dim=model.embed_dim))
 
