@@ -56,14 +56,18 @@ def _window_scores(model, criterion: str, batches: int):
     return grads, sal.event(model)
 
 
+def _unit_slices(model, params, grads):
+    """For each unit of NVIT_UNITS: (unit, its criteria weights w, the per-batch gradients there)."""
+    for unit in NVIT_UNITS:
+        sel = _criteria(model, *unit)
+        yield unit, _flat(params, sel), torch.stack([_flat(g, sel) for g in grads])
+
+
 def test_nvit_score_is_w_fisher_w_over_the_criteria_slices():
     model = _model()
     params = dict(model.named_parameters())
     grads, scores = _window_scores(model, 'nvit', batches=5)
-    for kind, block, i in NVIT_UNITS:
-        sel = _criteria(model, kind, block, i)
-        w = _flat(params, sel)
-        G = torch.stack([_flat(g, sel) for g in grads])         # batches x |S|
+    for (kind, block, i), w, G in _unit_slices(model, params, grads):   # G: batches x |S|
         fisher = G.T @ G / len(grads)                           # empirical Fisher on the slices
         expected = float(w @ fisher @ w)
         assert expected == pytest.approx(float(((G * w).sum(1) ** 2).mean()), rel=1e-9)
@@ -124,10 +128,8 @@ def test_taylor_is_mean_of_elementwise_abs_w_times_g():
     model = _model()
     params = dict(model.named_parameters())
     grads, scores = _window_scores(model, 'taylor', batches=3)
-    for kind, block, i in NVIT_UNITS:
-        sel = _criteria(model, kind, block, i)
-        w = _flat(params, sel)
-        expected = np.mean([float((w * _flat(g, sel)).abs().sum()) for g in grads])
+    for (kind, block, i), w, G in _unit_slices(model, params, grads):
+        expected = np.mean([float((w * g).abs().sum()) for g in G])
         assert _unit(scores, kind, block, i) == pytest.approx(expected, rel=1e-4)
 
 
