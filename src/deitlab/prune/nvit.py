@@ -30,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..rundir import create, is_run_dir, save_run_dir
+from ..train.engine import evaluate
 from .densify import densify, rounded_masks
 from .groups import GROUP_TYPES, Masks, PruneError, check_prunable, use_masked_layernorm
 from .latency import LatencyTable, build_latency_table, default_grid
@@ -168,18 +169,6 @@ def _loaders(cfg: NViTConfig, model: nn.Module):
     train = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, drop_last=True, generator=g)
     val = DataLoader(val_set, batch_size=max(64, cfg.batch_size), shuffle=False)
     return train, val, train_set
-
-
-@torch.no_grad()
-def _accuracy(model: nn.Module, loader, device, max_batches: Optional[int] = None) -> float:
-    correct = total = 0
-    for i, (x, y) in enumerate(loader):
-        if max_batches is not None and i >= max_batches:
-            break
-        out = model(x.to(device))
-        correct += int((out.argmax(1).cpu() == y).sum())
-        total += y.numel()
-    return 100.0 * correct / max(total, 1)
 
 
 def _removed_units(groups) -> dict:
@@ -324,7 +313,8 @@ class NViTPruner:
                 row = dict(event=self.events, step=self.steps, loss=float(loss.detach()), removed=_removed_units(removed),
                            widths=self.widths(), time_s=round(time.perf_counter() - t0, 1), **self.estimate())
                 if val_loader is not None and cfg.val_batches:
-                    row['val_top1'] = _accuracy(model, val_loader, self.device, cfg.val_batches)
+                    row['val_top1'] = evaluate(model, val_loader, self.device, progress=False,
+                                               max_batches=cfg.val_batches)['top1']
                 self.log.append(row)
                 bar.set_postfix({self.budget.kind: f'{row[self.budget.kind]:.3f}', 'acc': row.get('val_top1', '-')})
                 if on_event is not None:
@@ -413,7 +403,7 @@ def prune_nvit(cfg: NViTConfig) -> dict:
     else:
         save_run_dir(compact, out, label_names)
     final = create(str(out)).to(device).eval()
-    return finish_report(cfg, out, create(dense_dir).to(device).eval(), final, pruner, val_loader, device,
+    return finish_report(cfg, out, pruner.dense, final, pruner, val_loader, device,
                          dict(prune_steps=pruner.steps, events=pruner.events, prune_time_s=round(prune_s, 1),
                               masked_vs_dense_max_abs=gap, finetune=finetune, dense_dir=dense_dir,
                               config=asdict(cfg)))

@@ -57,9 +57,10 @@ def speed_rows(models: dict, baseline: str, batch_size: int, lut=None, quick: bo
 def finish_report(cfg, out: Path, dense: nn.Module, final: nn.Module, pruner, val_loader, device,
                   extra: Optional[dict] = None) -> dict:
     from ..bench import analytic_gmacs, count_params, format_table
-    from .nvit import _accuracy
+    from ..train.engine import evaluate
 
-    acc = dict(dense=_accuracy(dense, val_loader, device), nvit=_accuracy(final, val_loader, device))
+    acc = {name: evaluate(m, val_loader, device, progress=False)['top1'] for name, m in (('dense', dense),
+                                                                                      ('nvit', final))}
     rows = []
     if cfg.measure:
         rows = speed_rows({'dense': dense, 'nvit': final}, 'dense', cfg.lut_batch, pruner.lut)

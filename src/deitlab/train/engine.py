@@ -108,14 +108,17 @@ def norm_stats(model: nn.Module, chans: int):
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device, amp: bool = False,
-             progress: Optional[bool] = None, is_main: bool = True) -> dict:
-    """Top-1/top-5 accuracy (%) and mean cross-entropy over a loader (summed over processes)."""
+             progress: Optional[bool] = None, is_main: bool = True, max_batches: Optional[int] = None) -> dict:
+    """Top-1/top-5 accuracy (%) and mean cross-entropy over a loader (summed over processes), or over
+    its first ``max_batches`` batches."""
     was_training = model.training
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64)  # correct1, correct5, loss, count
     autocast = torch.autocast('cuda', dtype=torch.bfloat16) if amp and device.type == 'cuda' \
         else contextlib.nullcontext()
-    for x, y in _progress(progress, is_main, iterable=loader, desc='eval', leave=False):
+    for i, (x, y) in enumerate(_progress(progress, is_main, iterable=loader, desc='eval', leave=False)):
+        if max_batches is not None and i >= max_batches:
+            break
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with autocast:
             out = model(x)
