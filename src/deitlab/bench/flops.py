@@ -76,7 +76,7 @@ def _norm_cost(norm: Optional[nn.Module], elements: int, counted: set) -> int:
     return 0
 
 
-def _block_widths(model: nn.Module) -> list:
+def attention_widths(model: nn.Module) -> list:
     """(heads, qk_dim, v_dim) per block: deitlab's ``block_widths``, or timm's uniform
     ``attn.num_heads`` / ``attn.head_dim``."""
     if isinstance(model, (DeiT, DeiTDistilled)):
@@ -115,7 +115,8 @@ def analytic_macs(model: nn.Module, input_size: Optional[Sequence[int]] = None,
     """
     if convention not in CONVENTIONS:
         raise ValueError(f'convention must be one of {CONVENTIONS}, got {convention!r}')
-    if type(model) not in _SUPPORTED:
+    # a wrapper class that runs the same layers differently (token fusion) names its plain class
+    if getattr(type(model), 'plain_class', type(model)) not in _SUPPORTED:
         raise ValueError(
             f'analytic_gmacs supports deitlab DeiT / DeiTDistilled and timm VisionTransformer / '
             f'VisionTransformerDistilled models only, not {type(model).__name__}; '
@@ -149,7 +150,7 @@ def analytic_macs(model: nn.Module, input_size: Optional[Sequence[int]] = None,
              + _norm_cost(getattr(model, 'norm', None), N * D, seen_norms))
 
     per_block = []
-    for i, (blk, (H, dq, dv)) in enumerate(zip(model.blocks, _block_widths(model))):
+    for i, (blk, (H, dq, dv)) in enumerate(zip(model.blocks, attention_widths(model))):
         attn, mlp = blk.attn, getattr(blk, 'mlp', None)
         qkv, proj = getattr(attn, 'qkv', None), getattr(attn, 'proj', None)
         fc1, fc2 = getattr(mlp, 'fc1', None), getattr(mlp, 'fc2', None)

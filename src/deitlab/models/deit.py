@@ -35,10 +35,27 @@ from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
 __all__ = [
-    'WidthAttention', 'WidthBlock', 'DeiT', 'DeiTDistilled', 'resolve_widths', 'SMALL_IMAGE_CONFIGS', 'from_timm',
+    'WidthAttention', 'WidthBlock', 'fused_attention', 'DeiT', 'DeiTDistilled', 'resolve_widths', 'SMALL_IMAGE_CONFIGS', 'from_timm',
 ]
 
 IntOrList = Union[int, Sequence[int]]
+
+
+def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                    dropout_p: float = 0., scale: Optional[float] = None) -> torch.Tensor:
+    """``softmax(scale q k^T + mask) v`` by fused SDPA, also when q/k and v head widths differ.
+
+    SDPA's fast kernels need one head width for q, k and v (on the CPU a mismatch falls back to a
+    path ~3x slower). Zero-padding q and k, or v, is exact: q.k and the kept output columns do
+    not change.
+    """
+    dq, dv = q.shape[-1], v.shape[-1]
+    if dq < dv:
+        q, k = F.pad(q, (0, dv - dq)), F.pad(k, (0, dv - dq))
+    elif dv < dq:
+        v = F.pad(v, (0, dq - dv))
+    x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale)
+    return x[..., :dv] if dv < dq else x
 
 
 class WidthAttention(nn.Module):
@@ -93,19 +110,7 @@ class WidthAttention(nn.Module):
         B, N, _ = x.shape
         q, k, v = self.split_qkv(x)
         if self.fused_attn:
-            dq, dv = self.qk_dim, self.v_dim
-            # SDPA's fast kernels need one head width for q, k and v (on the CPU a mismatch falls
-            # back to a path ~3x slower). Zero-padding q and k, or v, is exact: q.k and the kept
-            # output columns do not change.
-            if dq < dv:
-                q, k = F.pad(q, (0, dv - dq)), F.pad(k, (0, dv - dq))
-            elif dv < dq:
-                v = F.pad(v, (0, dq - dv))
-            x = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=attn_mask, dropout_p=self.attn_drop.p if self.training else 0.,
-                scale=self.scale)
-            if dv < dq:
-                x = x[..., :dv]
+            x = fused_attention(q, k, v, attn_mask, self.attn_drop.p if self.training else 0., self.scale)
         else:
             attn = (q * self.scale) @ k.transpose(-2, -1)
             if attn_mask is not None:

@@ -1,0 +1,229 @@
+"""Running a ViT with token reduction: the model patch, attention helpers, the plain block.
+
+``patch_model`` swaps the model's class for a subclass whose ``forward_features`` runs the
+blocks through a ``TokenFusion`` (ToMe or MCTF) that carries token sizes from block to block.
+No weight, module or parameter name changes, so checkpoints, ``state_dict`` and the optimizer
+see the same model; ``remove_token_fusion`` swaps the class back. Supported: timm
+``VisionTransformer`` and ``VisionTransformerDistilled`` built from timm's ``Block`` /
+``Attention`` (LayerScale, drop path, q/k-norm and gated attention honoured) and deitlab's DeiT
+family, including NViT-pruned models with per-block widths. Prefix tokens (CLS, DIST,
+registers) are protected: never merged, always first.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import PatchDropout
+from timm.models.vision_transformer import Attention, Block, VisionTransformer
+
+from ..models.deit import WidthAttention, WidthBlock, fused_attention
+from .merge import TokenState, bipartite_plan, cosine_scores, merge_weighted
+from .schedule import token_schedule
+
+__all__ = ['TokenFusionError', 'TokenFusion', 'patch_model', 'remove_token_fusion', 'token_fusion_of',
+           'project', 'attention_output', 'attend', 'attention_probs', 'tome_block']
+
+
+class TokenFusionError(ValueError):
+    """A model or setting token fusion cannot handle."""
+
+
+def _dims(attn: nn.Module):
+    if isinstance(attn, WidthAttention):
+        return attn.num_heads, attn.qk_dim, attn.v_dim
+    return attn.num_heads, attn.head_dim, attn.head_dim
+
+
+def project(attn: nn.Module, h: torch.Tensor, parts: str = 'qkv'):
+    """Per-head projections of tokens ``h`` (B, N, D): 'qkv' -> (q, k, v), 'qk' -> (q, k), 'v' -> v,
+    each (B, H, N, width); only the rows of ``attn.qkv`` that are needed are multiplied."""
+    H, dq, dv = _dims(attn)
+    B, N, _ = h.shape
+    W, b = attn.qkv.weight, attn.qkv.bias
+    if parts == 'qkv':
+        out = attn.qkv(h).split([H * dq, H * dq, H * dv], dim=-1)
+    elif parts == 'qk':
+        out = F.linear(h, W[:2 * H * dq], None if b is None else b[:2 * H * dq]).split(H * dq, dim=-1)
+    elif parts == 'v':
+        out = [F.linear(h, W[2 * H * dq:], None if b is None else b[2 * H * dq:])]
+    else:
+        raise ValueError(f"parts must be 'qkv', 'qk' or 'v', got {parts!r}")
+    out = [t.reshape(B, N, H, -1).transpose(1, 2) for t in out]
+    if parts != 'v':
+        out[0] = getattr(attn, 'q_norm', nn.Identity())(out[0])
+        out[1] = getattr(attn, 'k_norm', nn.Identity())(out[1])
+    return out[0] if parts == 'v' else tuple(out)
+
+
+def attention_probs(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """``softmax(scale q k^T + bias)`` (B, H, Nq, Nk), before attention dropout."""
+    logits = (q * attn.scale) @ k.transpose(-2, -1)
+    return (logits if bias is None else logits + bias).softmax(dim=-1)
+
+
+def attend(attn: nn.Module, q, k, v, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """Attention context (B, H, N, dv): fused SDPA when the module uses it, else explicit."""
+    if attn.fused_attn:
+        if bias is not None:
+            bias = bias.to(q.dtype)
+        return fused_attention(q, k, v, bias, attn.attn_drop.p if attn.training else 0., attn.scale)
+    return attn.attn_drop(attention_probs(attn, q, k, bias)) @ v
+
+
+def attention_output(attn: nn.Module, ctx: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """The attention module's output from its context (B, H, N, dv); ``h`` is its input (for a gate)."""
+    B, H, N, dv = ctx.shape
+    x = ctx.transpose(1, 2).reshape(B, N, H * dv)
+    x = getattr(attn, 'norm', nn.Identity())(x)
+    gate = getattr(attn, 'gate', None)
+    if gate is not None:
+        x = x * gate(h).sigmoid()
+    return attn.proj_drop(attn.proj(x))
+
+
+def tome_block(blk: nn.Module, x: torch.Tensor, st: TokenState, r: int, prop_attn: bool = True) -> torch.Tensor:
+    """A block with ToMe: attention (``+ log s`` if ``prop_attn``), merge ``r`` tokens by the
+    cosine similarity of the head-averaged keys, then the MLP. ``r = 0`` is the plain block."""
+    attn = blk.attn
+    h = blk.norm1(x)
+    q, k, v = project(attn, h)
+    ctx = attend(attn, q, k, v, st.log_size_bias() if prop_attn else None)
+    x = x + blk.drop_path1(blk.ls1(attention_output(attn, ctx, h)))
+    if r:
+        with torch.no_grad():
+            plan = bipartite_plan(cosine_scores(k.mean(1), st.p), r, st.p)
+        merged = merge_weighted(plan, x, st.sizes(x))
+        st.update(plan, x)
+        x = merged
+    return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+
+
+class TokenFusion:
+    """A token-reduction method attached to a model: its schedule and how a block runs.
+
+    ``r``, ``layers`` and the method's options may be changed between forwards. After a forward,
+    ``last`` holds that pass's final token sizes (B, T, 1), the source map (B, T, T0) when
+    ``trace_source`` is on, and the token count entering each block.
+    """
+    method = ''
+
+    def __init__(self, r, layers=None, prop_attn: bool = True, trace_source: bool = False):
+        self.r = r
+        self.layers = None if layers is None else list(layers)
+        self.prop_attn = prop_attn
+        self.trace_source = trace_source
+        self.protected = 1
+        self.last: dict = {}
+        self._r_override = None
+
+    def block(self, blk: nn.Module, x: torch.Tensor, st: TokenState, r: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def schedule(self, tokens: int, depth: int, r=None) -> list:
+        """Per block: tokens in, r after clamps, tokens out (``schedule.token_schedule``)."""
+        return token_schedule(tokens, depth, self.r if r is None else r, self.protected, self.method, self.layers)
+
+    @contextlib.contextmanager
+    def using_r(self, r):
+        """Run the forwards inside with another r (the consistency pass of MCTF training)."""
+        old, self._r_override = self._r_override, r
+        try:
+            yield self
+        finally:
+            self._r_override = old
+
+    def run_blocks(self, blocks, x: torch.Tensor) -> torch.Tensor:
+        st = TokenState(x, self.protected, self.trace_source)
+        plan = self.schedule(x.shape[1], len(blocks), self._r_override)
+        for blk, step in zip(blocks, plan):
+            x = self.block(blk, x, st, step['r'])
+        self.last = dict(size=st.sizes(x).detach(), source=st.source,
+                         tokens=[s['tokens_in'] for s in plan] + [plan[-1]['tokens_out']])
+        return x
+
+    def describe(self) -> dict:
+        return dict(method=self.method, r=self.r, layers=self.layers, prop_attn=self.prop_attn)
+
+
+class _TokenFusedViT:
+    """Mixed in front of the model's class by ``patch_model``."""
+    plain_class: type = VisionTransformer
+    token_fusion: TokenFusion
+
+    def forward_features(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                         is_causal: bool = False) -> torch.Tensor:
+        if attn_mask is not None or is_causal:
+            raise TokenFusionError('token fusion cannot run with an attention mask or causal attention')
+        x = self.patch_embed(x)
+        x = self._pos_embed(x)
+        x = self.patch_drop(x)
+        x = self.norm_pre(x)
+        x = self.token_fusion.run_blocks(self.blocks, x)
+        return self.norm(x)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs):
+        hook = getattr(self.token_fusion, 'training_forward', None)
+        if self.training and hook is not None:
+            out = hook(self, x)
+            if out is not None:
+                return out
+        return super().forward(x, *args, **kwargs)
+
+
+_CLASSES: dict = {}
+
+
+def _fused_class(cls: type) -> type:
+    if cls not in _CLASSES:
+        _CLASSES[cls] = type(f'TokenFused{cls.__name__}', (_TokenFusedViT, cls), dict(plain_class=cls))
+    return _CLASSES[cls]
+
+
+def check_supported(model: nn.Module) -> None:
+    """Raise ``TokenFusionError`` naming what token fusion cannot handle in ``model``."""
+    if isinstance(model, _TokenFusedViT):
+        raise TokenFusionError(f'the model already runs {model.token_fusion.method}; call '
+                               f'remove_token_fusion(model) before applying another method')
+    if not isinstance(model, VisionTransformer):
+        raise TokenFusionError(f'token fusion applies to timm VisionTransformer / deitlab DeiT models, '
+                               f'not {type(model).__name__}')
+    if getattr(model, 'attn_pool', None) is not None or getattr(model, 'global_pool', 'token') != 'token':
+        raise TokenFusionError(f'token fusion needs class-token pooling (global_pool="token"); this model '
+                               f'pools with {getattr(model, "global_pool", None)!r}, which merged tokens would bias')
+    if isinstance(model.patch_drop, PatchDropout):
+        raise TokenFusionError('token fusion cannot be combined with patch dropout (patch_drop_rate > 0)')
+    if getattr(model, 'grad_checkpointing', False):
+        raise TokenFusionError('token fusion does not support gradient checkpointing; turn it off')
+    for i, blk in enumerate(model.blocks):
+        if type(blk) not in (Block, WidthBlock):
+            raise TokenFusionError(f'block {i} is a {type(blk).__name__}; token fusion supports timm Block and '
+                                   f'deitlab WidthBlock (pre-norm attention + MLP)')
+        if type(blk.attn) not in (Attention, WidthAttention):
+            raise TokenFusionError(f'block {i} uses {type(blk.attn).__name__}; token fusion supports timm '
+                                   f'Attention and deitlab WidthAttention')
+
+
+def patch_model(model: nn.Module, fusion: TokenFusion) -> nn.Module:
+    """Attach ``fusion`` to ``model`` in place (see the module docstring); returns the model."""
+    check_supported(model)
+    fusion.protected = int(model.num_prefix_tokens)
+    model.__class__ = _fused_class(type(model))
+    model.token_fusion = fusion
+    return model
+
+
+def token_fusion_of(model: nn.Module) -> Optional[TokenFusion]:
+    """The ``TokenFusion`` a model runs, or None."""
+    return model.token_fusion if isinstance(model, _TokenFusedViT) else None
+
+
+def remove_token_fusion(model: nn.Module) -> nn.Module:
+    """Undo ``apply_tome`` / ``apply_mctf``: the model runs all tokens again (in place)."""
+    if isinstance(model, _TokenFusedViT):
+        model.__class__ = model.plain_class
+        del model.token_fusion
+    return model
