@@ -20,10 +20,12 @@ def _emit(result: dict, as_json: bool) -> None:
             print(f'{k}: {v}')
 
 
-def _add_dataclass_args(p: argparse.ArgumentParser, cls, required=()) -> None:
+def _add_dataclass_args(p: argparse.ArgumentParser, cls, required=(), exclude=()) -> None:
     """One flag per dataclass field: bools as --x/--no-x, dicts as K=V pairs, tuples comma-separated."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
+        if f.name in exclude:
+            continue
         flag = '--' + f.name.replace('_', '-')
         hint = hints[f.name]
         base = hint
@@ -131,6 +133,19 @@ def cmd_prune_nvit(args) -> dict:
     return report
 
 
+def cmd_fuse(args) -> dict:
+    from .tokens.fuse import FuseConfig, fuse_model
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(FuseConfig) if hasattr(args, f.name)}
+    report = fuse_model(FuseConfig(**values))
+    table = report.pop('table')
+    if not args.json:
+        print(table)
+        print(f'tokens per block: {report["tokens"]}; GMACs {report["gmacs_ratio"]:.3f} of the model; '
+              f'speed-ups are measured throughput / latency over the unpatched model with fused attention')
+        return {}
+    return report
+
+
 def cmd_demo(args) -> dict:
     from .demo import run_demo
     result = run_demo(out=args.out, quick=args.quick, progress=not args.json)
@@ -171,6 +186,17 @@ def make_parser() -> argparse.ArgumentParser:
     q.add_argument('--json', action='store_true', help='print one JSON object on the last line')
     q.set_defaults(func=cmd_prune_nvit)
 
+    p = sub.add_parser('fuse', help='token reduction (ToMe, MCTF): evaluate and benchmark the fused model')
+    methods = p.add_subparsers(dest='method', required=True)
+    from .tokens.fuse import FuseConfig
+    for method, text in (('tome', 'ToMe: bipartite token merging on keys'),
+                         ('mctf', 'MCTF: multi-criteria token fusion with one-step-ahead attention'),
+                         ('mctf-fast', 'MCTF-Fast: fuse 35%% of the tokens at three blocks')):
+        q = methods.add_parser(method, help=text)
+        _add_dataclass_args(q, FuseConfig, required=('model',), exclude=('method',))
+        q.add_argument('--json', action='store_true', help='print one JSON object on the last line')
+        q.set_defaults(func=cmd_fuse)
+
     p = sub.add_parser('models', help='registered deitlab architectures')
     p.set_defaults(func=cmd_models)
 
@@ -180,7 +206,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     for name, p in sub.choices.items():
-        if name != 'prune':
+        if name not in ('prune', 'fuse'):
             p.add_argument('--json', action='store_true', help='print one JSON object on the last line')
     return parser
 

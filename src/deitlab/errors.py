@@ -2,7 +2,8 @@
 from .data import DataError
 from .prune.groups import PruneError
 from .rundir import ModelLoadError
+from .tokens.patch import TokenFusionError
 from .train.config import ConfigError
 from .train.engine import TrainingDiverged
 
-USER_ERRORS = (DataError, ModelLoadError, ConfigError, TrainingDiverged, PruneError)
+USER_ERRORS = (DataError, ModelLoadError, ConfigError, TrainingDiverged, PruneError, TokenFusionError)

@@ -230,6 +230,6 @@ class ConsistencyLoss(nn.Module):
         mse = ((outputs.student_cls - outputs.teacher_cls) ** 2).mean(dim=1)
         if keep.sum() > 0:
             loss = loss + self.weight * (mse * keep).sum() / keep.sum()
-        self.last = dict(consistency=float((mse * keep).sum() / keep.sum().clamp(min=1)),
+        self.last = dict(consistency=float((mse.detach() * keep).sum() / keep.sum().clamp(min=1)),
                          gate_pass=float(keep.mean()), r_teacher=outputs.r_teacher)
         return loss

@@ -65,6 +65,11 @@ class TrainConfig:
     tensorboard: bool = True
     progress: Optional[bool] = None   # None: progress bars when attached to a terminal
     max_steps_per_epoch: Optional[int] = None   # cap steps (quick runs, tests)
+    token_fusion: str = 'none'        # none | tome | mctf | mctf-fast: train the model token-reduced
+    r: Optional[str] = None           # tokens per block (int, fraction or comma list); None: method default
+    r_teacher_max: float = 8          # MCTF consistency pass at r' in [0, r_teacher_max); 0: off
+    consistency_weight: float = 3.0   # lambda of the class-token MSE
+    consistency_gate: float = 0.4     # only samples whose true-class probability exceeds this
 
     def validate(self) -> 'TrainConfig':
         if self.epochs < 1:
@@ -83,6 +88,12 @@ class TrainConfig:
             raise ConfigError(f'distill_alpha must be in [0, 1], got {self.distill_alpha}')
         if self.aug not in ('none', 'light', 'deit'):
             raise ConfigError(f"aug must be one of none, light, deit; got {self.aug!r}")
+        if self.token_fusion not in ('none', 'tome', 'mctf', 'mctf-fast'):
+            raise ConfigError(f"token_fusion must be one of none, tome, mctf, mctf-fast; got {self.token_fusion!r}")
+        if self.r is not None and self.token_fusion == 'none':
+            raise ConfigError('--r needs --token-fusion tome|mctf|mctf-fast')
+        if self.r_teacher_max < 0 or self.consistency_weight < 0:
+            raise ConfigError('r_teacher_max and consistency_weight must be >= 0')
         if self.warmup_epochs < 0:
             raise ConfigError(f'warmup_epochs must be >= 0, got {self.warmup_epochs}')
         if self.warmup_epochs >= self.epochs:

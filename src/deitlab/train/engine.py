@@ -234,6 +234,10 @@ def train(cfg: TrainConfig) -> dict:
         steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
 
     model.to(device)
+    if cfg.token_fusion != 'none':
+        from ..tokens.fuse import apply_token_fusion, parse_r_arg
+        options = dict(r_teacher_max=cfg.r_teacher_max) if cfg.token_fusion.startswith('mctf') else {}
+        apply_token_fusion(model, cfg.token_fusion, None if cfg.r is None else parse_r_arg(cfg.r), **options)
     is_distilled = hasattr(model, 'set_distilled_training')
     if is_distilled:
         model.set_distilled_training(True)
@@ -258,6 +262,9 @@ def train(cfg: TrainConfig) -> dict:
         base_loss = nn.CrossEntropyLoss()
     teacher = _load_teacher(cfg, info.num_classes, device)
     criterion = DistillationLoss(base_loss, teacher, cfg.distill, cfg.distill_alpha, cfg.distill_tau, cfg.kd_norm)
+    if cfg.token_fusion.startswith('mctf') and cfg.r_teacher_max > 0:
+        from ..tokens.mctf import ConsistencyLoss
+        criterion = ConsistencyLoss(criterion, cfg.consistency_weight, cfg.consistency_gate)
 
     start_epoch, best = 0, 0.0
     if cfg.resume and ckpt_path.exists():

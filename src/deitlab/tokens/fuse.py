@@ -1,0 +1,167 @@
+"""``deitlab fuse tome|mctf``: patch a model with token reduction, evaluate and benchmark it.
+
+Every run reports, side by side and measured interleaved in one process: the unpatched model
+with fused attention (SDPA, timm's default) -- the honest baseline -- and with explicit softmax
+attention, and the token-reduced model: accuracy (with ``--data``), parameters, GMACs (closed
+form, checked against a counted forward), batch-1 latency, throughput at ``--batch-size`` and
+the ratios to the fused baseline, plus the per-block token counts.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import torch.nn as nn
+
+from .mctf import POOLINGS, apply_mctf
+from .patch import TokenFusionError
+from .schedule import MCTF_MODES, fusion_macs
+from .tome import apply_tome
+
+__all__ = ['FuseConfig', 'fuse_model', 'apply_token_fusion', 'parse_r_arg', 'FUSION_METHODS']
+
+FUSION_METHODS = ('tome', 'mctf', 'mctf-fast')
+
+
+def parse_r_arg(r, inflect: Optional[float] = None):
+    """``16`` -> 16, ``0.35`` -> 0.35, ``'16,16,8'`` -> [16, 16, 8]; with ``inflect``, ``(r, inflect)``."""
+    if isinstance(r, str):
+        parts = [p for p in r.replace(' ', '').split(',') if p]
+        try:
+            vals = [float(p) for p in parts]
+        except ValueError:
+            raise TokenFusionError(f'r must be a number or a comma-separated list of numbers, got {r!r}') from None
+        if not vals:
+            raise TokenFusionError('r is empty')
+        vals = [int(v) if v.is_integer() and v >= 1 else v for v in vals]
+        r = vals if len(vals) > 1 else vals[0]
+    elif isinstance(r, float) and r.is_integer() and r >= 1:
+        r = int(r)
+    if inflect is not None:
+        if isinstance(r, list) or not float(r).is_integer():
+            raise TokenFusionError('--inflect needs an integer r')
+        r = (int(r), float(inflect))
+    return r
+
+
+def apply_token_fusion(model: nn.Module, method: str, r=None, layers=None, **options) -> nn.Module:
+    """Dispatch to ``apply_tome`` / ``apply_mctf`` (``'mctf-fast'``: MCTF-Fast); ``r=None`` is
+    the method's default (ToMe 8, MCTF 16, MCTF-Fast 0.35)."""
+    if method == 'tome':
+        return apply_tome(model, 8 if r is None else r, layers=layers, **options)
+    if method in ('mctf', 'mctf-fast'):
+        fast = method == 'mctf-fast'
+        return apply_mctf(model, (0.35 if fast else 16) if r is None else r, layers=layers, fast=fast, **options)
+    raise TokenFusionError(f'token fusion method must be one of {FUSION_METHODS}, got {method!r}')
+
+
+@dataclass
+class FuseConfig:
+    model: str = ''
+    method: str = 'mctf'
+    r: Optional[str] = None             # int, fraction or comma list; default per method
+    inflect: Optional[float] = None     # ToMe (r, inflect) schedule
+    layers: Optional[str] = None        # comma list of active blocks; default per method
+    prop_attn: bool = True
+    tau_sim: float = 1.0
+    tau_info: float = 20.0
+    tau_size: float = 40.0
+    bidirectional: bool = True
+    pooling: str = 'attn_size'
+    mode: str = 'one_step_ahead'
+    data: Optional[str] = None
+    split: str = 'val'
+    eval_batch_size: int = 256
+    batch_size: int = 64                # throughput batch
+    measure: bool = True
+    quick: bool = False
+    device: Optional[str] = None
+    workers: int = 0
+
+    def fusion_options(self) -> dict:
+        opts = dict(prop_attn=self.prop_attn)
+        if self.method != 'tome':
+            if self.pooling not in POOLINGS:
+                raise TokenFusionError(f'--pooling must be one of {POOLINGS}, got {self.pooling!r}')
+            if self.mode not in MCTF_MODES:
+                raise TokenFusionError(f'--mode must be one of {MCTF_MODES}, got {self.mode!r}')
+            opts.update(tau_sim=self.tau_sim, tau_info=self.tau_info, tau_size=self.tau_size,
+                         bidirectional=self.bidirectional, pooling=self.pooling, mode=self.mode)
+        return opts
+
+    def layer_list(self) -> Optional[list]:
+        if self.layers is None:
+            return None
+        try:
+            return [int(v) for v in str(self.layers).split(',') if v.strip()]
+        except ValueError:
+            raise TokenFusionError(f'--layers takes comma-separated block indices, got {self.layers!r}') from None
+
+
+def fuse_model(cfg: FuseConfig) -> dict:
+    """Patch ``cfg.model`` with ``cfg.method`` and report what it buys (see the module docstring)."""
+    from ..bench import compare, format_table
+    from ..rundir import create
+
+    if cfg.method not in FUSION_METHODS:
+        raise TokenFusionError(f'method must be one of {FUSION_METHODS}, got {cfg.method!r}')
+    r = None if cfg.r is None else parse_r_arg(cfg.r, cfg.inflect)
+    base = create(cfg.model).eval()
+    if cfg.device:
+        base.to(cfg.device)
+    explicit = copy.deepcopy(base)
+    for m in explicit.modules():
+        if hasattr(m, 'fused_attn'):
+            m.fused_attn = False
+    fused = apply_token_fusion(copy.deepcopy(base), cfg.method, r, cfg.layer_list(), **cfg.fusion_options())
+    tf = fused.token_fusion
+    tokens = base.patch_embed.num_patches + base.num_prefix_tokens
+    schedule = tf.schedule(tokens, len(base.blocks))
+    kind = 'tome' if cfg.method == 'tome' else 'mctf'
+    label = f'{cfg.method} r={tf.r}'
+    models = {'fused attention': base, 'explicit attention': explicit, label: fused}
+    macs = {n: fusion_macs(m, schedule if m is fused else tf.schedule(tokens, len(base.blocks), 0), kind,
+                           getattr(tf, 'mode', 'one_step_ahead'))['total'] / 1e9 for n, m in models.items()}
+    if cfg.measure:
+        rows = compare(models, 'fused attention', batch_size=cfg.batch_size, quick=cfg.quick, gmacs=True)
+    else:
+        from ..bench import count_params
+        rows = [dict(name=n, params_m=count_params(m) / 1e6) for n, m in models.items()]
+    settings = None
+    for row in rows:
+        row['gmacs_closed_form'] = macs[row['name']]
+        settings = row.pop('settings', settings)
+    if cfg.data:
+        acc = _accuracy(models, cfg)
+        for row in rows:
+            row.update(acc[row['name']])
+    cols = ['name', 'top1', 'params_m', 'gmacs_closed_form', 'latency_ms', 'images_per_s', 'latency_speedup',
+            'throughput_ratio']
+    return dict(model=cfg.model, method=cfg.method, fusion=tf.describe(), rows=rows,
+                tokens=[s['tokens_in'] for s in schedule] + [schedule[-1]['tokens_out']],
+                gmacs_ratio=macs[label] / macs['fused attention'], settings=settings, config=asdict(cfg),
+                table=format_table(rows, [c for c in cols if any(c in r for r in rows)]))
+
+
+def _accuracy(models: dict, cfg: FuseConfig) -> dict:
+    from torch.utils.data import DataLoader
+
+    from ..data import build_dataset
+    from ..train.distributed import resolve_device
+    from ..train.engine import evaluate, model_input, norm_stats
+
+    first = next(iter(models.values()))
+    chans, size = model_input(first)
+    mean, std = norm_stats(first, chans)
+    ds = build_dataset(cfg.data, cfg.split, img_size=size, in_chans=chans, aug='none', mean=mean, std=std)
+    loader = DataLoader(ds, batch_size=cfg.eval_batch_size, shuffle=False, num_workers=cfg.workers)
+    dev = resolve_device(cfg.device)
+    out = {}
+    for name, m in models.items():
+        if name == 'explicit attention':   # same function as fused attention
+            continue
+        res = evaluate(m.to(dev), loader, dev, amp=dev.type == 'cuda', progress=False)
+        out[name] = dict(top1=res['top1'], top5=res['top5'])
+    out['explicit attention'] = out['fused attention']
+    return out
