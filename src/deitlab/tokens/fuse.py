@@ -19,7 +19,7 @@ from .patch import TokenFusionError
 from .schedule import MCTF_MODES, fusion_macs
 from .tome import apply_tome
 
-__all__ = ['FuseConfig', 'fuse_model', 'apply_token_fusion', 'parse_r_arg', 'FUSION_METHODS']
+__all__ = ['FuseConfig', 'fuse_model', 'apply_token_fusion', 'evaluate_models', 'parse_r_arg', 'FUSION_METHODS']
 
 FUSION_METHODS = ('tome', 'mctf', 'mctf-fast')
 
@@ -133,7 +133,9 @@ def fuse_model(cfg: FuseConfig) -> dict:
         row['gmacs_closed_form'] = macs[row['name']]
         settings = row.pop('settings', settings)
     if cfg.data:
-        acc = _accuracy(models, cfg)
+        acc = evaluate_models({k: v for k, v in models.items() if k != 'explicit attention'}, cfg.data, cfg.split,
+                              cfg.eval_batch_size, cfg.device, cfg.workers)
+        acc['explicit attention'] = acc['fused attention']   # the same function, computed another way
         for row in rows:
             row.update(acc[row['name']])
     cols = ['name', 'top1', 'params_m', 'gmacs_closed_form', 'latency_ms', 'images_per_s', 'latency_speedup',
@@ -144,7 +146,9 @@ def fuse_model(cfg: FuseConfig) -> dict:
                 table=format_table(rows, [c for c in cols if any(c in r for r in rows)]))
 
 
-def _accuracy(models: dict, cfg: FuseConfig) -> dict:
+def evaluate_models(models: dict, data: str, split: str = 'val', batch_size: int = 256,
+                    device: Optional[str] = None, workers: int = 0) -> dict:
+    """Top-1 / top-5 of each model on one loader of ``data`` (shaped for the first model)."""
     from torch.utils.data import DataLoader
 
     from ..data import build_dataset
@@ -154,14 +158,11 @@ def _accuracy(models: dict, cfg: FuseConfig) -> dict:
     first = next(iter(models.values()))
     chans, size = model_input(first)
     mean, std = norm_stats(first, chans)
-    ds = build_dataset(cfg.data, cfg.split, img_size=size, in_chans=chans, aug='none', mean=mean, std=std)
-    loader = DataLoader(ds, batch_size=cfg.eval_batch_size, shuffle=False, num_workers=cfg.workers)
-    dev = resolve_device(cfg.device)
+    ds = build_dataset(data, split, img_size=size, in_chans=chans, aug='none', mean=mean, std=std)
+    loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers)
+    dev = resolve_device(device)
     out = {}
     for name, m in models.items():
-        if name == 'explicit attention':   # same function as fused attention
-            continue
         res = evaluate(m.to(dev), loader, dev, amp=dev.type == 'cuda', progress=False)
         out[name] = dict(top1=res['top1'], top5=res['top5'])
-    out['explicit attention'] = out['fused attention']
     return out

@@ -48,9 +48,8 @@ POOLINGS = ('attn_size', 'size', 'mean', 'max')
 def _pair_term(per_token: torch.Tensor, p: int, tau: float) -> torch.Tensor:
     """``(v~_i v~_j) ** (1/tau)`` for A x B, with ``v~ = (1/v) / max(1/v)`` over all tokens."""
     inv = 1.0 / per_token
-    inv = inv / inv.amax(dim=1, keepdim=True)
-    a, b = split_ab(inv, p)
-    return (a * b.transpose(1, 2)) ** (1.0 / tau)
+    a, b = split_ab((inv / inv.amax(dim=1, keepdim=True)) ** (1.0 / tau), p)   # (v_i v_j)^e = v_i^e v_j^e
+    return a * b.transpose(1, 2)
 
 
 @torch.no_grad()
@@ -88,7 +87,7 @@ def fuse_tokens(plan: MergePlan, x: torch.Tensor, w: torch.Tensor, pooling: str)
 def fuse_attention(plan: MergePlan, attn: torch.Tensor, w: torch.Tensor, pooling: str) -> torch.Tensor:
     """Fuse a softmax map (B, H, T, T) with ``plan``: key columns are summed (rows still sum to
     1), query rows averaged with the token weights ``w`` (or max-pooled)."""
-    keys = plan.merge(attn.unsqueeze(-1), 'sum').squeeze(-1)
+    keys = plan.merge(attn, 'sum', dim=-1)
     if pooling == 'max':
         return plan.merge(keys, 'amax')
     w = w[:, None].to(attn.dtype)

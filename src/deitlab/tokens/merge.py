@@ -44,47 +44,49 @@ def cosine_scores(metric: torch.Tensor, p: int) -> torch.Tensor:
     return a @ b.transpose(-1, -2)
 
 
-def _expand(idx: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Index (B, n, 1) broadcast to gather n tokens of ``like`` (B, *mid, N, C) along dim -2."""
-    mid = like.dim() - 3
-    shape = (idx.shape[0],) + (1,) * mid + idx.shape[1:]
-    return idx.view(shape).expand(*like.shape[:-2], idx.shape[1], like.shape[-1])
-
-
-def _take(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    return x.gather(-2, _expand(idx, x))
-
-
-def _reduce_into(dst: torch.Tensor, idx: torch.Tensor, src: torch.Tensor, mode: str) -> torch.Tensor:
-    return dst.scatter_reduce(-2, _expand(idx, src), src, reduce=mode)
-
-
 @dataclass
 class MergePlan:
-    """Which tokens go where in one merge; ``merge`` applies it to any tensor whose dim -2 is
-    the token dim (tokens, sizes, source maps, the key or query axis of an attention map)."""
-    p: int
-    unm: torch.Tensor            # (B, |A| - r1, 1) A tokens kept, ascending
-    src: torch.Tensor            # (B, r1, 1) A tokens merged into B
-    dst: torch.Tensor            # (B, r1, 1) their B partners
-    unm2: Optional[torch.Tensor] = None   # second pass: B tokens kept (by score)
-    src2: Optional[torch.Tensor] = None   # B tokens merged into A survivors
-    dst2: Optional[torch.Tensor] = None   # their positions among the A survivors
+    """Where every input token goes in one merge: ``slot`` (B, T) is the output position of each
+    of the T input tokens (protected tokens keep theirs), ``tokens`` the output count. ``merge``
+    applies it to any tensor along a token dim (tokens, sizes, source maps, the key or the query
+    axis of an attention map) with one scatter: groups are summed, or max-pooled."""
+    slot: torch.Tensor
+    tokens: int
 
     @property
     def r(self) -> int:
-        return self.src.shape[1] + (0 if self.src2 is None else self.src2.shape[1])
+        return self.slot.shape[1] - self.tokens
 
-    def merge(self, x: torch.Tensor, mode: str = 'sum') -> torch.Tensor:
-        """Reduce each merged group with ``mode`` (sum, mean, amax, ...) along dim -2."""
-        a, b = split_ab(x, self.p)
-        kept = _take(a, self.unm)
-        b = _reduce_into(b, self.dst, _take(a, self.src), mode)
-        if self.src2 is None:
-            rest = [kept, b]
-        else:
-            rest = [_reduce_into(kept, self.dst2, _take(b, self.src2), mode), _take(b, self.unm2)]
-        return torch.cat([x[..., :self.p, :]] + rest, dim=-2)
+    def merge(self, x: torch.Tensor, mode: str = 'sum', dim: int = -2) -> torch.Tensor:
+        dim = dim % x.dim()
+        shape = [1] * x.dim()
+        shape[0], shape[dim] = x.shape[0], x.shape[dim]
+        idx = self.slot.view(shape).expand(x.shape)
+        out_shape = list(x.shape)
+        out_shape[dim] = self.tokens
+        out = x.new_zeros(out_shape)
+        if mode == 'sum':
+            return out.scatter_add_(dim, idx, x)
+        if mode == 'amax':
+            return out.scatter_reduce_(dim, idx, x, 'amax', include_self=False)
+        raise ValueError(f"merge mode must be 'sum' or 'amax', got {mode!r}")
+
+
+def _slots(p: int, n_a: int, n_b: int, unm, src, dst, unm2=None, src2=None, dst2=None) -> torch.Tensor:
+    """Output position of every input token for the orders in the module docstring."""
+    B, dev = unm.shape[0], unm.device
+    base_b = p + unm.shape[1]
+    slot_b = (base_b + torch.arange(n_b, device=dev)).expand(B, n_b).clone()
+    if unm2 is not None:   # second pass: B survivors by score, B sources into A survivors
+        slot_b.scatter_(1, unm2, (base_b + torch.arange(unm2.shape[1], device=dev)).expand(B, -1).contiguous())
+        slot_b.scatter_(1, src2, p + dst2)
+    slot_a = torch.empty(B, n_a, dtype=torch.long, device=dev)
+    slot_a.scatter_(1, unm, (p + torch.arange(unm.shape[1], device=dev)).expand(B, -1).contiguous())
+    slot_a.scatter_(1, src, slot_b.gather(1, dst))
+    s = p % 2
+    rest = torch.empty(B, n_a + n_b, dtype=torch.long, device=dev)
+    rest[:, s::2], rest[:, 1 - s::2] = slot_a, slot_b
+    return torch.cat([torch.arange(p, device=dev).expand(B, p), rest], dim=1)
 
 
 def bipartite_plan(scores: torch.Tensor, r: int, p: int, bidirectional: bool = False) -> MergePlan:
@@ -97,25 +99,26 @@ def bipartite_plan(scores: torch.Tensor, r: int, p: int, bidirectional: bool = F
     r2 = r - r1
     if r < 0 or r1 > n_a or r2 > n_a - r1 or r1 > 0 and n_b == 0:
         raise ValueError(f'cannot merge r={r} tokens between sets of {n_a} and {n_b} tokens')
+    T = p + n_a + n_b
     with torch.no_grad():
         node_max, node_idx = scores.max(dim=-1)
-        order = node_max.argsort(dim=-1, descending=True)[..., None]
-        unm = order[:, r1:].sort(dim=1)[0]
-        src = order[:, :r1]
-        dst = node_idx[..., None].gather(1, src)
+        order = node_max.argsort(dim=-1, descending=True)
+        unm, src = order[:, r1:].sort(dim=1)[0], order[:, :r1]
+        dst = node_idx.gather(1, src)
         if not bidirectional:
-            return MergePlan(p, unm, src, dst)
-        back = scores.gather(1, unm.expand(-1, -1, n_b)).transpose(1, 2)   # (B, |B|, |A| - r1)
+            return MergePlan(_slots(p, n_a, n_b, unm, src, dst), T - r)
+        back = scores.gather(1, unm[..., None].expand(-1, -1, n_b)).transpose(1, 2)   # (B, |B|, |A| - r1)
         node_max2, node_idx2 = back.max(dim=-1)
-        order2 = node_max2.sort(dim=-1, descending=True)[1][..., None]
+        order2 = node_max2.sort(dim=-1, descending=True)[1]
         src2 = order2[:, :r2]
-        return MergePlan(p, unm, src, dst, order2[:, r2:], src2, node_idx2[..., None].gather(1, src2))
+        return MergePlan(_slots(p, n_a, n_b, unm, src, dst, order2[:, r2:], src2, node_idx2.gather(1, src2)), T - r)
 
 
 def merge_weighted(plan: MergePlan, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """``sum_i w_i x_i / sum_i w_i`` per merged group; ``weights`` (B, T, 1) are positive."""
     w = weights.to(torch.promote_types(x.dtype, weights.dtype))
-    return (plan.merge(x * w, 'sum') / plan.merge(w, 'sum')).to(x.dtype)
+    both = plan.merge(torch.cat([x * w, w], dim=-1))
+    return (both[..., :-1] / both[..., -1:]).to(x.dtype)
 
 
 class TokenState:
