@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 import deitlab  # noqa: F401  (registers the deitlab_* names with timm)
 from deitlab.models.deit import DeiT, DeiTDistilled, WidthAttention, WidthBlock, resolve_widths
 
-ALL_MODELS = timm.list_models('deitlab_*')
+ALL_MODELS = timm.list_models('deitlab_deit_*')
 DISTILLED_MODELS = [n for n in ALL_MODELS if '_distilled_' in n]
 SMALL_IMAGE_MODELS = [n for n in ALL_MODELS if n.endswith('_patch4_32')]
 

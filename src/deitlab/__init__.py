@@ -5,5 +5,6 @@ Importing deitlab registers its architectures with timm (names start with ``deit
 work once ``import deitlab`` has run.
 """
 from . import models  # noqa: F401  (registers the architectures)
+from .tokens import stvit as _stvit  # noqa: F401  (registers deitlab_stvit_*)
 
 __version__ = '0.1.0'

@@ -36,7 +36,8 @@ import torch
 import torch.nn as nn
 
 from .merge import MergePlan, TokenState, bipartite_plan, cosine_scores, merge_weighted, split_ab
-from .patch import TokenFusion, TokenFusionError, attention_output, attention_probs, patch_model, project, tome_block
+from .patch import (TokenFusion, TokenFusionError, attention_output, attention_probs, check_supported, patch_model,
+                    project, tome_block)
 from .schedule import MCTF_MODES
 
 __all__ = ['MCTF', 'apply_mctf', 'mctf_scores', 'fusion_weights', 'fuse_tokens', 'fuse_attention',
@@ -192,6 +193,7 @@ def apply_mctf(model: nn.Module, r=16, layers=None, fast: bool = False, **option
     paper's temperatures (1, 20, 40), bidirectional matching, attention x size pooling,
     one-step-ahead attention. ``fast=True`` is MCTF-Fast (r = 0.35 at ``mctf_fast_layers``).
     ``r_teacher_max > 0`` turns on the consistency pass in training (see ``ConsistencyLoss``)."""
+    check_supported(model)   # before reading model.blocks
     depth = len(model.blocks)
     if fast:
         r = 0.35 if r == 16 else r

@@ -97,7 +97,7 @@ def bipartite_plan(scores: torch.Tensor, r: int, p: int, bidirectional: bool = F
     n_a, n_b = scores.shape[-2:]
     r1 = r // 2 if bidirectional else r
     r2 = r - r1
-    if r < 0 or r1 > n_a or r2 > n_a - r1 or r1 > 0 and n_b == 0:
+    if r < 0 or r1 > n_a or r2 > n_a - r1 or r2 > n_b or r1 > 0 and n_b == 0:
         raise ValueError(f'cannot merge r={r} tokens between sets of {n_a} and {n_b} tokens')
     T = p + n_a + n_b
     with torch.no_grad():

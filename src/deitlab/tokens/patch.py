@@ -62,7 +62,7 @@ def project(attn: nn.Module, h: torch.Tensor, parts: str = 'qkv'):
 def attention_probs(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """``softmax(scale q k^T + bias)`` (B, H, Nq, Nk), before attention dropout."""
     logits = (q * attn.scale) @ k.transpose(-2, -1)
-    return (logits if bias is None else logits + bias).softmax(dim=-1)
+    return (logits if bias is None else logits + bias.to(logits.dtype)).softmax(dim=-1)
 
 
 def attend(attn: nn.Module, q, k, v, bias: Optional[torch.Tensor]) -> torch.Tensor:
@@ -191,6 +191,9 @@ def check_supported(model: nn.Module) -> None:
     if not isinstance(model, VisionTransformer):
         raise TokenFusionError(f'token fusion applies to timm VisionTransformer / deitlab DeiT models, '
                                f'not {type(model).__name__}')
+    if type(model).forward_features is not VisionTransformer.forward_features:
+        raise TokenFusionError(f'{type(model).__name__} runs its blocks its own way (it overrides '
+                               f'forward_features); token fusion patches plain ViT / DeiT models')
     if getattr(model, 'attn_pool', None) is not None or getattr(model, 'global_pool', 'token') != 'token':
         raise TokenFusionError(f'token fusion needs class-token pooling (global_pool="token"); this model '
                                f'pools with {getattr(model, "global_pool", None)!r}, which merged tokens would bias')
@@ -211,6 +214,10 @@ def patch_model(model: nn.Module, fusion: TokenFusion) -> nn.Module:
     """Attach ``fusion`` to ``model`` in place (see the module docstring); returns the model."""
     check_supported(model)
     fusion.protected = int(model.num_prefix_tokens)
+    try:   # a bad r or layer list fails here, not at the first forward
+        fusion.schedule(model.patch_embed.num_patches + fusion.protected, len(model.blocks))
+    except ValueError as e:
+        raise TokenFusionError(str(e)) from None
     model.__class__ = _fused_class(type(model))
     model.token_fusion = fusion
     return model

@@ -25,6 +25,7 @@ import math
 from typing import List, Optional, Sequence, Union
 
 import torch.nn as nn
+from timm.models.deit import VisionTransformerDistilled
 
 from ..bench.flops import _norm_cost, analytic_macs, attention_widths, block_macs
 
@@ -124,6 +125,8 @@ def fusion_macs(model: nn.Module, schedule: List[dict], method: str = 'tome', mo
         raise ValueError(f'the schedule has {len(schedule)} blocks, the model {len(model.blocks)}')
     if schedule[0]['tokens_in'] != base['tokens']:
         raise ValueError(f'the schedule starts at {schedule[0]["tokens_in"]} tokens, the model has {base["tokens"]}')
+    if method not in METHODS:
+        raise ValueError(f'method must be one of {METHODS}, got {method!r}')
     if mode not in MCTF_MODES:
         raise ValueError(f'mode must be one of {MCTF_MODES}, got {mode!r}')
     fv = convention == 'fvcore'
@@ -158,6 +161,14 @@ def fusion_macs(model: nn.Module, schedule: List[dict], method: str = 'tome', mo
         if fv:
             norms = sum(_norm_cost(blk.norm1 if i != len(norm_tokens) - 1 else blk.norm2, n * D, seen)
                         for i, n in enumerate(norm_tokens))
+            # q/k-norm where q and k are computed ('precise' twice), the attention-output norm where
+            # V is, the MLP's inner norm where the MLP runs (as analytic_macs counts them)
+            a = blk.attn
+            for n in [T, T2] if r and method == 'mctf' and mode == 'precise' else [T]:
+                norms += (_norm_cost(getattr(a, 'q_norm', None), n * H * dq, seen)
+                          + _norm_cost(getattr(a, 'k_norm', None), n * H * dq, seen))
+            norms += (_norm_cost(getattr(a, 'norm', None), norm_tokens[-2] * H * dv, seen)
+                      + _norm_cost(getattr(blk.mlp, 'norm', None), norm_tokens[-1] * M, seen))
         parts['attention'] += attn
         parts['mlp'] += mlp
         parts['similarity'] += sim
@@ -165,6 +176,8 @@ def fusion_macs(model: nn.Module, schedule: List[dict], method: str = 'tome', mo
         per_block.append(attn + mlp + sim + norms)
     if fv:
         parts['norms'] += _norm_cost(getattr(model, 'norm', None), schedule[-1]['tokens_out'] * D, seen)
+        if not isinstance(model, VisionTransformerDistilled):   # the distilled head never applies fc_norm
+            parts['norms'] += _norm_cost(getattr(model, 'fc_norm', None), D, seen)   # on the class token
     parts['total'] = sum(parts.values())
     parts.update(blocks=per_block, schedule=schedule, convention=convention)
     return parts
