@@ -72,7 +72,7 @@ def build(s: dict, run_dir=None):
 
 def gmacs_of(m) -> float:
     from deitlab.bench import analytic_gmacs
-    from deitlab.tokens import fusion_gmacs, token_fusion_of
+    from deitlab.tokens import token_fusion_of
     tf = token_fusion_of(m)
     if tf is None:
         try:
@@ -80,8 +80,7 @@ def gmacs_of(m) -> float:
         except ValueError:   # STViT: counted
             from deitlab.bench import count_gmacs
             return count_gmacs(m)
-    return fusion_gmacs(m, tf.schedule(m.patch_embed.num_patches + m.num_prefix_tokens, len(m.blocks)),
-                        tf.method, getattr(tf, 'mode', 'one_step_ahead'))
+    return tf.gmacs(m)
 
 
 def _tokens(m) -> list:

@@ -122,7 +122,7 @@ def fuse_model(cfg: FuseConfig) -> dict:
     label = f'{cfg.method} r={tf.r}'
     models = {'fused attention': base, 'explicit attention': explicit, label: fused}
     macs = {n: fusion_macs(m, schedule if m is fused else tf.schedule(tokens, len(base.blocks), 0), kind,
-                           getattr(tf, 'mode', 'one_step_ahead'))['total'] / 1e9 for n, m in models.items()}
+                           **tf.cost_options())['total'] / 1e9 for n, m in models.items()}
     if cfg.measure:
         rows = compare(models, 'fused attention', batch_size=cfg.batch_size, quick=cfg.quick, gmacs=True)
     else:

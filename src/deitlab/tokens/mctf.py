@@ -36,8 +36,8 @@ import torch
 import torch.nn as nn
 
 from .merge import MergePlan, TokenState, bipartite_plan, cosine_scores, merge_weighted, split_ab
-from .patch import (TokenFusion, TokenFusionError, attention_output, attention_probs, check_supported, patch_model,
-                    project, tome_block)
+from .patch import (TokenFusion, TokenFusionError, attention_output, attention_probs, attention_probs_keys_first,
+                    check_supported, patch_model, project, tome_block)
 from .schedule import MCTF_MODES
 
 __all__ = ['MCTF', 'apply_mctf', 'mctf_scores', 'fusion_weights', 'fuse_tokens', 'fuse_attention',
@@ -55,27 +55,33 @@ def _pair_term(per_token: torch.Tensor, p: int, tau: float) -> torch.Tensor:
 
 @torch.no_grad()
 def mctf_scores(x: torch.Tensor, attn: Optional[torch.Tensor], size: Optional[torch.Tensor], p: int,
-                tau_sim: float = 1.0, tau_info: float = 20.0, tau_size: float = 40.0) -> torch.Tensor:
-    """MCTF edge weights (B, |A|, |B|) from block inputs x (B, T, C), attention (B, H, T, T) and
-    sizes (B, T, 1) (None = all 1); see the module docstring."""
+                tau_sim: float = 1.0, tau_info: float = 20.0, tau_size: float = 40.0,
+                received: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """MCTF edge weights (B, |A|, |B|) from block inputs x (B, T, C), attention (B, H, T, T) (or
+    the attention each token receives, ``received`` (B, T)) and sizes (B, T, 1) (None = all 1);
+    see the module docstring."""
+    if received is None and attn is not None:
+        received = attn.mean(dim=(1, 2))
     if tau_sim:
         w = ((cosine_scores(x, p) + 1) / 2) ** (1.0 / tau_sim)
     else:
         a, b = split_ab(x[..., :1], p)
         w = torch.ones(x.shape[0], a.shape[1], b.shape[1], device=x.device, dtype=x.dtype)
-    if tau_info and attn is not None:
-        w = w * _pair_term(attn.mean(dim=(1, 2)).unsqueeze(-1), p, tau_info)
+    if tau_info and received is not None:
+        w = w * _pair_term(received.unsqueeze(-1), p, tau_info)
     if tau_size and size is not None:
         w = w * _pair_term(size, p, tau_size)
     return w
 
 
 @torch.no_grad()
-def fusion_weights(attn: Optional[torch.Tensor], size: torch.Tensor, pooling: str) -> torch.Tensor:
+def fusion_weights(attn: Optional[torch.Tensor], size: torch.Tensor, pooling: str,
+                   received: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Per-token fusion weights (B, T, 1): attention received x relative size ('attn_size'),
     size ('size'), 1 ('mean' and 'max')."""
     if pooling == 'attn_size':
-        return attn.mean(dim=(1, 2)).unsqueeze(-1).to(size.dtype) * (size / size.amax(dim=1, keepdim=True))
+        received = attn.mean(dim=(1, 2)) if received is None else received
+        return received.unsqueeze(-1).to(size.dtype) * (size / size.amax(dim=1, keepdim=True))
     if pooling == 'size':
         return size
     return torch.ones_like(size)
@@ -118,7 +124,8 @@ class MCTF(TokenFusion):
 
     def __init__(self, r=16, layers=None, tau_sim: float = 1.0, tau_info: float = 20.0, tau_size: float = 40.0,
                  bidirectional: bool = True, pooling: str = 'attn_size', mode: str = 'one_step_ahead',
-                 prop_attn: bool = True, trace_source: bool = False, r_teacher_max: float = 0):
+                 prop_attn: bool = True, trace_source: bool = False, r_teacher_max: float = 0,
+                 fuse_map: bool = False):
         super().__init__(r, layers, prop_attn, trace_source)
         if pooling not in POOLINGS:
             raise TokenFusionError(f'pooling must be one of {POOLINGS}, got {pooling!r}')
@@ -129,21 +136,28 @@ class MCTF(TokenFusion):
         self.tau = (tau_sim, tau_info, tau_size)
         self.bidirectional, self.pooling, self.mode = bidirectional, pooling, mode
         self.r_teacher_max = r_teacher_max
+        self.fuse_map = fuse_map or pooling == 'max'
 
     def describe(self) -> dict:
         return dict(super().describe(), tau_sim=self.tau[0], tau_info=self.tau[1], tau_size=self.tau[2],
                     bidirectional=self.bidirectional, pooling=self.pooling, mode=self.mode,
-                    r_teacher_max=self.r_teacher_max)
+                    r_teacher_max=self.r_teacher_max, fuse_map=self.fuse_map)
 
-    def _fuse(self, x: torch.Tensor, attn: torch.Tensor, st: TokenState, r: int, fuse_map: bool):
+    def cost_options(self) -> dict:
+        return dict(mode=self.mode, av='map' if self.fuse_map else 'late')
+
+    def _fuse(self, x: torch.Tensor, attn: Optional[torch.Tensor], st: TokenState, r: int,
+              received: Optional[torch.Tensor] = None):
+        """Plan and fuse the tokens; returns the fused tokens, the plan and the fusion weights."""
         size = st.sizes(x)
         with torch.no_grad():
-            plan = bipartite_plan(mctf_scores(x, attn, st.size, st.p, *self.tau), r, st.p, self.bidirectional)
-            w = fusion_weights(attn, size, self.pooling)
+            received = attn.mean(dim=(1, 2)) if received is None else received
+            plan = bipartite_plan(mctf_scores(x, None, st.size, st.p, *self.tau, received=received), r, st.p,
+                                  self.bidirectional)
+            w = fusion_weights(None, size, self.pooling, received=received)
         fused = fuse_tokens(plan, x, w, self.pooling)
-        attn = fuse_attention(plan, attn, w, self.pooling) if fuse_map else None
         st.update(plan, x)
-        return fused, attn
+        return fused, plan, w
 
     def block(self, blk: nn.Module, x: torch.Tensor, st: TokenState, r: int) -> torch.Tensor:
         if r == 0:
@@ -156,16 +170,27 @@ class MCTF(TokenFusion):
             a = attention_probs(attn, q, k, bias)
             x = x + blk.drop_path1(blk.ls1(attention_output(attn, attn.attn_drop(a) @ v, h)))
             x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
-            return self._fuse(x, a, st, r, False)[0]
+            return self._fuse(x, a, st, r)[0]
         if self.mode == 'precise':
             with torch.no_grad():
                 a = attention_probs(attn, *project(attn, h, 'qk'), bias)
-            x = self._fuse(x, a, st, r, False)[0]
+            x = self._fuse(x, a, st, r)[0]
             return tome_block(blk, x, st, 0, self.prop_attn)
-        a = attention_probs(attn, *project(attn, h, 'qk'), bias)
-        x, a = self._fuse(x, a, st, r, True)
-        h = blk.norm1(x)
-        ctx = attn.attn_drop(a) @ project(attn, h, 'v')
+        q, k = project(attn, h, 'qk')
+        if self.fuse_map:   # the paper's order: fuse the map (keys summed, queries averaged), then A V
+            a = attention_probs(attn, q, k, bias)
+            x, plan, w = self._fuse(x, a, st, r)
+            h = blk.norm1(x)
+            ctx = attn.attn_drop(fuse_attention(plan, a, w, self.pooling)) @ project(attn, h, 'v')
+        else:
+            # the same result in the order that is fast on CPUs: the map is built key-major
+            # (B, H, keys, queries), so summing key rows is a row merge; the query average commutes
+            # with the product by V and is applied to the (B, H, T, dv) output instead of the map
+            at = attention_probs_keys_first(attn, q, k, bias)
+            x, plan, w = self._fuse(x, None, st, r, received=at.mean(dim=(1, 3)))
+            h = blk.norm1(x)
+            keys = attn.attn_drop(plan.merge(at)).transpose(-1, -2)          # (B, H, T, T')
+            ctx = merge_weighted(plan, keys @ project(attn, h, 'v'), w[:, None])
         x = x + blk.drop_path1(blk.ls1(attention_output(attn, ctx, h)))
         return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
 

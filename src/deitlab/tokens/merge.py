@@ -15,12 +15,13 @@ are an ``(B, |A|, |B|)`` matrix.
 
 A fusion is a weighted average per group: ``x_g = sum_i w_i x_i / sum_i w_i`` (``w = s``, the
 token sizes, gives ToMe's merge; MCTF weighs by attention received times relative size). Sizes
-add up (``s_g = sum_i s_i``) and a source map (which input patches a token holds) merges with
-``max``. With proportional attention the logits get ``+ log s`` over keys, so a merged token
+add up (``s_g = sum_i s_i``) and a source map (which input patches a token holds) merges by
+summing its disjoint 0/1 rows. With proportional attention the logits get ``+ log s`` over keys, so a merged token
 counts as ``s`` identical copies.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -59,17 +60,23 @@ class MergePlan:
 
     def merge(self, x: torch.Tensor, mode: str = 'sum', dim: int = -2) -> torch.Tensor:
         dim = dim % x.dim()
-        shape = [1] * x.dim()
-        shape[0], shape[dim] = x.shape[0], x.shape[dim]
-        idx = self.slot.view(shape).expand(x.shape)
-        out_shape = list(x.shape)
-        out_shape[dim] = self.tokens
-        out = x.new_zeros(out_shape)
+        if dim != x.dim() - 2:
+            return self.merge(x.transpose(dim, -2), mode).transpose(dim, -2)
+        B, T, C = x.shape[0], x.shape[-2], x.shape[-1]
+        n = x[0, ..., 0, 0].numel()   # rows per image on other dims (heads, ...)
+        # one flat index_add over (image, other dims, token) rows: much faster than scatter on the CPU
+        idx = (self.slot.view(B, 1, T) + self.tokens * torch.arange(B * n, device=x.device).view(B, n, 1)).reshape(-1)
+        out = x.new_zeros(B * n * self.tokens, C)
+        rows = x.reshape(B * n * T, C)
         if mode == 'sum':
-            return out.scatter_add_(dim, idx, x)
-        if mode == 'amax':
-            return out.scatter_reduce_(dim, idx, x, 'amax', include_self=False)
-        raise ValueError(f"merge mode must be 'sum' or 'amax', got {mode!r}")
+            out.index_add_(0, idx, rows)
+        elif mode == 'amax':
+            with warnings.catch_warnings():   # index_reduce_ is marked beta; its amax is what we need
+                warnings.simplefilter('ignore', UserWarning)
+                out.index_reduce_(0, idx, rows, 'amax', include_self=False)
+        else:
+            raise ValueError(f"merge mode must be 'sum' or 'amax', got {mode!r}")
+        return out.view(*x.shape[:-2], self.tokens, C)
 
 
 def _slots(p: int, n_a: int, n_b: int, unm, src, dst, unm2=None, src2=None, dst2=None) -> torch.Tensor:
@@ -117,7 +124,7 @@ def bipartite_plan(scores: torch.Tensor, r: int, p: int, bidirectional: bool = F
 def merge_weighted(plan: MergePlan, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """``sum_i w_i x_i / sum_i w_i`` per merged group; ``weights`` (B, T, 1) are positive."""
     w = weights.to(torch.promote_types(x.dtype, weights.dtype))
-    both = plan.merge(torch.cat([x * w, w], dim=-1))
+    both = plan.merge(torch.cat([x * w, w.expand(*x.shape[:-1], 1)], dim=-1))
     return (both[..., :-1] / both[..., -1:]).to(x.dtype)
 
 
@@ -146,5 +153,5 @@ class TokenState:
         """Record a merge (x: the tokens before it)."""
         self.size = plan.merge(self.sizes(x), 'sum')
         if self.source is not None:
-            self.source = plan.merge(self.source, 'amax')
+            self.source = plan.merge(self.source, 'sum')   # disjoint 0/1 rows: the sum is the max
         self.tokens.append(self.size.shape[1])

@@ -25,7 +25,7 @@ from .merge import TokenState, bipartite_plan, cosine_scores, merge_weighted
 from .schedule import token_schedule
 
 __all__ = ['TokenFusionError', 'TokenFusion', 'patch_model', 'remove_token_fusion', 'token_fusion_of',
-           'project', 'attention_output', 'attend', 'attention_probs', 'tome_block']
+           'project', 'attention_output', 'attend', 'attention_probs', 'attention_probs_keys_first', 'tome_block']
 
 
 class TokenFusionError(ValueError):
@@ -63,6 +63,15 @@ def attention_probs(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, bias: Opt
     """``softmax(scale q k^T + bias)`` (B, H, Nq, Nk), before attention dropout."""
     logits = (q * attn.scale) @ k.transpose(-2, -1)
     return (logits if bias is None else logits + bias.to(logits.dtype)).softmax(dim=-1)
+
+
+def attention_probs_keys_first(attn: nn.Module, q: torch.Tensor, k: torch.Tensor,
+                               bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """The same map transposed, (B, H, Nk, Nq): ``softmax`` over keys of ``scale k q^T + bias``."""
+    logits = (k * attn.scale) @ q.transpose(-2, -1)
+    if bias is not None:
+        logits = logits + bias.to(logits.dtype).transpose(-1, -2)
+    return logits.softmax(dim=-2)
 
 
 def attend(attn: nn.Module, q, k, v, bias: Optional[torch.Tensor]) -> torch.Tensor:
@@ -147,6 +156,17 @@ class TokenFusion:
 
     def describe(self) -> dict:
         return dict(method=self.method, r=self.r, layers=self.layers, prop_attn=self.prop_attn)
+
+    def cost_options(self) -> dict:
+        """Keyword arguments of ``schedule.fusion_macs`` that describe how this method computes."""
+        return {}
+
+    def gmacs(self, model: nn.Module, input_size=None, convention: str = 'matmul') -> float:
+        """Closed-form GMACs per image of ``model`` running this fusion (``schedule.fusion_macs``)."""
+        from .schedule import fusion_gmacs
+        tokens = model.patch_embed.num_patches + model.num_prefix_tokens
+        return fusion_gmacs(model, self.schedule(tokens, len(model.blocks)), self.method, input_size=input_size,
+                            convention=convention, **self.cost_options())
 
 
 class _TokenFusedViT:
