@@ -45,11 +45,15 @@ def test_demo_quick(tmp_path):
     out = tmp_path / 'demo'
     res = last_json(run('demo', '--out', str(out), '--quick', '--json'))
     assert (out / 'demo.png').is_file() and (out / 'results.json').is_file()
-    dense, pruned = res['rows']
-    for row in (dense, pruned):
+    dense, pruned, fused = res['rows']
+    for row in (dense, pruned, fused):
         assert 0 <= row['top1'] <= 100 and row['params_m'] > 0 and row['gmacs'] > 0 and row['img_per_s'] > 0
     # the pruning step met its latency budget (predicted by the table it measured) and shrank the model
     assert pruned['predicted'] >= 1.9 and pruned['gmacs'] < dense['gmacs'] and pruned['params_m'] < dense['params_m']
+    # token fusion on top of the pruned model: same weights, fewer tokens per block
+    assert fused['params_m'] == pruned['params_m'] and fused['gmacs'] < pruned['gmacs'] and fused['predicted'] is None
+    tokens = res['fusion']['tokens']
+    assert tokens[0] == 65 and tokens[-1] < tokens[0] and res['fusion']['method'] == 'mctf'
     assert (out / 'widths.png').is_file()
     assert timm_local_dir_logits_match(res['pruned_run_dir'])
     assert json.loads((out / 'results.json').read_text())['rows'] == res['rows']

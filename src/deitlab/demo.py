@@ -4,7 +4,8 @@
 2. Train a small DeiT on it with the DeiT recipe (scaled to a short CPU run).
 3. Prune it with NViT to half its latency (latency table measured on this machine), densify and
    fine-tune it with distillation from the dense model.
-4. Measure both: accuracy, parameters, GMACs, batch-1 latency and batch throughput, measured
+3b. Fuse tokens in the pruned model with MCTF, off the shelf (no training).
+4. Measure all three: accuracy, parameters, GMACs, batch-1 latency and batch throughput, measured
    interleaved in one process, and the speed-up the latency table predicted.
 5. Print a table, write ``results.json``, ``demo.png`` (accuracy curve, predictions) and
    ``widths.png`` (per-block widths of the pruned model) to ``--out``.
@@ -22,6 +23,8 @@ import torch
 
 DEMO_DATA = 'glyphs:train=24000,val=2400,size=32,seed=0'
 DEMO_MODEL = 'deitlab_deit_pico_patch4_32'
+# token fusion applied off the shelf to the pruned model (pruning and fusion compose)
+DEMO_FUSION = dict(method='mctf', r=12)
 
 
 def _demo_config(out: Path, quick: bool, progress: bool):
@@ -112,20 +115,28 @@ def run_demo(out: str = 'demo-out', quick: bool = False, progress: bool = True) 
     pruned = prune_nvit(pcfg)
     prune_s = time.perf_counter() - t0
 
+    from .tokens.fuse import apply_token_fusion, evaluate_models
     model = create(cfg.out).eval()
     small = create(pcfg.out).eval()
-    speed = {r['name']: r for r in speed_rows({'dense': model, 'nvit': small}, 'dense', 64, _lut(pcfg), quick=quick)}
-    top1 = dict(dense=summary['val_top1'], nvit=next(r['top1'] for r in pruned['rows'] if r['name'] == 'nvit'))
-    labels = dict(dense='DeiT-pico (dense)', nvit='NViT-pruned (latency 0.5)')
+    fused = apply_token_fusion(create(pcfg.out).eval(), **DEMO_FUSION)
+    models = {'dense': model, 'nvit': small, 'fused': fused}
+    speed = {r['name']: r for r in speed_rows(models, 'dense', 64, _lut(pcfg), quick=quick)}
+    speed['fused']['predicted_speedup'] = None   # the latency table knows widths, not token counts
+    top1 = dict(dense=summary['val_top1'], nvit=next(r['top1'] for r in pruned['rows'] if r['name'] == 'nvit'),
+                fused=evaluate_models({'fused': fused}, cfg.data)['fused']['top1'])
+    labels = dict(dense='DeiT-pico (dense)', nvit='NViT-pruned (latency 0.5)',
+                  fused=f'NViT + {DEMO_FUSION["method"].upper()} r={DEMO_FUSION["r"]} (no training)')
     rows = [dict(model=labels[k], top1=round(top1[k], 2), params_m=round(r['params_m'], 3), gmacs=round(r['gmacs'], 4),
                  latency_ms=round(r['latency_ms'], 2), img_per_s=round(r['images_per_s'], 1),
-                 speedup=round(r['throughput_ratio'], 2), predicted=round(r['predicted_speedup'], 2))
+                 speedup=round(r['throughput_ratio'], 2),
+                 predicted=None if r['predicted_speedup'] is None else round(r['predicted_speedup'], 2))
             for k, r in speed.items()]
     metrics = [json.loads(ln) for ln in (Path(cfg.out) / METRICS_NAME).read_text().splitlines() if ln.strip()]
     plot = _plot(out_dir, metrics, model, cfg.data)
     widths = shutil.copy(Path(pcfg.out) / 'widths.png', out_dir / 'widths.png')
     result = dict(rows=rows, train_time_s=round(train_s, 1), prune_time_s=round(prune_s, 1), run_dir=cfg.out,
                   pruned_run_dir=pcfg.out, plot=str(plot), widths_plot=str(widths),
+                  fusion=dict(fused.token_fusion.describe(), tokens=fused.token_fusion.last.get('tokens')),
                   settings=dict(device=speed['dense']['device'], threads=speed['dense']['settings']['threads'],
                                 batch=64, data=cfg.data, epochs=cfg.epochs))
     (out_dir / 'results.json').write_text(json.dumps(result, indent=2))
@@ -133,8 +144,9 @@ def run_demo(out: str = 'demo-out', quick: bool = False, progress: bool = True) 
         print(format_table(rows, ['model', 'top1', 'params_m', 'gmacs', 'latency_ms', 'img_per_s', 'speedup',
                                   'predicted']))
         print(f'trained in {train_s:.0f} s, pruned and fine-tuned in {prune_s:.0f} s; speed-up = measured '
-              f'throughput at batch 64 over the dense model; run directories {cfg.out}, {pcfg.out}; plots {plot}, '
-              f'{widths}')
+              f'throughput at batch 64 over the dense model; predicted = the latency table\'s; tokens per block '
+              f'with fusion {fused.token_fusion.last.get("tokens")}; run directories {cfg.out}, {pcfg.out}; '
+              f'plots {plot}, {widths}')
     return result
 
 
