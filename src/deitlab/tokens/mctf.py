@@ -63,7 +63,8 @@ def mctf_scores(x: torch.Tensor, attn: Optional[torch.Tensor], size: Optional[to
     if received is None and attn is not None:
         received = attn.mean(dim=(1, 2))
     if tau_sim:
-        w = ((cosine_scores(x, p) + 1) / 2) ** (1.0 / tau_sim)
+        w = (cosine_scores(x, p) + 1) / 2
+        w = w if tau_sim == 1 else w ** (1.0 / tau_sim)
     else:
         a, b = split_ab(x[..., :1], p)
         w = torch.ones(x.shape[0], a.shape[1], b.shape[1], device=x.device, dtype=x.dtype)
