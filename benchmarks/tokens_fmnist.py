@@ -50,13 +50,11 @@ def settings() -> list:
     return out
 
 
-# the arms fine-tuned (near -40% and -50% GMACs on the nano model), plus the unpatched control
-FINETUNED = [dict(name='nano/control', ref='nano', method='none', r=None),
-             dict(name='nano/tome r=6', ref='nano', method='tome', r=6),
-             dict(name='nano/tome r=8', ref='nano', method='tome', r=8),
-             dict(name='nano/mctf r=8', ref='nano', method='mctf', r=8),
-             dict(name='nano/mctf r=12', ref='nano', method='mctf', r=12),
-             dict(name='nano/mctf-fast r=0.35', ref='nano', method='mctf-fast', r=0.35)]
+# the arms fine-tuned (ToMe r and MCTF r in pairs of about equal GMACs), plus the unpatched control
+FINETUNED = [dict(name='nano/control', ref='nano', method='none', r=None)] + \
+    [dict(name=f'nano/tome r={r}', ref='nano', method='tome', r=r) for r in (6, 8, 4, 10)] + \
+    [dict(name=f'nano/mctf r={r}', ref='nano', method='mctf', r=r) for r in (8, 12, 6, 16)] + \
+    [dict(name='nano/mctf-fast r=0.35', ref='nano', method='mctf-fast', r=0.35)]
 STVIT = dict(name='nano/stvit', ref='nano', method='stvit', r=None)
 
 

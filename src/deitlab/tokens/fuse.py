@@ -59,6 +59,7 @@ def apply_token_fusion(model: nn.Module, method: str, r=None, layers=None, **opt
 @dataclass
 class FuseConfig:
     model: str = ''
+    pretrained: bool = False            # a timm name: load its released weights (timm downloads them)
     method: str = 'mctf'
     r: Optional[str] = None             # int, fraction or comma list; default per method
     inflect: Optional[float] = None     # ToMe (r, inflect) schedule
@@ -107,7 +108,7 @@ def fuse_model(cfg: FuseConfig) -> dict:
     if cfg.method not in FUSION_METHODS:
         raise TokenFusionError(f'method must be one of {FUSION_METHODS}, got {cfg.method!r}')
     r = None if cfg.r is None else parse_r_arg(cfg.r, cfg.inflect)
-    base = create(cfg.model).eval()
+    base = create(cfg.model, pretrained=cfg.pretrained).eval()
     if cfg.device:
         base.to(cfg.device)
     explicit = copy.deepcopy(base)
