@@ -132,7 +132,7 @@ def test_token_schedule_rejects_bad_input():
 def test_fvcore_gmacs_reproduce_the_papers(name, method, r, layers, expected):
     model = _meta(name)
     gmacs = fusion_gmacs(model, token_schedule(197, 12, r, method=method, layers=layers), method,
-                         convention='fvcore', av='map')   # the paper fuses the map before A V
+                         convention='fvcore')
     assert abs(gmacs - expected) < 0.005
     if r == 0:
         assert gmacs == analytic_gmacs(model, convention='fvcore')

@@ -36,8 +36,8 @@ import torch
 import torch.nn as nn
 
 from .merge import MergePlan, TokenState, bipartite_plan, cosine_scores, merge_weighted, split_ab
-from .patch import (TokenFusion, TokenFusionError, attention_output, attention_probs, attention_probs_keys_first,
-                    check_supported, patch_model, project, tome_block)
+from .patch import (TokenFusion, TokenFusionError, attention_output, attention_probs, check_supported, patch_model,
+                    project, tome_block)
 from .schedule import MCTF_MODES
 
 __all__ = ['MCTF', 'apply_mctf', 'mctf_scores', 'fusion_weights', 'fuse_tokens', 'fuse_attention',
@@ -125,8 +125,7 @@ class MCTF(TokenFusion):
 
     def __init__(self, r=16, layers=None, tau_sim: float = 1.0, tau_info: float = 20.0, tau_size: float = 40.0,
                  bidirectional: bool = True, pooling: str = 'attn_size', mode: str = 'one_step_ahead',
-                 prop_attn: bool = True, trace_source: bool = False, r_teacher_max: float = 0,
-                 fuse_map: bool = False):
+                 prop_attn: bool = True, trace_source: bool = False, r_teacher_max: float = 0):
         super().__init__(r, layers, prop_attn, trace_source)
         if pooling not in POOLINGS:
             raise TokenFusionError(f'pooling must be one of {POOLINGS}, got {pooling!r}')
@@ -137,22 +136,20 @@ class MCTF(TokenFusion):
         self.tau = (tau_sim, tau_info, tau_size)
         self.bidirectional, self.pooling, self.mode = bidirectional, pooling, mode
         self.r_teacher_max = r_teacher_max
-        self.fuse_map = fuse_map or pooling == 'max'
 
     def describe(self) -> dict:
         return dict(super().describe(), tau_sim=self.tau[0], tau_info=self.tau[1], tau_size=self.tau[2],
                     bidirectional=self.bidirectional, pooling=self.pooling, mode=self.mode,
-                    r_teacher_max=self.r_teacher_max, fuse_map=self.fuse_map)
+                    r_teacher_max=self.r_teacher_max)
 
     def cost_options(self) -> dict:
-        return dict(mode=self.mode, av='map' if self.fuse_map else 'late')
+        return dict(mode=self.mode)
 
-    def _fuse(self, x: torch.Tensor, attn: Optional[torch.Tensor], st: TokenState, r: int,
-              received: Optional[torch.Tensor] = None):
+    def _fuse(self, x: torch.Tensor, attn: torch.Tensor, st: TokenState, r: int):
         """Plan and fuse the tokens; returns the fused tokens, the plan and the fusion weights."""
         size = st.sizes(x)
         with torch.no_grad():
-            received = attn.mean(dim=(1, 2)) if received is None else received
+            received = attn.mean(dim=(1, 2))   # attention each token receives, once for all criteria
             plan = bipartite_plan(mctf_scores(x, None, st.size, st.p, *self.tau, received=received), r, st.p,
                                   self.bidirectional)
             w = fusion_weights(None, size, self.pooling, received=received)
@@ -177,21 +174,10 @@ class MCTF(TokenFusion):
                 a = attention_probs(attn, *project(attn, h, 'qk'), bias)
             x = self._fuse(x, a, st, r)[0]
             return tome_block(blk, x, st, 0, self.prop_attn)
-        q, k = project(attn, h, 'qk')
-        if self.fuse_map:   # the paper's order: fuse the map (keys summed, queries averaged), then A V
-            a = attention_probs(attn, q, k, bias)
-            x, plan, w = self._fuse(x, a, st, r)
-            h = blk.norm1(x)
-            ctx = attn.attn_drop(fuse_attention(plan, a, w, self.pooling)) @ project(attn, h, 'v')
-        else:
-            # the same result in the order that is fast on CPUs: the map is built key-major
-            # (B, H, keys, queries), so summing key rows is a row merge; the query average commutes
-            # with the product by V and is applied to the (B, H, T, dv) output instead of the map
-            at = attention_probs_keys_first(attn, q, k, bias)
-            x, plan, w = self._fuse(x, None, st, r, received=at.mean(dim=(1, 3)))
-            h = blk.norm1(x)
-            keys = attn.attn_drop(plan.merge(at)).transpose(-1, -2)          # (B, H, T, T')
-            ctx = merge_weighted(plan, keys @ project(attn, h, 'v'), w[:, None])
+        a = attention_probs(attn, *project(attn, h, 'qk'), bias)
+        x, plan, w = self._fuse(x, a, st, r)
+        h = blk.norm1(x)
+        ctx = attn.attn_drop(fuse_attention(plan, a, w, self.pooling)) @ project(attn, h, 'v')
         x = x + blk.drop_path1(blk.ls1(attention_output(attn, ctx, h)))
         return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
 

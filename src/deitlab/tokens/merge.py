@@ -121,11 +121,15 @@ def bipartite_plan(scores: torch.Tensor, r: int, p: int, bidirectional: bool = F
         return MergePlan(_slots(p, n_a, n_b, unm, src, dst, order2[:, r2:], src2, node_idx2.gather(1, src2)), T - r)
 
 
-def merge_weighted(plan: MergePlan, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """``sum_i w_i x_i / sum_i w_i`` per merged group; ``weights`` (B, T, 1) are positive."""
+def merge_weighted(plan: MergePlan, x: torch.Tensor, weights: torch.Tensor,
+                   total: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``sum_i w_i x_i / sum_i w_i`` per merged group. ``weights`` are positive and broadcast
+    against ``x`` on every dim but the last (e.g. (B, T, 1), or (B, 1, T, 1) for per-head
+    tensors); ``total`` is ``plan.merge(weights)`` when the caller has it already."""
     w = weights.to(torch.promote_types(x.dtype, weights.dtype))
-    both = plan.merge(torch.cat([x * w, w.expand(*x.shape[:-1], 1)], dim=-1))
-    return (both[..., :-1] / both[..., -1:]).to(x.dtype)
+    if total is None:
+        total = plan.merge(w)
+    return (plan.merge(x * w) / total).to(x.dtype)
 
 
 class TokenState:
@@ -149,9 +153,9 @@ class TokenState:
         """Proportional-attention bias ``log s`` over keys, (B, 1, 1, T); None before any merge."""
         return None if self.size is None else self.size.log()[:, None, None, :, 0]
 
-    def update(self, plan: MergePlan, x: torch.Tensor) -> None:
-        """Record a merge (x: the tokens before it)."""
-        self.size = plan.merge(self.sizes(x), 'sum')
+    def update(self, plan: MergePlan, x: torch.Tensor, size: Optional[torch.Tensor] = None) -> None:
+        """Record a merge (x: the tokens before it; ``size``: the merged sizes, if known)."""
+        self.size = plan.merge(self.sizes(x), 'sum') if size is None else size
         if self.source is not None:
             self.source = plan.merge(self.source, 'sum')   # disjoint 0/1 rows: the sum is the max
         self.tokens.append(self.size.shape[1])

@@ -25,7 +25,7 @@ from .merge import TokenState, bipartite_plan, cosine_scores, merge_weighted
 from .schedule import token_schedule
 
 __all__ = ['TokenFusionError', 'TokenFusion', 'patch_model', 'remove_token_fusion', 'token_fusion_of',
-           'project', 'attention_output', 'attend', 'attention_probs', 'attention_probs_keys_first', 'tome_block']
+           'project', 'attention_output', 'attend', 'attention_probs', 'tome_block']
 
 
 class TokenFusionError(ValueError):
@@ -65,15 +65,6 @@ def attention_probs(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, bias: Opt
     return (logits if bias is None else logits + bias.to(logits.dtype)).softmax(dim=-1)
 
 
-def attention_probs_keys_first(attn: nn.Module, q: torch.Tensor, k: torch.Tensor,
-                               bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """The same map transposed, (B, H, Nk, Nq): ``softmax`` over keys of ``scale k q^T + bias``."""
-    logits = (k * attn.scale) @ q.transpose(-2, -1)
-    if bias is not None:
-        logits = logits + bias.to(logits.dtype).transpose(-1, -2)
-    return logits.softmax(dim=-2)
-
-
 def attend(attn: nn.Module, q, k, v, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """Attention context (B, H, N, dv): fused SDPA when the module uses it, else explicit."""
     if attn.fused_attn:
@@ -105,8 +96,10 @@ def tome_block(blk: nn.Module, x: torch.Tensor, st: TokenState, r: int, prop_att
     if r:
         with torch.no_grad():
             plan = bipartite_plan(cosine_scores(k.mean(1), st.p), r, st.p)
-        merged = merge_weighted(plan, x, st.sizes(x))
-        st.update(plan, x)
+        size = st.sizes(x)
+        total = plan.merge(size)   # the merged sizes are the weights' totals
+        merged = merge_weighted(plan, x, size, total)
+        st.update(plan, x, total)
         x = merged
     return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
 

@@ -103,7 +103,7 @@ def token_schedule(tokens: int, depth: int, r: RSpec, protected: int = 1, method
 
 
 def fusion_macs(model: nn.Module, schedule: List[dict], method: str = 'tome', mode: str = 'one_step_ahead',
-                input_size=None, convention: str = 'matmul', av: str = 'late') -> dict:
+                input_size=None, convention: str = 'matmul') -> dict:
     """Closed-form MACs per image of ``model`` under a token ``schedule`` (``token_schedule``).
 
     Block i with H heads, dq / dv query-key / value width per head, M MLP width, on ``T`` input
@@ -113,11 +113,8 @@ def fusion_macs(model: nn.Module, schedule: List[dict], method: str = 'tome', mo
       ``H T^2 dv``, proj ``T H dv D``, MLP ``2 T D M``);
     * ToMe: attention on ``T``, the similarity of head-averaged keys ``n_a n_b dq``, MLP on ``T'``;
     * MCTF one-step-ahead: Q, K and ``QK^T`` on ``T`` (``T D H 2dq + H T^2 dq``), the similarity of
-      the block inputs ``n_a n_b D``, then V, proj and MLP on ``T'``; ``AV`` is ``H T'^2 dv`` when
-      the attention map is fused before the product (``av='map'``, the paper's implementation and
-      its published GMACs) and ``H T T' dv`` when the query average is applied after it
-      (``av='late'``, deitlab's default: the same result, faster on CPUs); 'precise' adds a full
-      attention on ``T'``; 'previous' is an unreduced block plus the similarity.
+      the block inputs ``n_a n_b D``, then V, ``AV``, proj and MLP on ``T'``; 'precise' adds a
+      full attention on ``T'``; 'previous' is an unreduced block plus the similarity.
 
     Under ``convention='fvcore'`` every LayerNorm adds 5 per element on the tokens it sees (MCTF's
     one-step-ahead applies ``norm1`` on ``T`` and again on ``T'``). Patch embedding and head are
@@ -155,9 +152,7 @@ def fusion_macs(model: nn.Module, schedule: List[dict], method: str = 'tome', mo
             norm_tokens = [T, T]
         else:
             qk = T * D * H * 2 * dq + full['attn_qk']
-            if av not in ('late', 'map'):
-                raise ValueError(f"av must be 'late' or 'map', got {av!r}")
-            rest = T2 * D * H * dv + (out['attn_av'] if av == 'map' else H * T * T2 * dv) + out['proj']
+            rest = T2 * D * H * dv + out['attn_av'] + out['proj']
             if mode == 'precise':
                 rest = out['qkv'] + out['attn_qk'] + out['attn_av'] + out['proj']
             attn, mlp, sim = qk + rest, out['mlp'], sim * D
@@ -189,6 +184,6 @@ def fusion_macs(model: nn.Module, schedule: List[dict], method: str = 'tome', mo
 
 
 def fusion_gmacs(model: nn.Module, schedule: List[dict], method: str = 'tome', mode: str = 'one_step_ahead',
-                 input_size=None, convention: str = 'matmul', av: str = 'late') -> float:
+                 input_size=None, convention: str = 'matmul') -> float:
     """``fusion_macs(...)['total']`` in units of 1e9."""
-    return fusion_macs(model, schedule, method, mode, input_size, convention, av)['total'] / 1e9
+    return fusion_macs(model, schedule, method, mode, input_size, convention)['total'] / 1e9
