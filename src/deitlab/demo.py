@@ -4,7 +4,7 @@
 2. Train a small DeiT on it with the DeiT recipe (scaled to a short CPU run).
 3. Prune it with NViT to half its latency (latency table measured on this machine), densify and
    fine-tune it with distillation from the dense model.
-3b. Fuse tokens in the pruned model with MCTF, off the shelf (no training).
+3b. Fuse tokens in the pruned model with MCTF-Fast, off the shelf (no training).
 4. Measure all three: accuracy, parameters, GMACs, batch-1 latency and batch throughput, measured
    interleaved in one process, and the speed-up the latency table predicted.
 5. Print a table, write ``results.json``, ``demo.png`` (accuracy curve, predictions) and
@@ -24,7 +24,7 @@ import torch
 DEMO_DATA = 'glyphs:train=24000,val=2400,size=32,seed=0'
 DEMO_MODEL = 'deitlab_deit_pico_patch4_32'
 # token fusion applied off the shelf to the pruned model (pruning and fusion compose)
-DEMO_FUSION = dict(method='mctf', r=12)
+DEMO_FUSION = dict(method='mctf-fast', r=0.35)
 
 
 def _demo_config(out: Path, quick: bool, progress: bool):
@@ -125,7 +125,7 @@ def run_demo(out: str = 'demo-out', quick: bool = False, progress: bool = True) 
     top1 = dict(dense=summary['val_top1'], nvit=next(r['top1'] for r in pruned['rows'] if r['name'] == 'nvit'),
                 fused=evaluate_models({'fused': fused}, cfg.data)['fused']['top1'])
     labels = dict(dense='DeiT-pico (dense)', nvit='NViT-pruned (latency 0.5)',
-                  fused=f'NViT + {DEMO_FUSION["method"].upper()} r={DEMO_FUSION["r"]} (no training)')
+                  fused=f'NViT + {DEMO_FUSION["method"]} r={DEMO_FUSION["r"]} (no training)')
     rows = [dict(model=labels[k], top1=round(top1[k], 2), params_m=round(r['params_m'], 3), gmacs=round(r['gmacs'], 4),
                  latency_ms=round(r['latency_ms'], 2), img_per_s=round(r['images_per_s'], 1),
                  speedup=round(r['throughput_ratio'], 2),
@@ -147,6 +147,9 @@ def run_demo(out: str = 'demo-out', quick: bool = False, progress: bool = True) 
               f'throughput at batch 64 over the dense model; predicted = the latency table\'s; tokens per block '
               f'with fusion {fused.token_fusion.last.get("tokens")}; run directories {cfg.out}, {pcfg.out}; '
               f'plots {plot}, {widths}')
+        if speed['fused']['images_per_s'] < speed['nvit']['images_per_s']:
+            print('token fusion cut GMACs but not time here: this pruned model is so small that merging costs more than '
+                  'the tokens it saves on this device; on DeiT-S it gives 1.5-1.6x (see README, token reduction)')
     return result
 
 
