@@ -133,7 +133,7 @@ def merge_weighted(plan: MergePlan, x: torch.Tensor, weights: torch.Tensor,
 
 
 class TokenState:
-    """Per-forward bookkeeping of a token-reduced ViT: sizes, optional source map, counts."""
+    """Per-forward bookkeeping of a token-reduced ViT: sizes and the optional source map."""
 
     def __init__(self, x: torch.Tensor, p: int, trace_source: bool = False):
         B, T, _ = x.shape
@@ -142,7 +142,6 @@ class TokenState:
         self.dtype = torch.promote_types(x.dtype, torch.float32)
         self.source = (torch.eye(T, device=x.device, dtype=self.dtype).expand(B, T, T)
                        if trace_source else None)
-        self.tokens = [T]
 
     def sizes(self, x: torch.Tensor) -> torch.Tensor:
         if self.size is None:
@@ -158,4 +157,3 @@ class TokenState:
         self.size = plan.merge(self.sizes(x), 'sum') if size is None else size
         if self.source is not None:
             self.source = plan.merge(self.source, 'sum')   # disjoint 0/1 rows: the sum is the max
-        self.tokens.append(self.size.shape[1])

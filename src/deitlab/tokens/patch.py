@@ -123,7 +123,8 @@ class TokenFusion:
         self._r_override = None
 
     def block(self, blk: nn.Module, x: torch.Tensor, st: TokenState, r: int) -> torch.Tensor:
-        raise NotImplementedError
+        """Run one block removing ``r`` tokens; each method (ToMe, MCTF) defines it."""
+        raise NotImplementedError(f'{type(self).__name__} does not define how a block runs')
 
     def schedule(self, tokens: int, depth: int, r=None) -> list:
         """Per block: tokens in, r after clamps, tokens out (``schedule.token_schedule``)."""
