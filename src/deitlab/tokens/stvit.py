@@ -65,7 +65,7 @@ from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn, init_weights_vit_timm
 
 from ..models.deit import (SMALL_IMAGE_CONFIGS, WidthAttention, WidthBlock, _arch_kwargs,
-                           _install_block_factory, _WidthMixin)
+                           _install_block_factory, _WidthMixin, fused_attention)
 
 __all__ = ['STViT', 'STViTDistilled', 'CrossBlock', 'stvit_from_deit', 'stvit_filter_fn', 'stvit_macs',
            'STVIT_DEFAULTS']
@@ -92,9 +92,8 @@ def cross_attention(attn: WidthAttention, q_in: torch.Tensor, kv_in: torch.Tenso
     q = q.reshape(B, Nq, H, dq).transpose(1, 2)
     k = k.reshape(B, Nk, H, dq).transpose(1, 2)
     v = v.reshape(B, Nk, H, dv).transpose(1, 2)
-    if attn.fused_attn and dq == dv:
-        x = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.attn_drop.p if attn.training else 0.,
-                                           scale=attn.scale)
+    if attn.fused_attn:
+        x = fused_attention(q, k, v, None, attn.attn_drop.p if attn.training else 0., attn.scale)
     else:
         x = attn.attn_drop(((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)) @ v
     x = x.transpose(1, 2).reshape(B, Nq, H * dv)
