@@ -30,9 +30,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, LayerScale, Mlp, use_fused_attn
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+
+from .registry import register_variant
 
 __all__ = [
     'WidthAttention', 'WidthBlock', 'fused_attention', 'DeiT', 'DeiTDistilled', 'resolve_widths', 'SMALL_IMAGE_CONFIGS', 'from_timm',
@@ -378,17 +380,11 @@ def _create(variant: str, pretrained: bool, distilled: bool, **kwargs):
 
 def _register(size: str, dims: dict, patch: int, img: int, distilled: bool):
     tag = '_distilled' if distilled else ''
-    name = f'deitlab_deit_{size}{tag}_patch{patch}_{img}'
-
-    def entry(pretrained: bool = False, **kwargs):
-        args = dict(img_size=img, patch_size=patch, **dims)
-        args.update(kwargs)
-        return _create(name, pretrained, distilled, **args)
-
-    entry.__name__ = name
-    entry.__doc__ = f'DeiT-{size}{" distilled" if distilled else ""}: patch {patch}, {img} px, {dims}.'
-    register_model(entry)
-    return entry
+    return register_variant(
+        f'deitlab_deit_{size}{tag}_patch{patch}_{img}',
+        lambda name, pretrained, **kw: _create(name, pretrained, distilled, **kw),
+        dict(img_size=img, patch_size=patch, **dims),
+        f'DeiT-{size}{" distilled" if distilled else ""}: patch {patch}, {img} px, {dims}.', __name__)
 
 
 for _size, _dims in _IMAGENET_CONFIGS.items():

@@ -60,10 +60,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import trunc_normal_
-from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn, init_weights_vit_timm
 
+from ..models.registry import register_variant
 from ..models.deit import (SMALL_IMAGE_CONFIGS, WidthAttention, WidthBlock, _arch_kwargs,
                            _install_block_factory, _WidthMixin, fused_attention)
 
@@ -339,18 +340,14 @@ def _cfg(small: bool, distilled: bool) -> dict:
 
 def _register(size: str, patch: int, img: int, distilled: bool) -> None:
     dims, layer, grid = STVIT_DEFAULTS[size]
-    name = _name(size, patch, img, distilled)
     cls = STViTDistilled if distilled else STViT
-
-    def entry(pretrained: bool = False, **kwargs):
-        args = dict(img_size=img, patch_size=patch, stvit_layer=layer, stvit_grid=grid, **dims)
-        args.update(kwargs)
-        return build_model_with_cfg(cls, name, pretrained, pretrained_filter_fn=stvit_filter_fn, **args)
-
-    entry.__name__ = name
-    entry.__doc__ = (f'STViT-{size}{" distilled" if distilled else ""}: patch {patch}, {img} px, {dims}, '
-                     f'{grid}x{grid} semantic tokens before block {layer}.')
-    register_model(entry)
+    register_variant(
+        _name(size, patch, img, distilled),
+        lambda name, pretrained, **kw: build_model_with_cfg(cls, name, pretrained, pretrained_filter_fn=stvit_filter_fn,
+                                                            **kw),
+        dict(img_size=img, patch_size=patch, stvit_layer=layer, stvit_grid=grid, **dims),
+        f'STViT-{size}{" distilled" if distilled else ""}: patch {patch}, {img} px, {dims}, '
+        f'{grid}x{grid} semantic tokens before block {layer}.', __name__)
 
 
 def _name(size: str, patch: int, img: int, distilled: bool) -> str:

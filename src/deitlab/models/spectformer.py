@@ -1,0 +1,312 @@
+"""SpectFormer (vanilla): spectral gating blocks first, then attention blocks.
+
+SpectFormer (Patro, Namboodiri, Agneeswaran, "SpectFormer: Frequency and Attention is what you
+need in a Vision Transformer", arXiv 2304.06446) mixes tokens with a GFNet-style *spectral
+gating* layer in the first ``alpha`` blocks and with multi-head self-attention in the remaining
+``depth - alpha`` blocks:
+
+* ``alpha = 0``     every block is timm's attention ``Block``: a plain ViT;
+* ``alpha = depth`` every block is a ``SpectralBlock``: GFNet-style, all spectral.
+
+Spectral gating (``SpectralGating``), for patch tokens (B, N, C) on an h x w grid::
+
+    X  = tokens reshaped to (B, h, w, C), in float32
+    Xf = rfft2(X, dims=(h, w), norm='ortho')           # (B, h, w//2+1, C), complex
+    Xf = Xf * W                                         # W: learnable complex (h, w//2+1, C)
+    X  = irfft2(Xf, s=(h, w), norm='ortho')             # back to (B, h, w, C) -> (B, N, C)
+
+``W`` is stored as a real parameter ``weight`` of shape (h, w//2+1, C, 2) (real, imaginary) and
+initialised N(0, 0.02^2) as in the released code. With ``W = 1 + 0j`` the layer is the identity.
+It is a per-channel circular convolution over the grid with a learned kernel. The grid may be
+non-square (h != w): the filter has h rows and w//2+1 columns.
+
+Class token: the vanilla SpectFormer has no class token; it applies the final LayerNorm to all
+tokens and averages them (``class_token=False, global_pool='avg', fc_norm=False`` here, which is
+timm's ``norm -> mean -> head`` order). ``class_token=True`` is accepted: prefix tokens (class /
+register tokens) are not on the grid, so the spectral mixer passes them through unchanged (its
+output for a prefix token equals its input) and only the image tokens are filtered; the prefix
+tokens are still mixed by the attention blocks and transformed by every MLP.
+
+Spectral block: pre-norm with two residuals, ``x = x + SpectralGating(LN(x))`` then
+``x = x + MLP(LN(x))``, the same layout as the attention block. (The released vanilla code wraps
+filter and MLP in one residual, ``x + MLP(LN(SGN(LN(x))))``, as GFNet does; the two-residual form
+is used here so that both block types share one structure.)
+
+The model is timm's ``VisionTransformer`` with a per-layer ``block_fn``; the registered names are
+
+* ``deitlab_spectformer_{t,xs,s,b}_patch16_224``: the paper's vanilla shapes (D 256/384/384/512,
+  depth 12/12/19/19, alpha 4 as released, heads D/64 = 4/6/6/8; no weights).
+* ``deitlab_spectformer_{pico,nano,micro}_patch4_32``: the small-image family with the widths
+  of ``deitlab_deit_{pico,nano,micro}_patch4_32`` and alpha = depth // 2 (2/3/4). They take
+  ``img_size=28, in_chans=1`` (7 x 7 grid) for Fashion-MNIST.
+
+Every name takes ``alpha``. The filter size is tied to the grid, so ``dynamic_img_size`` is not
+supported; build the model at the input size it will see.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+from timm.layers import DropPath, Mlp, to_2tuple
+from timm.models import build_model_with_cfg, generate_default_cfgs
+from timm.models.vision_transformer import Block, VisionTransformer
+
+from .deit import SMALL_IMAGE_CONFIGS, _arch_kwargs, _cfg, _small_cfg
+from .registry import register_variant
+
+__all__ = ['SpectralGating', 'SpectralBlock', 'SpectFormer', 'spectformer_macs', 'SPECTFORMER_CONFIGS']
+
+
+class SpectralGating(nn.Module):
+    """GFNet / SpectFormer global filter on an h x w token grid (see the module docstring).
+
+    ``forward(x)`` takes (B, num_prefix_tokens + h*w, C). The first ``num_prefix_tokens`` tokens
+    (class / register tokens) are returned unchanged; the rest are filtered in the 2-D Fourier
+    domain. The FFTs run in float32 (also under autocast) and the result is cast back to the
+    input dtype.
+    """
+
+    def __init__(self, dim: int, grid_size: Sequence[int], num_prefix_tokens: int = 0, device=None, dtype=None):
+        super().__init__()
+        h, w = (int(s) for s in grid_size)
+        if h < 1 or w < 1:
+            raise ValueError(f'spectral gating needs a grid of at least 1x1 tokens, got {h}x{w}')
+        self.dim = dim
+        self.grid_size = (h, w)
+        self.num_prefix_tokens = int(num_prefix_tokens)
+        self.weight = nn.Parameter(torch.empty(h, w // 2 + 1, dim, 2, device=device, dtype=dtype))
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """N(0, 0.02^2) for the real and imaginary parts (timm's ViT init calls this)."""
+        with torch.no_grad():
+            self.weight.normal_(0., 0.02)
+
+    def set_identity(self) -> None:
+        """Set the filter to 1 + 0j: the layer then returns its input."""
+        with torch.no_grad():
+            self.weight.zero_()
+            self.weight[..., 0] = 1.
+
+    @property
+    def complex_weight(self) -> torch.Tensor:
+        return torch.view_as_complex(self.weight.float().contiguous())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        h, w = self.grid_size
+        p = self.num_prefix_tokens
+        if N != p + h * w or C != self.dim:
+            raise ValueError(f'spectral gating expects {p} prefix + {h}x{w} grid tokens of width {self.dim}, '
+                             f'got {N} tokens of width {C}')
+        prefix, tokens = x[:, :p], x[:, p:]
+        dtype = x.dtype
+        # FFTs in float32 also under autocast (the meta device has no autocast state)
+        no_autocast = (contextlib.nullcontext() if x.device.type == 'meta'
+                       else torch.autocast(device_type=x.device.type, enabled=False))
+        with no_autocast:
+            t = tokens.float().reshape(B, h, w, C)
+            t = torch.fft.rfft2(t, dim=(1, 2), norm='ortho')
+            t = t * self.complex_weight
+            t = torch.fft.irfft2(t, s=(h, w), dim=(1, 2), norm='ortho')
+        t = t.reshape(B, h * w, C).to(dtype)
+        return torch.cat([prefix, t], dim=1) if p else t
+
+
+class SpectralBlock(nn.Module):
+    """Pre-norm spectral block: ``x + drop_path(SGN(norm1(x)))`` then ``x + drop_path(mlp(norm2(x)))``."""
+
+    def __init__(self, dim: int, grid_size: Sequence[int], num_prefix_tokens: int = 0, mlp_ratio: float = 4.,
+                 proj_drop: float = 0., drop_path: float = 0., norm_layer=nn.LayerNorm, act_layer=nn.GELU,
+                 mlp_layer=Mlp, device=None, dtype=None):
+        super().__init__()
+        dd = dict(device=device, dtype=dtype)
+        self.norm1 = norm_layer(dim, **dd)
+        self.filter = SpectralGating(dim, grid_size, num_prefix_tokens, **dd)
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        self.norm2 = norm_layer(dim, **dd)
+        self.mlp = mlp_layer(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer,
+                             drop=proj_drop, **dd)
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x = x + self.drop_path1(self.filter(self.norm1(x)))
+        x = x + self.drop_path2(self.mlp(self.norm2(x)))
+        return x
+
+
+class _SpectFormerBlocks:
+    """timm's block_fn: block i is a SpectralBlock for i < alpha, else timm's attention Block."""
+
+    def __init__(self, alpha: int, grid_size: Tuple[int, int], num_prefix_tokens: int):
+        self.alpha = alpha
+        self.grid_size = grid_size
+        self.num_prefix_tokens = num_prefix_tokens
+
+    def __call__(self, dim, num_heads, depth=0, mlp_ratio=4., proj_drop=0., drop_path=0., norm_layer=nn.LayerNorm,
+                 act_layer=nn.GELU, mlp_layer=Mlp, device=None, dtype=None, **kwargs):
+        if depth < self.alpha:
+            return SpectralBlock(dim, self.grid_size, self.num_prefix_tokens, mlp_ratio=mlp_ratio,
+                                 proj_drop=proj_drop, drop_path=drop_path, norm_layer=norm_layer,
+                                 act_layer=act_layer, mlp_layer=mlp_layer, device=device, dtype=dtype)
+        return Block(dim, num_heads, mlp_ratio=mlp_ratio, proj_drop=proj_drop, drop_path=drop_path,
+                     norm_layer=norm_layer, act_layer=act_layer, mlp_layer=mlp_layer, depth=depth,
+                     device=device, dtype=dtype, **kwargs)
+
+
+class SpectFormer(VisionTransformer):
+    """Vanilla SpectFormer: ``alpha`` spectral blocks, then ``depth - alpha`` attention blocks.
+
+    A timm ``VisionTransformer`` (patch_embed, pos_embed, blocks, norm, head, forward_features,
+    forward_head) whose defaults follow the paper's vanilla model: no class token, final norm on
+    all tokens, mean pooling, linear head. ``model_args`` holds what rebuilds it (alpha included).
+    """
+
+    def __init__(self, alpha: int = 4, img_size=224, patch_size=16, embed_dim: int = 768, depth: int = 12,
+                 num_heads: int = 12, class_token: bool = False, global_pool: str = 'avg',
+                 fc_norm: Optional[bool] = False, reg_tokens: int = 0, **kwargs):
+        if isinstance(alpha, bool) or not isinstance(alpha, int):
+            raise ValueError(f'alpha (number of spectral blocks) must be an int, got {alpha!r}')
+        if not 0 <= alpha <= depth:
+            raise ValueError(f'alpha (number of spectral blocks) must be between 0 and depth={depth}, got {alpha}')
+        for key in ('dynamic_img_size', 'dynamic_img_pad'):
+            if kwargs.get(key):
+                raise ValueError(f'SpectFormer does not support {key}: the spectral filters are sized for one '
+                                 f'token grid; build the model with the img_size it will see')
+        if kwargs.get('block_fn') is not None:
+            raise ValueError('SpectFormer builds its own blocks; block_fn is not accepted')
+        arch = _arch_kwargs(dict(kwargs, alpha=alpha, img_size=img_size, patch_size=patch_size,
+                                 embed_dim=embed_dim, depth=depth, num_heads=num_heads, class_token=class_token,
+                                 global_pool=global_pool, fc_norm=fc_norm, reg_tokens=reg_tokens))
+        img, patch = to_2tuple(img_size), to_2tuple(patch_size)
+        grid = (img[0] // patch[0], img[1] // patch[1])
+        prefix = (1 if class_token else 0) + reg_tokens
+        super().__init__(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
+                         num_heads=num_heads, class_token=class_token, global_pool=global_pool, fc_norm=fc_norm,
+                         reg_tokens=reg_tokens, block_fn=_SpectFormerBlocks(alpha, grid, prefix), **kwargs)
+        if tuple(self.patch_embed.grid_size) != grid or self.num_prefix_tokens != prefix:
+            raise ValueError(f'patch embedding grid {tuple(self.patch_embed.grid_size)} / {self.num_prefix_tokens} '
+                             f'prefix tokens differ from the spectral filters\' {grid} / {prefix}')
+        self.alpha = alpha
+        self.arch_kwargs = arch
+
+    @property
+    def model_args(self) -> dict:
+        """Constructor arguments that rebuild this model (everything but num_classes)."""
+        args = {k: v for k, v in self.arch_kwargs.items() if k != 'num_classes'}
+        args.update(alpha=self.alpha, embed_dim=self.embed_dim, depth=len(self.blocks),
+                    in_chans=self.patch_embed.proj.in_channels, img_size=list(self.patch_embed.img_size),
+                    patch_size=list(self.patch_embed.patch_size))
+        return args
+
+    def set_fused_attn(self, enable: bool) -> None:
+        """Switch every attention between fused SDPA and the explicit softmax (same math)."""
+        for m in self.modules():
+            if hasattr(m, 'fused_attn'):
+                m.fused_attn = enable
+
+
+# ----------------------------------------------------------------------------- closed-form MACs
+
+def spectformer_macs(model: SpectFormer, input_size: Optional[Sequence[int]] = None) -> dict:
+    """Closed-form MACs per image of a ``SpectFormer``, itemised (ints).
+
+    With P the patch size, C_in input channels, N = h*w grid tokens + prefix tokens, D = embed_dim,
+    H heads of width d, M the MLP hidden width and K classes:
+
+    ============  =========================================================================
+    patch_embed   h*w * C_in * P * P * D
+    qkv           per attention block  N * D * 3*H*d
+    attn_qk/av    per attention block  H * N * N * d   (each)
+    proj          per attention block  N * H*d * D
+    mlp           per block (spectral and attention)  2 * N * D * M
+    head          D * K   (one pooled vector; N * D * K with global_pool='')
+    ============  =========================================================================
+
+    ``total`` is the sum of these matrix products, which is what ``count_gmacs``
+    (``FlopCounterMode``) counts: it counts neither FFTs nor element-wise products, and neither
+    does ``total``. The spectral mixing is itemised separately and is *not* in ``total``:
+
+    * ``spectral_fft``: per spectral block, rfft2 + irfft2 over the h x w grid for D channels, each
+      taken as ``D * h*w * log2(h*w)`` (the O(N log N) per channel cost with constant 1, the
+      convention of GFNet / SpectFormer's complexity statements);
+    * ``spectral_filter``: per spectral block, ``h * (w//2+1) * D`` complex multiplies at 4 real
+      MACs each.
+
+    ``total_with_spectral = total + spectral_fft + spectral_filter``. Norms, GELU, softmax and adds
+    are free. Raises ``ValueError`` for another model or an input size the filters do not fit.
+    """
+    from ..bench.common import resolve_input_size
+
+    if not isinstance(model, SpectFormer):
+        raise ValueError(f'spectformer_macs takes a SpectFormer, not {type(model).__name__}')
+    size = resolve_input_size(model, input_size)
+    pe = model.patch_embed
+    if tuple(size[1:]) != tuple(pe.img_size) or size[0] != pe.proj.in_channels:
+        raise ValueError(f'input {tuple(size)} does not fit the model ({pe.proj.in_channels}, '
+                         f'{pe.img_size[0]}, {pe.img_size[1]}): the spectral filters are sized for its grid')
+    h, w = pe.grid_size
+    kh, kw = pe.proj.kernel_size
+    D = int(model.embed_dim)
+    N = h * w + int(model.num_prefix_tokens)
+    parts = dict(patch_embed=h * w * size[0] * kh * kw * D, qkv=0, attn_qk=0, attn_av=0, proj=0, mlp=0, head=0,
+                 spectral_fft=0, spectral_filter=0)
+    for blk in model.blocks:
+        M = blk.mlp.fc1.out_features
+        parts['mlp'] += 2 * N * D * M
+        if isinstance(blk, SpectralBlock):
+            parts['spectral_fft'] += 2 * D * h * w * math.log2(h * w) if h * w > 1 else 0
+            parts['spectral_filter'] += 4 * h * (w // 2 + 1) * D
+        else:
+            attn = blk.attn
+            H, d = int(attn.num_heads), int(attn.head_dim)
+            parts['qkv'] += N * attn.qkv.in_features * attn.qkv.out_features
+            parts['attn_qk'] += H * N * N * d
+            parts['attn_av'] += H * N * N * d
+            parts['proj'] += N * attn.proj.in_features * attn.proj.out_features
+    if isinstance(model.head, nn.Linear):
+        pooled = N if model.global_pool == '' else 1
+        parts['head'] = pooled * model.head.in_features * model.head.out_features
+    parts['spectral_fft'] = int(round(parts['spectral_fft']))
+    matmul = ('patch_embed', 'qkv', 'attn_qk', 'attn_av', 'proj', 'mlp', 'head')
+    parts['total'] = sum(parts[k] for k in matmul)
+    parts['total_with_spectral'] = parts['total'] + parts['spectral_fft'] + parts['spectral_filter']
+    parts.update(tokens=N, grid=(h, w), input_size=tuple(size))
+    return parts
+
+
+# ----------------------------------------------------------------------------- registered names
+
+# The paper's vanilla shapes (patch 16, 224 px). The release hard-codes alpha=4 and 6 heads; heads
+# here are D/64 so that every width divides.
+SPECTFORMER_CONFIGS = {
+    't': dict(embed_dim=256, depth=12, num_heads=4, alpha=4),
+    'xs': dict(embed_dim=384, depth=12, num_heads=6, alpha=4),
+    's': dict(embed_dim=384, depth=19, num_heads=6, alpha=4),
+    'b': dict(embed_dim=512, depth=19, num_heads=8, alpha=4),
+}
+_SMALL = {k: dict(SMALL_IMAGE_CONFIGS[k], alpha=SMALL_IMAGE_CONFIGS[k]['depth'] // 2)
+          for k in ('pico', 'nano', 'micro')}
+
+default_cfgs = generate_default_cfgs({
+    **{f'deitlab_spectformer_{s}_patch16_224': _cfg() for s in SPECTFORMER_CONFIGS},
+    **{f'deitlab_spectformer_{s}_patch4_32': _small_cfg() for s in _SMALL},
+})
+
+
+def _register(size: str, dims: dict, patch: int, img: int):
+    return register_variant(
+        f'deitlab_spectformer_{size}_patch{patch}_{img}',
+        lambda name, pretrained, **kw: build_model_with_cfg(SpectFormer, name, pretrained, **kw),
+        dict(img_size=img, patch_size=patch, **dims),
+        f'SpectFormer-{size} (vanilla): patch {patch}, {img} px, {dims}; pass alpha= to change it.', __name__)
+
+
+for _size, _dims in SPECTFORMER_CONFIGS.items():
+    _register(_size, _dims, 16, 224)
+for _size, _dims in _SMALL.items():
+    _register(_size, _dims, 4, 32)
