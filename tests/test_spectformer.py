@@ -141,3 +141,51 @@ def test_paper_shapes_params_and_macs():
             model = timm.create_model(f'deitlab_spectformer_{size}_patch16_224')
         assert sum(p.numel() for p in model.parameters()) / 1e6 == pytest.approx(params, abs=0.1)
         assert spectformer_macs(model)['total'] / 1e9 == pytest.approx(gmacs, abs=0.1)
+
+
+# ------------------------------------------------------------------ MetaFormer mixer patterns
+
+def test_mixer_pattern_builds_the_intended_layers_and_round_trips(tmp_path):
+    from deitlab.models.spectformer import GridPooling, MixerBlock
+    model = timm.create_model(SMALL[0], mixers='p,s,a,i', **FMNIST).eval()   # pico: depth 4
+    kinds = [type(b) for b in model.blocks]
+    assert kinds == [MixerBlock, SpectralBlock, Block, MixerBlock]
+    assert isinstance(model.blocks[0].mixer, GridPooling) and isinstance(model.blocks[3].mixer, torch.nn.Identity)
+    assert model.mixers == 'psai' and model.alpha is None and model.model_args['mixers'] == 'psai'
+    x = torch.randn(2, 1, 28, 28)
+    model(x).sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+    assert count_gmacs(model) == pytest.approx(spectformer_macs(model)['total'] / 1e9, rel=0, abs=0)
+    save_run_dir(model, tmp_path / 'run')
+    again = timm.create_model(f'local-dir:{tmp_path / "run"}', pretrained=True).eval()
+    model.eval()
+    assert again.mixers == 'psai' and torch.equal(again(x), model(x))
+
+
+def test_a_spectformer_pattern_is_alpha():
+    a = timm.create_model(SMALL[1], mixers='sssaaa', **FMNIST)
+    b = timm.create_model(SMALL[1], alpha=3, **FMNIST)
+    assert a.alpha == 3 and a.mixers == b.mixers == 'sssaaa'
+    assert a.state_dict().keys() == b.state_dict().keys()
+
+
+def test_grid_pooling_of_a_constant_is_zero():
+    from deitlab.models.spectformer import GridPooling
+    pool = GridPooling((7, 5), num_prefix_tokens=1)
+    out = pool(torch.full((2, 1 + 35, 8), 1.5))
+    assert torch.equal(out, torch.zeros_like(out))
+
+
+@pytest.mark.parametrize('pattern,message', [('s,s,x,a', r"unknown token mixer\(s\) \['x'\]"),
+                                             ('ssa', 'the pattern has 3 blocks but depth is 4')])
+def test_bad_mixer_pattern_message(pattern, message):
+    with pytest.raises(ValueError, match=message):
+        timm.create_model(SMALL[0], mixers=pattern, **FMNIST)
+
+
+def test_token_fusion_refuses_spectral_blocks():
+    from deitlab.tokens import TokenFusionError, apply_tome
+    with pytest.raises(TokenFusionError, match='needs class-token pooling'):   # the paper's mean pooling
+        apply_tome(timm.create_model(SMALL[0], **FMNIST), r=2)
+    with pytest.raises(TokenFusionError, match='block 0 is a SpectralBlock'):
+        apply_tome(timm.create_model(SMALL[0], class_token=True, global_pool='token', **FMNIST), r=2)

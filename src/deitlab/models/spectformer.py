@@ -58,7 +58,8 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from .deit import SMALL_IMAGE_CONFIGS, _arch_kwargs, _cfg, _small_cfg
 from .registry import register_variant
 
-__all__ = ['SpectralGating', 'SpectralBlock', 'SpectFormer', 'spectformer_macs', 'SPECTFORMER_CONFIGS']
+__all__ = ['SpectralGating', 'GridPooling', 'MixerBlock', 'SpectralBlock', 'SpectFormer', 'parse_mixers', 'MIXERS',
+           'spectformer_macs', 'SPECTFORMER_CONFIGS']
 
 
 class SpectralGating(nn.Module):
@@ -117,16 +118,38 @@ class SpectralGating(nn.Module):
         return torch.cat([prefix, t], dim=1) if p else t
 
 
-class SpectralBlock(nn.Module):
-    """Pre-norm spectral block: ``x + drop_path(SGN(norm1(x)))`` then ``x + drop_path(mlp(norm2(x)))``."""
+class GridPooling(nn.Module):
+    """PoolFormer's token mixer on the token grid: ``AvgPool_3x3(X) - X`` (stride 1, padding 1,
+    padding not counted), so a constant input gives exactly zero. Prefix tokens are not on the
+    grid and get zero."""
 
-    def __init__(self, dim: int, grid_size: Sequence[int], num_prefix_tokens: int = 0, mlp_ratio: float = 4.,
-                 proj_drop: float = 0., drop_path: float = 0., norm_layer=nn.LayerNorm, act_layer=nn.GELU,
-                 mlp_layer=Mlp, device=None, dtype=None):
+    def __init__(self, grid_size: Sequence[int], num_prefix_tokens: int = 0, pool_size: int = 3):
+        super().__init__()
+        self.grid_size = tuple(int(v) for v in grid_size)
+        self.num_prefix_tokens = int(num_prefix_tokens)
+        self.pool = nn.AvgPool2d(pool_size, stride=1, padding=pool_size // 2, count_include_pad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        (h, w), p = self.grid_size, self.num_prefix_tokens
+        if N != p + h * w:
+            raise ValueError(f'grid pooling expects {p} prefix + {h}x{w} grid tokens, got {N} tokens')
+        grid = x[:, p:].transpose(1, 2).reshape(B, C, h, w)
+        mixed = (self.pool(grid) - grid).flatten(2).transpose(1, 2)
+        return torch.cat([torch.zeros_like(x[:, :p]), mixed], dim=1) if p else mixed
+
+
+class MixerBlock(nn.Module):
+    """MetaFormer block: ``x + drop_path(mixer(norm1(x)))`` then ``x + drop_path(mlp(norm2(x)))``,
+    with any token ``mixer`` (spectral gating, grid pooling, identity)."""
+
+    def __init__(self, dim: int, mixer: nn.Module, mlp_ratio: float = 4., proj_drop: float = 0.,
+                 drop_path: float = 0., norm_layer=nn.LayerNorm, act_layer=nn.GELU, mlp_layer=Mlp,
+                 device=None, dtype=None):
         super().__init__()
         dd = dict(device=device, dtype=dtype)
         self.norm1 = norm_layer(dim, **dd)
-        self.filter = SpectralGating(dim, grid_size, num_prefix_tokens, **dd)
+        self.mixer = mixer
         self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self.norm2 = norm_layer(dim, **dd)
         self.mlp = mlp_layer(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer,
@@ -134,32 +157,66 @@ class SpectralBlock(nn.Module):
         self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        x = x + self.drop_path1(self.filter(self.norm1(x)))
+        x = x + self.drop_path1(self.mixer(self.norm1(x)))
         x = x + self.drop_path2(self.mlp(self.norm2(x)))
         return x
 
 
-class _SpectFormerBlocks:
-    """timm's block_fn: block i is a SpectralBlock for i < alpha, else timm's attention Block."""
+class SpectralBlock(MixerBlock):
+    """Pre-norm spectral block: ``x + drop_path(SGN(norm1(x)))`` then ``x + drop_path(mlp(norm2(x)))``."""
 
-    def __init__(self, alpha: int, grid_size: Tuple[int, int], num_prefix_tokens: int):
-        self.alpha = alpha
+    def __init__(self, dim: int, grid_size: Sequence[int], num_prefix_tokens: int = 0, device=None, dtype=None,
+                 **kwargs):
+        super().__init__(dim, SpectralGating(dim, grid_size, num_prefix_tokens, device=device, dtype=dtype),
+                         device=device, dtype=dtype, **kwargs)
+
+    @property
+    def filter(self) -> SpectralGating:
+        return self.mixer
+
+
+MIXERS = {'a': 'attention', 's': 'spectral gating', 'p': 'pooling', 'i': 'identity'}
+
+
+def parse_mixers(pattern, depth: int) -> str:
+    """``'s,s,a,a'``, ``'ssaa'`` or a list -> ``'ssaa'``; one letter per block from ``MIXERS``."""
+    letters = [c for c in (pattern if isinstance(pattern, str) else ''.join(pattern)).replace(',', '').replace(' ', '')]
+    bad = sorted(set(letters) - set(MIXERS))
+    if bad:
+        raise ValueError(f'mixers: unknown token mixer(s) {bad}; use ' +
+                         ', '.join(f'{k} ({v})' for k, v in MIXERS.items()))
+    if len(letters) != depth:
+        raise ValueError(f'mixers: the pattern has {len(letters)} blocks but depth is {depth}')
+    return ''.join(letters)
+
+
+class _MixerBlocks:
+    """timm's block_fn: block i gets the token mixer ``pattern[i]`` (attention: timm's Block)."""
+
+    def __init__(self, pattern: str, grid_size: Tuple[int, int], num_prefix_tokens: int):
+        self.pattern = pattern
         self.grid_size = grid_size
         self.num_prefix_tokens = num_prefix_tokens
 
     def __call__(self, dim, num_heads, depth=0, mlp_ratio=4., proj_drop=0., drop_path=0., norm_layer=nn.LayerNorm,
                  act_layer=nn.GELU, mlp_layer=Mlp, device=None, dtype=None, **kwargs):
-        if depth < self.alpha:
-            return SpectralBlock(dim, self.grid_size, self.num_prefix_tokens, mlp_ratio=mlp_ratio,
-                                 proj_drop=proj_drop, drop_path=drop_path, norm_layer=norm_layer,
-                                 act_layer=act_layer, mlp_layer=mlp_layer, device=device, dtype=dtype)
-        return Block(dim, num_heads, mlp_ratio=mlp_ratio, proj_drop=proj_drop, drop_path=drop_path,
-                     norm_layer=norm_layer, act_layer=act_layer, mlp_layer=mlp_layer, depth=depth,
-                     device=device, dtype=dtype, **kwargs)
+        kind = self.pattern[depth]
+        common = dict(mlp_ratio=mlp_ratio, proj_drop=proj_drop, drop_path=drop_path, norm_layer=norm_layer,
+                      act_layer=act_layer, mlp_layer=mlp_layer, device=device, dtype=dtype)
+        if kind == 'a':
+            return Block(dim, num_heads, depth=depth, **common, **kwargs)
+        if kind == 's':
+            return SpectralBlock(dim, self.grid_size, self.num_prefix_tokens, **common)
+        mixer = GridPooling(self.grid_size, self.num_prefix_tokens) if kind == 'p' else nn.Identity()
+        return MixerBlock(dim, mixer, **common)
 
 
 class SpectFormer(VisionTransformer):
     """Vanilla SpectFormer: ``alpha`` spectral blocks, then ``depth - alpha`` attention blocks.
+
+    ``mixers`` (a MetaFormer pattern, one letter per block: ``a`` attention, ``s`` spectral
+    gating, ``p`` pooling, ``i`` identity; ``'s,s,p,p,a,a'`` or ``'sspp aa'``) replaces ``alpha``
+    and builds any mix, e.g. ``--model-kwargs mixers=p,p,s,s,a,a`` on ``deitlab train``.
 
     A timm ``VisionTransformer`` (patch_embed, pos_embed, blocks, norm, head, forward_features,
     forward_head) whose defaults follow the paper's vanilla model: no class token, final norm on
@@ -168,10 +225,14 @@ class SpectFormer(VisionTransformer):
 
     def __init__(self, alpha: int = 4, img_size=224, patch_size=16, embed_dim: int = 768, depth: int = 12,
                  num_heads: int = 12, class_token: bool = False, global_pool: str = 'avg',
-                 fc_norm: Optional[bool] = False, reg_tokens: int = 0, **kwargs):
-        if isinstance(alpha, bool) or not isinstance(alpha, int):
+                 fc_norm: Optional[bool] = False, reg_tokens: int = 0, mixers=None, **kwargs):
+        if mixers is not None:   # a MetaFormer pattern replaces alpha
+            mixers = parse_mixers(mixers, depth)
+            k = len(mixers) - len(mixers.lstrip('s'))
+            alpha = k if mixers == 's' * k + 'a' * (depth - k) else None   # None: not a SpectFormer pattern
+        elif isinstance(alpha, bool) or not isinstance(alpha, int):
             raise ValueError(f'alpha (number of spectral blocks) must be an int, got {alpha!r}')
-        if not 0 <= alpha <= depth:
+        elif not 0 <= alpha <= depth:
             raise ValueError(f'alpha (number of spectral blocks) must be between 0 and depth={depth}, got {alpha}')
         for key in ('dynamic_img_size', 'dynamic_img_pad'):
             if kwargs.get(key):
@@ -179,6 +240,7 @@ class SpectFormer(VisionTransformer):
                                  f'token grid; build the model with the img_size it will see')
         if kwargs.get('block_fn') is not None:
             raise ValueError('SpectFormer builds its own blocks; block_fn is not accepted')
+        mixers = mixers or 's' * alpha + 'a' * (depth - alpha)
         arch = _arch_kwargs(dict(kwargs, alpha=alpha, img_size=img_size, patch_size=patch_size,
                                  embed_dim=embed_dim, depth=depth, num_heads=num_heads, class_token=class_token,
                                  global_pool=global_pool, fc_norm=fc_norm, reg_tokens=reg_tokens))
@@ -187,18 +249,19 @@ class SpectFormer(VisionTransformer):
         prefix = (1 if class_token else 0) + reg_tokens
         super().__init__(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
                          num_heads=num_heads, class_token=class_token, global_pool=global_pool, fc_norm=fc_norm,
-                         reg_tokens=reg_tokens, block_fn=_SpectFormerBlocks(alpha, grid, prefix), **kwargs)
+                         reg_tokens=reg_tokens, block_fn=_MixerBlocks(mixers, grid, prefix), **kwargs)
         if tuple(self.patch_embed.grid_size) != grid or self.num_prefix_tokens != prefix:
             raise ValueError(f'patch embedding grid {tuple(self.patch_embed.grid_size)} / {self.num_prefix_tokens} '
                              f'prefix tokens differ from the spectral filters\' {grid} / {prefix}')
         self.alpha = alpha
+        self.mixers = mixers
         self.arch_kwargs = arch
 
     @property
     def model_args(self) -> dict:
         """Constructor arguments that rebuild this model (everything but num_classes)."""
         args = {k: v for k, v in self.arch_kwargs.items() if k != 'num_classes'}
-        args.update(alpha=self.alpha, embed_dim=self.embed_dim, depth=len(self.blocks),
+        args.update(alpha=self.alpha, mixers=self.mixers, embed_dim=self.embed_dim, depth=len(self.blocks),
                     in_chans=self.patch_embed.proj.in_channels, img_size=list(self.patch_embed.img_size),
                     patch_size=list(self.patch_embed.patch_size))
         return args
@@ -261,7 +324,7 @@ def spectformer_macs(model: SpectFormer, input_size: Optional[Sequence[int]] = N
         if isinstance(blk, SpectralBlock):
             parts['spectral_fft'] += 2 * D * h * w * math.log2(h * w) if h * w > 1 else 0
             parts['spectral_filter'] += 4 * h * (w // 2 + 1) * D
-        else:
+        elif isinstance(blk, Block):   # pooling and identity mixers have no matrix products
             attn = blk.attn
             H, d = int(attn.num_heads), int(attn.head_dim)
             parts['qkv'] += N * attn.qkv.in_features * attn.qkv.out_features
