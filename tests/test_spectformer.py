@@ -71,8 +71,8 @@ def test_alpha_selects_block_types():
     spectral = timm.create_model(SMALL[1], alpha=depth, **FMNIST)
     assert all(type(b) is SpectralBlock for b in spectral.blocks)
     mixed = timm.create_model(SMALL[1], **FMNIST)
-    assert mixed.alpha == 3
-    assert [type(b) for b in mixed.blocks] == [SpectralBlock] * 3 + [Block] * 3
+    assert mixed.alpha == 2   # the released alpha / depth = 1/3
+    assert [type(b) for b in mixed.blocks] == [SpectralBlock] * 2 + [Block] * 4
     # alpha=0 is a plain ViT: same parameter names and shapes as timm's VisionTransformer
     vit = timm.models.vision_transformer.VisionTransformer(
         img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=96, depth=6, num_heads=3,
@@ -189,3 +189,15 @@ def test_token_fusion_refuses_spectral_blocks():
         apply_tome(timm.create_model(SMALL[0], **FMNIST), r=2)
     with pytest.raises(TokenFusionError, match='block 0 is a SpectralBlock'):
         apply_tome(timm.create_model(SMALL[0], class_token=True, global_pool='token', **FMNIST), r=2)
+
+
+def test_spectral_block_is_one_residual_around_filter_and_mlp():
+    torch.manual_seed(0)
+    blk = SpectralBlock(16, (4, 4))
+    x = torch.randn(2, 16, 16)
+    with torch.no_grad():
+        expected = x + blk.mlp(blk.norm2(blk.filter(blk.norm1(x))))
+        blk.filter.set_identity()
+        identity = x + blk.mlp(blk.norm2(blk.norm1(x)))   # the paper's LN -> SGN -> LN -> MLP, SGN = id
+        assert torch.allclose(blk(x), identity, atol=1e-5)
+    assert not torch.allclose(expected, identity)

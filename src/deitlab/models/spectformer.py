@@ -27,17 +27,18 @@ register tokens) are not on the grid, so the spectral mixer passes them through 
 output for a prefix token equals its input) and only the image tokens are filtered; the prefix
 tokens are still mixed by the attention blocks and transformed by every MLP.
 
-Spectral block: pre-norm with two residuals, ``x = x + SpectralGating(LN(x))`` then
-``x = x + MLP(LN(x))``, the same layout as the attention block. (The released vanilla code wraps
-filter and MLP in one residual, ``x + MLP(LN(SGN(LN(x))))``, as GFNet does; the two-residual form
-is used here so that both block types share one structure.)
+Spectral block, as the paper describes it (FFT, gating, iFFT, then LayerNorm and an MLP) and as
+the released code and GFNet compute it: one residual around filter and MLP,
+``x = x + MLP(LN2(SGN(LN1(x))))``. The other MetaFormer mixers (pooling, identity) use the
+two-residual form ``x + mixer(LN1(x))``, ``x + MLP(LN2(x))`` of the attention block.
 
 The model is timm's ``VisionTransformer`` with a per-layer ``block_fn``; the registered names are
 
 * ``deitlab_spectformer_{t,xs,s,b}_patch16_224``: the paper's vanilla shapes (D 256/384/384/512,
   depth 12/12/19/19, alpha 4 as released, heads D/64 = 4/6/6/8; no weights).
 * ``deitlab_spectformer_{pico,nano,micro}_patch4_32``: the small-image family with the widths
-  of ``deitlab_deit_{pico,nano,micro}_patch4_32`` and alpha = depth // 2 (2/3/4). They take
+  of ``deitlab_deit_{pico,nano,micro}_patch4_32`` and alpha = round(depth / 3) (1/2/3, the released
+  ratio 4/12). They take
   ``img_size=28, in_chans=1`` (7 x 7 grid) for Fashion-MNIST.
 
 Every name takes ``alpha``. The filter size is tied to the grid, so ``dynamic_img_size`` is not
@@ -163,7 +164,7 @@ class MixerBlock(nn.Module):
 
 
 class SpectralBlock(MixerBlock):
-    """Pre-norm spectral block: ``x + drop_path(SGN(norm1(x)))`` then ``x + drop_path(mlp(norm2(x)))``."""
+    """GFNet / SpectFormer spectral block: ``x + drop_path(mlp(norm2(SGN(norm1(x)))))``."""
 
     def __init__(self, dim: int, grid_size: Sequence[int], num_prefix_tokens: int = 0, device=None, dtype=None,
                  **kwargs):
@@ -173,6 +174,9 @@ class SpectralBlock(MixerBlock):
     @property
     def filter(self) -> SpectralGating:
         return self.mixer
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return x + self.drop_path1(self.mlp(self.norm2(self.mixer(self.norm1(x)))))
 
 
 MIXERS = {'a': 'attention', 's': 'spectral gating', 'p': 'pooling', 'i': 'identity'}
@@ -352,7 +356,7 @@ SPECTFORMER_CONFIGS = {
     's': dict(embed_dim=384, depth=19, num_heads=6, alpha=4),
     'b': dict(embed_dim=512, depth=19, num_heads=8, alpha=4),
 }
-_SMALL = {k: dict(SMALL_IMAGE_CONFIGS[k], alpha=SMALL_IMAGE_CONFIGS[k]['depth'] // 2)
+_SMALL = {k: dict(SMALL_IMAGE_CONFIGS[k], alpha=round(SMALL_IMAGE_CONFIGS[k]['depth'] / 3))   # released alpha/L = 1/3
           for k in ('pico', 'nano', 'micro')}
 
 default_cfgs = generate_default_cfgs({
