@@ -11,6 +11,7 @@ registers) are protected: never merged, always first.
 """
 from __future__ import annotations
 
+import abc
 import contextlib
 from typing import Optional
 
@@ -104,7 +105,7 @@ def tome_block(blk: nn.Module, x: torch.Tensor, st: TokenState, r: int, prop_att
     return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
 
 
-class TokenFusion:
+class TokenFusion(abc.ABC):
     """A token-reduction method attached to a model: its schedule and how a block runs.
 
     ``r``, ``layers`` and the method's options may be changed between forwards. After a forward,
@@ -122,9 +123,9 @@ class TokenFusion:
         self.last: dict = {}
         self._r_override = None
 
+    @abc.abstractmethod
     def block(self, blk: nn.Module, x: torch.Tensor, st: TokenState, r: int) -> torch.Tensor:
         """Run one block removing ``r`` tokens; each method (ToMe, MCTF) defines it."""
-        raise NotImplementedError(f'{type(self).__name__} does not define how a block runs')
 
     def schedule(self, tokens: int, depth: int, r=None) -> list:
         """Per block: tokens in, r after clamps, tokens out (``schedule.token_schedule``)."""
