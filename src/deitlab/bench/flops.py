@@ -7,7 +7,7 @@ matmuls out), and ``analytic_gmacs`` adds up the closed form from the model's wi
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -19,7 +19,8 @@ from ..models.deit import DeiT, DeiTDistilled
 from .common import (eval_mode, fused_attention, model_device, model_dtype, random_input,
                      resolve_input_size)
 
-__all__ = ['count_params', 'count_gmacs', 'analytic_macs', 'analytic_gmacs', 'block_macs', 'CONVENTIONS']
+__all__ = ['count_params', 'count_gmacs', 'analytic_macs', 'analytic_gmacs', 'block_macs', 'CONVENTIONS',
+           'register_closed_form']
 
 # 'matmul': multiply-accumulates of convolutions and matrix products only (what FlopCounterMode,
 #   timm and most papers count; norms, softmax, GELU, scaling and adds are free).
@@ -27,6 +28,16 @@ __all__ = ['count_params', 'count_gmacs', 'analytic_macs', 'analytic_gmacs', 'bl
 #   an affine transform). fvcore's total is what the DeiT paper tables and later papers quote
 #   (DeiT-T 1.258, DeiT-S 4.608, DeiT-B 17.58 "GFLOPs"), so this reproduces those figures.
 CONVENTIONS = ('matmul', 'fvcore')
+
+# other model families' closed forms: class -> fn(model, input_size) -> dict with 'total' (matmul)
+_CLOSED_FORMS: Dict[type, Callable[[nn.Module, Optional[Sequence[int]]], dict]] = {}
+
+
+def register_closed_form(cls: type, fn: Callable[[nn.Module, Optional[Sequence[int]]], dict]) -> None:
+    """Make ``analytic_macs`` / ``analytic_gmacs`` (and so ``deitlab bench``'s check against the
+    counter) use ``fn(model, input_size)`` for ``cls`` and its subclasses. ``fn`` returns the
+    itemised MACs with a ``total`` under the 'matmul' convention."""
+    _CLOSED_FORMS[cls] = fn
 
 
 def count_params(model: nn.Module, trainable: bool = False) -> int:
@@ -103,7 +114,9 @@ def analytic_macs(model: nn.Module, input_size: Optional[Sequence[int]] = None,
     """Closed-form MACs per image of a DeiT / ViT, itemised (ints).
 
     Supported: deitlab's ``DeiT`` / ``DeiTDistilled`` (per-block widths) and timm's plain
-    ``VisionTransformer`` / ``VisionTransformerDistilled`` (uniform widths). Anything else,
+    ``VisionTransformer`` / ``VisionTransformerDistilled`` (uniform widths), plus every family that
+    registered its own closed form (``register_closed_form``: PoolFormer, SpectFormer, ...; their
+    parts are their own, 'matmul' convention only). Anything else,
     including subclasses that add modules, raises ``ValueError``. With N = patches + prefix
     tokens, D = embed_dim and, for block i, H heads, dq / dv the query-key / value width per
     head and M the MLP hidden width (see ``analytic_gmacs`` for the formula), the parts are
@@ -115,6 +128,14 @@ def analytic_macs(model: nn.Module, input_size: Optional[Sequence[int]] = None,
     """
     if convention not in CONVENTIONS:
         raise ValueError(f'convention must be one of {CONVENTIONS}, got {convention!r}')
+    family = next((_CLOSED_FORMS[c] for c in type(model).__mro__ if c in _CLOSED_FORMS), None)
+    if family is not None:
+        if convention != 'matmul':
+            raise ValueError(f'the closed form of {type(model).__name__} counts matrix products only '
+                             f"(convention='matmul'); fvcore's norm estimate is not modelled")
+        parts = dict(family(model, input_size))
+        parts.setdefault('convention', convention)
+        return parts
     # a wrapper class that runs the same layers differently (token fusion) names its plain class
     if getattr(type(model), 'plain_class', type(model)) not in _SUPPORTED:
         raise ValueError(
