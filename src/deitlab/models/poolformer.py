@@ -15,18 +15,22 @@ timm's ``poolformer_*``; this module only adds:
   official stem (conv k7 s4) followed by three stride-2 downsamplings leaves a 1x1 map in stage 4
   at 32 px, where the pooling mixer is identically zero. These use a conv k3 s2 p1 stem instead,
   so the four stages see 16/8/4/2 px at 32 px input (14/7/4/2 at 28 px);
+* ``mlp_hidden``: per-block MLP hidden widths (None: 4 x the stage width, timm's layout), so that
+  a model whose MLPs were pruned (``deitlab prune nvit``) is the same architecture with other
+  numbers in ``config.json``;
 * ``model_args``, the JSON constructor arguments a run directory stores in ``config.json``.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence, Union
 
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import GroupNorm1, trunc_normal_
+from timm.layers import GroupNorm1, Mlp, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs
 from timm.models.metaformer import MetaFormer, Pooling, checkpoint_filter_fn
 
+from ..bench.flops import register_closed_form
 from .registry import register_variant
 
 __all__ = ['PoolFormer', 'SMALL_IMAGE_CONFIGS', 'IMAGENET_CONFIGS', 'analytic_macs', 'analytic_gmacs']
@@ -42,6 +46,8 @@ class PoolFormer(MetaFormer):
     With the default stem (k7 s4 p2) the modules, parameter names and forward pass are those of
     timm's ``poolformer_*``. ``img_size`` is not needed by the network (it is fully
     convolutional); it is recorded as the default input size of the model's ``pretrained_cfg``.
+    ``mlp_hidden`` (an int, or one per block over all stages in order) replaces, after timm has
+    built the model, the MLP of every block whose hidden width differs (fresh weights).
     """
 
     def __init__(
@@ -57,6 +63,7 @@ class PoolFormer(MetaFormer):
             num_classes: int = 1000,
             global_pool: str = 'avg',
             img_size: Optional[int] = None,
+            mlp_hidden: Optional[Union[int, Sequence[int]]] = None,
             drop_path_rate: float = 0.,
             proj_drop_rate: float = 0.,
             drop_rate: float = 0.,
@@ -80,6 +87,8 @@ class PoolFormer(MetaFormer):
             self.stem.conv = conv
             for i, info in enumerate(self.feature_info):
                 info['reduction'] = stem_stride * 2 ** i
+        if mlp_hidden is not None:
+            self._set_mlp_hidden(mlp_hidden, proj_drop_rate, device, dtype)
         if img_size is not None:
             img_size = int(img_size[0] if isinstance(img_size, (list, tuple)) else img_size)
         self.img_size = img_size
@@ -88,12 +97,39 @@ class PoolFormer(MetaFormer):
             stem_stride=stem_stride, stem_padding=stem_padding, pool_size=pool_size, global_pool=global_pool,
             drop_path_rate=drop_path_rate, proj_drop_rate=proj_drop_rate, drop_rate=drop_rate)
 
+    def _set_mlp_hidden(self, mlp_hidden, proj_drop: float, device, dtype) -> None:
+        """Rebuild (with fresh weights, timm's MetaFormer init) the MLP of every block whose hidden
+        width differs from ``mlp_hidden`` (one int for all blocks, or one per block, stages in order)."""
+        blocks = [blk for stage in self.stages for blk in stage.blocks]
+        widths = [mlp_hidden] * len(blocks) if isinstance(mlp_hidden, int) else [int(m) for m in mlp_hidden]
+        if len(widths) != len(blocks):
+            raise ValueError(f'mlp_hidden has {len(widths)} entries but the model has {len(blocks)} blocks '
+                             f'(depths {[len(s.blocks) for s in self.stages]})')
+        if min(widths) < 1:
+            raise ValueError(f'every MLP needs at least one hidden unit, got mlp_hidden={widths}')
+        for blk, m in zip(blocks, widths):
+            old = blk.mlp
+            if old.fc1.out_channels == m:
+                continue
+            blk.mlp = Mlp(old.fc1.in_channels, m, act_layer=type(old.act), bias=old.fc1.bias is not None,
+                          drop=proj_drop, use_conv=True, device=device, dtype=dtype)
+            blk.mlp.apply(self._init_weights)
+
+    @property
+    def mlp_hidden(self) -> List[int]:
+        """Hidden width of every block's MLP (stages in order); 4 x the stage width unless pruned."""
+        return [blk.mlp.fc1.out_channels for stage in self.stages for blk in stage.blocks]
+
     @property
     def model_args(self) -> dict:
-        """Constructor arguments that rebuild this model (without ``num_classes``)."""
+        """Constructor arguments that rebuild this model (without ``num_classes``); ``mlp_hidden``
+        only when some block's MLP is not 4 x its stage width (a pruned model)."""
         args = dict(self.arch_kwargs)
         args['in_chans'] = self.stem.conv.in_channels
         args['img_size'] = self.img_size
+        uniform = [4 * d for d, n in zip(self.arch_kwargs['dims'], self.arch_kwargs['depths']) for _ in range(n)]
+        if self.mlp_hidden != uniform:
+            args['mlp_hidden'] = self.mlp_hidden
         return args
 
 
@@ -172,21 +208,22 @@ def analytic_macs(model: PoolFormer, img_size: int) -> int:
 
         stem        k * k * Cin * d_0 * H_0 * W_0
         downsample  9 * d_{i-1} * d_i * H_i * W_i      (stages whose width changes; k3 s2 p1)
-        blocks      n_i * 2 * (4 d_i) * d_i * H_i * W_i  (the two 1x1 convs of the MLP)
+        blocks      sum_j 2 * M_ij * d_i * H_i * W_i   (the two 1x1 convs of the MLP of block j,
+                    hidden width M_ij: 4 d_i, or the per-block ``mlp_hidden`` of a pruned model)
         head        d_last * K
     """
     args = model.model_args
     k, s, p = args['stem_kernel'], args['stem_stride'], args['stem_padding']
     h = _conv_out(img_size, k, s, p)
     w = h
-    dims, depths = args['dims'], args['depths']
+    dims = args['dims']
     macs = k * k * args['in_chans'] * dims[0] * h * w
     prev = dims[0]
-    for n, d in zip(depths, dims):
+    for stage, d in zip(model.stages, dims):
         if d != prev:
             h, w = _conv_out(h, 3, 2, 1), _conv_out(w, 3, 2, 1)
             macs += 9 * prev * d * h * w
-        macs += n * 8 * d * d * h * w
+        macs += sum(2 * blk.mlp.fc1.out_channels * d * h * w for blk in stage.blocks)
         prev = d
     if model.num_classes > 0:
         macs += dims[-1] * model.num_classes
@@ -195,3 +232,14 @@ def analytic_macs(model: PoolFormer, img_size: int) -> int:
 
 def analytic_gmacs(model: PoolFormer, img_size: int) -> float:
     return analytic_macs(model, img_size) / 1e9
+
+
+def _closed_form(model: PoolFormer, input_size: Optional[Sequence[int]] = None) -> dict:
+    from ..bench.common import resolve_input_size
+    size = resolve_input_size(model, input_size)
+    if size[1] != size[2]:
+        raise ValueError(f'the PoolFormer closed form takes square inputs, got {tuple(size)}')
+    return dict(total=analytic_macs(model, size[1]), input_size=tuple(size))
+
+
+register_closed_form(PoolFormer, _closed_form)   # analytic_gmacs / deitlab bench use the closed form

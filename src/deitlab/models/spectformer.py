@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -56,6 +56,7 @@ from timm.layers import DropPath, Mlp, to_2tuple
 from timm.models import build_model_with_cfg, generate_default_cfgs
 from timm.models.vision_transformer import Block, VisionTransformer
 
+from ..bench.flops import register_closed_form
 from .deit import SMALL_IMAGE_CONFIGS, _arch_kwargs, _cfg, _small_cfg
 from .registry import register_variant
 
@@ -194,17 +195,29 @@ def parse_mixers(pattern, depth: int) -> str:
     return ''.join(letters)
 
 
-class _MixerBlocks:
-    """timm's block_fn: block i gets the token mixer ``pattern[i]`` (attention: timm's Block)."""
+def _fixed_hidden(mlp_layer, hidden: int):
+    """``mlp_layer`` building its MLP with ``hidden`` units whatever ``hidden_features`` it is given."""
+    def build(*args, hidden_features=None, **kwargs):
+        return mlp_layer(*args, hidden_features=hidden, **kwargs)
+    return build
 
-    def __init__(self, pattern: str, grid_size: Tuple[int, int], num_prefix_tokens: int):
+
+class _MixerBlocks:
+    """timm's block_fn: block i gets the token mixer ``pattern[i]`` (attention: timm's Block) and,
+    when ``mlp_hidden`` is given, an MLP of ``mlp_hidden[i]`` hidden units."""
+
+    def __init__(self, pattern: str, grid_size: Tuple[int, int], num_prefix_tokens: int,
+                 mlp_hidden: Optional[Sequence[int]] = None):
         self.pattern = pattern
         self.grid_size = grid_size
         self.num_prefix_tokens = num_prefix_tokens
+        self.mlp_hidden = mlp_hidden
 
     def __call__(self, dim, num_heads, depth=0, mlp_ratio=4., proj_drop=0., drop_path=0., norm_layer=nn.LayerNorm,
                  act_layer=nn.GELU, mlp_layer=Mlp, device=None, dtype=None, **kwargs):
         kind = self.pattern[depth]
+        if self.mlp_hidden is not None:
+            mlp_layer = _fixed_hidden(mlp_layer, self.mlp_hidden[depth])
         common = dict(mlp_ratio=mlp_ratio, proj_drop=proj_drop, drop_path=drop_path, norm_layer=norm_layer,
                       act_layer=act_layer, mlp_layer=mlp_layer, device=device, dtype=dtype)
         if kind == 'a':
@@ -225,11 +238,16 @@ class SpectFormer(VisionTransformer):
     A timm ``VisionTransformer`` (patch_embed, pos_embed, blocks, norm, head, forward_features,
     forward_head) whose defaults follow the paper's vanilla model: no class token, final norm on
     all tokens, mean pooling, linear head. ``model_args`` holds what rebuilds it (alpha included).
+
+    ``mlp_hidden`` gives every block its own MLP hidden width (an int for all, or one per block;
+    None: ``mlp_ratio * embed_dim`` everywhere), as a model whose MLPs were pruned has
+    (``deitlab prune nvit``); ``model_args`` records it when the widths are not uniform.
     """
 
     def __init__(self, alpha: int = 4, img_size=224, patch_size=16, embed_dim: int = 768, depth: int = 12,
                  num_heads: int = 12, class_token: bool = False, global_pool: str = 'avg',
-                 fc_norm: Optional[bool] = False, reg_tokens: int = 0, mixers=None, **kwargs):
+                 fc_norm: Optional[bool] = False, reg_tokens: int = 0, mixers=None,
+                 mlp_hidden: Optional[Union[int, Sequence[int]]] = None, **kwargs):
         if mixers is not None:   # a MetaFormer pattern replaces alpha
             mixers = parse_mixers(mixers, depth)
             k = len(mixers) - len(mixers.lstrip('s'))
@@ -245,6 +263,11 @@ class SpectFormer(VisionTransformer):
         if kwargs.get('block_fn') is not None:
             raise ValueError('SpectFormer builds its own blocks; block_fn is not accepted')
         mixers = mixers or 's' * alpha + 'a' * (depth - alpha)
+        if mlp_hidden is not None:
+            mlp_hidden = [int(mlp_hidden)] * depth if isinstance(mlp_hidden, int) else [int(m) for m in mlp_hidden]
+            if len(mlp_hidden) != depth or min(mlp_hidden, default=1) < 1:
+                raise ValueError(f'mlp_hidden must be a positive int or {depth} of them (one per block), '
+                                 f'got {mlp_hidden}')
         arch = _arch_kwargs(dict(kwargs, alpha=alpha, img_size=img_size, patch_size=patch_size,
                                  embed_dim=embed_dim, depth=depth, num_heads=num_heads, class_token=class_token,
                                  global_pool=global_pool, fc_norm=fc_norm, reg_tokens=reg_tokens))
@@ -253,7 +276,7 @@ class SpectFormer(VisionTransformer):
         prefix = (1 if class_token else 0) + reg_tokens
         super().__init__(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
                          num_heads=num_heads, class_token=class_token, global_pool=global_pool, fc_norm=fc_norm,
-                         reg_tokens=reg_tokens, block_fn=_MixerBlocks(mixers, grid, prefix), **kwargs)
+                         reg_tokens=reg_tokens, block_fn=_MixerBlocks(mixers, grid, prefix, mlp_hidden), **kwargs)
         if tuple(self.patch_embed.grid_size) != grid or self.num_prefix_tokens != prefix:
             raise ValueError(f'patch embedding grid {tuple(self.patch_embed.grid_size)} / {self.num_prefix_tokens} '
                              f'prefix tokens differ from the spectral filters\' {grid} / {prefix}')
@@ -268,7 +291,14 @@ class SpectFormer(VisionTransformer):
         args.update(alpha=self.alpha, mixers=self.mixers, embed_dim=self.embed_dim, depth=len(self.blocks),
                     in_chans=self.patch_embed.proj.in_channels, img_size=list(self.patch_embed.img_size),
                     patch_size=list(self.patch_embed.patch_size))
+        if self.mlp_hidden != [int(self.embed_dim * self.arch_kwargs.get('mlp_ratio', 4.))] * len(self.blocks):
+            args['mlp_hidden'] = self.mlp_hidden
         return args
+
+    @property
+    def mlp_hidden(self) -> List[int]:
+        """Hidden width of every block's MLP (``mlp_ratio * embed_dim`` unless pruned)."""
+        return [blk.mlp.fc1.out_features for blk in self.blocks]
 
     def set_fused_attn(self, enable: bool) -> None:
         """Switch every attention between fused SDPA and the explicit softmax (same math)."""
@@ -283,7 +313,8 @@ def spectformer_macs(model: SpectFormer, input_size: Optional[Sequence[int]] = N
     """Closed-form MACs per image of a ``SpectFormer``, itemised (ints).
 
     With P the patch size, C_in input channels, N = h*w grid tokens + prefix tokens, D = embed_dim,
-    H heads of width d, M the MLP hidden width and K classes:
+    H heads of width d, M the MLP hidden width of the block (its own in a pruned model, see
+    ``mlp_hidden``) and K classes:
 
     ============  =========================================================================
     patch_embed   h*w * C_in * P * P * D
@@ -377,3 +408,5 @@ for _size, _dims in SPECTFORMER_CONFIGS.items():
     _register(_size, _dims, 16, 224)
 for _size, _dims in _SMALL.items():
     _register(_size, _dims, 4, 32)
+
+register_closed_form(SpectFormer, spectformer_macs)   # analytic_gmacs / deitlab bench use the closed form

@@ -1,4 +1,4 @@
-"""Structural groups of a DeiT and the masks that prune them (NViT, Yang et al. CVPR 2023, Sec. 3.1).
+"""Structural groups of a model and the masks that prune them (NViT, Yang et al. CVPR 2023, Sec. 3.1).
 
 A *unit* is the smallest thing NViT removes; every unit couples slices of several tensors that
 must go together. Five unit types, keyed by module names (never by position):
@@ -32,9 +32,17 @@ and dense models differ slightly there).
 its Q, K, V rows; ``qk``: its Q rows; ``v``: its V rows; ``mlp``: its fc1 row. Where two zeroed
 slices form a bilinear pair (Q and K rows; V rows and proj columns; fc1 row and fc2 column) only
 one side is counted, because ``w * dL/dw`` of each side estimates the same first-order change.
+
+Which unit types exist depends on the model's family (``families.layout_of``): a deitlab DeiT has
+all five. The token-mixer families PoolFormer and SpectFormer have ``mlp`` units only (their
+residual width, heads and qk/v stay fixed; see families.py), with the same coupled slices (fc1
+row and bias, fc2 column; 1x1 convolutions in PoolFormer) and the same criteria slice (the fc1
+row). ``Masks``, ``reduce_units`` and ``densify`` read block and MLP module names from the layout
+and handle the ``emb`` / attention slices only where the family has those units.
 """
 from __future__ import annotations
 
+import copy
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -42,37 +50,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..models.deit import DeiT, DeiTDistilled
+from .families import BLOCK_TYPES, GROUP_TYPES, WIDTH_KEYS, PruneError, layout_of, tokens_of
 
-GROUP_TYPES = ('emb', 'head', 'qk', 'v', 'mlp')
-BLOCK_TYPES = ('head', 'qk', 'v', 'mlp')
-
-
-class PruneError(ValueError):
-    """A model or setting the pruner cannot handle, with the reason."""
+__all__ = ['GROUP_TYPES', 'BLOCK_TYPES', 'PruneError', 'check_prunable', 'tokens_of', 'MaskedLayerNorm',
+           'use_masked_layernorm', 'Masks', 'reduce_units']
 
 
 def check_prunable(model: nn.Module) -> None:
-    """Raise ``PruneError`` unless ``model`` is a deitlab DeiT with the layout the registry knows."""
-    if not isinstance(model, (DeiT, DeiTDistilled)):
-        raise PruneError(f'structural pruning works on deitlab DeiT models, not {type(model).__name__}; '
-                         f'convert a timm ViT/DeiT with deitlab.models.deit.from_timm(model)')
-    for name in ('norm_pre', 'fc_norm'):
-        if not isinstance(getattr(model, name, nn.Identity()), nn.Identity):
-            raise PruneError(f'models with {name} are not supported by the pruner')
-    if not isinstance(model.patch_embed.norm, nn.Identity):
-        raise PruneError('patch embeddings with a norm layer are not supported by the pruner')
-    if getattr(model, 'num_reg_tokens', 0):
-        raise PruneError('models with register tokens are not supported by the pruner')
-    if getattr(model, 'attn_pool', None) is not None:
-        raise PruneError('attention pooling (global_pool="map") is not supported by the pruner')
-    for i, blk in enumerate(model.blocks):
-        if blk.attn.qkv.bias is None:
-            raise PruneError(f'block {i}: qkv without bias is not supported by the pruner')
-
-
-def tokens_of(model: nn.Module) -> int:
-    """Tokens a block sees: patches plus prefix tokens (class, distillation)."""
-    return int(model.patch_embed.num_patches) + int(model.num_prefix_tokens)
+    """Raise ``PruneError`` unless ``model`` is of a family the pruner knows (families.py: a deitlab
+    DeiT, or the MLP widths of a deitlab PoolFormer / SpectFormer) with a layout it can handle."""
+    layout_of(model)
 
 
 class MaskedLayerNorm(nn.LayerNorm):
@@ -103,14 +90,18 @@ class MaskedLayerNorm(nn.LayerNorm):
 
 
 def _norm_slots(model: nn.Module):
-    """(parent, attribute) of every LayerNorm on the residual stream."""
+    """(parent, attribute) of every LayerNorm on a DeiT's residual stream (none for the families
+    without ``emb`` units)."""
+    if not isinstance(model, (DeiT, DeiTDistilled)):
+        return []
     slots = [(blk, n) for blk in model.blocks for n in ('norm1', 'norm2')]
     slots.append((model, 'norm'))
     return slots
 
 
 def use_masked_layernorm(model: nn.Module, enable: bool = True) -> None:
-    """Swap the residual-stream LayerNorms for ``MaskedLayerNorm`` (sharing parameters), or back."""
+    """Swap the residual-stream LayerNorms for ``MaskedLayerNorm`` (sharing parameters), or back.
+    A no-op for families whose residual width is not pruned."""
     for parent, name in _norm_slots(model):
         norm = getattr(parent, name)
         if enable and isinstance(norm, nn.LayerNorm) and not isinstance(norm, MaskedLayerNorm):
@@ -119,23 +110,39 @@ def use_masked_layernorm(model: nn.Module, enable: bool = True) -> None:
             setattr(parent, name, norm.original)
 
 
+def _mlp_param_masks(put, named: dict, prefix: str, keep: torch.Tensor, e: Optional[torch.Tensor]) -> None:
+    """Element masks of one MLP (``prefix`` = its module name plus '.'): fc1 rows and fc2 columns
+    of the removed hidden units, and with ``e`` (a DeiT's residual mask) fc1 columns and fc2 rows
+    of the removed residual channels. Linear and 1x1-conv weights alike."""
+    w1 = named[prefix + 'fc1.weight']
+    tail = (1,) * (w1.dim() - 2)
+    M, C = w1.shape[0], w1.shape[1]
+    cols = torch.ones(C, device=keep.device) if e is None else e
+    put(prefix + 'fc1.weight', (keep[:, None] * cols[None, :]).view(M, C, *tail))
+    if named.get(prefix + 'fc1.bias') is not None:
+        put(prefix + 'fc1.bias', keep)
+    put(prefix + 'fc2.weight', (cols[:, None] * keep[None, :]).view(C, M, *tail))
+    if e is not None and named.get(prefix + 'fc2.bias') is not None:
+        put(prefix + 'fc2.bias', e)
+
+
 class Masks:
-    """Keep-masks (bool) per unit: ``emb`` (E,), and per block ``head`` (H_b,), ``qk`` (dq_b,),
-    ``v`` (dv_b,), ``mlp`` (M_b,). ``apply(model)`` zeroes every coupled slice of a removed unit."""
+    """Keep-masks (bool) per unit of the types the model's family has (``layout_of(model).types``):
+    for a DeiT ``emb`` (E,) and per block ``head`` (H_b,), ``qk`` (dq_b,), ``v`` (dv_b,), ``mlp``
+    (M_b,); for PoolFormer / SpectFormer only ``mlp`` per block (``emb`` is None).
+    ``apply(model)`` zeroes every coupled slice of a removed unit."""
 
     def __init__(self, model: nn.Module):
-        check_prunable(model)
-        dev = model.cls_token.device if getattr(model, 'cls_token', None) is not None else \
-            model.patch_embed.proj.weight.device
-        w = model.block_widths
-        self.emb = torch.ones(model.embed_dim, dtype=torch.bool, device=dev)
+        layout = layout_of(model)
+        dev = next(model.parameters()).device
+        counts = layout.unit_counts()
+        self.types = tuple(layout.types)
+        self.family = layout.family
+        self.block_names = list(layout.block_names)
+        self.emb = torch.ones(counts['emb'][0], dtype=torch.bool, device=dev) if 'emb' in self.types else None
         self.block: Dict[str, List[torch.Tensor]] = {
-            'head': [torch.ones(h, dtype=torch.bool, device=dev) for h in w['num_heads']],
-            'qk': [torch.ones(d, dtype=torch.bool, device=dev) for d in w['qk_dim']],
-            'v': [torch.ones(d, dtype=torch.bool, device=dev) for d in w['v_dim']],
-            'mlp': [torch.ones(m, dtype=torch.bool, device=dev) for m in w['mlp_hidden']],
-        }
-        self.depth = len(model.blocks)
+            k: [torch.ones(n, dtype=torch.bool, device=dev) for n in counts[k]] for k in BLOCK_TYPES if k in self.types}
+        self.depth = layout.depth
 
     def layer(self, kind: str, block: Optional[int] = None) -> torch.Tensor:
         if kind == 'emb':
@@ -143,29 +150,39 @@ class Masks:
         return self.block[kind][block]
 
     def layers(self):
-        """(kind, block) of every prunable layer: ('emb', None) then (type, b) for each block."""
-        yield 'emb', None
+        """(kind, block) of every prunable layer: ('emb', None) if the family has it, then
+        (type, b) for each block and block type."""
+        if self.emb is not None:
+            yield 'emb', None
         for b in range(self.depth):
-            for kind in BLOCK_TYPES:
+            for kind in self.block:
                 yield kind, b
 
     def kept(self) -> dict:
-        """Kept widths: ``embed_dim`` and per-block lists, in the model's width vocabulary."""
-        return dict(embed_dim=int(self.emb.sum()),
-                    num_heads=[int(m.sum()) for m in self.block['head']],
-                    qk_dim=[int(m.sum()) for m in self.block['qk']],
-                    v_dim=[int(m.sum()) for m in self.block['v']],
-                    mlp_hidden=[int(m.sum()) for m in self.block['mlp']])
+        """Kept widths in the model's width vocabulary: ``embed_dim`` (DeiT) and per-block lists
+        (``num_heads``, ``qk_dim``, ``v_dim``, ``mlp_hidden``; only ``mlp_hidden`` for the MLP-only
+        families)."""
+        out = {} if self.emb is None else dict(embed_dim=int(self.emb.sum()))
+        out.update({WIDTH_KEYS[k]: [int(m.sum()) for m in ms] for k, ms in self.block.items()})
+        return out
+
+    def copy(self) -> 'Masks':
+        """An independent copy (masks cloned)."""
+        out = copy.copy(self)
+        out.emb = None if self.emb is None else self.emb.clone()
+        out.block = {k: [m.clone() for m in ms] for k, ms in self.block.items()}
+        return out
 
     def state_dict(self) -> dict:
-        out = {'emb': self.emb.cpu()}
+        out = {} if self.emb is None else {'emb': self.emb.cpu()}
         for kind, ms in self.block.items():
             for b, m in enumerate(ms):
                 out[f'{kind}.{b}'] = m.cpu()
         return out
 
     def load_state_dict(self, sd: dict) -> None:
-        self.emb.copy_(sd['emb'])
+        if self.emb is not None:
+            self.emb.copy_(sd['emb'])
         for kind, ms in self.block.items():
             for b, m in enumerate(ms):
                 m.copy_(sd[f'{kind}.{b}'])
@@ -173,53 +190,55 @@ class Masks:
     # ------------------------------------------------------------------ element masks
     def param_masks(self, model: nn.Module) -> Dict[str, torch.Tensor]:
         """A 0/1 mask of the same shape for every parameter a removed unit touches."""
-        e = self.emb.float()
+        e = None if self.emb is None else self.emb.float()
         out: Dict[str, torch.Tensor] = {}
         named = dict(model.named_parameters())
 
         def put(name, mask):
             out[name] = mask.expand_as(named[name]).to(named[name].dtype)
 
-        put('patch_embed.proj.weight', e.view(-1, 1, 1, 1))
-        if model.patch_embed.proj.bias is not None:
-            put('patch_embed.proj.bias', e)
-        for pname in ('cls_token', 'dist_token', 'pos_embed'):
-            if named.get(pname) is not None:
-                put(pname, e.view(1, 1, -1))
-        for b, blk in enumerate(model.blocks):
-            p = f'blocks.{b}.'
-            head = self.block['head'][b].float()
-            qk = self.block['qk'][b].float()
-            v = self.block['v'][b].float()
-            hq = (head[:, None] * qk[None, :]).reshape(-1)
-            hv = (head[:, None] * v[None, :]).reshape(-1)
-            rows = torch.cat([hq, hq, hv])
-            put(p + 'attn.qkv.weight', rows[:, None] * e[None, :])
-            put(p + 'attn.qkv.bias', rows)
-            put(p + 'attn.proj.weight', e[:, None] * hv[None, :])
-            put(p + 'attn.proj.bias', e)
-            mlp = self.block['mlp'][b].float()
-            put(p + 'mlp.fc1.weight', mlp[:, None] * e[None, :])
-            put(p + 'mlp.fc1.bias', mlp)
-            put(p + 'mlp.fc2.weight', e[:, None] * mlp[None, :])
-            put(p + 'mlp.fc2.bias', e)
-            for n in ('norm1', 'norm2'):
-                for t in ('weight', 'bias'):
-                    if named.get(f'{p}{n}.{t}') is not None:
-                        put(f'{p}{n}.{t}', e)
-            for n in ('ls1', 'ls2'):
-                if named.get(f'{p}{n}.gamma') is not None:
-                    put(f'{p}{n}.gamma', e)
-        for t in ('weight', 'bias'):
-            if named.get(f'norm.{t}') is not None:
-                put(f'norm.{t}', e)
-        for hname in ('head', 'head_dist'):
-            if isinstance(getattr(model, hname, None), nn.Linear):
-                put(f'{hname}.weight', e[None, :])
+        if e is not None:
+            put('patch_embed.proj.weight', e.view(-1, 1, 1, 1))
+            if model.patch_embed.proj.bias is not None:
+                put('patch_embed.proj.bias', e)
+            for pname in ('cls_token', 'dist_token', 'pos_embed'):
+                if named.get(pname) is not None:
+                    put(pname, e.view(1, 1, -1))
+        for b, name in enumerate(self.block_names):
+            p = name + '.'
+            if 'head' in self.block:
+                head = self.block['head'][b].float()
+                qk = self.block['qk'][b].float()
+                v = self.block['v'][b].float()
+                hq = (head[:, None] * qk[None, :]).reshape(-1)
+                hv = (head[:, None] * v[None, :]).reshape(-1)
+                rows = torch.cat([hq, hq, hv])
+                put(p + 'attn.qkv.weight', rows[:, None] * e[None, :])
+                put(p + 'attn.qkv.bias', rows)
+                put(p + 'attn.proj.weight', e[:, None] * hv[None, :])
+                put(p + 'attn.proj.bias', e)
+            _mlp_param_masks(put, named, p + 'mlp.', self.block['mlp'][b].float(), e)
+            if e is not None:
+                for n in ('norm1', 'norm2'):
+                    for t in ('weight', 'bias'):
+                        if named.get(f'{p}{n}.{t}') is not None:
+                            put(f'{p}{n}.{t}', e)
+                for n in ('ls1', 'ls2'):
+                    if named.get(f'{p}{n}.gamma') is not None:
+                        put(f'{p}{n}.gamma', e)
+        if e is not None:
+            for t in ('weight', 'bias'):
+                if named.get(f'norm.{t}') is not None:
+                    put(f'norm.{t}', e)
+            for hname in ('head', 'head_dist'):
+                if isinstance(getattr(model, hname, None), nn.Linear):
+                    put(f'{hname}.weight', e[None, :])
         return out
 
     def sync_layernorms(self, model: nn.Module) -> None:
         """Tell every ``MaskedLayerNorm`` which residual channels are active."""
+        if self.emb is None:
+            return
         for parent, name in _norm_slots(model):
             norm = getattr(parent, name)
             if isinstance(norm, MaskedLayerNorm):
@@ -254,11 +273,14 @@ def reduce_units(model: nn.Module, elem: ElemFn) -> Dict[str, object]:
     """Sum an element-wise quantity over the criteria slices of every unit.
 
     ``elem(name, param)`` returns a tensor shaped like the parameter (e.g. ``w * grad``) or None
-    (treated as zero). Returns ``{'emb': (E,), 'head': [(H_b,)], 'qk': [(dq_b,)], 'v': [(dv_b,)],
-    'mlp': [(M_b,)]}``, signed sums taken *before* any squaring (see the module docstring for
+    (treated as zero). Returns, for the unit types of the model's family, ``{'emb': (E,), 'head':
+    [(H_b,)], 'qk': [(dq_b,)], 'v': [(dv_b,)], 'mlp': [(M_b,)]}`` (PoolFormer / SpectFormer:
+    ``{'mlp': [(M_b,)]}``), signed sums taken *before* any squaring (see the module docstring for
     which slices count).
     """
+    layout = layout_of(model)
     named = dict(model.named_parameters())
+    dev = next(model.parameters()).device
 
     def get(name):
         p = named.get(name)
@@ -267,20 +289,13 @@ def reduce_units(model: nn.Module, elem: ElemFn) -> Dict[str, object]:
         t = elem(name, p)
         return None if t is None else t.detach().float()
 
-    E = model.embed_dim
-    dev = model.patch_embed.proj.weight.device
-    emb = torch.zeros(E, device=dev)
-    t = get('patch_embed.proj.weight')
-    if t is not None:
-        emb += t.reshape(E, -1).sum(1)
-    t = get('patch_embed.proj.bias')
-    if t is not None:
-        emb += t
     def linear(name: str, n_out: int, n_in: int):
-        """Per-output-row sums (weight and bias) and per-input-column sums (weight) of a Linear."""
+        """Per-output-row sums (weight and bias) and per-input-column sums (weight) of a Linear
+        (or a 1x1 convolution)."""
         rows, cols = torch.zeros(n_out, device=dev), torch.zeros(n_in, device=dev)
         t = get(name + '.weight')
         if t is not None:
+            t = t.reshape(n_out, n_in)
             rows += t.sum(1)
             cols += t.sum(0)
         t = get(name + '.bias')
@@ -288,20 +303,36 @@ def reduce_units(model: nn.Module, elem: ElemFn) -> Dict[str, object]:
             rows += t
         return rows, cols
 
-    out = {'emb': emb, 'head': [], 'qk': [], 'v': [], 'mlp': []}
-    for b, blk in enumerate(model.blocks):
-        p = f'blocks.{b}.'
-        H, dq, dv = blk.attn.num_heads, blk.attn.qk_dim, blk.attn.v_dim
-        rows, cols = linear(p + 'attn.qkv', H * (2 * dq + dv), E)
-        emb += cols
-        q = rows[:H * dq].view(H, dq)
-        k = rows[H * dq:2 * H * dq].view(H, dq)
-        v = rows[2 * H * dq:].view(H, dv)
-        out['head'].append(q.sum(1) + k.sum(1) + v.sum(1))
-        out['qk'].append(q.sum(0))
-        out['v'].append(v.sum(0))
-        mlp, cols = linear(p + 'mlp.fc1', blk.mlp.fc1.out_features, E)
-        emb += cols
+    out = {k: [] for k in BLOCK_TYPES if k in layout.types}
+    emb = None
+    if 'emb' in layout.types:
+        E = model.embed_dim
+        emb = torch.zeros(E, device=dev)
+        t = get('patch_embed.proj.weight')
+        if t is not None:
+            emb += t.reshape(E, -1).sum(1)
+        t = get('patch_embed.proj.bias')
+        if t is not None:
+            emb += t
+        out = {'emb': emb, **out}
+    for name, blk in zip(layout.block_names, layout.blocks()):
+        p = name + '.'
+        fc1 = blk.mlp.fc1
+        C, M = (fc1.in_features, fc1.out_features) if isinstance(fc1, nn.Linear) else (fc1.in_channels,
+                                                                                          fc1.out_channels)
+        if 'head' in out:
+            H, dq, dv = blk.attn.num_heads, blk.attn.qk_dim, blk.attn.v_dim
+            rows, cols = linear(p + 'attn.qkv', H * (2 * dq + dv), C)
+            emb += cols
+            q = rows[:H * dq].view(H, dq)
+            k = rows[H * dq:2 * H * dq].view(H, dq)
+            v = rows[2 * H * dq:].view(H, dv)
+            out['head'].append(q.sum(1) + k.sum(1) + v.sum(1))
+            out['qk'].append(q.sum(0))
+            out['v'].append(v.sum(0))
+        mlp, cols = linear(p + 'mlp.fc1', M, C)
         out['mlp'].append(mlp)
-        emb += linear(p + 'attn.proj', E, H * dv)[0] + linear(p + 'mlp.fc2', E, blk.mlp.fc1.out_features)[0]
+        if emb is not None:
+            emb += cols
+            emb += linear(p + 'attn.proj', C, H * dv)[0] + linear(p + 'mlp.fc2', C, M)[0]
     return out

@@ -14,6 +14,12 @@ CVPR 2023. The procedure (``prune_nvit``, ``deitlab prune nvit``):
    parameter fraction of the dense model) is met.
 4. Densify into the compact non-uniform DeiT (widths optionally rounded up to multiples), save it
    as a run directory, and fine-tune it with soft distillation from the dense model.
+
+The same loop prunes the token-mixer families PoolFormer and SpectFormer (deitlab's), in their
+MLP hidden widths only (families.py): the masks, saliency, ranking, budget and latency table follow
+the model's layout, whose only unit type is ``mlp``. Settings that name the other unit types
+(``prune_types``, ``group_sizes``, ``min_keep``, ``lut_grid`` entries for emb / head / qk / v)
+raise ``PruneError`` for them; the default ``prune_types`` (all five) means every type the model has.
 """
 from __future__ import annotations
 
@@ -23,7 +29,7 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -32,8 +38,9 @@ import torch.nn.functional as F
 from ..rundir import create, is_run_dir, save_run_dir
 from ..train.engine import evaluate
 from .densify import densify, rounded_masks
+from .families import Layout, layout_of
 from .groups import GROUP_TYPES, Masks, PruneError, check_prunable, use_masked_layernorm
-from .latency import LatencyTable, build_latency_table, default_grid
+from .latency import LatencyTable, MLPLatencyTable, build_latency_table, grid_for, load_latency_table
 from .ranking import Budget, default_group_sizes, rank_groups, remove_group
 from .saliency import Saliency, per_sample_sq_grads
 
@@ -81,7 +88,7 @@ class NViTConfig:
     lut: Optional[str] = None               # reuse a saved table
     lut_batch: int = 64
     lut_passes: int = 3
-    lut_grid: Dict[str, list] = field(default_factory=dict)   # per axis (emb, heads, qk, v, mlp); default grid otherwise
+    lut_grid: Dict[str, list] = field(default_factory=dict)   # per axis (emb, heads, qk, v, mlp; PoolFormer etc.: mlp)
     # fine-tuning of the densified model
     finetune_epochs: int = 1
     finetune_steps: Optional[int] = None    # cap on steps per fine-tune epoch
@@ -129,10 +136,27 @@ class NViTConfig:
             raise PruneError('an extra teacher needs --distill hard|soft and --teacher NAME|RUN_DIR together')
         return self
 
+    def unit_types(self, layout: Layout) -> tuple:
+        """The unit types to prune on a model of this layout; ``PruneError`` when a setting names a
+        type the family does not prune. The default ``prune_types`` (all five) means all it has."""
+        absent = [t for t in GROUP_TYPES if t not in layout.types]
+        if not absent:
+            return self.prune_types
+        why = (f'{layout.family} models are pruned in their MLP hidden widths only (the residual width, heads, '
+               f'qk and v stay fixed)')
+        asked = {'prune_types': [] if tuple(self.prune_types) == GROUP_TYPES else list(self.prune_types),
+                 'group_sizes': list(self.group_sizes), 'min_keep': list(self.min_keep),
+                 'lut_grid': [{'heads': 'head'}.get(k, k) for k in self.lut_grid]}
+        for name, types in asked.items():
+            bad = [t for t in types if t in absent]
+            if bad:
+                raise PruneError(f'{why}; --{name.replace("_", "-")} names {", ".join(bad)}')
+        return tuple(t for t in self.prune_types if t in layout.types)
+
 
 def load_dense(spec: str) -> nn.Module:
-    """A trained deitlab DeiT: from a run directory, or a timm / deitlab name with released weights
-    (downloaded by timm; a timm ViT/DeiT is converted with ``from_timm``)."""
+    """A trained deitlab DeiT, PoolFormer or SpectFormer: from a run directory, or a timm / deitlab
+    name with released weights (downloaded by timm; a timm ViT/DeiT is converted with ``from_timm``)."""
     from ..models.deit import from_timm
     if not is_run_dir(spec) and not str(spec).startswith('local-dir:'):
         import timm
@@ -142,9 +166,13 @@ def load_dense(spec: str) -> nn.Module:
                              f'train it first (deitlab train ... --out RUN_DIR) and prune the run directory')
     model = create(spec, pretrained=not is_run_dir(spec))
     try:
-        model = from_timm(model)
-    except ValueError as e:
-        raise PruneError(f'{spec}: {e}') from None
+        layout_of(model)
+    except PruneError:
+        try:
+            model = from_timm(model)
+        except ValueError as e:
+            raise PruneError(f'{spec}: {e}; the pruner takes deitlab DeiT models, and deitlab PoolFormer / '
+                             f'SpectFormer models (their MLP widths)') from None
     check_prunable(model)
     return model
 
@@ -189,9 +217,11 @@ class NViTPruner:
     """The pruning phase on a model in memory: ``run()`` trains, scores and removes groups until
     the budget is met, and returns the masks. ``densified()`` gives the compact model."""
 
-    def __init__(self, model: nn.Module, cfg: NViTConfig, lut: Optional[LatencyTable], device: torch.device):
+    def __init__(self, model: nn.Module, cfg: NViTConfig, lut: Optional[Union[LatencyTable, MLPLatencyTable]],
+                 device: torch.device):
         cfg.validate()
-        check_prunable(model)
+        self.layout = layout_of(model)
+        self.prune_types = cfg.unit_types(self.layout)
         self.cfg = cfg
         self.device = device
         self.model = model.to(device)
@@ -201,15 +231,37 @@ class NViTPruner:
         self.lut = lut
         self.budget = Budget(model, lut, cfg.target_latency, cfg.target_gmacs, cfg.target_params)
         self.group_sizes = {**default_group_sizes(model), **cfg.group_sizes}
-        self.min_keep = {k: max(1, int(cfg.min_keep.get(k, self.group_sizes[k]))) for k in GROUP_TYPES}
+        self.min_keep = {k: max(1, int(cfg.min_keep.get(k, self.group_sizes[k]))) for k in self.layout.types}
         if cfg.masked_ln:
             use_masked_layernorm(self.model, True)
         self.masks = Masks(self.model)
-        self.saliency = Saliency(cfg.criterion, cfg.momentum, cfg.divisors, depth=len(model.blocks))
+        self.saliency = Saliency(cfg.criterion, cfg.momentum, cfg.divisors, depth=self.layout.depth)
         self.scores: Optional[dict] = None
         self.events = 0
         self.steps = 0
         self.log: list = []
+        self._check_reachable()
+
+    def floor_widths(self) -> dict:
+        """The widths with every prunable layer down to what whole groups and ``min_keep`` allow."""
+        floor = self.masks.copy()
+        for kind, b in floor.layers():
+            if kind in self.prune_types:
+                layer = floor.layer(kind, b)
+                active = layer.nonzero().flatten()
+                n, size = active.numel(), int(self.group_sizes[kind])
+                layer[active[n - max(0, (n - self.min_keep[kind]) // size) * size:]] = False
+        return floor.kept()
+
+    def _check_reachable(self) -> None:
+        """``PruneError`` before any training when the target lies below the floor: e.g. a latency
+        target under the part of a PoolFormer's latency that its MLP widths do not touch."""
+        floor = self.floor_widths()
+        if not self.budget.reached(floor):
+            only = '' if 'emb' in self.layout.types else f' ({self.layout.family} models prune MLP widths only)'
+            raise PruneError(f'the {self.budget.kind} target {self.budget.target} cannot be reached: with every '
+                             f'prunable layer at its minimum{only} the model keeps '
+                             f'{self.budget.fraction(floor):.3f} of the dense {self.budget.kind}; raise the target')
 
     def widths(self) -> dict:
         return self.masks.kept()
@@ -240,7 +292,7 @@ class NViTPruner:
         while not self.done():
             savings = self.lut.unit_savings(self.widths()) if (self.lut is not None and self.cfg.lam) else None
             groups = rank_groups(self.scores, savings, self.masks, self.cfg.lam, self.group_sizes, self.min_keep,
-                                 self.cfg.prune_types)
+                                 self.prune_types)
             if not groups:
                 break
             # savings change as widths shrink: re-rank after each small batch of removals
@@ -348,6 +400,7 @@ def prune_nvit(cfg: NViTConfig) -> dict:
     seed_all(cfg.seed)
     device = torch.device(cfg.device) if cfg.device else torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     dense = load_dense(cfg.model).to(device)
+    cfg.unit_types(layout_of(dense))   # settings for unit types the family does not prune: fail early
     label_names = (dense.pretrained_cfg or {}).get('label_names')
     dense_dir = cfg.model if is_run_dir(cfg.model) else str(save_run_dir(dense, out / 'dense', label_names))
     train_loader, val_loader, train_set = _loaders(cfg, dense)
@@ -356,10 +409,10 @@ def prune_nvit(cfg: NViTConfig) -> dict:
 
     lut = None
     if cfg.lut:
-        lut = LatencyTable.load(cfg.lut)
+        lut = load_latency_table(cfg.lut)
         lut.check_covers(dense)
     elif cfg.target_latency is not None or cfg.lam:
-        grid = dict(default_grid(dense), **cfg.lut_grid) if cfg.lut_grid else None
+        grid = grid_for(dense, cfg.lut_grid) if cfg.lut_grid else None
         lut = build_latency_table(dense, batch_size=cfg.lut_batch, grid=grid, passes=cfg.lut_passes,
                                   progress=cfg.progress)
     if lut is not None:

@@ -22,7 +22,10 @@ from typing import Dict, List, Optional
 
 import torch
 
-from .groups import GROUP_TYPES, Masks, PruneError, tokens_of
+from .families import block_params, layout_of
+from .groups import GROUP_TYPES, Masks, PruneError
+
+__all__ = ['Group', 'default_group_sizes', 'rank_groups', 'remove_group', 'block_params', 'Budget', 'build_like']
 
 
 @dataclass
@@ -33,13 +36,15 @@ class Group:
     units: torch.Tensor      # indices into the layer's mask
 
 
+_GROUP_DIVISORS = dict(emb=48, head=6, qk=8, v=8, mlp=192)
+
+
 def default_group_sizes(model) -> Dict[str, int]:
     """NViT's ranking group sizes (embedding 16, heads 2, qk 8, v 8, MLP 16 on DeiT-B) scaled to the
-    model, so that each layer has about as many groups as in NViT: E/48, H/6, dq/8, dv/8, M/192."""
-    w = model.block_widths
-    return dict(emb=max(1, model.embed_dim // 48), head=max(1, max(w['num_heads']) // 6),
-                qk=max(1, max(w['qk_dim']) // 8), v=max(1, max(w['v_dim']) // 8),
-                mlp=max(1, max(w['mlp_hidden']) // 192))
+    model, so that each layer has about as many groups as in NViT: E/48, H/6, dq/8, dv/8, M/192 of
+    the widest layer; only the unit types of the model's family (PoolFormer, SpectFormer: ``mlp``)."""
+    counts = layout_of(model).unit_counts()
+    return {k: max(1, max(n) // _GROUP_DIVISORS[k]) for k, n in counts.items()}
 
 
 def _layer_values(scores: dict, kind: str, block: Optional[int]) -> torch.Tensor:
@@ -90,19 +95,15 @@ def remove_group(masks: Masks, group: Group) -> None:
     masks.layer(group.kind, group.block)[group.units] = False
 
 
-def block_params(D: int, H: int, dq: int, dv: int, M: int, qkv_bias: bool = True, layer_scale: bool = False) -> int:
-    """Parameters of one block: two LayerNorms, qkv (+bias), proj, fc1, fc2 (+biases), LayerScale."""
-    qkv = D * H * (2 * dq + dv) + (H * (2 * dq + dv) if qkv_bias else 0)
-    return 4 * D + qkv + H * dv * D + D + D * M + M + M * D + D + (2 * D if layer_scale else 0)
-
-
 class Budget:
     """Estimates of a pruned model relative to the dense one, and whether the target is met.
 
     Exactly one target: ``latency`` (needs a ``LatencyTable``), ``gmacs`` or ``params``, each a
-    fraction of the dense model in (0, 1]. GMACs and parameters come in closed form from the widths:
-    per block exactly, and for the rest of the model (patch embedding, tokens, final norm, heads),
-    which is affine in the embedding width, from two models without blocks built once.
+    fraction of the dense model in (0, 1]. GMACs and parameters come in closed form from the widths
+    (``layout_of(model).cost_model()``): for a DeiT per block exactly, and for the rest of the model
+    (patch embedding, tokens, final norm, heads), which is affine in the embedding width, from two
+    models without blocks built once; for PoolFormer / SpectFormer the dense model's closed form
+    plus, per block, the MACs and parameters of one MLP hidden unit times the change of its width.
     """
 
     def __init__(self, model, lut=None, latency: Optional[float] = None, gmacs: Optional[float] = None,
@@ -117,35 +118,13 @@ class Budget:
         if self.kind == 'latency' and lut is None:
             raise PruneError('a latency target needs a latency table')
         self.lut = lut
-        blk = model.blocks[0]
-        self.qkv_bias = blk.attn.qkv.bias is not None
-        self.layer_scale = hasattr(blk.ls1, 'gamma')
-        self.tokens = tokens_of(model)
-        self._rest = self._affine_rest(model)
-        self.dense = self.absolute(dict(model.block_widths, embed_dim=model.embed_dim))
-
-    @staticmethod
-    def _affine_rest(model) -> dict:
-        from ..bench import analytic_macs, count_params
-        E = model.embed_dim
-        pts = {}
-        for d in (E, max(1, E // 2)):
-            meta = build_like(model, dict(embed_dim=d, num_heads=[], qk_dim=[], v_dim=[], mlp_hidden=[]),
-                              device='meta', depth=0)
-            pts[d] = (analytic_macs(meta)['total'], count_params(meta))
-        (d1, (m1, p1)), (d2, (m2, p2)) = sorted(pts.items())
-        slope = lambda a, b: (b - a) / (d2 - d1) if d2 != d1 else 0.0
-        return dict(macs=(m1 - slope(m1, m2) * d1, slope(m1, m2)), params=(p1 - slope(p1, p2) * d1, slope(p1, p2)))
+        self.layout = layout_of(model)
+        self._cost = self.layout.cost_model()
+        self.dense = self.absolute(self.layout.widths())
 
     def absolute(self, widths: dict) -> dict:
         """``gmacs``, ``params`` and (with a table) ``latency_ms`` of a model with these widths."""
-        D, N = widths['embed_dim'], self.tokens
-        rows = list(zip(widths['num_heads'], widths['qk_dim'], widths['v_dim'], widths['mlp_hidden']))
-        from ..bench import block_macs
-        macs = self._rest['macs'][0] + self._rest['macs'][1] * D + sum(
-            sum(block_macs(N, D, *r).values()) for r in rows)
-        params = self._rest['params'][0] + self._rest['params'][1] * D + sum(
-            block_params(D, *r, qkv_bias=self.qkv_bias, layer_scale=self.layer_scale) for r in rows)
+        macs, params = self._cost(widths)
         out = dict(gmacs=macs / 1e9, params=int(round(params)))
         if self.lut is not None:
             out['latency_ms'] = self.lut.model_ms(widths)
@@ -170,15 +149,5 @@ class Budget:
 
 def build_like(model, widths: dict, device=None, **overrides):
     """A model of ``model``'s architecture with other widths (random weights; ``device='meta'``
-    builds it without memory). The attention scale stays the dense model's."""
-    import timm
-    from ..rundir import architecture_of
-    args = dict(model.model_args)
-    args.update({k: widths[k] for k in ('embed_dim', 'num_heads', 'qk_dim', 'v_dim', 'mlp_hidden')})
-    args['attn_scale'] = list(model.block_widths['attn_scale'])[:len(widths['num_heads'])]
-    args.update(overrides)
-    if device == 'meta':
-        with torch.device('meta'):
-            return timm.create_model(architecture_of(model), pretrained=False, num_classes=model.num_classes, **args)
-    return timm.create_model(architecture_of(model), pretrained=False, num_classes=model.num_classes,
-                             **args).to(device or 'cpu')
+    builds it without memory): ``layout_of(model).build``. A DeiT keeps the dense attention scale."""
+    return layout_of(model).build(widths, device=device, **overrides)

@@ -1,5 +1,7 @@
 """What a pruning run bought: accuracy, params, GMACs, measured and predicted speed-up, and the
-per-block widths against the dense model (NViT's "parameter redistribution" picture)."""
+per-block widths against the dense model (NViT's "parameter redistribution" picture). Widths and
+closed-form GMACs come from the model's layout (families.py), so a pruned PoolFormer / SpectFormer
+reports its MLP widths only."""
 from __future__ import annotations
 
 import json
@@ -8,25 +10,32 @@ from typing import Optional
 
 import torch.nn as nn
 
+from .families import layout_of
+
 WIDTH_PANELS = (('num_heads', 'heads'), ('qk_dim', 'QK dim / head'), ('v_dim', 'V dim / head'),
                 ('mlp_hidden', 'MLP hidden'))
 
 
 def widths_of(model: nn.Module) -> dict:
-    return dict(model.block_widths, embed_dim=model.embed_dim)
+    """The model's widths in the vocabulary of ``Masks.kept()`` (``layout_of(model).widths()``)."""
+    return layout_of(model).widths()
 
 
 def plot_widths(dense: dict, pruned: dict, path, title: str = '') -> Path:
-    """Bars of heads, QK dim, V dim and MLP width per block, dense (grey) against pruned."""
+    """Bars of heads, QK dim, V dim and MLP width per block, dense (grey) against pruned (only the
+    widths the model has: MLP width for PoolFormer / SpectFormer)."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     import numpy as np
 
-    depth = len(dense['num_heads'])
+    panels = [(key, label) for key, label in WIDTH_PANELS if key in dense]
+    depth = len(dense[panels[0][0]])
     x = np.arange(depth)
-    fig, axes = plt.subplots(1, 4, figsize=(14, 3.3))
-    for ax, (key, label) in zip(axes, WIDTH_PANELS):
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.5 * len(panels) + (3 if len(panels) == 1 else 0), 3.3),
+                             squeeze=False)
+    axes = axes[0]
+    for ax, (key, label) in zip(axes, panels):
         ax.bar(x, dense[key], color='0.82', label='dense')
         ax.bar(x, pruned[key], color='tab:blue', width=0.55, label='pruned')
         ax.set_title(label)
@@ -34,7 +43,9 @@ def plot_widths(dense: dict, pruned: dict, path, title: str = '') -> Path:
         ax.set_xticks(x)
         ax.grid(axis='y', alpha=.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle(f'{title}  embedding {dense["embed_dim"]} -> {pruned["embed_dim"]}'.strip())
+    if 'embed_dim' in dense:
+        title = f'{title}  embedding {dense["embed_dim"]} -> {pruned["embed_dim"]}'
+    fig.suptitle(title.strip())
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)
@@ -56,7 +67,7 @@ def speed_rows(models: dict, baseline: str, batch_size: int, lut=None, quick: bo
 
 def finish_report(cfg, out: Path, dense: nn.Module, final: nn.Module, pruner, val_loader, device,
                   extra: Optional[dict] = None) -> dict:
-    from ..bench import analytic_gmacs, count_params, format_table
+    from ..bench import count_params, format_table
     from ..train.engine import evaluate
 
     acc = {name: evaluate(m, val_loader, device, progress=False)['top1'] for name, m in (('dense', dense),
@@ -66,7 +77,7 @@ def finish_report(cfg, out: Path, dense: nn.Module, final: nn.Module, pruner, va
         rows = speed_rows({'dense': dense, 'nvit': final}, 'dense', cfg.lut_batch, pruner.lut)
     else:
         for name, m in (('dense', dense), ('nvit', final)):
-            rows.append(dict(name=name, params_m=count_params(m) / 1e6, gmacs=analytic_gmacs(m)))
+            rows.append(dict(name=name, params_m=count_params(m) / 1e6, gmacs=layout_of(m).gmacs()))
     for r in rows:
         r['top1'] = acc[r['name']]
     dw, pw = widths_of(dense), widths_of(final)
