@@ -183,14 +183,6 @@ def test_bad_mixer_pattern_message(pattern, message):
         timm.create_model(SMALL[0], mixers=pattern, **FMNIST)
 
 
-def test_token_fusion_refuses_spectral_blocks():
-    from deitlab.tokens import TokenFusionError, apply_tome
-    with pytest.raises(TokenFusionError, match='needs class-token pooling'):   # the paper's mean pooling
-        apply_tome(timm.create_model(SMALL[0], **FMNIST), r=2)
-    with pytest.raises(TokenFusionError, match='block 0 is a SpectralBlock'):
-        apply_tome(timm.create_model(SMALL[0], class_token=True, global_pool='token', **FMNIST), r=2)
-
-
 def test_spectral_block_is_one_residual_around_filter_and_mlp():
     torch.manual_seed(0)
     blk = SpectralBlock(16, (4, 4))

@@ -272,6 +272,12 @@ def _custom_attention():
     return model
 
 
+def _avg_with_prefix():
+    model = _model(global_pool='avg')
+    model.pool_include_prefix = True
+    return model
+
+
 def _checkpointing():
     model = _model()
     model.set_grad_checkpointing()
@@ -279,8 +285,9 @@ def _checkpointing():
 
 
 @pytest.mark.parametrize('build,match', [
-    (lambda: _model(global_pool='avg'), r"class-token pooling \(global_pool=\"token\"\); this model pools with 'avg'"),
-    (lambda: _model(global_pool='map'), 'class-token pooling'),
+    (_avg_with_prefix, 'mean pooling that includes the prefix tokens'),
+    (lambda: _model(global_pool='map'), r"class-token or mean pooling \(global_pool=\"token\" or \"avg\"\); "
+                                        r"this model pools with 'map'"),
     (lambda: _model(block_fn=ResPostBlock), 'block 0 is a ResPostBlock; token fusion supports timm Block'),
     (lambda: nn.Sequential(nn.Conv2d(3, 8, 4, 4), nn.Flatten()),
      'timm VisionTransformer / deitlab DeiT models, not Sequential'),

@@ -118,11 +118,12 @@ def fuse_model(cfg: FuseConfig) -> dict:
     fused = apply_token_fusion(copy.deepcopy(base), cfg.method, r, cfg.layer_list(), **cfg.fusion_options())
     tf = fused.token_fusion
     tokens = base.patch_embed.num_patches + base.num_prefix_tokens
-    schedule = tf.schedule(tokens, len(base.blocks))
+    depth = len(base.blocks) - tf.start   # the blocks fusion runs in (after SpectFormer's grid blocks)
+    schedule = tf.schedule(tokens, depth)
     kind = 'tome' if cfg.method == 'tome' else 'mctf'
     label = f'{cfg.method} r={tf.r}'
     models = {'fused attention': base, 'explicit attention': explicit, label: fused}
-    macs = {n: fusion_macs(m, schedule if m is fused else tf.schedule(tokens, len(base.blocks), 0), kind,
+    macs = {n: fusion_macs(m, schedule if m is fused else tf.schedule(tokens, depth, 0), kind,
                            **tf.cost_options())['total'] / 1e9 for n, m in models.items()}
     if cfg.measure:
         rows = compare(models, 'fused attention', batch_size=cfg.batch_size, quick=cfg.quick, gmacs=True)
@@ -142,7 +143,7 @@ def fuse_model(cfg: FuseConfig) -> dict:
     cols = ['name', 'top1', 'params_m', 'gmacs_closed_form', 'latency_ms', 'images_per_s', 'latency_speedup',
             'throughput_ratio']
     return dict(model=cfg.model, method=cfg.method, fusion=tf.describe(), rows=rows,
-                tokens=[s['tokens_in'] for s in schedule] + [schedule[-1]['tokens_out']],
+                tokens=[s['tokens_in'] for s in schedule] + [schedule[-1]['tokens_out']], grid_blocks=tf.start,
                 gmacs_ratio=macs[label] / macs['fused attention'], settings=settings, config=asdict(cfg),
                 table=format_table(rows, [c for c in cols if any(c in r for r in rows)]))
 

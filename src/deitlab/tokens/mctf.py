@@ -36,8 +36,8 @@ import torch
 import torch.nn as nn
 
 from .merge import MergePlan, TokenState, bipartite_plan, cosine_scores, merge_weighted, split_ab
-from .patch import (TokenFusion, TokenFusionError, attention_output, attention_probs, check_supported, patch_model,
-                    project, tome_block)
+from .patch import (TokenFusion, TokenFusionError, attention_output, attention_probs, check_supported, grid_blocks,
+                    patch_model, project, tome_block)
 from .schedule import MCTF_MODES
 
 __all__ = ['MCTF', 'apply_mctf', 'mctf_scores', 'fusion_weights', 'fuse_tokens', 'fuse_attention',
@@ -193,11 +193,19 @@ class MCTF(TokenFusion):
         if not self.r_teacher_max:
             return None
         r_t = self.draw_r_teacher()
+        # the head right after each pass: a mean-pooled model pools with that pass's token sizes
         feats = model.forward_features(x)
+        out, rep = model.forward_head(feats), _representation(model, feats)
         with self.using_r(r_t):
             feats_t = model.forward_features(x)
-        return ConsistencyOutput(model.forward_head(feats), model.forward_head(feats_t), feats[:, 0],
-                                 feats_t[:, 0].detach(), r_t)
+            out_t, rep_t = model.forward_head(feats_t), _representation(model, feats_t)
+        return ConsistencyOutput(out, out_t, rep, rep_t.detach(), r_t)
+
+
+def _representation(model: nn.Module, feats: torch.Tensor) -> torch.Tensor:
+    """What the consistency MSE compares: the final class token, or for a mean-pooled model
+    (SpectFormer) the size-weighted mean of its tokens."""
+    return model.forward_head(feats, pre_logits=True) if model.global_pool == 'avg' else feats[:, 0]
 
 
 def apply_mctf(model: nn.Module, r=16, layers=None, fast: bool = False, **options) -> nn.Module:
@@ -206,7 +214,7 @@ def apply_mctf(model: nn.Module, r=16, layers=None, fast: bool = False, **option
     one-step-ahead attention. ``fast=True`` is MCTF-Fast (r = 0.35 at ``mctf_fast_layers``).
     ``r_teacher_max > 0`` turns on the consistency pass in training (see ``ConsistencyLoss``)."""
     check_supported(model)   # before reading model.blocks
-    depth = len(model.blocks)
+    depth = len(model.blocks) - grid_blocks(model)   # the attention blocks
     if fast:
         r = 0.35 if r == 16 else r
         layers = mctf_fast_layers(depth) if layers is None else layers

@@ -8,6 +8,14 @@ see the same model; ``remove_token_fusion`` swaps the class back. Supported: tim
 ``Attention`` (LayerScale, drop path, q/k-norm and gated attention honoured) and deitlab's DeiT
 family, including NViT-pruned models with per-block widths. Prefix tokens (CLS, DIST,
 registers) are protected: never merged, always first.
+
+Models whose first blocks mix tokens on the patch grid (SpectFormer's spectral gating, pooling or
+identity mixers, ``deitlab.models.spectformer``) are fused in their attention blocks only: the
+grid blocks run on every token, and the schedule (``r``, ``layers``) counts from the first
+attention block. A grid block after an attention block is refused, since merged tokens have no
+grid. Mean-pooled models (``global_pool='avg'``, no class token) pool the merged tokens weighted
+by their sizes, ``sum_i s_i x_i / sum_i s_i``, which is the mean over the original tokens when
+merged tokens are exact duplicates.
 """
 from __future__ import annotations
 
@@ -22,11 +30,12 @@ from timm.layers import PatchDropout
 from timm.models.vision_transformer import Attention, Block, VisionTransformer
 
 from ..models.deit import WidthAttention, WidthBlock, fused_attention
+from ..models.spectformer import MixerBlock
 from .merge import TokenState, bipartite_plan, cosine_scores, merge_weighted
 from .schedule import token_schedule
 
 __all__ = ['TokenFusionError', 'TokenFusion', 'patch_model', 'remove_token_fusion', 'token_fusion_of',
-           'project', 'attention_output', 'attend', 'attention_probs', 'tome_block']
+           'grid_blocks', 'project', 'attention_output', 'attend', 'attention_probs', 'tome_block']
 
 
 class TokenFusionError(ValueError):
@@ -120,6 +129,7 @@ class TokenFusion(abc.ABC):
         self.prop_attn = prop_attn
         self.trace_source = trace_source
         self.protected = 1
+        self.start = 0   # leading grid blocks (SpectFormer's spectral / pooling) that run unfused
         self.last: dict = {}
         self._r_override = None
 
@@ -141,6 +151,10 @@ class TokenFusion(abc.ABC):
             self._r_override = old
 
     def run_blocks(self, blocks, x: torch.Tensor) -> torch.Tensor:
+        """Run ``blocks``: the first ``start`` plainly, the rest with this fusion."""
+        for blk in blocks[:self.start]:
+            x = blk(x)
+        blocks = blocks[self.start:]
         st = TokenState(x, self.protected, self.trace_source)
         plan = self.schedule(x.shape[1], len(blocks), self._r_override)
         for blk, step in zip(blocks, plan):
@@ -160,7 +174,8 @@ class TokenFusion(abc.ABC):
         """Closed-form GMACs per image of ``model`` running this fusion (``schedule.fusion_macs``)."""
         from .schedule import fusion_gmacs
         tokens = model.patch_embed.num_patches + model.num_prefix_tokens
-        return fusion_gmacs(model, self.schedule(tokens, len(model.blocks)), self.method, input_size=input_size,
+        return fusion_gmacs(model, self.schedule(tokens, len(model.blocks) - self.start), self.method,
+                            input_size=input_size,
                             convention=convention, **self.cost_options())
 
 
@@ -179,6 +194,21 @@ class _TokenFusedViT:
         x = self.norm_pre(x)
         x = self.token_fusion.run_blocks(self.blocks, x)
         return self.norm(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        if self.global_pool != 'avg':
+            return super().forward_head(x, pre_logits)
+        # merged tokens stand for several patches: the size-weighted mean is the mean over patches
+        p = self.num_prefix_tokens
+        size = self.token_fusion.last.get('size')
+        if size is None or size.shape[:2] != x.shape[:2]:
+            raise TokenFusionError('forward_head of a mean-pooled fused model must follow its forward_features '
+                                   '(the pooling weights are the token sizes of that pass)')
+        w = size[:, p:].to(x.dtype)
+        x = (x[:, p:] * w).sum(1) / w.sum(1)
+        x = self.fc_norm(x)
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor, *args, **kwargs):
         hook = getattr(self.token_fusion, 'training_forward', None)
@@ -209,14 +239,26 @@ def check_supported(model: nn.Module) -> None:
     if type(model).forward_features is not VisionTransformer.forward_features:
         raise TokenFusionError(f'{type(model).__name__} runs its blocks its own way (it overrides '
                                f'forward_features); token fusion patches plain ViT / DeiT models')
-    if getattr(model, 'attn_pool', None) is not None or getattr(model, 'global_pool', 'token') != 'token':
-        raise TokenFusionError(f'token fusion needs class-token pooling (global_pool="token"); this model '
-                               f'pools with {getattr(model, "global_pool", None)!r}, which merged tokens would bias')
+    if getattr(model, 'attn_pool', None) is not None or getattr(model, 'global_pool', 'token') not in ('token', 'avg'):
+        raise TokenFusionError(f'token fusion needs class-token or mean pooling (global_pool="token" or "avg"); '
+                               f'this model pools with {getattr(model, "global_pool", None)!r}')
+    if model.global_pool == 'avg' and getattr(model, 'pool_include_prefix', False):
+        raise TokenFusionError('token fusion does not support mean pooling that includes the prefix tokens')
     if isinstance(model.patch_drop, PatchDropout):
         raise TokenFusionError('token fusion cannot be combined with patch dropout (patch_drop_rate > 0)')
     if getattr(model, 'grad_checkpointing', False):
         raise TokenFusionError('token fusion does not support gradient checkpointing; turn it off')
+    start = grid_blocks(model)
+    if start == len(model.blocks):
+        raise TokenFusionError(f'the model has no attention block to fuse tokens in (all {start} blocks mix '
+                               f'tokens on the patch grid)')
     for i, blk in enumerate(model.blocks):
+        if i < start:
+            continue
+        if isinstance(blk, MixerBlock):
+            raise TokenFusionError(f'block {i} ({type(blk).__name__}) mixes tokens on the patch grid after an '
+                                   f'attention block; token fusion runs in the attention blocks that follow the '
+                                   f'last grid block, so put grid mixers first (e.g. mixers "s,s,a,a")')
         if type(blk) not in (Block, WidthBlock):
             raise TokenFusionError(f'block {i} is a {type(blk).__name__}; token fusion supports timm Block and '
                                    f'deitlab WidthBlock (pre-norm attention + MLP)')
@@ -225,12 +267,22 @@ def check_supported(model: nn.Module) -> None:
                                    f'Attention and deitlab WidthAttention')
 
 
+def grid_blocks(model: nn.Module) -> int:
+    """How many leading blocks mix tokens on the patch grid (SpectFormer's spectral, pooling and
+    identity mixers): token fusion starts after them."""
+    n = 0
+    while n < len(model.blocks) and isinstance(model.blocks[n], MixerBlock):
+        n += 1
+    return n
+
+
 def patch_model(model: nn.Module, fusion: TokenFusion) -> nn.Module:
     """Attach ``fusion`` to ``model`` in place (see the module docstring); returns the model."""
     check_supported(model)
     fusion.protected = int(model.num_prefix_tokens)
+    fusion.start = grid_blocks(model)
     try:   # a bad r or layer list fails here, not at the first forward
-        fusion.schedule(model.patch_embed.num_patches + fusion.protected, len(model.blocks))
+        fusion.schedule(model.patch_embed.num_patches + fusion.protected, len(model.blocks) - fusion.start)
     except ValueError as e:
         raise TokenFusionError(str(e)) from None
     model.__class__ = _fused_class(type(model))

@@ -118,11 +118,16 @@ def fusion_macs(model: nn.Module, schedule: List[dict], method: str = 'tome', mo
 
     Under ``convention='fvcore'`` every LayerNorm adds 5 per element on the tokens it sees (MCTF's
     one-step-ahead applies ``norm1`` on ``T`` and again on ``T'``). Patch embedding and head are
-    ``analytic_macs``'s. Returns the parts, ``blocks`` (per block) and ``total``.
+    ``analytic_macs``'s. Leading grid blocks (SpectFormer, see ``patch.grid_blocks``) count their
+    MLP on every token (``2 N D M``); as in ``spectformer_macs`` their FFTs are not in ``total``.
+    Returns the parts, ``blocks`` (per block) and ``total``.
     """
+    from .patch import grid_blocks
     base = analytic_macs(model, input_size, convention)
-    if len(schedule) != len(model.blocks):
-        raise ValueError(f'the schedule has {len(schedule)} blocks, the model {len(model.blocks)}')
+    start = grid_blocks(model)   # SpectFormer's leading spectral / pooling blocks run unfused
+    if len(schedule) != len(model.blocks) - start:
+        raise ValueError(f'the schedule has {len(schedule)} blocks, the model {len(model.blocks) - start} '
+                         f'attention blocks')
     if schedule[0]['tokens_in'] != base['tokens']:
         raise ValueError(f'the schedule starts at {schedule[0]["tokens_in"]} tokens, the model has {base["tokens"]}')
     if method not in METHODS:
@@ -136,7 +141,12 @@ def fusion_macs(model: nn.Module, schedule: List[dict], method: str = 'tome', mo
     seen: set = set()
     parts['norms'] = _norm_cost(getattr(model, 'norm_pre', None), base['tokens'] * D, seen) if fv else 0
     per_block = []
-    for blk, (H, dq, dv), s in zip(model.blocks, attention_widths(model), schedule):
+    for blk in model.blocks[:start]:   # grid blocks: the MLP on every token (their mixers are not matmuls)
+        per_block.append(2 * base['tokens'] * D * blk.mlp.fc1.out_features)
+        parts['mlp'] += per_block[-1]
+    widths = attention_widths(model) if start == 0 else \
+        [(int(b.attn.num_heads), int(b.attn.head_dim), int(b.attn.head_dim)) for b in model.blocks[start:]]
+    for blk, (H, dq, dv), s in zip(model.blocks[start:], widths, schedule):
         T, r, T2 = s['tokens_in'], s['r'], s['tokens_out']
         M = blk.mlp.fc1.out_features
         sim = ((T - p + 1) // 2) * ((T - p) // 2) if r else 0
