@@ -35,6 +35,8 @@ import sys
 import time
 from pathlib import Path
 
+from _common import FIXED_MALLOC, fresh_json
+
 HERE = Path(__file__).resolve().parent
 REF = HERE / 'reference' / 'fmnist-deit-nano'
 RESULTS = HERE / 'results'
@@ -44,7 +46,6 @@ LUT_FIXED = RESULTS / 'nvit_fmnist_latency_table_fixed_malloc.json'   # same, ti
 # glibc's malloc returns freed activation buffers to the OS and maps them again on the next call
 # (page faults that cost large activations most and vary from call to call); fixed thresholds keep
 # them in the heap, like the caching allocators used in deployment
-FIXED_MALLOC = dict(MALLOC_MMAP_THRESHOLD_=str(32 * 2 ** 20), MALLOC_TRIM_THRESHOLD_=str(2 ** 30))
 DATA = 'fashion-mnist'
 BUDGETS = (0.7, 0.5, 0.35)
 ARMS = ('nvit', 'tp_taylor', 'tp_hessian', 'uniform')
@@ -328,14 +329,10 @@ def measure(args) -> None:
 
 
 def _speed_in_fresh_process(budget: float, arms: list, args) -> dict:
-    """Time the dense model and the arms of one budget in a new process with fixed malloc
-    thresholds. Without them the dense model's batch time moved between 45 and 66 ms from one process
-    to the next (page faults on its larger activations), which moved every ratio by up to 30%."""
+    """Time the dense model and the arms of one budget in a new process (``_fresh``)."""
     cmd = [sys.executable, __file__, 'speed', '--budget', str(budget), '--arms', *arms, '--rounds', str(args.rounds),
            '--threads', str(args.threads)]
-    env = dict(os.environ, **FIXED_MALLOC)
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    return fresh_json(cmd)
 
 
 def speed(args) -> None:

@@ -25,17 +25,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from _common import FIXED_MALLOC, fresh_rows, run_pool
 
 HERE = Path(__file__).resolve().parent
 REFS = {'nano': HERE / 'reference' / 'fmnist-deit-nano', 'nvit': HERE / 'reference' / 'fmnist-nvit-0.5'}
 RESULTS = HERE / 'results'
 RUNS = Path(os.environ.get('DEITLAB_BENCH_RUNS', '/tmp/deitlab-tokens-bench'))
 DATA = 'fashion-mnist'
-FIXED_MALLOC = dict(MALLOC_MMAP_THRESHOLD_=str(32 * 2 ** 20), MALLOC_TRIM_THRESHOLD_=str(2 ** 30))
 FINETUNE = dict(epochs=1, batch_size=32, lr=5e-5, min_lr=1e-6, warmup_epochs=0.0, weight_decay=0.05, smoothing=0.1,
                 mixup=0.0, cutmix=0.0, drop_path=0.0, aug='none', seed=0)
 
@@ -130,32 +130,25 @@ def _finetune_one(s: dict, out: Path, args) -> dict:
     return res
 
 
+def _slug(s: dict) -> str:
+    """The run-directory name of a setting."""
+    return s['name'].replace('/', '_').replace(' ', '_')
+
+
 def finetune(args) -> None:
     arms = FINETUNED + [STVIT]
     if args.arm:
         s = next(a for a in arms if a['name'] == args.arm)
-        _finetune_one(s, RUNS / s['name'].replace('/', '_').replace(' ', '_'), args)
+        _finetune_one(s, RUNS / _slug(s), args)
         return
-    pending = [a for a in arms if not (RUNS / a['name'].replace('/', '_').replace(' ', '_') / 'arm.json').exists()]
-    env = dict(os.environ, OMP_NUM_THREADS='1')
-    running = []
     RUNS.mkdir(parents=True, exist_ok=True)
-    while pending or running:
-        while pending and len(running) < args.jobs:
-            s = pending.pop(0)
-            log = open(RUNS / (s['name'].replace('/', '_').replace(' ', '_') + '.log'), 'w')
-            cmd = [sys.executable, __file__, 'finetune', '--arm', s['name'], '--stvit-model', args.stvit_model,
-                   '--stvit-epochs', str(args.stvit_epochs), '--stvit-lr', str(args.stvit_lr)]
-            running.append((s, subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)))
-            print('started', s['name'], flush=True)
-        time.sleep(5)
-        for item in list(running):
-            if item[1].poll() is not None:
-                running.remove(item)
-                print('finished', item[0]['name'], 'rc', item[1].returncode, flush=True)
+    jobs = [(a['name'], [sys.executable, __file__, 'finetune', '--arm', a['name'], '--stvit-model', args.stvit_model,
+                         '--stvit-epochs', str(args.stvit_epochs), '--stvit-lr', str(args.stvit_lr)],
+             RUNS / (_slug(a) + '.log')) for a in arms if not (RUNS / _slug(a) / 'arm.json').exists()]
+    run_pool(jobs, args.jobs, dict(os.environ, OMP_NUM_THREADS='1'))
     rows = []
     for s in arms:
-        run = RUNS / s['name'].replace('/', '_').replace(' ', '_')
+        run = RUNS / _slug(s)
         if not (run / 'arm.json').exists():
             continue
         info = json.loads((run / 'arm.json').read_text())
@@ -175,12 +168,8 @@ def speed(args) -> None:
     """Time every setting of one reference model in a fresh process (see the module docstring)."""
     if args.ref:
         return _speed_child(args)
-    rows = []
-    for ref in REFS:
-        cmd = [sys.executable, __file__, 'speed', '--ref', ref, '--rounds', str(args.rounds), '--threads',
-               str(args.threads), '--batch', str(args.batch)]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=dict(os.environ, **FIXED_MALLOC))
-        rows += json.loads(out.stdout.strip().splitlines()[-1])
+    rows = fresh_rows(__file__, '--ref', REFS,
+                      ['--rounds', str(args.rounds), '--threads', str(args.threads), '--batch', str(args.batch)])
     _save('speed', rows)
 
 
