@@ -5,12 +5,14 @@
 3. Prune it with NViT to half its latency (latency table measured on this machine), densify and
    fine-tune it with distillation from the dense model.
 3b. Fuse tokens in the pruned model with MCTF-Fast, off the shelf (no training).
-4. Measure all three: accuracy, parameters, GMACs, batch-1 latency and batch throughput, measured
+3c. Swap the token mixer: train PoolFormer-pico (pooling instead of attention, 4 stages) with the
+    same recipe and data.
+4. Measure all four: accuracy, parameters, GMACs, batch-1 latency and batch throughput, measured
    interleaved in one process, and the speed-up the latency table predicted.
 5. Print a table, write ``results.json``, ``demo.png`` (accuracy curve, predictions) and
    ``widths.png`` (per-block widths of the pruned model) to ``--out``.
 
-Later methods (pruning, token fusion) add their steps here, each reported in the same table.
+Later methods add their steps here, each reported in the same table.
 """
 from __future__ import annotations
 
@@ -25,13 +27,15 @@ DEMO_DATA = 'glyphs:train=24000,val=2400,size=32,seed=0'
 DEMO_MODEL = 'deitlab_deit_pico_patch4_32'
 # token fusion applied off the shelf to the pruned model (pruning and fusion compose)
 DEMO_FUSION = dict(method='mctf-fast', r=0.35)
+# the token-mixer row: the same recipe with pooling as the token mixer
+DEMO_MIXER_MODEL = 'deitlab_poolformer_pico_32'
 
 
-def _demo_config(out: Path, quick: bool, progress: bool):
+def _demo_config(out: Path, quick: bool, progress: bool, model: str = DEMO_MODEL, name: str = 'deit'):
     from .train import TrainConfig
     return TrainConfig(
-        model=DEMO_MODEL, data='glyphs:train=960,val=480,size=32,seed=0' if quick else DEMO_DATA,
-        out=str(out / 'deit'), epochs=1 if quick else 5, batch_size=32, lr=1e-3, warmup_epochs=0.5,
+        model=model, data='glyphs:train=960,val=480,size=32,seed=0' if quick else DEMO_DATA,
+        out=str(out / name), epochs=1 if quick else 5, batch_size=32, lr=1e-3, warmup_epochs=0.5,
         drop_path=0.0, mixup=0.0, cutmix=0.0, smoothing=0.1, aug='none', seed=0, tensorboard=False,
         progress=None if progress else False)
 
@@ -115,17 +119,25 @@ def run_demo(out: str = 'demo-out', quick: bool = False, progress: bool = True) 
     pruned = prune_nvit(pcfg)
     prune_s = time.perf_counter() - t0
 
+    mcfg = _demo_config(out_dir, quick, progress, DEMO_MIXER_MODEL, 'poolformer')
+    if Path(mcfg.out).exists():
+        shutil.rmtree(mcfg.out)
+    t0 = time.perf_counter()
+    mixer = train(mcfg)
+    mixer_s = time.perf_counter() - t0
+
     from .tokens.fuse import apply_token_fusion, evaluate_models
     model = create(cfg.out).eval()
     small = create(pcfg.out).eval()
     fused = apply_token_fusion(create(pcfg.out).eval(), **DEMO_FUSION)
-    models = {'dense': model, 'nvit': small, 'fused': fused}
+    models = {'dense': model, 'nvit': small, 'fused': fused, 'poolformer': create(mcfg.out).eval()}
     speed = {r['name']: r for r in speed_rows(models, 'dense', 64, _lut(pcfg), quick=quick)}
     speed['fused']['predicted_speedup'] = None   # the latency table knows widths, not token counts
     top1 = dict(dense=summary['val_top1'], nvit=next(r['top1'] for r in pruned['rows'] if r['name'] == 'nvit'),
-                fused=evaluate_models({'fused': fused}, cfg.data)['fused']['top1'])
+                fused=evaluate_models({'fused': fused}, cfg.data)['fused']['top1'], poolformer=mixer['val_top1'])
     labels = dict(dense='DeiT-pico (dense)', nvit='NViT-pruned (latency 0.5)',
-                  fused=f'NViT + {DEMO_FUSION["method"]} r={DEMO_FUSION["r"]} (no training)')
+                  fused=f'NViT + {DEMO_FUSION["method"]} r={DEMO_FUSION["r"]} (no training)',
+                  poolformer='PoolFormer-pico (pooling mixer, same training)')
     rows = [dict(model=labels[k], top1=round(top1[k], 2), params_m=round(r['params_m'], 3), gmacs=round(r['gmacs'], 4),
                  latency_ms=round(r['latency_ms'], 2), img_per_s=round(r['images_per_s'], 1),
                  speedup=round(r['throughput_ratio'], 2),
@@ -134,7 +146,8 @@ def run_demo(out: str = 'demo-out', quick: bool = False, progress: bool = True) 
     metrics = [json.loads(ln) for ln in (Path(cfg.out) / METRICS_NAME).read_text().splitlines() if ln.strip()]
     plot = _plot(out_dir, metrics, model, cfg.data)
     widths = shutil.copy(Path(pcfg.out) / 'widths.png', out_dir / 'widths.png')
-    result = dict(rows=rows, train_time_s=round(train_s, 1), prune_time_s=round(prune_s, 1), run_dir=cfg.out,
+    result = dict(rows=rows, train_time_s=round(train_s, 1), prune_time_s=round(prune_s, 1),
+                  mixer_train_time_s=round(mixer_s, 1), mixer_run_dir=mcfg.out, run_dir=cfg.out,
                   pruned_run_dir=pcfg.out, plot=str(plot), widths_plot=str(widths),
                   fusion=dict(fused.token_fusion.describe(), tokens=fused.token_fusion.last.get('tokens')),
                   settings=dict(device=speed['dense']['device'], threads=speed['dense']['settings']['threads'],
@@ -143,7 +156,8 @@ def run_demo(out: str = 'demo-out', quick: bool = False, progress: bool = True) 
     if progress:
         print(format_table(rows, ['model', 'top1', 'params_m', 'gmacs', 'latency_ms', 'img_per_s', 'speedup',
                                   'predicted']))
-        print(f'trained in {train_s:.0f} s, pruned and fine-tuned in {prune_s:.0f} s; speed-up = measured '
+        print(f'trained in {train_s:.0f} s, pruned and fine-tuned in {prune_s:.0f} s, PoolFormer trained in '
+              f'{mixer_s:.0f} s; speed-up = measured '
               f'throughput at batch 64 over the dense model; predicted = the latency table\'s; tokens per block '
               f'with fusion {fused.token_fusion.last.get("tokens")}; run directories {cfg.out}, {pcfg.out}; '
               f'plots {plot}, {widths}')

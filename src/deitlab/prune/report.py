@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch.nn as nn
 
-from .families import layout_of
+from .families import PruneError, layout_of
 
 WIDTH_PANELS = (('num_heads', 'heads'), ('qk_dim', 'QK dim / head'), ('v_dim', 'V dim / head'),
                 ('mlp_hidden', 'MLP hidden'))
@@ -59,10 +59,20 @@ def speed_rows(models: dict, baseline: str, batch_size: int, lut=None, quick: bo
     from ..bench import compare
     rows = compare(models, baseline, batch_size=batch_size, quick=quick, rounds=rounds)
     if lut is not None:
+        family = layout_of(models[baseline]).family
         base_ms = lut.model_ms(widths_of(models[baseline]))
-        for r in rows:
-            r['predicted_speedup'] = base_ms / lut.model_ms(widths_of(models[r['name']]))
+        for r in rows:   # the table describes the baseline's family only
+            m = models[r['name']]
+            same = _family(m) == family
+            r['predicted_speedup'] = base_ms / lut.model_ms(widths_of(m)) if same else None
     return rows
+
+
+def _family(model: nn.Module) -> Optional[str]:
+    try:
+        return layout_of(model).family
+    except PruneError:
+        return None
 
 
 def finish_report(cfg, out: Path, dense: nn.Module, final: nn.Module, pruner, val_loader, device,
