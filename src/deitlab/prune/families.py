@@ -27,6 +27,7 @@ DeiT's ``mlp`` units).
 """
 from __future__ import annotations
 
+import abc
 import copy
 import math
 from functools import cached_property
@@ -77,7 +78,7 @@ def _create_like(model: nn.Module, args: dict, device=None) -> nn.Module:
     return timm.create_model(architecture_of(model), **kw).to(device or 'cpu')
 
 
-class Layout:
+class Layout(abc.ABC):
     """What the pruner may remove from one model, and how to rebuild and cost it."""
 
     family = 'model'
@@ -91,8 +92,9 @@ class Layout:
         """Raise ``PruneError`` for a model of the family whose layout the pruner cannot handle."""
 
     @property
+    @abc.abstractmethod
     def block_names(self) -> List[str]:
-        raise NotImplementedError
+        """Module names of the blocks, in forward order."""
 
     @property
     def mlp_names(self) -> List[str]:
@@ -105,25 +107,25 @@ class Layout:
     def blocks(self) -> List[nn.Module]:
         return [self.model.get_submodule(n) for n in self.block_names]
 
+    @abc.abstractmethod
     def unit_counts(self) -> Dict[str, List[int]]:
         """Units per layer for every unit type the family has (``emb``: one layer)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def widths(self) -> dict:
         """The model's widths, in the vocabulary of ``Masks.kept()`` and ``model_args``."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def build(self, widths: dict, device=None, **overrides) -> nn.Module:
         """A model of the same architecture with these widths (random weights)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def cost_model(self) -> Cost:
         """``cost(widths) -> (MACs, parameters)`` in closed form, exact for the architecture."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def gmacs(self) -> float:
         """Closed-form GMACs of the model (matrix products, as ``count_gmacs`` counts them)."""
-        raise NotImplementedError
 
 
 class DeiTLayout(Layout):
@@ -253,8 +255,9 @@ class MLPLayout(Layout):
         args.update(overrides)
         return _create_like(self.model, args, device)
 
+    @abc.abstractmethod
     def closed_form_macs(self) -> int:
-        raise NotImplementedError
+        """Closed-form MACs per image of the model (its family's formula, per-block MLP widths)."""
 
     def gmacs(self) -> float:
         return self.closed_form_macs() / 1e9
@@ -301,9 +304,9 @@ class MLPLayout(Layout):
         return cost
 
     # ------------------------------------------------------------------ for the latency table
+    @abc.abstractmethod
     def block_kind(self, b: int) -> str:
         """Blocks of one kind have the same structure and input shape; only the MLP width varies."""
-        raise NotImplementedError
 
     def block_with_mlp(self, b: int, hidden: int) -> nn.Module:
         """A copy of block ``b`` whose MLP has ``hidden`` units (fresh weights)."""

@@ -36,6 +36,7 @@ which do not shrink with M and so dilute the saving of an MLP unit differently p
 """
 from __future__ import annotations
 
+import abc
 import json
 import time
 from pathlib import Path
@@ -103,17 +104,19 @@ def grid_for(model: nn.Module, overrides: Optional[Dict[str, list]] = None) -> D
     return {k: sorted({v for v in values if 1 <= v <= max(axis)} | {max(axis)}) for k, axis in grid.items()}
 
 
-class _JsonTable:
+class _JsonTable(abc.ABC):
     """JSON files of a latency table class (``FORMAT``, ``to_dict`` / ``from_dict``)."""
 
     FORMAT = ''
 
+    @abc.abstractmethod
     def to_dict(self) -> dict:
-        raise NotImplementedError
+        """The table as JSON-able data."""
 
     @classmethod
+    @abc.abstractmethod
     def from_dict(cls, d: dict):
-        raise NotImplementedError
+        """The table from ``to_dict``'s data."""
 
     def save(self, path) -> Path:
         path = Path(path)
