@@ -43,9 +43,9 @@ ALPHAS = (0, 2, 4, DEPTH)
 
 def _params(name: str, ds: dict, **kw) -> int:
     import timm
-    import deitlab  # noqa: F401  (registers the deitlab_* names)
-    m = timm.create_model(name, num_classes=ds['num_classes'], img_size=ds['img_size'], in_chans=ds['in_chans'], **kw)
-    return sum(p.numel() for p in m.parameters())
+    from deitlab.bench import count_params   # importing deitlab registers the deitlab_* names
+    return count_params(timm.create_model(name, num_classes=ds['num_classes'], img_size=ds['img_size'],
+                                          in_chans=ds['in_chans'], **kw))
 
 
 def arms(dataset: str) -> list:

@@ -30,7 +30,7 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from timm.utils import accuracy
 
-from ..bench import resolve_input_size
+from ..bench import count_params, resolve_input_size
 from ..data import build_dataset, dataset_info
 from ..rundir import atomic_torch_save, create, is_run_dir, save_run_dir
 from .config import ConfigError, TrainConfig
@@ -295,7 +295,7 @@ def train(cfg: TrainConfig) -> dict:
     writer = _Writer(out, cfg.tensorboard, main)
     use_amp = cfg.amp and device.type == 'cuda'
     autocast = (lambda: torch.autocast('cuda', dtype=torch.bfloat16)) if use_amp else contextlib.nullcontext
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = count_params(model)
     _log(f'{cfg.model}: {n_params / 1e6:.2f}M params, input {chans}x{size}x{size}, {len(train_set)} train / '
          f'{len(val_set)} val images, {di.world_size} process(es) on {device}, lr {lr:.2e}', main)
 
