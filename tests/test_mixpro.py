@@ -242,3 +242,35 @@ def test_mixed_ce_lambda_one_is_plain_ce():
     lam = torch.rand(6)
     ref = (lam * F.cross_entropy(z, y, reduction='none') + (1 - lam) * F.cross_entropy(z, y[perm], reduction='none'))
     assert torch.allclose(mixed_ce(z, y, perm, lam), ref.mean())
+
+
+def test_hand_built_last_block_uniform_attention_gives_area_label():
+    """A model whose last block attends uniformly by construction (zero q/k weights and biases),
+    while the first block does not: the captured attention is exactly 1/T per patch, so
+    lambda_attn equals the area weight and PAL's lambda equals it for any alpha."""
+    model = _tiny_vit()
+    last = model.blocks[-1].attn
+    D = last.qkv.in_features
+    with torch.no_grad():
+        last.qkv.weight[:2 * D].zero_()
+        last.qkv.bias[:2 * D].zero_()
+        model.blocks[0].attn.qkv.weight[:2 * D].mul_(30)  # a sharp first block
+    x, y = _batch(B=4, H=16, W=16)
+    xm, ys, info = mask_mix(x, y % 3, 3, 8, 4, generator=torch.Generator().manual_seed(2), lam=0.5)
+    with capture_cls_attention(model) as cap, torch.no_grad():
+        logits = model(xm)
+    T = 17
+    assert torch.allclose(cap.attn, torch.full((4, 16), 1 / T))
+    lam_attn = attention_lambda(info.token_mask, cap.attn)
+    assert torch.allclose(lam_attn, info.lam_area)
+    assert torch.allclose(pal_lambda(lam_attn, info.lam_area, logits, ys), info.lam_area)
+    # the first block's class-token attention is not uniform: it is not what was captured
+    store = {}
+    h = model.blocks[0].attn.register_forward_hook(lambda m, i, o: store.setdefault('in', i[0]))
+    with torch.no_grad():
+        model(xm)
+    h.remove()
+    a0 = model.blocks[0].attn
+    qkv = a0.qkv(store['in']).reshape(4, T, 3, 2, 8).permute(2, 0, 3, 1, 4)
+    row = ((qkv[0][:, :, :1] * a0.scale) @ qkv[1].transpose(-2, -1)).softmax(-1)[:, :, 0, 1:].mean(1)
+    assert (row - 1 / T).abs().max() > 1e-3

@@ -69,7 +69,7 @@ def test_resume_refuses_other_settings(tmp_path):
 
 
 def test_mixup_needs_even_batch(tmp_path):
-    with pytest.raises(ConfigError, match='Mixup/CutMix needs an even batch size per process, got 31'):
+    with pytest.raises(ConfigError, match='--mix mixup-cutmix needs an even batch size per process, got 31'):
         train(tiny_cfg(tmp_path / 'm', batch_size=31, mixup=0.8))
 
 

@@ -1,8 +1,8 @@
 """The training configuration: one dataclass, defaults from the DeiT recipe.
 
 Defaults follow DeiT's ``main.py`` (Touvron et al. 2021, Table 9): AdamW, ``lr = 5e-4 * batch / 512``,
-weight decay 0.05, cosine schedule with warm-up, label smoothing 0.1, Mixup 0.8 / CutMix 1.0,
-drop path 0.1, optional EMA, hard or soft distillation. ``--config FILE.yaml`` values become the
+weight decay 0.05, cosine schedule with warm-up, label smoothing 0.1, Mixup 0.8 / CutMix 1.0
+(``--mix`` switches to TransMix or MixPro: :mod:`deitlab.train.mixing`), drop path 0.1, optional EMA, hard or soft distillation. ``--config FILE.yaml`` values become the
 defaults and explicit flags win (timm's convention).
 """
 from __future__ import annotations
@@ -38,7 +38,13 @@ class TrainConfig:
     mixup: float = 0.8
     cutmix: float = 1.0
     mixup_prob: float = 1.0
-    mixup_switch_prob: float = 0.5
+    mixup_switch_prob: Optional[float] = None   # None: 0.5 (0.8 for transmix, its released config)
+    mix: str = 'mixup-cutmix'         # none | mixup | cutmix | mixup-cutmix | transmix | maskmix | mixpro
+    maskmix_prob: float = 0.5         # maskmix/mixpro: MaskMix on this share of batches, else Mixup/CutMix
+    maskmix_alpha: float = 1.0        # MaskMix lambda ~ Beta(a, a)
+    mask_size: Optional[int] = None   # MaskMix cell side (a multiple of the patch); None: ~1/4 of the image
+    transmix_area_weight: float = 0.5  # TransMix lambda = w area + (1 - w) attention (released code: 0.5)
+    pal_detach_alpha: bool = False    # MixPro: treat PAL's alpha as a constant (the release does not)
     drop_path: float = 0.1
     drop: float = 0.0
     ema: bool = False
@@ -94,6 +100,15 @@ class TrainConfig:
             raise ConfigError('--r needs --token-fusion tome|mctf|mctf-fast')
         if self.r_teacher_max < 0 or self.consistency_weight < 0:
             raise ConfigError('r_teacher_max and consistency_weight must be >= 0')
+        from .mixing import ATTENTION_MODES, MIX_MODES
+        if self.mix not in MIX_MODES:
+            raise ConfigError(f"mix must be one of {', '.join(MIX_MODES)}; got {self.mix!r}")
+        if self.mix in ATTENTION_MODES and self.token_fusion != 'none':
+            raise ConfigError(f'--mix {self.mix} labels from the last block\'s attention over all patch tokens; it '
+                              f'does not compose with --token-fusion {self.token_fusion}, which merges tokens '
+                              f'before that block (use --mix maskmix or mixup-cutmix)')
+        if self.mask_size is not None and self.mask_size < 1:
+            raise ConfigError(f'mask_size must be >= 1, got {self.mask_size}')
         if self.warmup_epochs < 0:
             raise ConfigError(f'warmup_epochs must be >= 0, got {self.warmup_epochs}')
         if self.warmup_epochs >= self.epochs:
@@ -102,8 +117,11 @@ class TrainConfig:
         return self
 
     @property
-    def mixup_active(self) -> bool:
-        return self.mixup_prob > 0 and (self.mixup > 0 or self.cutmix > 0)
+    def mixing_active(self) -> bool:
+        """Whether batches are mixed (they then need an even size per process)."""
+        if self.mix == 'none':
+            return False
+        return self.mix in ('maskmix', 'mixpro') or (self.mixup_prob > 0 and (self.mixup > 0 or self.cutmix > 0))
 
     def resolved_lr(self) -> float:
         return self.lr if self.lr is not None else self.base_lr * self.batch_size / 512

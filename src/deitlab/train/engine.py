@@ -1,6 +1,6 @@
 """The DeiT training engine: one linear loop, run by ``deitlab train`` and :func:`train`.
 
-Per step: Mixup/CutMix (timm) -> forward (bf16 autocast on CUDA) -> label loss plus optional DeiT
+Per step: batch mixing (``--mix``: timm Mixup/CutMix, TransMix or MixPro) -> forward (bf16 autocast on CUDA) -> label loss plus optional DeiT
 distillation -> NaN check -> backward -> optional clipping -> AdamW -> per-step cosine schedule
 (timm) -> optional EMA (timm). Per epoch: top-1/top-5 on the validation split, one line of
 ``metrics.jsonl``, TensorBoard scalars, an atomic ``checkpoint.pt`` (model, optimizer, schedule,
@@ -24,8 +24,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, DistributedSampler, Subset
-from timm.data import Mixup
-from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.loss import LabelSmoothingCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from timm.utils import accuracy
@@ -36,6 +35,7 @@ from ..rundir import atomic_torch_save, create, is_run_dir, save_run_dir
 from .config import ConfigError, TrainConfig
 from .distill import DistillationLoss
 from .distributed import DistInfo, all_reduce_sum, barrier, init_distributed, seed_all
+from .mixing import BatchMixer, MixLoss
 
 CHECKPOINT_NAME = 'checkpoint.pt'
 METRICS_NAME = 'metrics.jsonl'
@@ -198,9 +198,9 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.batch_size % di.world_size:
         raise ConfigError(f'batch size {cfg.batch_size} is not divisible by the {di.world_size} processes')
     local_bs = cfg.batch_size // di.world_size
-    if cfg.mixup_active and local_bs % 2:
-        raise ConfigError(f'Mixup/CutMix needs an even batch size per process, got {local_bs}; '
-                          f'use an even --batch-size or turn mixing off (--mixup 0 --cutmix 0)')
+    if cfg.mixing_active and local_bs % 2:
+        raise ConfigError(f'--mix {cfg.mix} needs an even batch size per process, got {local_bs}; '
+                          f'use an even --batch-size or turn mixing off (--mix none)')
     out = Path(cfg.out)
     ckpt_path = out / CHECKPOINT_NAME
     if ckpt_path.exists() and not cfg.resume:
@@ -251,11 +251,16 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.ema:
         from timm.utils import ModelEmaV2
         ema = ModelEmaV2(model, decay=cfg.ema_decay)
-    mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob,
-                  switch_prob=cfg.mixup_switch_prob, label_smoothing=cfg.smoothing,
-                  num_classes=info.num_classes) if cfg.mixup_active else None
-    if mixup is not None:
-        base_loss = SoftTargetCrossEntropy()
+    try:
+        mixer = BatchMixer(cfg.mix, model, info.num_classes, (size, size), smoothing=cfg.smoothing,
+                           mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, mixup_prob=cfg.mixup_prob,
+                           switch_prob=cfg.mixup_switch_prob, maskmix_prob=cfg.maskmix_prob,
+                           maskmix_alpha=cfg.maskmix_alpha, mask_size=cfg.mask_size,
+                           transmix_area_weight=cfg.transmix_area_weight)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if mixer.active:
+        base_loss = MixLoss(cfg.transmix_area_weight, cfg.pal_detach_alpha)
     elif cfg.smoothing > 0:
         base_loss = LabelSmoothingCrossEntropy(cfg.smoothing)
     else:
@@ -297,7 +302,7 @@ def train(cfg: TrainConfig) -> dict:
     autocast = (lambda: torch.autocast('cuda', dtype=torch.bfloat16)) if use_amp else contextlib.nullcontext
     n_params = count_params(model)
     _log(f'{cfg.model}: {n_params / 1e6:.2f}M params, input {chans}x{size}x{size}, {len(train_set)} train / '
-         f'{len(val_set)} val images, {di.world_size} process(es) on {device}, lr {lr:.2e}', main)
+         f'{len(val_set)} val images, {di.world_size} process(es) on {device}, lr {lr:.2e}, mix: {mixer.describe()}', main)
 
     last_eval: dict = {}
     last_saved = start_epoch  # epochs finished and checkpointed
@@ -314,9 +319,8 @@ def train(cfg: TrainConfig) -> dict:
                 break
             global_step = epoch * steps_per_epoch + step
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            if mixup is not None:
-                x, y = mixup(x, y)
-            with autocast():
+            x, y = mixer(x, y)
+            with autocast(), mixer.capture(y):
                 outputs = run_model(x)
                 loss = criterion(x, outputs, y)
             if not torch.isfinite(loss):
@@ -345,6 +349,8 @@ def train(cfg: TrainConfig) -> dict:
                    train_loss=all_reduce_sum(loss_sum.to(device)).item() / (steps_done * di.world_size),
                    lr=optimizer.param_groups[0]['lr'], epoch_time_s=train_time,
                    train_img_per_s=seen * di.world_size / max(train_time, 1e-9))
+        if isinstance(base_loss, MixLoss):
+            row.update(base_loss.pop_stats())  # this process's means of PAL alpha / TransMix lambda
         if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
             last_eval = evaluate(model, val_loader, device, use_amp, cfg.progress, main)
             row.update(val_top1=last_eval['top1'], val_top5=last_eval['top5'], val_loss=last_eval['loss'])

@@ -49,7 +49,7 @@ from timm.data.mixup import one_hot
 
 __all__ = [
     'MixInfo', 'CapturedAttention', 'smooth_one_hot', 'mask_mix', 'cutmix_token_mask', 'attention_lambda',
-    'pal_lambda', 'mixed_ce', 'capture_cls_attention',
+    'pal_lambda', 'mixed_ce', 'find_cls_attention', 'capture_cls_attention',
 ]
 
 Size2 = Union[int, Sequence[int]]
@@ -235,6 +235,28 @@ def _cls_row(attn_module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return logits.float().softmax(dim=-1)[:, :, 0]
 
 
+def find_cls_attention(model: nn.Module) -> Tuple[nn.Module, int]:
+    """The last block's self-attention module and the number of prefix tokens, or a ValueError that
+    says why the model has no class-token attention (no class token, no blocks, or a last block
+    that is not timm ``Attention`` / deitlab ``WidthAttention``, e.g. PoolFormer or SpectFormer)."""
+    from timm.models.vision_transformer import Attention
+    from deitlab.models.deit import WidthAttention
+
+    name = type(model).__name__
+    if getattr(model, 'cls_token', None) is None:
+        raise ValueError(f'{name} has no class-token attention: it has no class token, so TransMix/MixPro '
+                         f'attention labels are undefined (use --mix maskmix, mixup-cutmix, mixup or cutmix)')
+    blocks = getattr(model, 'blocks', None)
+    if blocks is None or len(blocks) == 0:
+        raise ValueError(f'{name} has no class-token attention: no transformer blocks found')
+    last = blocks[-1]
+    attn_module = getattr(last, 'attn', None)
+    if not isinstance(attn_module, (Attention, WidthAttention)):
+        raise ValueError(f'{name} has no class-token attention in its last block: {type(last).__name__} is not a '
+                         f'self-attention block (needs timm Attention or deitlab WidthAttention)')
+    return attn_module, int(getattr(model, 'num_prefix_tokens', 1))
+
+
 @contextmanager
 def capture_cls_attention(model: nn.Module) -> Iterator[CapturedAttention]:
     """Record the last block's class-token attention to the patch tokens during ``model(x)``.
@@ -246,28 +268,14 @@ def capture_cls_attention(model: nn.Module) -> Iterator[CapturedAttention]:
         a = mean_heads softmax(scale q_cls K^T)[num_prefix_tokens:]     (B, N), detached,
 
     i.e. the class-token row over all keys, restricted to the patch columns without
-    renormalising. The model's output is unchanged. Usage::
+    renormalising. The model's output is unchanged. ``model`` is the bare module (under DDP, the
+    wrapped ``.module``: the hook then fires inside the DDP forward). Usage::
 
         with capture_cls_attention(model) as cap:
             logits = model(x)
         attn = cap.attn
     """
-    from timm.models.vision_transformer import Attention
-    from deitlab.models.deit import WidthAttention
-
-    name = type(model).__name__
-    if getattr(model, 'cls_token', None) is None:
-        raise ValueError(f'{name} has no class-token attention: it has no class token, so TransMix/MixPro '
-                         f'attention labels are undefined')
-    blocks = getattr(model, 'blocks', None)
-    if blocks is None or len(blocks) == 0:
-        raise ValueError(f'{name} has no class-token attention: no transformer blocks found')
-    last = blocks[-1]
-    attn_module = getattr(last, 'attn', None)
-    if not isinstance(attn_module, (Attention, WidthAttention)):
-        raise ValueError(f'{name} has no class-token attention in its last block: {type(last).__name__} is not a '
-                         f'self-attention block (needs timm Attention or deitlab WidthAttention)')
-    prefix = int(getattr(model, 'num_prefix_tokens', 1))
+    attn_module, prefix = find_cls_attention(model)
     cap = CapturedAttention(prefix)
 
     def hook(module, args):
