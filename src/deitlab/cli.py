@@ -152,6 +152,31 @@ def cmd_demo(args) -> dict:
     return result if args.json else {}   # without --json the demo has printed its table
 
 
+def _read_key(args) -> str:
+    from .unlearnable import UnlearnableError
+    if args.key_file is None:
+        return args.key
+    try:
+        with open(args.key_file, encoding='utf-8') as f:
+            return f.read().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UnlearnableError(f'cannot read key file {args.key_file}: '
+                               f'{getattr(e, "strerror", None) or type(e).__name__}') from None
+
+
+def cmd_unlearnable_make(args) -> dict:
+    from .unlearnable import make_unlearnable
+    res = make_unlearnable(args.data, _read_key(args), args.out, kernel_size=args.kernel_size, blur=args.blur,
+                           fraction=args.fraction, progress=False if args.json else None,
+                           overwrite=args.overwrite)
+    if args.json:
+        return res
+    tr, va = res['splits']['train'], res['splits']['val']
+    return {'out_dir': res['out_dir'], 'train': f'{tr["poisoned"]} of {tr["total"]} images poisoned',
+            'val': f'{va["total"]} images, clean', 'key_fingerprint': res['key_fingerprint'],
+            'manifest': res['manifest_path'], 'load_with': f'folder:{res["out_dir"]}'}
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog='deitlab', description='DeiT-family vision transformers on timm.')
     sub = parser.add_subparsers(dest='command', required=True)
@@ -197,6 +222,25 @@ def make_parser() -> argparse.ArgumentParser:
         q.add_argument('--json', action='store_true', help='print one JSON object on the last line')
         q.set_defaults(func=cmd_fuse)
 
+    p = sub.add_parser('unlearnable', help='unlearnable datasets (CUDA: class-wise convolution filters)')
+    actions = p.add_subparsers(dest='action', required=True)
+    q = actions.add_parser('make', help='write a CUDA-poisoned ImageFolder copy of a dataset (load it with '
+                                        'folder:OUT)')
+    q.add_argument('--data', required=True, help='dataset spec: glyphs[:k=v,...], fashion-mnist[:PATH], folder:PATH')
+    q.add_argument('--out', required=True, help='output directory (train/, val/, manifest.json)')
+    keys = q.add_mutually_exclusive_group(required=True)
+    keys.add_argument('--key', help='private key, at least 8 characters (visible in the process list: '
+                                    'prefer --key-file)')
+    keys.add_argument('--key-file', help='file holding the key (surrounding whitespace is stripped)')
+    q.add_argument('--kernel-size', type=int, default=3, help='filter side k, odd (default: 3)')
+    q.add_argument('--blur', type=float, default=0.3, help='blur parameter p_b in [0, 1) (default: 0.3)')
+    q.add_argument('--fraction', type=float, default=1.0, help='share of each training class to poison '
+                                                               '(default: 1.0)')
+    q.add_argument('--overwrite', action='store_true', help='replace train/, val/, manifest.json in a '
+                                                            'non-empty --out')
+    q.add_argument('--json', action='store_true', help='print one JSON object on the last line')
+    q.set_defaults(func=cmd_unlearnable_make)
+
     p = sub.add_parser('models', help='registered deitlab architectures')
     p.set_defaults(func=cmd_models)
 
@@ -206,7 +250,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     for name, p in sub.choices.items():
-        if name not in ('prune', 'fuse'):
+        if name not in ('prune', 'fuse', 'unlearnable'):
             p.add_argument('--json', action='store_true', help='print one JSON object on the last line')
     return parser
 
