@@ -177,6 +177,14 @@ def cmd_unlearnable_make(args) -> dict:
             'manifest': res['manifest_path'], 'load_with': f'folder:{res["out_dir"]}'}
 
 
+def cmd_unlearnable_eval(args) -> dict:
+    from .unlearnable import evaluate_unlearnable
+    cfg = build_train_config(args)
+    defences = [d for d in args.defences.split(';') if d.strip()] or ['none']
+    return evaluate_unlearnable(args.poisoned, cfg, args.out, defences=defences, data_spec=args.source,
+                                clean=not args.no_clean)
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog='deitlab', description='DeiT-family vision transformers on timm.')
     sub = parser.add_subparsers(dest='command', required=True)
@@ -240,6 +248,18 @@ def make_parser() -> argparse.ArgumentParser:
                                                             'non-empty --out')
     q.add_argument('--json', action='store_true', help='print one JSON object on the last line')
     q.set_defaults(func=cmd_unlearnable_make)
+    q = actions.add_parser('eval', help='train one recipe on the clean data and on a poisoned copy (and with '
+                                        'defences); report clean test accuracy')
+    q.add_argument('--poisoned', required=True, help='a directory written by deitlab unlearnable make')
+    q.add_argument('--source', help='the clean dataset spec (default: the manifest\'s source)')
+    q.add_argument('--out', required=True, help='directory for the runs and unlearnable_eval.json')
+    q.add_argument('--defences', default='none', help="';'-separated defences trained on the poisoned data, "
+                   "e.g. 'none;blur:p=0.3;noise:std=0.25;adv:eps=4,steps=3' (default: none)")
+    q.add_argument('--no-clean', action='store_true', help='skip the clean-data run')
+    q.add_argument('--json', action='store_true', help='print one JSON object on the last line')
+    from .train.config import TrainConfig
+    _add_dataclass_args(q, TrainConfig, exclude=('data', 'out', 'defence'))
+    q.set_defaults(func=cmd_unlearnable_eval)
 
     p = sub.add_parser('models', help='registered deitlab architectures')
     p.set_defaults(func=cmd_models)

@@ -45,6 +45,7 @@ class TrainConfig:
     mask_size: Optional[int] = None   # MaskMix cell side (a multiple of the patch); None: ~1/4 of the image
     transmix_area_weight: float = 0.5  # TransMix lambda = w area + (1 - w) attention (released code: 0.5)
     pal_detach_alpha: bool = False    # MixPro: treat PAL's alpha as a constant (the release does not)
+    defence: str = 'none'             # none | blur[:p,k] | noise[:std] | adv[:eps,steps,alpha] (train.defences)
     drop_path: float = 0.1
     drop: float = 0.0
     ema: bool = False
@@ -107,6 +108,11 @@ class TrainConfig:
             raise ConfigError(f'--mix {self.mix} labels from the last block\'s attention over all patch tokens; it '
                               f'does not compose with --token-fusion {self.token_fusion}, which merges tokens '
                               f'before that block (use --mix maskmix or mixup-cutmix)')
+        from .defences import parse_defence
+        try:
+            parse_defence(self.defence)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         if self.mask_size is not None and self.mask_size < 1:
             raise ConfigError(f'mask_size must be >= 1, got {self.mask_size}')
         if self.warmup_epochs < 0:

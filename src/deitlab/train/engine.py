@@ -35,6 +35,7 @@ from ..rundir import atomic_torch_save, create, is_run_dir, save_run_dir
 from .config import ConfigError, TrainConfig
 from .distill import DistillationLoss
 from .distributed import DistInfo, all_reduce_sum, barrier, init_distributed, seed_all
+from .defences import build_defence
 from .mixing import BatchMixer, MixLoss
 
 CHECKPOINT_NAME = 'checkpoint.pt'
@@ -259,6 +260,7 @@ def train(cfg: TrainConfig) -> dict:
                            transmix_area_weight=cfg.transmix_area_weight)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    defence = build_defence(cfg.defence, mean, std)
     if mixer.active:
         base_loss = MixLoss(cfg.transmix_area_weight, cfg.pal_detach_alpha)
     elif cfg.smoothing > 0:
@@ -302,7 +304,8 @@ def train(cfg: TrainConfig) -> dict:
     autocast = (lambda: torch.autocast('cuda', dtype=torch.bfloat16)) if use_amp else contextlib.nullcontext
     n_params = count_params(model)
     _log(f'{cfg.model}: {n_params / 1e6:.2f}M params, input {chans}x{size}x{size}, {len(train_set)} train / '
-         f'{len(val_set)} val images, {di.world_size} process(es) on {device}, lr {lr:.2e}, mix: {mixer.describe()}', main)
+         f'{len(val_set)} val images, {di.world_size} process(es) on {device}, lr {lr:.2e}, mix: {mixer.describe()}'
+         + (f', defence: {cfg.defence}' if defence is not None else ''), main)
 
     last_eval: dict = {}
     last_saved = start_epoch  # epochs finished and checkpointed
@@ -319,6 +322,8 @@ def train(cfg: TrainConfig) -> dict:
                 break
             global_step = epoch * steps_per_epoch + step
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if defence is not None:
+                x = defence(model, x, y)
             x, y = mixer(x, y)
             with autocast(), mixer.capture(y):
                 outputs = run_model(x)
