@@ -252,3 +252,13 @@ def test_yaml_config_gives_defaults_and_flags_win(tmp_path):
     cfg_file.write_text('epochz: 7\n')
     with pytest.raises(ConfigError, match="unknown option 'epochz'"):
         build_train_config(make_parser().parse_args(['train', '--config', str(cfg_file)]))
+
+
+def test_cnn_trains_at_the_requested_size(tmp_path):
+    """A timm CNN has no img_size argument: --img-size goes to its pretrained_cfg, and the run
+    directory reloads at that size."""
+    from deitlab.bench import resolve_input_size
+    train(tiny_cfg(tmp_path / 'cnn', model='resnet10t', epochs=1, img_size=24, in_chans=1, max_steps_per_epoch=1))
+    cfg = json.loads((tmp_path / 'cnn' / 'train_config.json').read_text())
+    assert cfg['input'] == [1, 24, 24]
+    assert resolve_input_size(create(str(tmp_path / 'cnn'))) == (1, 24, 24)

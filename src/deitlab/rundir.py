@@ -84,6 +84,14 @@ def _input_cfg(model: nn.Module) -> dict:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()}
 
 
+def _global_pool(model: nn.Module) -> Optional[str]:
+    """The pooling name (CNNs such as timm's ResNet hold a pooling module, not a string)."""
+    gp = getattr(model, 'global_pool', None)
+    if gp is None or isinstance(gp, str):
+        return gp
+    return getattr(gp, 'pool_type', None) or None
+
+
 def save_run_dir(model: nn.Module, out: str | Path, label_names: Optional[list] = None,
                  state_dict: Optional[dict] = None) -> Path:
     """Write ``config.json`` and ``model.safetensors`` for ``model`` into ``out`` (atomically)."""
@@ -102,7 +110,7 @@ def save_run_dir(model: nn.Module, out: str | Path, label_names: Optional[list] 
         'architecture': architecture_of(unwrapped),
         'num_classes': getattr(unwrapped, 'num_classes', None),
         'num_features': getattr(unwrapped, 'num_features', None),
-        'global_pool': getattr(unwrapped, 'global_pool', None),
+        'global_pool': _global_pool(unwrapped),
         'pretrained_cfg': _input_cfg(unwrapped),
         'model_args': model_args_of(unwrapped),
     }
@@ -199,8 +207,18 @@ def create(name_or_dir: str, pretrained: bool = False, **kwargs) -> nn.Module:
         if want is not None and saved_classes is not None and want != saved_classes:
             raise ModelLoadError(f'{spec} was saved with {saved_classes} classes, not {want}; load it as is '
                                  f'and call reset_classifier({want}) to fine-tune on new classes')
+        saved_in = (config.get('pretrained_cfg') or {}).get('input_size')
+        plain = not args and saved_in is not None  # a timm model: rebuild it at its saved input shape
+        if plain:
+            args.update(in_chans=int(saved_in[0]), img_size=tuple(int(v) for v in saved_in[1:]))
         args.update(kwargs)
-        model = timm.create_model(arch, pretrained=False, num_classes=saved_classes, **args)
+        try:
+            model = timm.create_model(arch, pretrained=False, num_classes=saved_classes, **args)
+        except TypeError as e:  # a CNN takes no img_size: its size lives in pretrained_cfg alone
+            if not plain or 'img_size' in kwargs or 'img_size' not in str(e):
+                raise
+            args.pop('img_size')
+            model = timm.create_model(arch, pretrained=False, num_classes=saved_classes, **args)
         sd = load_state_dict_file(weights)
         check_state_dict(model, sd, str(weights))
         model.load_state_dict(sd)

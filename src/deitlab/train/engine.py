@@ -89,7 +89,16 @@ def build_student(cfg: TrainConfig, num_classes: int, data_chans: int, data_size
         kwargs['img_size'] = data_size
     if cfg.pretrained_file:
         kwargs['pretrained_cfg_overlay'] = dict(file=str(cfg.pretrained_file))
-    return create(cfg.model, pretrained=cfg.pretrained or bool(cfg.pretrained_file), **kwargs)
+    pretrained = cfg.pretrained or bool(cfg.pretrained_file)
+    try:
+        return create(cfg.model, pretrained=pretrained, **kwargs)
+    except TypeError as e:  # a CNN without img_size (e.g. timm's ResNet): its input size goes in pretrained_cfg
+        if 'img_size' not in kwargs or 'img_size' not in str(e):
+            raise
+        size = kwargs.pop('img_size')
+        kwargs['pretrained_cfg_overlay'] = dict(kwargs.get('pretrained_cfg_overlay') or {},
+                                                input_size=(kwargs['in_chans'], size, size))
+        return create(cfg.model, pretrained=pretrained, **kwargs)
 
 
 def model_input(model: nn.Module) -> tuple[int, int]:
