@@ -44,7 +44,9 @@ def _add_dataclass_args(p: argparse.ArgumentParser, cls, required=(), exclude=()
             p.add_argument(flag, type=lambda v: tuple(x for x in v.split(',') if x), default=default,
                            help=f'comma-separated (default: {",".join(f.default)})')
         else:
-            p.add_argument(flag, type=base, default=default, help=f'(default: {_default_of(f)})')
+            extra = f.metadata.get('help')
+            p.add_argument(flag, type=base, default=default,
+                           help=f'{extra} (default: {_default_of(f)})' if extra else f'(default: {_default_of(f)})')
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:

@@ -39,13 +39,16 @@ class TrainConfig:
     cutmix: float = 1.0
     mixup_prob: float = 1.0
     mixup_switch_prob: Optional[float] = None   # None: 0.5 (0.8 for transmix, its released config)
-    mix: str = 'mixup-cutmix'         # none | mixup | cutmix | mixup-cutmix | transmix | maskmix | mixpro
+    mix: str = field(default='mixup-cutmix', metadata=dict(
+        help='none | mixup | cutmix | mixup-cutmix | transmix | maskmix | mixpro (deitlab.train.mixing)'))
     maskmix_prob: float = 0.5         # maskmix/mixpro: MaskMix on this share of batches, else Mixup/CutMix
     maskmix_alpha: float = 1.0        # MaskMix lambda ~ Beta(a, a)
-    mask_size: Optional[int] = None   # MaskMix cell side (a multiple of the patch); None: ~1/4 of the image
+    mask_size: Optional[int] = field(default=None, metadata=dict(
+        help='MaskMix cell side in pixels, a multiple of the patch size; None: about a quarter of the image'))
     transmix_area_weight: float = 0.5  # TransMix lambda = w area + (1 - w) attention (released code: 0.5)
     pal_detach_alpha: bool = False    # MixPro: treat PAL's alpha as a constant (the release does not)
-    defence: str = 'none'             # none | blur[:p,k] | noise[:std] | adv[:eps,steps,alpha] (train.defences)
+    defence: str = field(default='none', metadata=dict(
+        help='none | blur[:p=0.3,k=3] | noise[:std=0.25] | adv[:eps=4,steps=3,alpha=...] (deitlab.train.defences)'))
     drop_path: float = 0.1
     drop: float = 0.0
     ema: bool = False
