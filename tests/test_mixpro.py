@@ -63,13 +63,24 @@ def test_area_lambda_is_mask_fraction(lam):
     assert torch.allclose(y1.max(1).values, torch.full((6,), 1 - 0.1 + 0.1 / K))
 
 
-def test_area_lambda_non_multiple_image():
-    # 28 px with 8 px cells: 4x4 grid cropped; lam_area = c/n (official), lam_pixel = true fraction
-    x, y = _batch(H=28, W=28)
-    _, _, info = mask_mix(x, y, K, 8, 4, generator=torch.Generator().manual_seed(0), lam=0.5)
-    assert info.num_cells == 16 and info.cells == 8
-    assert torch.allclose(info.lam_pixel, info.pixel_mask.flatten(1).mean(1))
-    assert torch.allclose(info.lam_area, torch.full((6,), 0.5))
+@pytest.mark.parametrize('H,W,mask,patch', [(28, 28, 8, 4), (28, 28, 12, 4), (32, 24, 16, 4), (30, 30, 12, 6),
+                                           (28, 20, 8, 2), (32, 32, 8, 4)])
+@pytest.mark.parametrize('lam', [0.1, 0.5, 0.77])
+def test_label_weight_is_the_pixel_and_token_share(H, W, mask, patch, lam):
+    """The label weight of x_i equals the share of the mixed image's pixels (and tokens) that are
+    x_i's, read off the mixed image itself, for every image. Catches a label of ``c / n`` cells
+    when the mask size does not divide the image (at 28 px with 8 px cells the last row and column
+    are 4 px: mean error 0.029, up to 0.15), and a label taken from the mask instead of the image."""
+    x, y = _batch(H=H, W=W)
+    xm, ys, info = mask_mix(x, y, K, mask, patch, generator=torch.Generator().manual_seed(7), lam=lam)
+    moved = info.perm != torch.arange(x.shape[0])
+    assert moved.any()
+    share = (xm == x).all(1).flatten(1).float().mean(1)          # pixels of x_i in the output
+    assert torch.allclose(info.lam_area[moved], share[moved], atol=1e-6)
+    tok_share = (F.unfold(xm, patch, stride=patch) == F.unfold(x, patch, stride=patch)).all(1).float().mean(1)
+    assert torch.allclose(info.lam_area[moved], tok_share[moved], atol=1e-6)
+    y1 = smooth_one_hot(y, K, 0.1)
+    assert torch.allclose(ys[moved], (share[:, None] * y1 + (1 - share[:, None]) * y1[info.perm])[moved], atol=1e-6)
 
 
 def test_beta_draw_lambda():

@@ -15,10 +15,13 @@ MaskMix (image space)
     cells are kept, and every sample draws its own random set of ``c`` cells::
 
         M_i in {0,1}^{H x W},       x~_i = M_i * x_i + (1 - M_i) * x_{pi(i)},
-        lambda_area = c / n,        y~_i = lambda_area y_i + (1 - lambda_area) y_{pi(i)},
+        lambda_area,i = mean(M_i),  y~_i = lambda_area,i y_i + (1 - lambda_area,i) y_{pi(i)},
 
     with ``y`` the label-smoothed one-hot (timm: off = eps/K, on = 1 - eps + eps/K) and ``pi`` a
-    random permutation of the batch.
+    random permutation of the batch. ``lambda_area,i`` is the fraction of x_i's pixels kept (and,
+    since each token lies in one cell, of its tokens). It equals the paper's ``c / n`` when the
+    mask size divides the image; when it does not (28 px with 8 px cells: the last row and column of
+    cells are 4 px wide) it depends on which cells a sample drew, and ``c / n`` would be wrong.
 
 Progressive Attention Labelling (PAL)
     With ``a_i in R^N`` the class token's attention to the N patch tokens in the last block
@@ -69,8 +72,8 @@ class MixInfo:
     """What a mixed batch was made of.
 
     ``perm`` (B,) long: sample i is mixed with ``perm[i]``; ``lam_area`` (B,): the label weight
-    of x_i, ``c / n`` for MaskMix; ``lam_pixel`` (B,): the pixel fraction from x_i (equal to
-    ``lam_area`` when the image sides are multiples of the mask size); ``token_mask`` (B, N)
+    of x_i, the fraction of its pixels kept; ``lam_pixel`` (B,): the same pixel fraction, measured on
+    ``pixel_mask`` (for CutMix / TransMix callers it may differ from an area label); ``token_mask`` (B, N)
     float: the fraction of each token's pixels taken from x_i (0/1 for MaskMix); ``pixel_mask``
     (B, 1, H, W); ``cells`` the number of kept cells ``c`` out of ``num_cells`` (n).
     """
@@ -146,10 +149,11 @@ def mask_mix(
     pix = tok.repeat_interleave(ph, dim=1).repeat_interleave(pw, dim=2).unsqueeze(1)  # (B, 1, H, W)
     m = pix.to(x.dtype)
     x_mixed = m * x + (1 - m) * x[perm]
-    lam_area = torch.full((B,), c / n, device=dev)
+    # the exact share of x_i in every image: c / n only when the mask size divides the image sides
+    lam_area = pix.flatten(1).mean(1).float()
     y1 = smooth_one_hot(y, num_classes, smoothing)
     y_soft = lam_area[:, None] * y1 + (1 - lam_area[:, None]) * y1[perm]
-    info = MixInfo(perm=perm, lam_area=lam_area, lam_pixel=pix.flatten(1).mean(1), token_mask=tok.flatten(1),
+    info = MixInfo(perm=perm, lam_area=lam_area, lam_pixel=lam_area.clone(), token_mask=tok.flatten(1),
                    pixel_mask=pix, cells=c, num_cells=n)
     return x_mixed, y_soft, info
 
