@@ -6,6 +6,8 @@ and the final token that holds each input token (read off the source map). These
 were produced by the authors' code on exactly these weights -- ToMe, facebookresearch/ToMe at
 commit af95e4b, and MCTF, mlvlab/MCTF at commit 2004da0 -- with timm 1.0.31 and torch 2.14 on
 CPU. No code of either project is part of this repository; only those outputs are.
+``tests/data/make_golden.py`` regenerates the file from checkouts of both projects at those
+commits (``--check`` compares a fresh run with the committed file).
 
 Both the golden runs and this test compute in float64 (weights and images drawn in fp32, then
 cast). In fp32 the merge plans are not well conditioned on these weights: MCTF's second pass
