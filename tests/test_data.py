@@ -217,7 +217,14 @@ def test_folder_classes_targets_shapes(tmp_path):
     assert x.shape == (1, 16, 16) and torch.allclose(x, torch.full_like(x, (lum - 0.5) / 0.5), atol=0.01)
     assert build_dataset(f'folder:{root}', 'val')[0][0].shape == (3, 224, 224)
     info = dataset_info(f'folder:{root}')
-    assert info.classes == ('cat', 'dog') and info.img_size == 224 and info.default_hflip == 0.5
+    assert info.classes == ('cat', 'dog') and info.img_size is None and info.default_hflip == 0.5
+    assert info.native_size is None   # 40x30 and 20x50 files
+    assert info.resize_note(32) == ("images have several sizes, resized (shorter side) and centre-cropped to the "
+                                    "model's 32x32")
+    (root / 'train' / 'cat' / 'sub' / 'b.JPG').unlink()
+    info = dataset_info(f'folder:{root}')
+    assert info.native_size == (30, 40)   # (height, width)
+    assert info.resize_note(32) == "images are 30x40, resized (shorter side) and centre-cropped to the model's 32x32"
 
 
 def test_folder_validation_name(tmp_path):
@@ -353,3 +360,5 @@ def test_dataset_info_cheap():
     assert (info.num_classes, info.img_size, info.in_chans, info.default_hflip) == (24, 32, 3, 0.0)
     info = dataset_info('fashion-mnist:/does/not/matter')
     assert (info.num_classes, info.img_size, info.in_chans, info.default_hflip) == (10, 28, 1, 0.5)
+    assert info.native_size == (28, 28) and info.resize_note(28) is None
+    assert info.resize_note(32) == "images are 28x28, resized to the model's 32x32"

@@ -76,9 +76,11 @@ def parse_glyph_options(arg: Optional[str]) -> Dict[str, Union[int, str]]:
 
 
 def dataset_info(spec: str) -> DatasetInfo:
-    """Name, classes, native size and channels of a spec, without loading images.
+    """Name, classes, declared and native size and channels of a spec, without loading images.
 
-    ``folder:PATH`` lists ``PATH/train`` for its classes; the others touch no files.
+    ``glyphs`` and ``fashion-mnist`` declare their size and touch no files. ``folder:PATH`` declares
+    none (``img_size=None``): it lists ``PATH/train`` for its classes and reads a few image headers
+    for ``native_size`` (see :func:`.folder.native_size`).
     """
     name, arg = parse_spec(spec)
     if name == 'glyphs':
@@ -89,9 +91,10 @@ def dataset_info(spec: str) -> DatasetInfo:
     else:
         if arg is None:
             raise DataError("folder needs a path: 'folder:PATH' with PATH/train/<class>/ and PATH/val/<class>/")
-        classes, size, chans = tuple(folder.find_classes(arg)), folder.DEFAULT_IMG_SIZE, 3
+        classes, size, chans = tuple(folder.find_classes(arg)), None, 3
+    native = (size, size) if size else folder.native_size(arg)
     return DatasetInfo(name=name, spec=spec, num_classes=len(classes), classes=tuple(classes),
-                       img_size=size, in_chans=chans, default_hflip=_DEFAULT_HFLIP[name])
+                       img_size=size, in_chans=chans, default_hflip=_DEFAULT_HFLIP[name], native_size=native)
 
 
 def build_dataset(spec: str, split: str, *, img_size: Optional[int] = None, in_chans: int = 3,
@@ -103,7 +106,7 @@ def build_dataset(spec: str, split: str, *, img_size: Optional[int] = None, in_c
     Args:
         spec: ``NAME[:ARG]``, see the module docstring.
         split: ``'train'`` or ``'val'``.
-        img_size: Output side; None = the dataset's native size (224 for ``folder``).
+        img_size: Output side; None = the dataset's declared size (224 for ``folder``, which declares none).
         in_chans: 1 or 3; grayscale data is replicated to 3, colour data reduced to luminance for 1.
         aug: ``'none'`` (resize + normalise), ``'light'`` (random crop with 4 px zero padding at
             native scale, i.e. ``round(4 * img_size / native)`` px, 4 px per 32 px for ``folder``,

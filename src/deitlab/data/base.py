@@ -23,18 +23,37 @@ class DatasetInfo:
         spec: The spec string the info was made from.
         num_classes: Number of classes.
         classes: Class names, index ``i`` is label ``i``.
-        img_size: Native image size (the size used when ``img_size=None``).
+        img_size: The size the spec declares (glyphs' ``size=``, Fashion-MNIST's 28): ``deitlab train``
+            builds a ``patchN`` model at it when N divides it, and it is the size used when
+            ``img_size=None``. None for ``folder``: a user's images set no size for the model, they
+            are resized to the model's input.
         in_chans: Native number of channels (1 for grayscale data, 3 for RGB).
         default_hflip: Horizontal-flip probability used by augmentation when ``hflip=None``.
+        native_size: ``(height, width)`` of the stored images when they share one (``folder``: read
+            from a few image headers), None when they differ.
     """
 
     name: str
     spec: str
     num_classes: int
     classes: Tuple[str, ...]
-    img_size: int
+    img_size: Optional[int]
     in_chans: int
     default_hflip: float
+    native_size: Optional[Tuple[int, int]] = None
+
+    def resize_note(self, size: int) -> Optional[str]:
+        """What happens to the images when they are fed at ``size`` px, or None when nothing does.
+
+        E.g. ``"images are 28x28, resized to the model's 32x32"``.
+        """
+        if self.native_size == (size, size):
+            return None
+        if self.native_size is None:
+            return f"images have several sizes, resized (shorter side) and centre-cropped to the model's {size}x{size}"
+        h, w = self.native_size
+        how = 'resized' if h == w else 'resized (shorter side) and centre-cropped'
+        return f"images are {h}x{w}, {how} to the model's {size}x{size}"
 
 
 class TensorImageDataset(Dataset):

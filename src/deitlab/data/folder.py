@@ -10,8 +10,10 @@ Layout::
 * Image files are those ending in .png .jpg .jpeg .bmp .gif .webp .tif .tiff (any case), found
   recursively; other files and hidden folders are ignored. A class folder without images is an
   error.
-* ``img_size`` defaults to 224: images are resized (shorter side) and centre-cropped to it
-  (``aug='deit'`` uses timm's random-resized crop instead).
+* The tree declares no image size: commands build the model at its own input size and resize the
+  images to it (:func:`native_size` reads a few image headers so the log can say so).
+  :func:`~deitlab.data.build_dataset` with ``img_size=None`` gives 224: images are resized (shorter
+  side) and centre-cropped to the size (``aug='deit'`` uses timm's random-resized crop instead).
 * Grayscale images give 3 channels by replication, colour images 1 channel by luminance.
 
 Corrupt or unreadable images: the policy is to FAIL, naming the file. The tree is only listed
@@ -23,7 +25,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable, List, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 from PIL import Image
@@ -31,7 +33,8 @@ from torch.utils.data import Dataset
 
 from .base import DataError
 
-__all__ = ['IMAGE_EXTENSIONS', 'DEFAULT_IMG_SIZE', 'split_dir', 'find_classes', 'scan_split', 'FolderDataset']
+__all__ = ['IMAGE_EXTENSIONS', 'DEFAULT_IMG_SIZE', 'split_dir', 'find_classes', 'scan_split', 'native_size',
+           'FolderDataset']
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.gif', '.webp', '.tif', '.tiff')
 DEFAULT_IMG_SIZE = 224
@@ -81,6 +84,37 @@ def _images_under(d: Path) -> List[Path]:
         out += [Path(dirpath) / f for f in sorted(filenames)
                 if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith('.')]
     return out
+
+
+def _first_images(d: Path, n: int) -> List[Path]:
+    out: List[Path] = []
+    for dirpath, dirnames, filenames in os.walk(d, followlinks=True):
+        dirnames[:] = sorted(n for n in dirnames if not n.startswith('.'))
+        out += [Path(dirpath) / f for f in sorted(filenames)
+                if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith('.')][:n - len(out)]
+        if len(out) >= n:
+            break
+    return out
+
+
+def native_size(path: str, max_classes: int = 16, per_class: int = 4) -> Optional[Tuple[int, int]]:
+    """``(height, width)`` shared by the images of ``PATH/train``, or None when they differ.
+
+    Reads the headers of the first ``per_class`` images of the first ``max_classes`` class folders,
+    so it costs a few dozen file opens whatever the tree's size; a tree whose sampled images agree is
+    taken to have that size. An unreadable sampled image raises :class:`DataError` naming it.
+    """
+    d = split_dir(path, 'train')
+    sizes = set()
+    for name in find_classes(path)[:max_classes]:
+        for file in _first_images(d / name, per_class):
+            try:
+                with Image.open(file) as img:
+                    w, h = img.size
+            except Exception as e:  # noqa: BLE001 - PIL raises many types
+                raise DataError(f'cannot read image {file}: {e}') from e
+            sizes.add((h, w))
+    return sizes.pop() if len(sizes) == 1 else None
 
 
 def scan_split(path: str, split: str) -> Tuple[List[str], List[Path], List[int]]:
