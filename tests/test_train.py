@@ -262,3 +262,69 @@ def test_cnn_trains_at_the_requested_size(tmp_path):
     cfg = json.loads((tmp_path / 'cnn' / 'train_config.json').read_text())
     assert cfg['input'] == [1, 24, 24]
     assert resolve_input_size(create(str(tmp_path / 'cnn'))) == (1, 24, 24)
+
+
+# --- named recipes, the short-run warning, the mix log line ---
+
+def test_recipes_precedence_recipe_then_yaml_then_flags(tmp_path):
+    from deitlab.cli import build_train_config, make_parser
+    from deitlab.train.config import RECIPES
+    parse = make_parser().parse_args
+    assert build_train_config(parse(['train'])) == TrainConfig()   # the default recipe is the dataclass defaults
+    cfg = build_train_config(parse(['train', '--recipe', 'short']))
+    assert cfg.recipe == 'short' and all(getattr(cfg, k) == v for k, v in RECIPES['short'].items())
+    assert (cfg.batch_size, cfg.lr, cfg.warmup_epochs, cfg.mix, cfg.mixup, cfg.cutmix) == (32, 5e-4, 0.5, 'none', 0, 0)
+    cfg_file = tmp_path / 'r.yaml'
+    cfg_file.write_text('recipe: short\nlr: 1.0e-3\nbatch-size: 64\n')
+    cfg = build_train_config(parse(['train', '--config', str(cfg_file), '--batch-size', '16']))
+    assert (cfg.recipe, cfg.lr, cfg.batch_size, cfg.drop_path) == ('short', 1e-3, 16, 0.0)
+    cfg = build_train_config(parse(['train', '--config', str(cfg_file), '--recipe', 'deit']))
+    assert (cfg.recipe, cfg.lr, cfg.batch_size, cfg.mix) == ('deit', 1e-3, 64, 'mixup-cutmix')
+    assert TrainConfig.from_recipe('short', epochs=3).validate().warmup_epochs == 0.5
+
+
+def test_recipe_bad_input_messages(tmp_path, capsys):
+    from deitlab.cli import main, make_parser
+    with pytest.raises(ConfigError, match=r"unknown recipe 'paper'; known recipes: deit \(batch 128.*short \(batch 32"):
+        TrainConfig.from_recipe('paper')
+    with pytest.raises(ConfigError, match=r"recipe 'short' is named but none of its settings are applied.*"
+                                          r"from_recipe\('short'"):
+        TrainConfig(recipe='short').validate()
+    assert main(['train', '--recipe', 'paper', '--data', DATA, '--out', str(tmp_path / 'x')]) == 2
+    assert "deitlab: error: unknown recipe 'paper'; known recipes: deit (" in capsys.readouterr().err
+    help_text = ' '.join(make_parser()._subparsers._group_actions[0].choices['train'].format_help().split())
+    assert '--recipe' in help_text and "deit: the DeiT paper's" in help_text and 'short: for small data' in help_text
+
+
+def test_short_run_warning():
+    from deitlab.train.config import short_run_warning
+    w = short_run_warning('deit', 165, 55, mixing=True)
+    assert w.count('\n') == 0 and "recipe 'deit'" in w and '165 optimizer steps with batch mixing' in w
+    assert '--recipe short' in w
+    w = short_run_warning('deit', 90, 50, mixing=False)
+    assert 'warm-up of 50 of 90 steps (more than a third)' in w and 'mixing' not in w
+    assert short_run_warning('deit', 5000, 500, mixing=True) is None
+    assert short_run_warning('short', 4, 1, mixing=False) is None
+    w = short_run_warning('short', 100, 0, mixing=True)
+    assert "recipe 'short'" in w and '--mix none' in w and '--recipe short' not in w
+
+
+def test_mix_log_line_tells_what_is_applied():
+    from deitlab.train.mixing import BatchMixer
+    model = create(MODEL, num_classes=4)
+
+    def describe(mode, **kw):
+        return BatchMixer(mode, model, 4, (32, 32), **kw).describe()
+    assert describe('mixup-cutmix', mixup_alpha=0, cutmix_alpha=0) == 'none (mixup and cutmix are 0)'
+    assert describe('mixup-cutmix', mixup_prob=0) == 'none (mixup-prob is 0)'
+    assert describe('none') == 'none'
+    assert describe('mixup-cutmix') == 'mixup-cutmix, Mixup 0.8 / CutMix 1.0 switch 0.5'
+    assert describe('mixup-cutmix', cutmix_alpha=0) == 'mixup-cutmix, Mixup 0.8 only (cutmix is 0)'
+    assert describe('cutmix') == 'cutmix, CutMix 1.0 only'
+    assert describe('maskmix', mixup_alpha=0, cutmix_alpha=0).endswith('other batches unmixed (mixup and cutmix are 0)')
+
+
+def test_run_directory_keeps_its_size(tmp_path):
+    train(tiny_cfg(tmp_path / 'r32', epochs=1, max_steps_per_epoch=1))
+    with pytest.raises(ConfigError, match=r'img_size 28 \(--img-size\): the run directory .* takes 32x32 inputs'):
+        train(tiny_cfg(tmp_path / 'ft', model=str(tmp_path / 'r32'), epochs=1, img_size=28))

@@ -45,6 +45,7 @@ def _add_dataclass_args(p: argparse.ArgumentParser, cls, required=(), exclude=()
                            help=f'comma-separated (default: {",".join(f.default)})')
         else:
             extra = f.metadata.get('help')
+            extra = extra() if callable(extra) else extra
             p.add_argument(flag, type=base, default=default,
                            help=f'{extra} (default: {_default_of(f)})' if extra else f'(default: {_default_of(f)})')
 
@@ -75,6 +76,8 @@ def _parse_kv(items, flag: str = '--model-kwargs') -> dict:
 
 
 def build_train_config(args: argparse.Namespace):
+    """Precedence, lowest first: the recipe (``--recipe``, or ``recipe:`` in the YAML), ``--config``
+    values, explicit flags."""
     from .train.config import TrainConfig, config_fields, load_yaml_defaults
     values = load_yaml_defaults(args.config) if getattr(args, 'config', None) else {}
     for name in config_fields():
@@ -82,7 +85,7 @@ def build_train_config(args: argparse.Namespace):
             values[name] = getattr(args, name)
     if isinstance(values.get('model_kwargs'), list):
         values['model_kwargs'] = _parse_kv(values['model_kwargs'])
-    return TrainConfig(**values)
+    return TrainConfig.from_recipe(values.pop('recipe', 'deit'), **values)
 
 
 def cmd_train(args) -> dict:

@@ -5,24 +5,23 @@ from typing import Optional
 
 from torch.utils.data import DataLoader
 
-from .data import build_dataset
 from .rundir import create
 from .train.distributed import resolve_device
-from .train.engine import norm_stats, evaluate, model_input
+from .train.engine import evaluate, model_datasets, model_input
 
 
 def evaluate_model(model_spec: str, data: str, split: str = 'val', batch_size: int = 256,
                    device: Optional[str] = None, workers: int = 0, progress: Optional[bool] = None) -> dict:
-    """Accuracy of ``model_spec`` on ``data``; the data is shaped to the model's input."""
+    """Accuracy of ``model_spec`` on ``data``; the data is shaped to the model's input (its size wins;
+    other images are resized and the log says so)."""
     model = create(model_spec)
     dev = resolve_device(device)
     model.to(dev).eval()
-    chans, size = model_input(model)
-    mean, std = norm_stats(model, chans)
-    ds = build_dataset(data, split, img_size=size, in_chans=chans, aug='none', mean=mean, std=std)
+    ds, = model_datasets(model, data, (split,))
     if getattr(model, 'num_classes', ds.num_classes) != ds.num_classes:
         from .train.config import ConfigError
         raise ConfigError(f'{model_spec} predicts {model.num_classes} classes but {data} has {ds.num_classes}')
     loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers)
     res = evaluate(model, loader, dev, amp=dev.type == 'cuda', progress=progress)
-    return dict(model=str(model_spec), data=data, split=split, **res)
+    chans, size = model_input(model)
+    return dict(model=str(model_spec), data=data, split=split, input=[chans, size, size], **res)

@@ -185,12 +185,8 @@ def kd_kl(student: torch.Tensor, teacher: torch.Tensor, tau: float) -> torch.Ten
 
 def _loaders(cfg: NViTConfig, model: nn.Module):
     from torch.utils.data import DataLoader
-    from ..data import build_dataset
-    from ..train.engine import model_input, norm_stats
-    chans, size = model_input(model)
-    mean, std = norm_stats(model, chans)
-    train_set = build_dataset(cfg.data, 'train', img_size=size, in_chans=chans, aug=cfg.aug, mean=mean, std=std)
-    val_set = build_dataset(cfg.data, 'val', img_size=size, in_chans=chans, aug='none', mean=mean, std=std)
+    from ..train.engine import model_datasets
+    train_set, val_set = model_datasets(model, cfg.data, aug=cfg.aug)
     if len(train_set) < cfg.batch_size:
         raise PruneError(f'the training split has {len(train_set)} images, fewer than one batch of {cfg.batch_size}')
     g = torch.Generator().manual_seed(cfg.seed)

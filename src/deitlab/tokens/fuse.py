@@ -153,14 +153,10 @@ def evaluate_models(models: dict, data: str, split: str = 'val', batch_size: int
     """Top-1 / top-5 of each model on one loader of ``data`` (shaped for the first model)."""
     from torch.utils.data import DataLoader
 
-    from ..data import build_dataset
     from ..train.distributed import resolve_device
-    from ..train.engine import evaluate, model_input, norm_stats
+    from ..train.engine import evaluate, model_datasets
 
-    first = next(iter(models.values()))
-    chans, size = model_input(first)
-    mean, std = norm_stats(first, chans)
-    ds = build_dataset(data, split, img_size=size, in_chans=chans, aug='none', mean=mean, std=std)
+    ds, = model_datasets(next(iter(models.values())), data, (split,))
     loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers)
     dev = resolve_device(device)
     out = {}

@@ -2,8 +2,14 @@
 
 Defaults follow DeiT's ``main.py`` (Touvron et al. 2021, Table 9): AdamW, ``lr = 5e-4 * batch / 512``,
 weight decay 0.05, cosine schedule with warm-up, label smoothing 0.1, Mixup 0.8 / CutMix 1.0
-(``--mix`` switches to TransMix or MixPro: :mod:`deitlab.train.mixing`), drop path 0.1, optional EMA, hard or soft distillation. ``--config FILE.yaml`` values become the
-defaults and explicit flags win (timm's convention).
+(``--mix`` switches to TransMix or MixPro: :mod:`deitlab.train.mixing`), drop path 0.1, optional EMA, hard or soft distillation.
+
+Named recipes (:data:`RECIPES`, ``--recipe``) are sets of defaults: ``deit`` is the dataclass
+defaults above (made for ImageNet's 300 epochs), ``short`` the reference recipe of the project's
+benchmarks (batch 32, lr 5e-4, half an epoch of warm-up, no mixing, no drop path, no augmentation),
+which learns small data in a few epochs. Precedence, lowest first: dataclass defaults, the recipe,
+``--config FILE.yaml`` values, explicit flags (timm's convention for the last two).
+:func:`short_run_warning` tells when a run is too short for the recipe it uses.
 """
 from __future__ import annotations
 
@@ -14,13 +20,21 @@ from typing import Optional
 
 import yaml
 
+MIN_MIXING_STEPS = 1000   # fewer optimizer steps than this with batch mixing on: warn
+
 
 class ConfigError(ValueError):
     """An invalid training configuration, with the reason."""
 
 
+def _recipe_help() -> str:
+    return ('named defaults, lowest precedence (--config values and explicit flags win): '
+            + '; '.join(f'{name}: {text} ({describe_recipe(name)})' for name, text in RECIPE_NOTES.items()))
+
+
 @dataclass
 class TrainConfig:
+    recipe: str = field(default='deit', metadata=dict(help=_recipe_help))
     model: str = 'deitlab_deit_nano_patch4_32'
     data: str = 'glyphs'
     out: str = 'runs/train'
@@ -58,7 +72,7 @@ class TrainConfig:
     distill_alpha: float = 0.5
     distill_tau: float = 1.0
     kd_norm: str = 'numel'            # numel (DeiT's code) | batch
-    img_size: Optional[int] = None    # None: the data's size if the patch size divides it
+    img_size: Optional[int] = None    # None: the model's input size (rule: engine.build_student)
     in_chans: Optional[int] = None    # None: the data's channels
     aug: str = 'light'                # none | light | deit
     hflip: Optional[float] = None
@@ -81,7 +95,18 @@ class TrainConfig:
     consistency_weight: float = 3.0   # lambda of the class-token MSE
     consistency_gate: float = 0.4     # only samples whose true-class probability exceeds this
 
+    @classmethod
+    def from_recipe(cls, recipe: str = 'deit', **values) -> 'TrainConfig':
+        """A configuration with the defaults of ``recipe`` (see :data:`RECIPES`); ``values`` win."""
+        check_recipe(recipe)
+        return cls(**{**RECIPES[recipe], **values, 'recipe': recipe})
+
     def validate(self) -> 'TrainConfig':
+        check_recipe(self.recipe)
+        if self.recipe != 'deit' and all(getattr(self, k) == RECIPES['deit'][k]
+                                         for k, v in RECIPES[self.recipe].items() if v != RECIPES['deit'][k]):
+            raise ConfigError(f"recipe {self.recipe!r} is named but none of its settings are applied; build the "
+                              f"configuration with TrainConfig.from_recipe({self.recipe!r}, ...)")
         if self.epochs < 1:
             raise ConfigError(f'epochs must be >= 1, got {self.epochs}')
         if self.batch_size < 1:
@@ -137,6 +162,55 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+RECIPE_KEYS = ('batch_size', 'lr', 'warmup_epochs', 'weight_decay', 'smoothing', 'mix', 'mixup', 'cutmix',
+               'drop_path', 'aug')
+#: Named sets of defaults; ``deit`` is the dataclass defaults, ``short`` the benchmarks' reference recipe.
+RECIPES = {
+    'deit': {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.name in RECIPE_KEYS},
+    'short': dict(batch_size=32, lr=5e-4, warmup_epochs=0.5, weight_decay=0.05, smoothing=0.1, mix='none',
+                  mixup=0.0, cutmix=0.0, drop_path=0.0, aug='none'),
+}
+RECIPE_NOTES = {'deit': "the DeiT paper's (DeiT's main.py defaults), made for ImageNet's 300 epochs",
+                'short': 'for small data and short runs, the reference recipe of the benchmarks'}
+
+
+def describe_recipe(name: str) -> str:
+    """``'batch 32, lr 5e-4, warm-up 0.5 epochs, ...'``: what a recipe sets."""
+    r = RECIPES[name]
+    lr = 'lr 5e-4 x batch / 512' if r['lr'] is None else f"lr {r['lr']:g}"
+    mix = 'no mixing' if r['mix'] == 'none' else f"{r['mix']} (Mixup {r['mixup']:g}, CutMix {r['cutmix']:g})"
+    return (f"batch {r['batch_size']}, {lr}, warm-up {r['warmup_epochs']:g} epochs, {mix}, "
+            f"drop path {r['drop_path']:g}, smoothing {r['smoothing']:g}, weight decay {r['weight_decay']:g}, "
+            f"aug {r['aug']}")
+
+
+def check_recipe(name: str) -> str:
+    if name not in RECIPES:
+        known = '; '.join(f'{n} ({describe_recipe(n)})' for n in RECIPES)
+        raise ConfigError(f'unknown recipe {name!r}; known recipes: {known}')
+    return name
+
+
+def short_run_warning(recipe: str, total_steps: int, warmup_steps: int, mixing: bool) -> Optional[str]:
+    """One warning line when a run is too short for its recipe, else None.
+
+    Too short: fewer than :data:`MIN_MIXING_STEPS` optimizer steps with batch mixing on (mixed
+    labels slow early learning; the DeiT recipe pays that back over hundreds of epochs), or a
+    warm-up longer than a third of the run.
+    """
+    why, fix = [], []
+    if mixing and total_steps < MIN_MIXING_STEPS:
+        why.append(f'{total_steps} optimizer steps with batch mixing on (fewer than ~{MIN_MIXING_STEPS})')
+        fix.append('--mix none')
+    if warmup_steps * 3 > total_steps:
+        why.append(f'warm-up of {warmup_steps} of {total_steps} steps (more than a third)')
+        fix.append('a shorter --warmup-epochs')
+    if not why:
+        return None
+    advice = 'use --recipe short' if recipe != 'short' else f"use {' and '.join(fix)}"
+    return f"warning: run too short for recipe '{recipe}': {' and '.join(why)}; {advice}, or train longer"
 
 
 def config_fields() -> dict:

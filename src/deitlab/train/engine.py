@@ -30,9 +30,9 @@ from timm.scheduler import CosineLRScheduler
 from timm.utils import accuracy
 
 from ..bench import count_params, resolve_input_size
-from ..data import build_dataset, dataset_info
+from ..data import DatasetInfo, build_dataset, dataset_info
 from ..rundir import atomic_torch_save, create, is_run_dir, save_run_dir
-from .config import ConfigError, TrainConfig
+from .config import ConfigError, TrainConfig, short_run_warning
 from .distill import DistillationLoss
 from .distributed import DistInfo, all_reduce_sum, barrier, init_distributed, seed_all
 from .defences import build_defence
@@ -68,8 +68,22 @@ def _log(msg: str, is_main: bool = True) -> None:
         tqdm.write(f'[deitlab] {msg}', file=sys.stderr)
 
 
-def build_student(cfg: TrainConfig, num_classes: int, data_chans: int, data_size: int) -> nn.Module:
-    """The model to train: a run directory (its architecture and weights) or a timm/deitlab name."""
+def build_student(cfg: TrainConfig, num_classes: int, data_chans: int, data_size: Optional[int]) -> nn.Module:
+    """The model to train: a run directory (its architecture and weights) or a timm/deitlab name.
+
+    Its input size, the one rule of ``deitlab train``:
+
+    1. A run directory keeps the size it was saved with (``--img-size`` other than it is an error:
+       its position embedding is sized for it).
+    2. A name with ``--img-size S`` (``cfg.img_size``) is built at S.
+    3. A name with ``patchN`` in it, on data that declares a size D (``data_size``, i.e.
+       :attr:`DatasetInfo.img_size`: glyphs' ``size=``, Fashion-MNIST's 28) that N divides, is built
+       at D: a patch-4 model trains on Fashion-MNIST at 28 px.
+    4. Otherwise the model's registered input size: ``folder:`` data declares no size, so a user's
+       28-px images train ``deitlab_deit_pico_patch4_32`` at 32 px.
+
+    The data is then fed at the model's size (:func:`model_datasets`, which logs any resizing).
+    """
     kwargs = dict(cfg.model_kwargs)
     if cfg.drop_path:
         kwargs['drop_path_rate'] = cfg.drop_path
@@ -77,6 +91,10 @@ def build_student(cfg: TrainConfig, num_classes: int, data_chans: int, data_size
         kwargs['drop_rate'] = cfg.drop
     if is_run_dir(cfg.model) or str(cfg.model).startswith('local-dir:'):
         model = create(cfg.model, **kwargs)
+        size = model_input(model)[1]
+        if cfg.img_size and cfg.img_size != size:
+            raise ConfigError(f'img_size {cfg.img_size} (--img-size): the run directory {cfg.model} takes '
+                              f'{size}x{size} inputs and its weights are sized for them; leave --img-size out')
         if model.num_classes != num_classes:
             model.reset_classifier(num_classes)
         return model
@@ -105,6 +123,26 @@ def model_input(model: nn.Module) -> tuple[int, int]:
     """(channels, size) of the square input the model takes."""
     chans, size, _ = resolve_input_size(model)
     return chans, size
+
+
+def model_datasets(model: nn.Module, spec: str, splits=('train', 'val'), aug: str = 'none',
+                   hflip: Optional[float] = None, info: Optional[DatasetInfo] = None, is_main: bool = True) -> list:
+    """The ``splits`` of dataset ``spec`` fed to ``model``: at its input channels, size and
+    normalisation, whatever the images' own size. ``aug`` and ``hflip`` apply to the ``train``
+    split; the others get no augmentation.
+
+    The one place where train, eval, prune and fuse shape data for a model. When the images are of
+    another size, one log line says so, e.g. ``images are 28x28, resized to the model's 32x32``.
+    """
+    chans, size = model_input(model)
+    mean, std = norm_stats(model, chans)
+    info = info or dataset_info(spec)
+    note = info.resize_note(size)
+    if note:
+        _log(note, is_main)
+    return [build_dataset(spec, split, img_size=size, in_chans=chans, mean=mean, std=std,
+                          aug=aug if split == 'train' else 'none', hflip=hflip if split == 'train' else None)
+            for split in splits]
 
 
 def norm_stats(model: nn.Module, chans: int):
@@ -225,9 +263,7 @@ def train(cfg: TrainConfig) -> dict:
     model = build_student(cfg, info.num_classes, info.in_chans, info.img_size)
     chans, size = model_input(model)
     mean, std = norm_stats(model, chans)
-    train_set = build_dataset(cfg.data, 'train', img_size=size, in_chans=chans, aug=cfg.aug, mean=mean, std=std,
-                              hflip=cfg.hflip)
-    val_set = build_dataset(cfg.data, 'val', img_size=size, in_chans=chans, aug='none', mean=mean, std=std)
+    train_set, val_set = model_datasets(model, cfg.data, aug=cfg.aug, hflip=cfg.hflip, info=info, is_main=main)
     if len(train_set) < cfg.batch_size:
         raise ConfigError(f'the training split has {len(train_set)} images, fewer than one batch of '
                           f'{cfg.batch_size}')
@@ -254,8 +290,9 @@ def train(cfg: TrainConfig) -> dict:
     lr = cfg.resolved_lr()
     optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=lr, weight_decay=cfg.weight_decay)
     total_steps = cfg.epochs * steps_per_epoch
+    warmup_steps = int(cfg.warmup_epochs * steps_per_epoch)
     scheduler = CosineLRScheduler(
-        optimizer, t_initial=total_steps, lr_min=cfg.min_lr, warmup_t=int(cfg.warmup_epochs * steps_per_epoch),
+        optimizer, t_initial=total_steps, lr_min=cfg.min_lr, warmup_t=warmup_steps,
         warmup_lr_init=cfg.warmup_lr, t_in_epochs=False)
     ema = None
     if cfg.ema:
@@ -313,8 +350,12 @@ def train(cfg: TrainConfig) -> dict:
     autocast = (lambda: torch.autocast('cuda', dtype=torch.bfloat16)) if use_amp else contextlib.nullcontext
     n_params = count_params(model)
     _log(f'{cfg.model}: {n_params / 1e6:.2f}M params, input {chans}x{size}x{size}, {len(train_set)} train / '
-         f'{len(val_set)} val images, {di.world_size} process(es) on {device}, lr {lr:.2e}, mix: {mixer.describe()}'
+         f'{len(val_set)} val images, {di.world_size} process(es) on {device}, recipe {cfg.recipe}, lr {lr:.2e}, '
+         f'mix: {mixer.describe()}'
          + (f', defence: {cfg.defence}' if defence is not None else ''), main)
+    warning = short_run_warning(cfg.recipe, total_steps, warmup_steps, mixer.active)
+    if warning:
+        _log(warning, main)
 
     last_eval: dict = {}
     last_saved = start_epoch  # epochs finished and checkpointed

@@ -164,6 +164,8 @@ class BatchMixer:
         mix_a = mixup_alpha if mode in ('mixup', 'mixup-cutmix', 'transmix') + MASK_MODES else 0.0
         cut_a = cutmix_alpha if mode in ('cutmix', 'mixup-cutmix', 'transmix') + MASK_MODES else 0.0
         self.mixup = None
+        self.off_reason = ('mixup-prob is 0' if mixup_prob <= 0 else
+                           'mixup and cutmix are 0' if mix_a <= 0 and cut_a <= 0 else None)
         if mode != 'none' and mixup_prob > 0 and (mix_a > 0 or cut_a > 0):
             cls = _BoxMixup if mode == 'transmix' else Mixup
             self.mixup = cls(mixup_alpha=mix_a, cutmix_alpha=cut_a, prob=mixup_prob, switch_prob=switch_prob,
@@ -176,12 +178,22 @@ class BatchMixer:
         return self.mixup is not None or self.mode in MASK_MODES
 
     def describe(self) -> str:
+        """What is applied, e.g. ``'none (mixup and cutmix are 0)'`` for ``--mix mixup-cutmix --mixup 0
+        --cutmix 0``, or ``'mixup-cutmix, Mixup 0.8 / CutMix 1.0 switch 0.5'``."""
+        if not self.active:
+            return 'none' if self.mode == 'none' else f'none ({self.off_reason})'
         parts = [self.mode]
         if self.mode in MASK_MODES:
             parts.append(f'MaskMix p={self.maskmix_prob} cells of {self.mask_size}px')
-        if self.mixup is not None:
-            parts.append(f'Mixup {self.mixup.mixup_alpha} / CutMix {self.mixup.cutmix_alpha} '
-                         f'switch {self.mixup.switch_prob}')
+        m = self.mixup
+        if m is None:
+            parts.append(f'other batches unmixed ({self.off_reason})')
+        elif m.mixup_alpha > 0 and m.cutmix_alpha > 0:
+            parts.append(f'Mixup {m.mixup_alpha} / CutMix {m.cutmix_alpha} switch {m.switch_prob}')
+        else:
+            both = self.mode not in ('mixup', 'cutmix')   # the other one was asked for but is 0
+            parts.append(f'Mixup {m.mixup_alpha} only' + (' (cutmix is 0)' if both else '') if m.mixup_alpha > 0
+                         else f'CutMix {m.cutmix_alpha} only' + (' (mixup is 0)' if both else ''))
         return ', '.join(parts)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, Union[torch.Tensor, MixTarget]]:
