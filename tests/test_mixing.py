@@ -43,27 +43,72 @@ def test_default_mask_size_gives_four_cells_a_side():
     assert default_mask_size(16, 16) == 16
 
 
+def _smoothed(y, eps=0.1):
+    """timm's label smoothing written out: eps / K off the label, 1 - eps + eps / K on it."""
+    return torch.full((len(y), K), eps / K).scatter_(1, y[:, None], 1 - eps + eps / K)
+
+
 def test_mixpro_batch_and_loss_match_the_formulas():
+    """A MixPro batch and its PAL loss against values computed here from the mixed image, the
+    model's own attention map and MixPro's formulas, none of them taken from deitlab.train.mixpro:
+    the token mask and the partner of each sample are read off the mixed image; the class token's
+    last-block attention is the softmax map the block computes (caught on its dropout, explicit
+    attention), averaged over heads, at the patch columns; then lambda_attn = sum m a / sum a,
+    alpha = cos(y~, softmax z), lambda = alpha lambda_attn + (1 - alpha) lambda_area and the loss
+    mean[lambda CE(z, y) + (1 - lambda) CE(z, y_perm)].
+
+    Wrong code this catches: a token mask or pairing that is not the one in the image; y~ without
+    label smoothing or with the weights of the two labels swapped; attention from another row or
+    block, with the class-token column kept, renormalised over the patches, or the heads' max;
+    lambda_attn without the division; alpha as a dot product instead of the cosine; alpha weighting
+    lambda_area instead of lambda_attn; the two cross-entropies' labels swapped; logged pal_alpha /
+    pal_lambda_shift that are not the batch means of alpha and |lambda - lambda_area|."""
     model = _model()
+    last = model.blocks[-1].attn
+    with torch.no_grad():   # a peaked attention map and confident logits: labels far from the area weights
+        last.qkv.weight.mul_(25)
+        model.head.weight.mul_(20)
+    last.fused_attn = False   # the explicit softmax path, so that its attention map can be caught
+    maps = []
+    last.attn_drop.register_forward_hook(lambda mod, args, out: maps.append(out.detach()))
     mixer = BatchMixer('mixpro', model, K, (32, 32), maskmix_prob=1.0)
     loss_fn = MixLoss()
-    torch.manual_seed(3)
+    torch.manual_seed(7)   # a pairing without fixed points
     x, y = _batch()
     xm, target = mixer(x.clone(), y)
     assert isinstance(target, MixTarget) and target.kind == 'pal'
-    assert torch.allclose(target.y_soft.sum(1), torch.ones(8))
-    # every token of xm comes from x_i where the token mask is 1 and from x_perm(i) elsewhere
-    m = target.token_mask.bool()[..., None]
-    assert torch.equal(_tokens(xm), torch.where(m, _tokens(x), _tokens(x[target.perm])))
+    # what the image says: which tokens are x_i's, and whose image the others come from
+    tx, tm = _tokens(x), _tokens(xm)
+    own = (tm == tx).all(-1)                                        # (B, N)
+    assert 0 < own.sum() < own.numel()
+    perm = torch.tensor([next(j for j in range(8) if j != i and torch.equal(tm[i][~own[i]], tx[j][~own[i]]))
+                         for i in range(8)])
+    assert not torch.equal(perm, torch.arange(8))
+    m = own.float()
+    lam_area = m.mean(1)   # 32 px images, 8 px cells: every token has the same number of pixels
+    y_soft = lam_area[:, None] * _smoothed(y) + (1 - lam_area[:, None]) * _smoothed(y[perm])
+    assert torch.equal(target.perm, perm) and torch.equal(target.token_mask, m)
+    assert torch.allclose(target.lam_area, lam_area) and torch.allclose(target.y_soft, y_soft)
     with mixer.capture(target):
         logits = model(xm)
         loss = loss_fn(logits, target)
-    a = target.captured.attn
-    assert a.shape == (8, 64)
-    lam = pal_lambda(attention_lambda(target.token_mask, a), target.lam_area, logits, target.y_soft)
-    assert torch.allclose(loss, mixed_ce(logits, y, target.perm, lam))
+    assert len(maps) == 1 and maps[0].shape == (8, 2, 65, 65)
+    a = maps[0][:, :, 0, 1:].mean(1)                                 # class-token row, patch columns
+    assert torch.allclose(target.captured.attn, a, rtol=1e-5, atol=1e-7)
+    lam_attn = (m * a).sum(1) / a.sum(1)
+    p = logits.detach().softmax(-1)
+    alpha = (y_soft * p).sum(1) / (y_soft.norm(dim=1) * p.norm(dim=1))
+    lam = alpha * lam_attn + (1 - alpha) * lam_area
+    nll = -p.log()
+    expected = (lam * nll[torch.arange(8), y] + (1 - lam) * nll[torch.arange(8), y[perm]]).mean()
+    # the attention moved the labels far from their area weights, and alpha spreads over (0, 1)
+    assert (lam_attn - lam_area).abs().min() > 0.05 and (lam - lam_area).abs().max() > 0.2
+    assert alpha.min() < 0.1 and alpha.max() > 0.5
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     stats = loss_fn.pop_stats()
-    assert set(stats) == {'pal_alpha', 'pal_lambda_shift'} and 0 < stats['pal_alpha'] <= 1
+    assert set(stats) == {'pal_alpha', 'pal_lambda_shift'}
+    assert stats['pal_alpha'] == pytest.approx(alpha.mean().item(), rel=1e-5)
+    assert stats['pal_lambda_shift'] == pytest.approx((lam - lam_area).abs().mean().item(), rel=1e-5)
     assert loss_fn.pop_stats() == {}
 
 
@@ -130,19 +175,50 @@ def test_transmix_mixup_batches_keep_the_area_label():
     assert torch.is_tensor(target)
 
 
-@pytest.mark.parametrize('mode', ['mixup', 'cutmix', 'mixup-cutmix'])
-def test_plain_modes_are_timm(mode):
-    from timm.data import Mixup
-    model = _model()
-    mixer = BatchMixer(mode, model, K, (32, 32))
-    ref = Mixup(mixup_alpha=0.8 if mode != 'cutmix' else 0.0, cutmix_alpha=1.0 if mode != 'mixup' else 0.0,
-                label_smoothing=0.1, num_classes=K)
+# (mode, numpy seed): for mixup-cutmix the seed's switch draw u (the second np.random.rand()) is
+# 0.026 (CutMix), 0.715 (Mixup with switch probability 0.5, CutMix with 0.8) and 0.871 (Mixup)
+@pytest.mark.parametrize('mode,seed', [('mixup', 5), ('cutmix', 5), ('cutmix', 6), ('mixup-cutmix', 2),
+                                       ('mixup-cutmix', 0), ('mixup-cutmix', 5)])
+def test_plain_modes_follow_timms_recipe(mode, seed):
+    """The batch and label of mixup / cutmix / mixup-cutmix against the DeiT recipe computed here
+    from the same numpy draws (timm's Mixup, batch mode, as its code documents it): u0 = rand()
+    (< prob 1), for mixup-cutmix u = rand() and CutMix iff u < 0.5; lambda ~ Beta(0.8, 0.8) for
+    Mixup, Beta(1, 1) for CutMix; a CutMix box of side int(32 sqrt(1 - lambda)) centred at
+    (randint(32), randint(32)), clipped, pasted from x.flip(0), lambda corrected to 1 - box area;
+    labels lambda y~ + (1 - lambda) y~.flip(0) with y~ smoothed by 0.1.
+
+    Wrong code this catches: CutMix drawing with the Mixup alpha or the reverse; mixup-cutmix
+    with TransMix's switch probability 0.8 (seed 0) or none; an uncorrected lambda (the Beta draw
+    instead of the box's area); no label smoothing; a partner other than x.flip(0); CutMix boxes
+    that keep the wrong side."""
+    mixer = BatchMixer(mode, _model(), K, (32, 32))
     x, y = _batch()
-    np.random.seed(5)
-    a = mixer(x.clone(), y)
-    np.random.seed(5)
-    b = ref(x.clone(), y)
-    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    np.random.seed(seed)
+    xm, target = mixer(x.clone(), y)
+    rng = np.random.RandomState(seed)   # the same stream as np.random after np.random.seed(seed)
+    assert rng.rand() < 1.0
+    if mode == 'mixup-cutmix':
+        cut = rng.rand() < 0.5
+    else:
+        cut = mode == 'cutmix'
+    lam = rng.beta(1.0, 1.0) if cut else rng.beta(0.8, 0.8)
+    if cut:
+        side = int(32 * np.sqrt(1 - lam))
+        cy, cx = rng.randint(0, 32), rng.randint(0, 32)
+        yl, yh = max(cy - side // 2, 0), min(cy + (side + 1) // 2, 32)
+        xl, xh = max(cx - side // 2, 0), min(cx + (side + 1) // 2, 32)
+        box = torch.zeros(32, 32, dtype=torch.bool)
+        box[yl:yh, xl:xh] = True
+        assert 0 < box.sum() < 32 * 32
+        expected = torch.where(box, x.flip(0), x)
+        lam = 1 - box.sum().item() / (32 * 32)
+        assert torch.equal(xm, expected)
+    else:
+        assert torch.allclose(xm, x * lam + x.flip(0) * (1 - lam), atol=1e-6)
+    assert 0.05 < lam < 0.95
+    soft = lam * _smoothed(y) + (1 - lam) * _smoothed(y.flip(0))
+    assert torch.allclose(target, soft, atol=1e-6)
+    assert torch.allclose(target.sum(1), torch.ones(8))
 
 
 def test_none_passes_through():
