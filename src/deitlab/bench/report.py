@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 from typing import Dict, Iterable, List, Optional, Sequence, Union
 
-__all__ = ['format_table', 'format_benchmark', 'plot_tradeoff']
+__all__ = ['format_table', 'format_benchmark', 'format_compare', 'ratio_range', 'plot_tradeoff']
 
 Column = Union[str, Sequence[str]]
 
@@ -61,6 +61,36 @@ def format_table(rows: Sequence[dict], columns: Optional[Iterable[Column]] = Non
     out = [fmt(headers), '  '.join('-' * w for w in widths)]
     out.extend(fmt(line) for line in cells)
     return '\n'.join(out)
+
+
+RATIO_KEYS = ('throughput_ratio', 'latency_speedup')
+
+
+def ratio_range(row: dict, key: str, digits: int = 2) -> Optional[str]:
+    """``'1.64 (1.58-1.71)'``: a ``compare`` ratio (median over rounds) and the range of its
+    rounds; the bare ratio when the row has no range, None when it has no ratio."""
+    v = row.get(key)
+    if v is None:
+        return None
+    lo, hi = row.get(f'{key}_lo'), row.get(f'{key}_hi')
+    if lo is None or hi is None or row.get('baseline'):
+        return f'{v:.{digits}f}'
+    return f'{v:.{digits}f} ({lo:.{digits}f}-{hi:.{digits}f})'
+
+
+def format_compare(rows: Sequence[dict], columns: Optional[Iterable[Column]] = None,
+                   digits: Union[int, Dict[str, int]] = 3, ratio_digits: int = 2) -> str:
+    """``format_table`` for ``compare`` rows, with each speed ratio (``throughput_ratio``,
+    ``latency_speedup``) shown as its median over the rounds and, in brackets, the range of the
+    per-round ratios (``ratio_range``)."""
+    shown = []
+    for row in rows:
+        row = dict(row)
+        for key in RATIO_KEYS:
+            if key in row:
+                row[key] = ratio_range(row, key, ratio_digits)
+        shown.append(row)
+    return format_table(shown, columns, digits)
 
 
 def format_benchmark(result: dict) -> str:
