@@ -139,14 +139,25 @@ def cmd_prune_nvit(args) -> dict:
 
 
 def cmd_fuse(args) -> dict:
+    from .bench.speed import fix_malloc_thresholds
     from .tokens.fuse import FuseConfig, fuse_model
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(FuseConfig) if hasattr(args, f.name)}
-    report = fuse_model(FuseConfig(**values))
+    cfg = FuseConfig(**values)
+    if cfg.measure:
+        fix_malloc_thresholds()   # the same allocation pattern in every round and every run
+    report = fuse_model(cfg)
     table = report.pop('table')
     if not args.json:
         print(table)
-        print(f'tokens per block: {report["tokens"]}; GMACs {report["gmacs_ratio"]:.3f} of the model; '
-              f'speed-ups are measured throughput / latency over the unpatched model with fused attention')
+        print(f'tokens per block: {report["tokens"]}; GMACs {report["gmacs_ratio"]:.3f} of the model')
+        s = report.get('settings')
+        if s:
+            print(f'speed-ups: throughput / batch-1 latency over the unpatched model with fused attention, the '
+                  f'median of {s["rounds"]} interleaved rounds (min-max over the rounds in brackets); batch '
+                  f'{s["batch_size"]}, {s["threads"]} threads, load average {s.get("load_avg")} -> '
+                  f'{s.get("load_avg_after")}')
+        for line in report['warnings']:
+            print(line)
         return {}
     return report
 

@@ -9,6 +9,7 @@ the ratios to the fused baseline, plus the per-block token counts.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import asdict, dataclass
 from typing import Optional
 
@@ -19,7 +20,8 @@ from .patch import TokenFusionError
 from .schedule import MCTF_MODES, fusion_macs
 from .tome import apply_tome
 
-__all__ = ['FuseConfig', 'fuse_model', 'apply_token_fusion', 'evaluate_models', 'parse_r_arg', 'FUSION_METHODS']
+__all__ = ['FuseConfig', 'fuse_model', 'apply_token_fusion', 'evaluate_models', 'parse_r_arg', 'default_batch',
+           'FUSION_METHODS']
 
 FUSION_METHODS = ('tome', 'mctf', 'mctf-fast')
 
@@ -56,6 +58,17 @@ def apply_token_fusion(model: nn.Module, method: str, r=None, layers=None, **opt
     raise TokenFusionError(f'token fusion method must be one of {FUSION_METHODS}, got {method!r}')
 
 
+def default_batch(gmacs: float, work: float = 64.0) -> int:
+    """The throughput batch ``deitlab fuse`` uses by default: the power of two between 8 and 256
+    closest to ``work`` GMACs of the unpatched model (DeiT-S, 4.6 GMACs: 16; DeiT-T: 64; a
+    Fashion-MNIST nano: 256), so that a batch forward takes about as long for every model and the
+    interleaved rounds fit in about a minute on two CPU cores while a small model still gets a
+    batch large enough to be timed."""
+    if not gmacs or gmacs <= 0:
+        return 64
+    return int(min(256, max(8, 2 ** round(math.log2(work / gmacs)))))
+
+
 @dataclass
 class FuseConfig:
     model: str = ''
@@ -74,9 +87,11 @@ class FuseConfig:
     data: Optional[str] = None
     split: str = 'val'
     eval_batch_size: int = 256
-    batch_size: int = 64                # throughput batch
+    batch_size: Optional[int] = None    # throughput batch; default: about 64 GMACs of work (default_batch)
     measure: bool = True
     quick: bool = False
+    rounds: Optional[int] = None        # interleaved rounds (default: compare's, 9; 3 with --quick)
+    threads: Optional[int] = None       # CPU threads for the timing (default: torch's)
     device: Optional[str] = None
     workers: int = 0
 
@@ -102,7 +117,9 @@ class FuseConfig:
 
 def fuse_model(cfg: FuseConfig) -> dict:
     """Patch ``cfg.model`` with ``cfg.method`` and report what it buys (see the module docstring)."""
-    from ..bench import compare, format_table
+    from ..bench import compare
+    from ..bench.report import format_compare
+    from ..bench.speed import noise_warnings
     from ..rundir import create
 
     if cfg.method not in FUSION_METHODS:
@@ -126,7 +143,9 @@ def fuse_model(cfg: FuseConfig) -> dict:
     macs = {n: fusion_macs(m, schedule if m is fused else tf.schedule(tokens, depth, 0), kind,
                            **tf.cost_options())['total'] / 1e9 for n, m in models.items()}
     if cfg.measure:
-        rows = compare(models, 'fused attention', batch_size=cfg.batch_size, quick=cfg.quick, gmacs=True)
+        batch = cfg.batch_size or default_batch(macs['fused attention'])
+        rows = compare(models, 'fused attention', batch_size=batch, quick=cfg.quick, rounds=cfg.rounds,
+                       threads=cfg.threads, gmacs=True)
     else:
         from ..bench import count_params
         rows = [dict(name=n, params_m=count_params(m) / 1e6) for n, m in models.items()]
@@ -145,7 +164,8 @@ def fuse_model(cfg: FuseConfig) -> dict:
     return dict(model=cfg.model, method=cfg.method, fusion=tf.describe(), rows=rows,
                 tokens=[s['tokens_in'] for s in schedule] + [schedule[-1]['tokens_out']], grid_blocks=tf.start,
                 gmacs_ratio=macs[label] / macs['fused attention'], settings=settings, config=asdict(cfg),
-                table=format_table(rows, [c for c in cols if any(c in r for r in rows)]))
+                warnings=noise_warnings(rows, settings=settings) if cfg.measure else [],
+                table=format_compare(rows, [c for c in cols if any(c in r for r in rows)]))
 
 
 def evaluate_models(models: dict, data: str, split: str = 'val', batch_size: int = 256,
