@@ -1,5 +1,7 @@
 """PoolFormer and SpectFormer with the rest of deitlab: closed-form GMACs in ``bench``, training
 with distillation, and token fusion in SpectFormer's attention blocks."""
+import json
+
 import pytest
 import timm
 import torch
@@ -51,24 +53,69 @@ def _cfg(out, **kw):
     return TrainConfig(**{**base, **kw})
 
 
+def _val_by_hand(model, data=DATA, batch_size=64):
+    """Top-1 (%) and mean cross-entropy of ``model`` on the val split of ``data``, computed here
+    (argmax of the logits against the labels; the images shaped as training shapes them), and
+    the number of images."""
+    from deitlab.data import build_dataset
+    from deitlab.train.engine import model_input, norm_stats
+    chans, size = model_input(model)
+    mean, std = norm_stats(model, chans)
+    ds = build_dataset(data, 'val', img_size=size, in_chans=chans, aug='none', mean=mean, std=std)
+    model.eval()
+    correct, loss = 0, 0.0
+    with torch.no_grad():
+        for i in range(0, len(ds), batch_size):
+            xs, ys = zip(*(ds[j] for j in range(i, min(i + batch_size, len(ds)))))
+            logits, ys = model(torch.stack(xs)), torch.tensor(ys)
+            correct += int((logits.argmax(1) == ys).sum())
+            loss += torch.nn.functional.cross_entropy(logits, ys, reduction='sum').item()
+    return 100 * correct / len(ds), loss / len(ds), len(ds)
+
+
+def _last_metrics(run_dir):
+    return json.loads((run_dir / 'metrics.jsonl').read_text().splitlines()[-1])
+
+
 @pytest.mark.parametrize('student,kwargs,distill', [('deitlab_poolformer_pico_32', {}, 'hard'),
                                                     (SPECT, dict(alpha=2), 'soft')])
 def test_token_mixer_students_train_with_a_deit_teacher(tmp_path, student, kwargs, distill):
+    """The reported accuracy is the saved student's: the run directory, rebuilt and run here on the
+    64 validation images, gets exactly ``val_top1`` (counted by hand, in %) and the logged
+    ``val_loss`` (to float rounding).
+
+    Wrong code this catches: a summary that reports another model (the teacher, the student before
+    its last step, the EMA), the training split, or a fraction instead of a percentage; a run
+    directory that does not rebuild the trained student (weights saved before the last step,
+    another pooling or mixer layout, a distillation head lost)."""
     train(_cfg(tmp_path / 'teacher', model='deitlab_deit_pico_patch4_32'))
     res = train(_cfg(tmp_path / 'student', model=student, model_kwargs=kwargs, teacher=str(tmp_path / 'teacher'),
                      distill=distill))
-    assert res['epochs'] == 1 and 0 <= res['val_top1'] <= 100
     m = create(str(tmp_path / 'student'))
+    top1, loss, n = _val_by_hand(m)
+    assert n == 64 and res['epochs'] == 1
+    assert res['val_top1'] == pytest.approx(top1, abs=1e-9) and res['best_top1'] == res['val_top1']
+    assert _last_metrics(tmp_path / 'student')['val_loss'] == pytest.approx(loss, rel=1e-5)
     assert type(m).__name__ == {'deitlab_poolformer_pico_32': 'PoolFormer', SPECT: 'SpectFormer'}[student]
     assert m(torch.randn(2, 3, 32, 32)).shape == (2, 24)
 
 
 def test_spectformer_fine_tunes_with_mctf_consistency(tmp_path):
+    """Training with --token-fusion mctf evaluates the fused model, and the run directory holds
+    the plain one: MCTF (r = 4) put back on the saved model gets exactly the reported ``val_top1``
+    on the 64 validation images (counted by hand, in %) and the logged ``val_loss``.
+
+    Wrong code this catches: a summary that reports another model or split or a fraction instead
+    of a percentage; a run directory that keeps the fusion patch, or holds weights other than the
+    ones evaluated (saved before the last step, the consistency teacher's pass)."""
     res = train(_cfg(tmp_path / 'run', model=SPECT, model_kwargs=dict(alpha=2), token_fusion='mctf', r='4',
                      r_teacher_max=2))
-    assert res['epochs'] == 1 and res['val_top1'] >= 0
     m = create(str(tmp_path / 'run'))   # the run directory holds the plain model
     assert token_fusion_of(m) is None and m.mixers == 'ssaa'
+    top1, loss, n = _val_by_hand(apply_mctf(m, r=4))
+    assert n == 64 and res['epochs'] == 1
+    assert res['val_top1'] == pytest.approx(top1, abs=1e-9) and res['best_top1'] == res['val_top1']
+    assert _last_metrics(tmp_path / 'run')['val_loss'] == pytest.approx(loss, rel=1e-5)
 
 
 # --------------------------------------------------------------------------- token fusion in attention blocks
