@@ -105,6 +105,7 @@ def run_demo(out: str = 'demo-out', quick: bool = False, progress: bool = True) 
     from .train.engine import METRICS_NAME
 
     out_dir = Path(out)
+    start = time.perf_counter()
     cfg = _demo_config(out_dir, quick, progress)
     if Path(cfg.out).exists():
         shutil.rmtree(cfg.out)
@@ -150,7 +151,8 @@ def run_demo(out: str = 'demo-out', quick: bool = False, progress: bool = True) 
     plot = _plot(out_dir, metrics, model, cfg.data)
     widths = shutil.copy(Path(pcfg.out) / 'widths.png', out_dir / 'widths.png')
     result = dict(rows=rows, train_time_s=round(train_s, 1), prune_time_s=round(prune_s, 1),
-                  mixer_train_time_s=round(mixer_s, 1), mixer_run_dir=mcfg.out, run_dir=cfg.out,
+                  mixer_train_time_s=round(mixer_s, 1), total_time_s=round(time.perf_counter() - start, 1),
+                  mixer_run_dir=mcfg.out, run_dir=cfg.out,
                   pruned_run_dir=pcfg.out, plot=str(plot), widths_plot=str(widths),
                   fusion=dict(fused.token_fusion.describe(), tokens=fused.token_fusion.last.get('tokens')),
                   settings=dict(device=speed['dense']['device'], threads=speed['dense']['settings']['threads'],
@@ -166,7 +168,8 @@ def run_demo(out: str = 'demo-out', quick: bool = False, progress: bool = True) 
               f'plots {plot}, {widths}')
         if speed['fused']['images_per_s'] < speed['nvit']['images_per_s']:
             print('token fusion cut GMACs but not time here: this pruned model is so small that merging costs more than '
-                  'the tokens it saves on this device; on DeiT-S it gives 1.5-1.6x (see README, token reduction)')
+                  'the tokens it saves on this device; on larger models the overhead is amortised (README, token '
+                  'reduction)')
     return result
 
 
