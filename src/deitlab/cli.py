@@ -124,12 +124,16 @@ def cmd_models(args) -> dict:
 
 
 def cmd_prune_nvit(args) -> dict:
+    from .bench.speed import fix_malloc_thresholds
     from .prune import NViTConfig, prune_nvit
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(NViTConfig) if hasattr(args, f.name)}
     for name in ('group_sizes', 'min_keep', 'lut_grid'):
         if isinstance(values.get(name), list):
             values[name] = _parse_kv(values[name], '--' + name.replace('_', '-'))
-    report = prune_nvit(NViTConfig(**values))
+    cfg = NViTConfig(**values).validate()
+    # the latency table and the final speed comparison see the same allocation pattern (timing.py)
+    fix_malloc_thresholds()
+    report = prune_nvit(cfg)
     if not args.json:
         print(report.pop('table'))
         print(f'run directory {report["run_dir"]}; widths plot {report["plot"]}')

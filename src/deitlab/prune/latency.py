@@ -11,11 +11,12 @@ latency saved by removing one unit of a type in a block is the finite difference
 ``dLat = LUT(dims) - LUT(dims with one unit fewer)`` (summed over all blocks for E), which the
 pruner subtracts from that unit's saliency: ``I' = I - lambda * dLat``.
 
-``build_latency_table`` times the blocks on the current device (random weights, eval mode,
-``batch_size`` images of the model's token count) in several passes over the grid, so that load
-changes on a shared machine spread over all nodes; each node keeps its fastest time. Tables are JSON
-files (``LatencyTable.save`` / ``load``) and can be reused for any model with the same token
-count whose widths lie inside the grid.
+``build_latency_table`` (timing.py) times the blocks on the current device (random weights, eval
+mode, ``batch_size`` images of the model's token count) in several interleaved rounds over the grid;
+each node keeps its median over rounds and its spread. Tables are JSON files (``LatencyTable.save`` /
+``load``) and can be reused for any model with the same token count whose widths lie inside the
+grid; ``lut_path`` resolves ``NViTConfig.lut`` (``measure``, a file, or a table committed in
+``deitlab/prune/tables/``).
 
 **MLP-only families** (PoolFormer, SpectFormer; families.py) change nothing but the MLP hidden
 widths, so their table (``MLPLatencyTable``) is one curve per *block kind* over M instead of a 5-D
@@ -28,7 +29,7 @@ token count; PoolFormer: the stage, whose width and map size differ from the oth
 with linear interpolation in M between nodes, ``Lat_other`` the model with every block replaced by
 an identity (stem, downsampling, norm, head), and the saving of one unit ``LUT(M) - LUT(M - 1)``.
 A kind is timed on a copy of its first block with a fresh MLP of each grid width, on the block's
-real input shape; the timing scheme is the same (warm-up pass, passes in random order, minimum).
+real input shape; the timing scheme is the same (warm-up round, interleaved rounds, median).
 Timing each kind separately (instead of one block and a FLOP model) keeps what MACs miss: the
 FFTs of the spectral blocks, the attention's softmax, the pooling and GroupNorm on large maps,
 which do not shrink with M and so dilute the saving of an MLP unit differently per kind.
@@ -38,23 +39,20 @@ from __future__ import annotations
 
 import abc
 import json
-import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
-import torch
 import torch.nn as nn
 
-from ..bench.common import device_name, num_threads, synchronize
-from ..models.deit import WidthBlock
 from .families import MLPLayout, layout_of
 from .groups import PruneError, tokens_of
 
 __all__ = ['AXES', 'FORMAT', 'MLP_FORMAT', 'LatencyTable', 'MLPLatencyTable', 'default_grid', 'grid_for',
-           'build_latency_table', 'load_latency_table']
+           'load_latency_table', 'lut_path', 'committed_tables', 'TABLES_DIR']
 
 AXES = ('emb', 'heads', 'qk', 'v', 'mlp')
+TABLES_DIR = Path(__file__).resolve().parent / 'tables'   # committed tables, by name (lut_path)
 FORMAT = 'deitlab-latency-table/1'
 MLP_FORMAT = 'deitlab-mlp-latency-table/1'
 
@@ -152,8 +150,29 @@ def _load(path, classes):
 
 def load_latency_table(path):
     """A ``LatencyTable`` (DeiT) or an ``MLPLatencyTable`` (PoolFormer, SpectFormer), by the file's
-    format."""
-    return _load(path, (LatencyTable, MLPLatencyTable))
+    format; ``path`` may name a committed table (``lut_path``)."""
+    return _load(lut_path(path) or path, (LatencyTable, MLPLatencyTable))
+
+
+def committed_tables() -> List[str]:
+    """Names of the tables committed in ``deitlab/prune/tables/`` (file names without ``.json``)."""
+    return sorted(p.stem for p in TABLES_DIR.glob('*.json'))
+
+
+def lut_path(spec) -> Optional[Path]:
+    """Where ``NViTConfig.lut`` / ``--lut`` points: None for ``None`` or ``'measure'`` (time a table
+    on this device), else an existing file, or the name of a committed table. ``PruneError`` otherwise."""
+    if spec is None or str(spec).strip().lower() == 'measure':
+        return None
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return path
+    named = TABLES_DIR / f'{spec}.json'
+    if '/' not in str(spec) and named.is_file():
+        return named
+    names = ', '.join(committed_tables()) or 'none'
+    raise PruneError(f'latency table file does not exist: {spec}; --lut takes a latency_table.json, "measure" '
+                     f'(time one on this device) or a committed table ({names})')
 
 
 class LatencyTable(_JsonTable):
@@ -162,7 +181,8 @@ class LatencyTable(_JsonTable):
     FORMAT = FORMAT
 
     def __init__(self, axes: Dict[str, List[int]], block_ms: np.ndarray, other_emb: List[int],
-                 other_ms: List[float], meta: Optional[dict] = None):
+                 other_ms: List[float], meta: Optional[dict] = None,
+                 block_spread: Optional[np.ndarray] = None, other_spread: Optional[List[float]] = None):
         self.axes = {k: [int(v) for v in axes[k]] for k in AXES}
         self.block_ms = np.asarray(block_ms, dtype=np.float64)
         shape = tuple(len(self.axes[k]) for k in AXES)
@@ -174,6 +194,11 @@ class LatencyTable(_JsonTable):
         self.other_emb = [int(v) for v in other_emb]
         self.other_ms = [float(v) for v in other_ms]
         self.meta = dict(meta or {})
+        # per node: (max - min) / median of the timing rounds (None for hand-made tables)
+        self.block_spread = None if block_spread is None else np.asarray(block_spread, dtype=np.float64)
+        if self.block_spread is not None and self.block_spread.shape != shape:
+            raise PruneError(f'latency table spread has shape {self.block_spread.shape}, its axes need {shape}')
+        self.other_spread = None if other_spread is None else [float(v) for v in other_spread]
         self._interp = None
 
     # ------------------------------------------------------------------ lookup
@@ -252,12 +277,20 @@ class LatencyTable(_JsonTable):
 
     # ------------------------------------------------------------------ files
     def to_dict(self) -> dict:
-        return dict(format=FORMAT, meta=self.meta, axes=self.axes, block_ms=self.block_ms.tolist(),
-                    other=dict(emb=self.other_emb, ms=self.other_ms))
+        d = dict(format=FORMAT, meta=self.meta, axes=self.axes, block_ms=self.block_ms.tolist(),
+                 other=dict(emb=self.other_emb, ms=self.other_ms))
+        if self.block_spread is not None:
+            d['block_spread'] = self.block_spread.tolist()
+        if self.other_spread is not None:
+            d['other']['spread'] = self.other_spread
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> 'LatencyTable':
-        return cls(d['axes'], np.asarray(d['block_ms']), d['other']['emb'], d['other']['ms'], d.get('meta'))
+        spread = d.get('block_spread')
+        return cls(d['axes'], np.asarray(d['block_ms']), d['other']['emb'], d['other']['ms'], d.get('meta'),
+                   block_spread=None if spread is None else np.asarray(spread),
+                   other_spread=d['other'].get('spread'))
 
 
 class MLPLatencyTable(_JsonTable):
@@ -286,6 +319,8 @@ class MLPLatencyTable(_JsonTable):
             if len(ms) != len(mlp):
                 raise PruneError(f'latency table kind {k} has {len(ms)} times for {len(mlp)} mlp widths')
             self.kinds[str(k)] = dict(mlp=mlp, ms=ms, input=[int(v) for v in d['input']])
+            if d.get('spread') is not None:   # per node: (max - min) / median of the timing rounds
+                self.kinds[str(k)]['spread'] = [float(v) for v in d['spread']]
         missing = sorted(set(self.blocks) - set(self.kinds))
         if missing:
             raise PruneError(f'latency table has blocks of kinds {missing} but no times for them')
@@ -338,156 +373,3 @@ class MLPLatencyTable(_JsonTable):
     @classmethod
     def from_dict(cls, d: dict) -> 'MLPLatencyTable':
         return cls(d['family'], d['blocks'], d['kinds'], d['other_ms'], d.get('meta'))
-
-
-def _time(fn, device: torch.device, n: int) -> List[float]:
-    out = []
-    for _ in range(n):
-        synchronize(device)
-        t0 = time.perf_counter()
-        fn()
-        synchronize(device)
-        out.append((time.perf_counter() - t0) * 1e3)
-    return out
-
-
-def _timed_passes(jobs: list, device: torch.device, passes: int, steps: int, threads: Optional[int],
-                  progress: Optional[bool]):
-    """Time every job ``passes`` x ``steps`` times; ``jobs`` are ``(key, setup)`` where ``setup()``
-    builds what is timed and returns the call to time. Returns ``({key: [ms, ...]}, threads)``.
-
-    Pass 0 warms the allocator and kernel caches up and is discarded; later passes visit the jobs
-    in a new random order, so slow drifts of the machine spread over all of them. Every visit
-    builds afresh and runs two untimed forwards first."""
-    from tqdm.auto import tqdm
-    samples = {key: [] for key, _ in jobs}
-    rng = np.random.default_rng(0)
-    with num_threads(threads) as n_threads:
-        bar = tqdm(total=passes * len(jobs), desc='latency table', disable=progress is False, leave=False)
-        for p in range(passes + 1):
-            order = jobs if p == 0 else [jobs[i] for i in rng.permutation(len(jobs))]
-            for key, setup in order:
-                fn = setup()
-                fn()
-                fn()
-                times = _time(fn, device, steps if p else 1)
-                if p:
-                    samples[key].extend(times)
-                    bar.update(1)
-        bar.close()
-    return samples, n_threads
-
-
-def _meta(model: nn.Module, dev: torch.device, batch_size: int, n_threads: int, passes: int, steps: int,
-          t0: float, **extra) -> dict:
-    return dict(device=device_name(dev), batch_size=batch_size, **extra, threads=n_threads,
-                dtype=str(next(model.parameters()).dtype).replace('torch.', ''), passes=passes, steps=steps,
-                torch=torch.__version__, seconds=round(time.perf_counter() - t0, 1), units='ms per batch')
-
-
-def _stem_model(model: nn.Module, emb: int) -> nn.Module:
-    """The DeiT without blocks at embedding width ``emb`` (patch embedding, norm, head)."""
-    import timm
-    from ..rundir import architecture_of
-    args = dict(model.model_args)
-    for k in ('num_heads', 'qk_dim', 'v_dim', 'mlp_hidden', 'attn_scale'):
-        args.pop(k, None)
-    args.update(embed_dim=emb, depth=0, num_heads=1)
-    return timm.create_model(architecture_of(model), pretrained=False, num_classes=model.num_classes, **args)
-
-
-@torch.inference_mode()
-def build_latency_table(model: nn.Module, batch_size: int = 64, grid: Optional[Dict[str, List[int]]] = None,
-                        device=None, threads: Optional[int] = None, passes: int = 3, steps: int = 2,
-                        progress: Optional[bool] = None):
-    """Time one block of ``model``'s kind over a width grid on ``device`` (default: the model's).
-
-    After one warm-up pass over all nodes, every node is timed ``passes`` x ``steps`` times (after
-    two warm-up forwards each, in a new random order every pass) with random weights on
-    ``batch_size`` x tokens x E inputs. The table keeps the fastest sample: on a shared CPU the
-    slow outliers come from other work and first-touch page faults of fresh buffers, not from the
-    block, and the minimum is the steady-state cost (as ``timeit`` recommends). The
-    non-block part (patch embedding, final norm, head) is timed over the E axis the same way.
-
-    For PoolFormer / SpectFormer this returns an ``MLPLatencyTable`` (``grid``: MLP widths per block
-    kind, see ``default_grid``), timed the same way on ``batch_size`` copies of each kind's input.
-    """
-    from ..bench.common import model_device
-
-    dev = torch.device(device) if device is not None else model_device(model)
-    layout = layout_of(model)
-    if isinstance(layout, MLPLayout):
-        return _build_mlp_table(model, layout, batch_size, grid, dev, threads, passes, steps, progress)
-    grid = dict(grid or default_grid(model))
-    for k in AXES:
-        if k not in grid or not grid[k]:
-            raise PruneError(f'latency grid needs a non-empty {k!r} axis')
-        grid[k] = sorted({int(v) for v in grid[k]})
-        if grid[k][0] < 1:
-            raise PruneError(f'latency grid axis {k} must hold widths >= 1, got {grid[k]}')
-    N = tokens_of(model)
-    blk0 = model.blocks[0]
-    ln_eps = getattr(blk0.norm1, 'eps', 1e-6)
-    qkv_bias = blk0.attn.qkv.bias is not None
-    init_values = 1e-5 if hasattr(blk0.ls1, 'gamma') else None
-    shape = tuple(len(grid[k]) for k in AXES)
-    chans, size = model.patch_embed.proj.in_channels, model.patch_embed.img_size
-    inputs = {e: torch.randn(batch_size, N, e, device=dev) for e in grid['emb']}
-    image = torch.randn(batch_size, chans, *size, device=dev)
-
-    def block_job(idx):
-        e, h, q, v, m = (grid[k][j] for k, j in zip(AXES, idx))
-        blk = WidthBlock(e, h, q, v, m, qkv_bias=qkv_bias, init_values=init_values,
-                         norm_layer=lambda d: nn.LayerNorm(d, eps=ln_eps)).to(dev).eval()
-        return lambda: blk(inputs[e])
-
-    def stem_job(e):
-        stem = _stem_model(model, e).to(dev).eval()
-        return lambda: stem(image)
-
-    jobs = [(idx, lambda idx=idx: block_job(idx)) for idx in np.ndindex(*shape)]
-    jobs += [(('other', e), lambda e=e: stem_job(e)) for e in grid['emb']]
-    t0 = time.perf_counter()
-    samples, n_threads = _timed_passes(jobs, dev, passes, steps, threads, progress)
-    table = np.zeros(shape)
-    for idx in np.ndindex(*shape):
-        table[idx] = float(np.min(samples[idx]))
-    other = [float(np.min(samples[('other', e)])) for e in grid['emb']]
-    return LatencyTable(grid, table, grid['emb'], other,
-                        _meta(model, dev, batch_size, n_threads, passes, steps, t0, tokens=N))
-
-
-def _build_mlp_table(model: nn.Module, layout: MLPLayout, batch_size: int, grid: Optional[Dict[str, List[int]]],
-                     dev: torch.device, threads: Optional[int], passes: int, steps: int,
-                     progress: Optional[bool]) -> MLPLatencyTable:
-    """``build_latency_table`` for an MLP-only family: every (kind, M) node and the model without
-    blocks are the jobs of the same timing passes."""
-    from ..bench.common import resolve_input_size
-    kinds = [layout.block_kind(b) for b in range(layout.depth)]
-    first = {}
-    for b, k in enumerate(kinds):
-        first.setdefault(k, b)
-    grid = dict(grid or default_grid(model))
-    for k in first:
-        if not grid.get(k):
-            raise PruneError(f'the latency grid needs MLP widths for the {k} blocks (grid kinds: {sorted(grid)})')
-        grid[k] = sorted({int(v) for v in grid[k]})
-        if grid[k][0] < 1:
-            raise PruneError(f'latency grid for {k} must hold widths >= 1, got {grid[k]}')
-    p = next(model.parameters())
-    inputs = {k: torch.randn(batch_size, *layout.block_inputs[b], device=dev, dtype=p.dtype) for k, b in first.items()}
-    image = torch.randn(batch_size, *resolve_input_size(model), device=dev, dtype=p.dtype)
-    stem = layout.without_blocks().to(dev).eval()
-
-    def block_job(kind, m):
-        blk = layout.block_with_mlp(first[kind], m).to(dev).eval()
-        return lambda: blk(inputs[kind])
-
-    jobs = [((k, m), lambda k=k, m=m: block_job(k, m)) for k in first for m in grid[k]]
-    jobs.append((('other',), lambda: (lambda: stem(image))))
-    t0 = time.perf_counter()
-    samples, n_threads = _timed_passes(jobs, dev, passes, steps, threads, progress)
-    table = {k: dict(mlp=grid[k], ms=[float(np.min(samples[(k, m)])) for m in grid[k]],
-                     input=list(layout.block_inputs[b])) for k, b in first.items()}
-    return MLPLatencyTable(layout.family, kinds, table, float(np.min(samples[('other',)])),
-                           _meta(model, dev, batch_size, n_threads, passes, steps, t0))

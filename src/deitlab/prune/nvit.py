@@ -10,8 +10,11 @@ CVPR 2023. The procedure (``prune_nvit``, ``deitlab prune nvit``):
    every optimizer step the masks are enforced: removed weights, their gradients and their AdamW
    moments stay exactly zero.
 3. Every ``interval`` steps, rank all groups of all layers by ``I - lambda * dLat`` and remove the
-   ``groups_per_event`` lowest, one at a time, stopping as soon as the target (latency, GMACs or
-   parameter fraction of the dense model) is met.
+   lowest, one at a time, stopping as soon as the target (latency, GMACs or parameter fraction of
+   the dense model) is met: as many as a goal falling linearly to the target over ``prune_steps``
+   asks for (``schedule='linear'``, the default, over a budget derived from the data unless given),
+   or NViT's ``groups_per_event`` per event (``schedule='nvit'``); see schedule.py. The plan
+   (schedule, steps, events, fine-tune steps, expected duration) is logged before the first step.
 4. Densify into the compact non-uniform DeiT (widths optionally rounded up to multiples), save it
    as a run directory, and fine-tune it with soft distillation from the dense model.
 
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -35,21 +39,50 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..bench.common import synchronize
 from ..rundir import create, is_run_dir, save_run_dir
-from ..train.engine import evaluate
+from ..train.engine import _log, evaluate
 from .densify import densify, rounded_masks
 from .families import Layout, layout_of
 from .groups import GROUP_TYPES, Masks, PruneError, check_prunable, use_masked_layernorm
-from .latency import LatencyTable, MLPLatencyTable, build_latency_table, grid_for, load_latency_table
+from .latency import LatencyTable, MLPLatencyTable, grid_for, load_latency_table, lut_path
 from .ranking import Budget, default_group_sizes, rank_groups, remove_group
 from .saliency import Saliency, per_sample_sq_grads
+from .schedule import (NVIT_GROUPS, NVIT_INTERVAL, check_schedule, estimate_nvit_events, expected_seconds,
+                       linear_goal, make_plan, plan_line, resolve_schedule)
+from .timing import build_latency_table
 
 PRUNE_LOG = 'prune_log.jsonl'
 LUT_NAME = 'latency_table.json'
 
 
+_SCHEDULE_HELP = ('linear: reach the target linearly over --prune-steps (default: 2 epochs of the training '
+                  'split, clamped to 200-2000 steps, in ~40 events); nvit: the paper\'s --groups-per-event groups '
+                  'every --interval steps until the target. Unset: linear, or nvit when only --groups-per-event '
+                  'is given')
+_LUT_HELP = ('latency table: "measure" times one on this device (the default), or a latency_table.json, or '
+             'the name of a table committed in deitlab/prune/tables/')
+
+
 @dataclass
 class NViTConfig:
+    """Settings of ``prune_nvit`` (one field per ``deitlab prune nvit`` flag).
+
+    Schedule (schedule.py). ``schedule='linear'`` lowers the budget goal linearly to the target
+    over ``prune_steps``; ``schedule='nvit'`` removes ``groups_per_event`` (default 2) groups every
+    ``interval`` (default 100) steps until the target, NViT's ImageNet schedule, whose length
+    depends on the model (it can take tens of thousands of steps on a small data set). Unset, the
+    schedule is ``linear`` when ``prune_steps`` is given (``interval`` default 100, as before),
+    ``nvit`` when only ``groups_per_event`` is given, and otherwise ``linear`` over a budget derived
+    from the data: 2 epochs of the training split (``2 * len(train_loader)`` steps), clamped to
+    200-2000 steps and to half of ``total_steps``, with ``interval`` = steps / 40 (about 40 events)
+    unless given. The fine-tune then runs ``finetune_epochs`` epochs, or the rest of ``total_steps``.
+
+    Latency table. ``lut=None`` or ``'measure'`` times a table on this device (``lut_passes``
+    interleaved rounds, median per node, at ``lut_batch``); a path or the name of a committed table
+    (``deitlab/prune/tables/``) loads one instead, so that pruning does not depend on the load of
+    the machine while it runs.
+    """
     model: str
     data: str
     out: str
@@ -65,9 +98,14 @@ class NViTConfig:
     group_sizes: Dict[str, int] = field(default_factory=dict)   # per type; default: scaled NViT
     min_keep: Dict[str, int] = field(default_factory=dict)      # per type; default: one group
     prune_types: tuple = GROUP_TYPES
-    interval: int = 100                     # optimizer steps between pruning events
-    groups_per_event: int = 2               # NViT's schedule: this many groups per event...
-    prune_steps: Optional[int] = None       # ...or reach the target linearly over this many steps
+    schedule: Optional[str] = field(default=None, metadata={'help': _SCHEDULE_HELP})   # linear | nvit
+    interval: Optional[int] = field(default=None, metadata={'help': 'optimizer steps between pruning events '
+                                                                    '(nvit and linear with --prune-steps: 100; '
+                                                                    'default linear: steps / 40)'})
+    groups_per_event: Optional[int] = field(default=None, metadata={'help': 'nvit schedule: groups removed per '
+                                                                            'event (2)'})
+    prune_steps: Optional[int] = field(default=None, metadata={'help': 'linear schedule: reach the target after '
+                                                                       'this many steps (default: derived)'})
     total_steps: Optional[int] = None       # pruning + fine-tuning steps (fine-tune gets the rest)
     max_prune_steps: int = 20000
     fisher_samples: int = 8                 # per-sample gradients per batch (criterion fisher)
@@ -85,7 +123,7 @@ class NViTConfig:
     distill: str = 'none'
     aug: str = 'none'
     # latency table
-    lut: Optional[str] = None               # reuse a saved table
+    lut: Optional[str] = field(default=None, metadata={'help': _LUT_HELP})   # measure | PATH | committed name
     lut_batch: int = 64
     lut_passes: int = 3
     lut_grid: Dict[str, list] = field(default_factory=dict)   # per axis (emb, heads, qk, v, mlp; PoolFormer etc.: mlp)
@@ -114,13 +152,20 @@ class NViTConfig:
         (kind, value), = targets.items()
         if not 0.0 < value <= 1.0:
             raise PruneError(f'the {kind} target is a fraction of the dense model in (0, 1], got {value}')
-        if self.prune_steps is not None and self.prune_steps < self.interval:
-            raise PruneError(f'prune_steps ({self.prune_steps}) must be at least one interval ({self.interval})')
+        if isinstance(self.schedule, str):
+            self.schedule = self.schedule.strip().lower() or None
+        check_schedule(self)
+        for k in ('interval', 'groups_per_event', 'prune_steps', 'total_steps', 'batch_size', 'max_prune_steps',
+                  'lut_batch', 'lut_passes'):
+            if getattr(self, k) is not None and getattr(self, k) < 1:
+                raise PruneError(f'{k} must be >= 1, got {getattr(self, k)}')
+        interval = self.interval or NVIT_INTERVAL
+        if self.prune_steps is not None and self.prune_steps < interval:
+            raise PruneError(f'prune_steps ({self.prune_steps}) must be at least one interval ({interval}); '
+                             f'lower --interval')
         if self.total_steps is not None and self.prune_steps is not None and self.total_steps <= self.prune_steps:
             raise PruneError(f'total_steps ({self.total_steps}) must exceed prune_steps ({self.prune_steps})')
-        for k in ('interval', 'groups_per_event', 'batch_size', 'max_prune_steps', 'lut_batch'):
-            if getattr(self, k) < 1:
-                raise PruneError(f'{k} must be >= 1, got {getattr(self, k)}')
+        lut_path(self.lut)   # a missing table file fails here, before the model and data are loaded
         if self.finetune_epochs < 0:
             raise PruneError(f'finetune_epochs must be >= 0, got {self.finetune_epochs}')
         bad = [t for t in self.prune_types if t not in GROUP_TYPES]
@@ -209,6 +254,13 @@ def _forever(loader):
         yield from loader
 
 
+def _length(loader) -> Optional[int]:
+    try:
+        return len(loader)
+    except TypeError:   # an iterable-style dataset without a length
+        return None
+
+
 class NViTPruner:
     """The pruning phase on a model in memory: ``run()`` trains, scores and removes groups until
     the budget is met, and returns the masks. ``densified()`` gives the compact model."""
@@ -236,6 +288,8 @@ class NViTPruner:
         self.events = 0
         self.steps = 0
         self.log: list = []
+        self.schedule = resolve_schedule(cfg)
+        self.plan: Optional[dict] = None     # schedule.make_plan's dict, set by make_plan() / run()
         self._check_reachable()
 
     def floor_widths(self) -> dict:
@@ -271,19 +325,38 @@ class NViTPruner:
     def done(self) -> bool:
         return self.budget.reached(self.widths())
 
+    def make_plan(self, batches_per_epoch: Optional[int] = None) -> dict:
+        """The schedule this pruner follows (``schedule.make_plan``) for a training loader of
+        ``batches_per_epoch`` batches: steps, interval, events, fine-tune steps."""
+        events = None
+        if self.schedule == 'nvit':
+            interval = self.cfg.interval or NVIT_INTERVAL
+            events = estimate_nvit_events(self, max(1, self.cfg.max_prune_steps // interval))
+        self.plan = make_plan(self.cfg, batches_per_epoch, events)
+        if self.schedule == 'linear' and self.plan['prune_steps'] > self.cfg.max_prune_steps:
+            raise PruneError(f'the linear schedule needs {self.plan["prune_steps"]} steps, more than --max-prune-steps '
+                             f'({self.cfg.max_prune_steps}); raise it or lower --prune-steps')
+        return self.plan
+
+    @property
+    def interval(self) -> int:
+        return self.plan['interval'] if self.plan else (self.cfg.interval or NVIT_INTERVAL)
+
     def event_goal(self) -> Optional[float]:
-        """With ``prune_steps``: the budget fraction this event should reach, falling linearly from 1
-        at step 0 to the target at ``prune_steps``. None: NViT's fixed number of groups per event."""
-        if self.cfg.prune_steps is None:
+        """Linear schedule: the budget fraction this event should reach, falling linearly from 1 at
+        step 0 to the target at the plan's ``prune_steps``. None: NViT's fixed number of groups per
+        event."""
+        if self.schedule == 'nvit':
             return None
-        frac = min(1.0, self.steps / self.cfg.prune_steps)
-        return 1.0 - (1.0 - self.budget.target) * frac
+        steps = self.plan['goal_steps'] if self.plan else self.cfg.prune_steps
+        return linear_goal(self.steps, steps, self.budget.target)
 
     def event(self) -> list:
-        """Score and rank all groups, then remove the lowest: ``groups_per_event`` of them, or with
-        ``prune_steps`` as many as the schedule asks for; never past the target."""
+        """Score and rank all groups, then remove the lowest: ``groups_per_event`` of them (``nvit``),
+        or as many as the linear schedule asks for; never past the target."""
         self.scores = self.saliency.event(self.model)
         goal = self.event_goal()
+        per_event = self.cfg.groups_per_event or NVIT_GROUPS
         removed = []
         while not self.done():
             savings = self.lut.unit_savings(self.widths()) if (self.lut is not None and self.cfg.lam) else None
@@ -292,7 +365,7 @@ class NViTPruner:
             if not groups:
                 break
             # savings change as widths shrink: re-rank after each small batch of removals
-            for g in groups[:max(1, self.cfg.groups_per_event if goal is None else 4)]:
+            for g in groups[:max(1, per_event if goal is None else 4)]:
                 if self.done() or (goal is not None and self.budget.fraction(self.widths()) <= goal):
                     break
                 remove_group(self.masks, g)
@@ -328,17 +401,21 @@ class NViTPruner:
         # bf16 autocast on CUDA (the saliency is read from fp32 parameters and gradients)
         autocast = (lambda: torch.autocast('cuda', dtype=torch.bfloat16)) if self.device.type == 'cuda' \
             else contextlib.nullcontext
-        bar = tqdm(total=cfg.prune_steps, desc='nvit prune', disable=cfg.progress is False, leave=False)
+        batches = _forever(train_loader)
         t0 = time.perf_counter()
-        for x, y in _forever(train_loader):
+        first = next(batches)
+        fetch_s = time.perf_counter() - t0
+        if self.plan is None:
+            self.make_plan(_length(train_loader))
+        self._time_step(first, fetch_s, extra, autocast, optimizer, pmasks, val_loader)
+        _log(plan_line(self.plan, self.budget.kind, self.budget.target))
+        bar = tqdm(total=self.plan['prune_steps'], desc='nvit prune', disable=cfg.progress is False, leave=False)
+        t0 = time.perf_counter()
+        for x, y in itertools.chain([first], batches):
             if self.done() or self.steps >= cfg.max_prune_steps:
                 break
             x, y = x.to(self.device), y.to(self.device)
-            with autocast():
-                with torch.no_grad():
-                    t = self.dense(x)
-                out = model(x)
-                loss = self._loss(out.float(), t.float(), y, extra, x)
+            loss, t = self._forward(x, y, extra, autocast)
             if not torch.isfinite(loss):
                 raise PruneError(f'the loss became {loss.item()} at pruning step {self.steps + 1}; try a lower --lr')
             optimizer.zero_grad(set_to_none=True)
@@ -354,8 +431,10 @@ class NViTPruner:
             self.masks.apply(model, optimizer, pmasks)   # ...and they stay exactly zero
             self.steps += 1
             bar.update(1)
-            if self.steps % cfg.interval == 0:
+            if self.steps % self.interval == 0:
                 removed = self.event()
+                if self.schedule == 'nvit' and self.events == 1 and not self.done():
+                    self._reestimate(bar)
                 pmasks = self.masks.param_masks(model)
                 self.masks.apply(model, optimizer, pmasks)
                 row = dict(event=self.events, step=self.steps, loss=float(loss.detach()), removed=_removed_units(removed),
@@ -372,12 +451,81 @@ class NViTPruner:
             est = self.estimate()[self.budget.kind]
             raise PruneError(f'the {self.budget.kind} target {self.budget.target} was not reached within '
                              f'{cfg.max_prune_steps} steps (now {est:.3f}); raise --max-prune-steps or '
-                             f'--groups-per-event, or lower --interval')
+                             f'--groups-per-event, or lower --interval, or use --schedule linear')
+        self.plan['step_s_measured'] = round((time.perf_counter() - t0) / max(1, self.steps), 4)
         return self.masks
+
+    def _reestimate(self, bar) -> None:
+        """The nvit schedule's remaining steps again, ranked by the first event's saliencies (the plan
+        used random ones): the bar's total and ``plan['prune_steps_after_first_event']``."""
+        cap = max(1, (self.cfg.max_prune_steps - self.steps) // self.interval)
+        left = estimate_nvit_events(self, cap, self.scores)
+        if left is not None:
+            self.plan['prune_steps_after_first_event'] = self.steps + left * self.interval
+            bar.total = self.plan['prune_steps_after_first_event']
+            bar.refresh()
+
+    def _forward(self, x, y, extra, autocast):
+        with autocast():
+            with torch.no_grad():
+                t = self.dense(x)
+            out = self.model(x)
+            loss = self._loss(out.float(), t.float(), y, extra, x)
+        return loss, t
+
+    def _time_step(self, batch, fetch_s: float, extra, autocast, optimizer, pmasks, val_loader) -> None:
+        """Put the expected seconds per pruning step (``step_s``) and per event (``event_s``:
+        validation) into the plan: the second of two forward + backward passes on the first batch
+        (per-sample gradients too for ``fisher``; no update, gradients cleared), plus the loader's
+        time for that batch. Optimizer steps and saliency updates are not counted."""
+        x, y = batch[0].to(self.device), batch[1].to(self.device)
+        for _ in range(2):
+            synchronize(self.device)
+            t0 = time.perf_counter()
+            loss, t = self._forward(x, y, extra, autocast)
+            loss.backward()
+            if self.saliency.needs_per_sample:
+                k = min(self.cfg.fisher_samples, x.shape[0])
+                per_sample_sq_grads(self.model, lambda o, yi, ti: self._loss(o, ti, yi), x[:k], y[:k], t[:k])
+            self.masks.apply(self.model, optimizer, pmasks)
+            self.masks.apply(self.model, optimizer, pmasks)
+            synchronize(self.device)
+            step_s = time.perf_counter() - t0
+        optimizer.zero_grad(set_to_none=True)
+        event_s = 0.0
+        if val_loader is not None and self.cfg.val_batches:
+            synchronize(self.device)
+            t0 = time.perf_counter()
+            with torch.no_grad(), autocast():
+                self.model(x)
+            synchronize(self.device)
+            per_image = (time.perf_counter() - t0 + fetch_s) / x.shape[0]
+            val_bs = getattr(val_loader, 'batch_size', None) or x.shape[0]
+            event_s = self.cfg.val_batches * val_bs * per_image
+        self.plan.update(step_s=round(step_s + fetch_s, 4), event_s=round(event_s, 4))
+        self.plan['expected_s'] = expected_seconds(self.plan)
 
     def densified(self) -> nn.Module:
         masks = rounded_masks(self.masks, self.cfg.round_to, self.scores) if self.cfg.round_to else self.masks
         return densify(self.model, masks).eval()
+
+
+def latency_table(cfg: NViTConfig, dense: nn.Module):
+    """The table ``prune_nvit`` prunes against: loaded when ``cfg.lut`` names a file or a committed
+    table (checked to cover ``dense``), timed on this device when it is None or ``'measure'`` and
+    a latency target or penalty needs one, else None."""
+    path = lut_path(cfg.lut)
+    if path is not None:
+        lut = load_latency_table(path)
+        lut.check_covers(dense)
+        lut.meta['source'] = str(path)
+        return lut
+    if cfg.target_latency is None and not cfg.lam:
+        return None
+    grid = grid_for(dense, cfg.lut_grid) if cfg.lut_grid else None
+    lut = build_latency_table(dense, batch_size=cfg.lut_batch, grid=grid, passes=cfg.lut_passes, progress=cfg.progress)
+    lut.meta['source'] = 'measure'
+    return lut
 
 
 def prune_nvit(cfg: NViTConfig) -> dict:
@@ -403,14 +551,7 @@ def prune_nvit(cfg: NViTConfig) -> dict:
     if getattr(train_set, 'classes', None) is not None and len(train_set.classes) != dense.num_classes:
         raise PruneError(f'{cfg.model} predicts {dense.num_classes} classes but {cfg.data} has {len(train_set.classes)}')
 
-    lut = None
-    if cfg.lut:
-        lut = load_latency_table(cfg.lut)
-        lut.check_covers(dense)
-    elif cfg.target_latency is not None or cfg.lam:
-        grid = grid_for(dense, cfg.lut_grid) if cfg.lut_grid else None
-        lut = build_latency_table(dense, batch_size=cfg.lut_batch, grid=grid, passes=cfg.lut_passes,
-                                  progress=cfg.progress)
+    lut = latency_table(cfg, dense)
     if lut is not None:
         lut.save(out / LUT_NAME)
 

@@ -1,7 +1,11 @@
 """What a pruning run bought: accuracy, params, GMACs, measured and predicted speed-up, and the
 per-block widths against the dense model (NViT's "parameter redistribution" picture). Widths and
 closed-form GMACs come from the model's layout (families.py), so a pruned PoolFormer / SpectFormer
-reports its MLP widths only."""
+reports its MLP widths only.
+
+Every measured result compares the latency table's predicted speed-up with the measured one
+(``prediction_error = predicted / measured - 1``, per row and in ``report['prediction']``) and,
+beyond ``PREDICTION_TOLERANCE``, says in one line what usually causes the gap."""
 from __future__ import annotations
 
 import json
@@ -12,6 +16,7 @@ import torch.nn as nn
 
 from .families import PruneError, layout_of
 
+PREDICTION_TOLERANCE = 0.10
 WIDTH_PANELS = (('num_heads', 'heads'), ('qk_dim', 'QK dim / head'), ('v_dim', 'V dim / head'),
                 ('mlp_hidden', 'MLP hidden'))
 
@@ -54,10 +59,12 @@ def plot_widths(dense: dict, pruned: dict, path, title: str = '') -> Path:
 
 
 def speed_rows(models: dict, baseline: str, batch_size: int, lut=None, quick: bool = False,
-               rounds: Optional[int] = None) -> list:
-    """``bench.compare`` rows (interleaved, one process) plus the LUT's predicted speed-up."""
+               rounds: Optional[int] = None, threads: Optional[int] = None) -> list:
+    """``bench.compare`` rows (interleaved, one process) plus the LUT's predicted speed-up and
+    ``prediction_error = predicted_speedup / throughput_ratio - 1`` (the table times batches of its
+    ``batch_size``: compare it with the measured throughput at the same batch)."""
     from ..bench import compare
-    rows = compare(models, baseline, batch_size=batch_size, quick=quick, rounds=rounds)
+    rows = compare(models, baseline, batch_size=batch_size, quick=quick, rounds=rounds, threads=threads)
     if lut is not None:
         family = layout_of(models[baseline]).family
         base_ms = lut.model_ms(widths_of(models[baseline]))
@@ -65,7 +72,57 @@ def speed_rows(models: dict, baseline: str, batch_size: int, lut=None, quick: bo
             m = models[r['name']]
             same = _family(m) == family
             r['predicted_speedup'] = base_ms / lut.model_ms(widths_of(m)) if same else None
+            if r['predicted_speedup'] is not None and r.get('throughput_ratio'):
+                r['prediction_error'] = r['predicted_speedup'] / r['throughput_ratio'] - 1.0
     return rows
+
+
+def prediction_check(row: dict, lut, settings: Optional[dict] = None) -> Optional[dict]:
+    """The table's predicted speed-up of one ``speed_rows`` row against the measured throughput
+    ratio: ``predicted_speedup``, ``measured_speedup`` (with its range over the rounds),
+    ``prediction_error`` and, when they differ by more than ``PREDICTION_TOLERANCE``, a one-line
+    ``warning`` naming the likely causes: settings that differ between the table and the
+    measurement (batch, threads, malloc; ``settings`` defaults to the row's), an oversubscribed CPU,
+    a noisy table, then the usual suspects. None without both numbers."""
+    pred, meas = row.get('predicted_speedup'), row.get('throughput_ratio')
+    if pred is None or not meas:
+        return None
+    err = pred / meas - 1.0
+    meta = getattr(lut, 'meta', {}) or {}
+    settings = settings if settings is not None else (row.get('settings') or {})
+    measured_batch, measured_threads = settings.get('batch_size'), settings.get('threads')
+    measured_malloc = settings.get('malloc')
+    out = dict(predicted_speedup=round(pred, 4), measured_speedup=round(meas, 4), prediction_error=round(err, 4),
+               table_batch_size=meta.get('batch_size'), table_threads=meta.get('threads'),
+               measured_batch_size=measured_batch, measured_threads=measured_threads)
+    for key in ('lo', 'hi'):   # the range of the measured ratio over compare's rounds
+        if row.get(f'throughput_ratio_{key}') is not None:
+            out[f'measured_speedup_{key}'] = round(row[f'throughput_ratio_{key}'], 4)
+    if abs(err) <= PREDICTION_TOLERANCE:
+        return out
+    from ..bench.speed import contention_warning
+    causes = []
+    if contention_warning(settings):
+        causes.append(f'the CPU was oversubscribed while measuring (load average '
+                      f'{settings.get("load_avg_after", settings.get("load_avg"))} on {settings.get("cpu_count")} cores)')
+    if measured_batch is not None and meta.get('batch_size') not in (None, measured_batch):
+        causes.append(f'the table was timed at batch {meta["batch_size"]}, the speed at {measured_batch}')
+    if measured_threads is not None and meta.get('threads') not in (None, measured_threads):
+        causes.append(f'the table was timed on {meta["threads"]} threads, the speed on {measured_threads}')
+    if measured_malloc is not None and meta.get('malloc') is not None and \
+            _malloc_key(meta['malloc']) != _malloc_key(measured_malloc):
+        causes.append('the table and the speed were timed under different malloc settings')
+    whole = (meta.get('whole_model') or {}).get('ratio')
+    if whole is not None and abs(whole - 1.0) > PREDICTION_TOLERANCE:
+        causes.append(f'the dense model measured {whole:.2f}x the sum of its timed parts')
+    spread = (meta.get('spread') or {}).get('median')
+    if spread is not None and spread > 0.2:
+        causes.append(f'the table\'s timings varied by {spread:.0%} between rounds (busy machine)')
+    causes.append('machine load during either timing, the allocator (glibc malloc returning buffers to the OS), '
+                  'small-shape per-operator overheads')
+    out['warning'] = (f'the latency table predicted a {pred:.2f}x speed-up, measured {meas:.2f}x '
+                      f'({err:+.0%}); likely: ' + '; '.join(causes))
+    return out
 
 
 def _family(model: nn.Module) -> Optional[str]:
@@ -73,6 +130,11 @@ def _family(model: nn.Module) -> Optional[str]:
         return layout_of(model).family
     except PruneError:
         return None
+
+
+def _malloc_key(state):
+    """Malloc settings without how they were set (mallopt or the environment)."""
+    return {k: v for k, v in state.items() if k != 'how'} if isinstance(state, dict) else state
 
 
 def finish_report(cfg, out: Path, dense: nn.Module, final: nn.Module, pruner, val_loader, device,
@@ -83,8 +145,21 @@ def finish_report(cfg, out: Path, dense: nn.Module, final: nn.Module, pruner, va
     acc = {name: evaluate(m, val_loader, device, progress=False)['top1'] for name, m in (('dense', dense),
                                                                                       ('nvit', final))}
     rows = []
+    meta = getattr(pruner.lut, 'meta', None) or {}
+    batch = meta.get('batch_size') or cfg.lut_batch     # measure at the table's batch and thread count
+    threads = meta.get('threads') if device.type == 'cpu' else None
+    prediction = None
+    if pruner.lut is not None:
+        prediction = dict(predicted_speedup=round(pruner.budget.dense['latency_ms'] /
+                                                  pruner.lut.model_ms(widths_of(final)), 4),
+                          measured_speedup=None, prediction_error=None)
     if cfg.measure:
-        rows = speed_rows({'dense': dense, 'nvit': final}, 'dense', cfg.lut_batch, pruner.lut)
+        rows = speed_rows({'dense': dense, 'nvit': final}, 'dense', batch, pruner.lut, threads=threads)
+        if pruner.lut is not None:
+            prediction = prediction_check(next(r for r in rows if r['name'] == 'nvit'), pruner.lut) or prediction
+            if prediction.get('warning'):
+                from ..train.engine import _log
+                _log(f'warning: {prediction["warning"]}')
     else:
         for name, m in (('dense', dense), ('nvit', final)):
             rows.append(dict(name=name, params_m=count_params(m) / 1e6, gmacs=layout_of(m).gmacs()))
@@ -94,9 +169,9 @@ def finish_report(cfg, out: Path, dense: nn.Module, final: nn.Module, pruner, va
     plot = plot_widths(dw, pw, out / 'widths.png', title=f'NViT {pruner.budget.kind} target {pruner.budget.target}')
     report = dict(rows=rows, dense_widths=dw, pruned_widths=pw, target=dict(kind=pruner.budget.kind,
                   value=pruner.budget.target), estimate=pruner.estimate(), plot=str(plot), run_dir=str(out),
-                  **(extra or {}))
+                  prediction=prediction, plan=pruner.plan, **(extra or {}))
     (out / 'report.json').write_text(json.dumps(report, indent=2, default=str))
     cols = ['name', 'top1', 'params_m', 'gmacs', 'latency_ms', 'images_per_s', 'latency_speedup',
-            'throughput_ratio', 'predicted_speedup']
+            'throughput_ratio', 'predicted_speedup', 'prediction_error']
     report['table'] = format_table(rows, [c for c in cols if any(c in r for r in rows)])
     return report

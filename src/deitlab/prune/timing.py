@@ -1,0 +1,248 @@
+"""Timing the latency table on this device (``build_latency_table``), robust to a busy machine.
+
+Every grid node (a block of given widths, or the model without its blocks) is a *job*. After one
+warm-up round over all jobs (discarded), ``rounds`` rounds each visit every job once, in a new
+random order per round: a burst of load from other work hits one visit of many nodes, not every
+visit of a contiguous part of the grid. A visit builds the module afresh, runs two untimed
+forwards and then ``steps`` timed ones and keeps the fastest (first-touch page faults of fresh
+buffers are one-off costs, not the block's). A node's time is the **median over rounds**; its
+spread, ``(max - min) / median`` over rounds, is stored next to it in the table (``meta['spread']``
+summarises it). Rounds hit by load are outvoted by the others instead of being averaged in, and
+unlike the fastest-sample-ever the median is the statistic the speed comparison reports.
+
+The table describes a model as ``other(E) + sum_b block_b``. A real forward also pays what the
+sum of separately timed parts misses: one block's output feeding the next, and above all the
+allocator. Timed alone, a block gets its same-size buffers back from malloc's free lists; in a
+pruned model every block has other widths, and glibc's dynamic mmap threshold serves some of the
+activations with fresh mappings and page faults, more so for non-uniform models: the pruned model
+then measures further above the sum of its parts than the dense one, and the predicted speed-up
+comes out high. With fixed malloc thresholds both stay about equally far above (a common factor,
+which cancels in the ratio). ``deitlab prune nvit`` therefore fixes the thresholds
+(``bench.speed.fix_malloc_thresholds``) before timing the table and the speeds; the table records
+the allocator state, and with ``whole_model`` the dense model is one more job of the same rounds, so
+``meta['whole_model']`` shows how far its measured time is from the sum of its parts.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable, Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ..bench.common import device_name, num_threads, synchronize
+from ..models.deit import WidthBlock
+from .families import MLPLayout, layout_of
+from .groups import PruneError, tokens_of
+from .latency import AXES, LatencyTable, MLPLatencyTable, default_grid
+
+__all__ = ['build_latency_table', 'timed_rounds', 'round_stats']
+
+
+def _time(fn, device: torch.device, n: int, clock: Callable[[], float]) -> List[float]:
+    out = []
+    for _ in range(n):
+        synchronize(device)
+        t0 = clock()
+        fn()
+        synchronize(device)
+        out.append((clock() - t0) * 1e3)
+    return out
+
+
+def timed_rounds(jobs: list, device: torch.device, rounds: int, steps: int, threads: Optional[int] = None,
+                 progress: Optional[bool] = None, clock: Callable[[], float] = time.perf_counter, seed: int = 0):
+    """Time every job once per round; ``jobs`` are ``(key, setup)`` where ``setup()`` builds what is
+    timed and returns the call to time. Returns ``({key: [ms per round]}, threads)``: per round the
+    fastest of ``steps`` timed calls (after two untimed ones).
+
+    Round 0 warms the allocator and kernel caches up and is discarded; rounds 1..``rounds`` visit
+    every job once each, in a new random order per round (interleaved: round r+1 starts after every
+    job's round r)."""
+    from tqdm.auto import tqdm
+    if rounds < 1 or steps < 1:
+        raise PruneError(f'latency table timing needs rounds >= 1 and steps >= 1, got {rounds} and {steps}')
+    per_round: Dict[object, List[float]] = {key: [] for key, _ in jobs}
+    rng = np.random.default_rng(seed)
+    with num_threads(threads) as n_threads:
+        bar = tqdm(total=rounds * len(jobs), desc='latency table', disable=progress is False, leave=False)
+        for r in range(rounds + 1):
+            order = jobs if r == 0 else [jobs[i] for i in rng.permutation(len(jobs))]
+            for key, setup in order:
+                fn = setup()
+                fn()
+                fn()
+                times = _time(fn, device, steps if r else 1, clock)
+                if r:
+                    per_round[key].append(min(times))
+                    bar.update(1)
+        bar.close()
+    return per_round, n_threads
+
+
+def round_stats(values: List[float]) -> tuple:
+    """``(median, spread)`` of a node's per-round times, spread = ``(max - min) / median``."""
+    v = np.asarray(values, dtype=np.float64)
+    med = float(np.median(v))
+    return med, float((v.max() - v.min()) / med) if med > 0 else 0.0
+
+
+def _summary(spreads) -> dict:
+    s = np.asarray(list(spreads), dtype=np.float64)
+    return dict(median=round(float(np.median(s)), 4), p90=round(float(np.percentile(s, 90)), 4),
+                max=round(float(s.max()), 4)) if s.size else {}
+
+
+def _meta(model: nn.Module, dev: torch.device, batch_size: int, n_threads: int, rounds: int, steps: int,
+          t0: float, spreads, **extra) -> dict:
+    from ..bench.common import load_average
+    from ..bench.speed import malloc_state
+    return dict(device=device_name(dev), batch_size=batch_size, **extra, threads=n_threads, malloc=malloc_state(),
+                dtype=str(next(model.parameters()).dtype).replace('torch.', ''), passes=rounds, steps=steps,
+                estimator='median over interleaved rounds of the fastest of steps calls',
+                spread=_summary(spreads), load_average=load_average(),
+                torch=torch.__version__, seconds=round(time.perf_counter() - t0, 1), units='ms per batch')
+
+
+def _stem_model(model: nn.Module, emb: int) -> nn.Module:
+    """The DeiT without blocks at embedding width ``emb`` (patch embedding, norm, head)."""
+    import timm
+    from ..rundir import architecture_of
+    args = dict(model.model_args)
+    for k in ('num_heads', 'qk_dim', 'v_dim', 'mlp_hidden', 'attn_scale'):
+        args.pop(k, None)
+    args.update(embed_dim=emb, depth=0, num_heads=1)
+    return timm.create_model(architecture_of(model), pretrained=False, num_classes=model.num_classes, **args)
+
+
+def _fresh_copy(model: nn.Module, dev: torch.device) -> nn.Module:
+    """A copy of the model in eval mode on ``dev`` (outside inference mode: normal tensors), timed
+    as a whole; the caller's model keeps its mode and device."""
+    import copy
+    with torch.inference_mode(False):
+        return copy.deepcopy(model).to(dev).eval()
+
+
+@torch.inference_mode()
+def build_latency_table(model: nn.Module, batch_size: int = 64, grid: Optional[Dict[str, List[int]]] = None,
+                        device=None, threads: Optional[int] = None, passes: int = 3, steps: int = 2,
+                        progress: Optional[bool] = None, whole_model: bool = True):
+    """Time one block of ``model``'s kind over a width grid on ``device`` (default: the model's).
+
+    ``passes`` interleaved rounds over every node after a warm-up round (``timed_rounds``), with
+    random weights on ``batch_size`` x tokens x E inputs; a node's time is the median over rounds of
+    the fastest of ``steps`` calls, and ``block_spread`` holds its spread. The non-block part (patch
+    embedding, final norm, head) is timed over the E axis the same way. With ``whole_model`` the dense
+    model itself is one more job, recorded against the sum of its parts in ``meta['whole_model']``
+    (a diagnostic; module docstring).
+
+    For PoolFormer / SpectFormer this returns an ``MLPLatencyTable`` (``grid``: MLP widths per block
+    kind, see ``default_grid``), timed the same way on ``batch_size`` copies of each kind's input.
+    """
+    from ..bench.common import model_device
+
+    dev = torch.device(device) if device is not None else model_device(model)
+    layout = layout_of(model)
+    if isinstance(layout, MLPLayout):
+        return _build_mlp_table(model, layout, batch_size, grid, dev, threads, passes, steps, progress, whole_model)
+    grid = dict(grid or default_grid(model))
+    for k in AXES:
+        if k not in grid or not grid[k]:
+            raise PruneError(f'latency grid needs a non-empty {k!r} axis')
+        grid[k] = sorted({int(v) for v in grid[k]})
+        if grid[k][0] < 1:
+            raise PruneError(f'latency grid axis {k} must hold widths >= 1, got {grid[k]}')
+    N = tokens_of(model)
+    blk0 = model.blocks[0]
+    ln_eps = getattr(blk0.norm1, 'eps', 1e-6)
+    qkv_bias = blk0.attn.qkv.bias is not None
+    init_values = 1e-5 if hasattr(blk0.ls1, 'gamma') else None
+    shape = tuple(len(grid[k]) for k in AXES)
+    chans, size = model.patch_embed.proj.in_channels, model.patch_embed.img_size
+    inputs = {e: torch.randn(batch_size, N, e, device=dev) for e in grid['emb']}
+    image = torch.randn(batch_size, chans, *size, device=dev)
+
+    def block_job(idx):
+        e, h, q, v, m = (grid[k][j] for k, j in zip(AXES, idx))
+        blk = WidthBlock(e, h, q, v, m, qkv_bias=qkv_bias, init_values=init_values,
+                         norm_layer=lambda d: nn.LayerNorm(d, eps=ln_eps)).to(dev).eval()
+        return lambda: blk(inputs[e])
+
+    def stem_job(e):
+        stem = _stem_model(model, e).to(dev).eval()
+        return lambda: stem(image)
+
+    whole = _fresh_copy(model, dev) if whole_model else None
+    jobs = [(idx, lambda idx=idx: block_job(idx)) for idx in np.ndindex(*shape)]
+    jobs += [(('other', e), lambda e=e: stem_job(e)) for e in grid['emb']]
+    if whole_model:
+        jobs.append((('model',), lambda: (lambda: whole(image))))
+    t0 = time.perf_counter()
+    samples, n_threads = timed_rounds(jobs, dev, passes, steps, threads, progress)
+    table, spread = np.zeros(shape), np.zeros(shape)
+    for idx in np.ndindex(*shape):
+        table[idx], spread[idx] = round_stats(samples[idx])
+    other, other_spread = zip(*(round_stats(samples[('other', e)]) for e in grid['emb']))
+    meta = _meta(model, dev, batch_size, n_threads, passes, steps, t0, list(spread.ravel()) + list(other_spread),
+                 tokens=N)
+    lut = LatencyTable(grid, table, grid['emb'], list(other), meta, block_spread=spread,
+                       other_spread=list(other_spread))
+    if whole_model:
+        _record_whole(lut, model, samples[('model',)])
+    return lut
+
+
+def _record_whole(lut, model: nn.Module, whole_rounds: List[float]) -> None:
+    """``meta['whole_model']``: the dense model's measured time against the sum of its parts."""
+    whole, whole_spread = round_stats(whole_rounds)
+    parts = lut.model_ms(layout_of(model).widths())
+    lut.meta['whole_model'] = dict(measured_ms=round(whole, 4), parts_ms=round(parts, 4),
+                                   ratio=round(whole / parts, 4) if parts > 0 else None, spread=round(whole_spread, 4))
+
+
+def _build_mlp_table(model: nn.Module, layout: MLPLayout, batch_size: int, grid: Optional[Dict[str, List[int]]],
+                     dev: torch.device, threads: Optional[int], rounds: int, steps: int,
+                     progress: Optional[bool], whole_model: bool) -> MLPLatencyTable:
+    """``build_latency_table`` for an MLP-only family: every (kind, M) node, the model without
+    blocks (and the dense model, with ``whole_model``) are the jobs of the same rounds."""
+    from ..bench.common import resolve_input_size
+    kinds = [layout.block_kind(b) for b in range(layout.depth)]
+    first = {}
+    for b, k in enumerate(kinds):
+        first.setdefault(k, b)
+    grid = dict(grid or default_grid(model))
+    for k in first:
+        if not grid.get(k):
+            raise PruneError(f'the latency grid needs MLP widths for the {k} blocks (grid kinds: {sorted(grid)})')
+        grid[k] = sorted({int(v) for v in grid[k]})
+        if grid[k][0] < 1:
+            raise PruneError(f'latency grid for {k} must hold widths >= 1, got {grid[k]}')
+    p = next(model.parameters())
+    inputs = {k: torch.randn(batch_size, *layout.block_inputs[b], device=dev, dtype=p.dtype) for k, b in first.items()}
+    image = torch.randn(batch_size, *resolve_input_size(model), device=dev, dtype=p.dtype)
+    stem = layout.without_blocks().to(dev).eval()
+
+    def block_job(kind, m):
+        blk = layout.block_with_mlp(first[kind], m).to(dev).eval()
+        return lambda: blk(inputs[kind])
+
+    whole = _fresh_copy(model, dev) if whole_model else None
+    jobs = [((k, m), lambda k=k, m=m: block_job(k, m)) for k in first for m in grid[k]]
+    jobs.append((('other',), lambda: (lambda: stem(image))))
+    if whole_model:
+        jobs.append((('model',), lambda: (lambda: whole(image))))
+    t0 = time.perf_counter()
+    samples, n_threads = timed_rounds(jobs, dev, rounds, steps, threads, progress)
+    table, spreads = {}, []
+    for k, b in first.items():
+        stats = [round_stats(samples[(k, m)]) for m in grid[k]]
+        spreads += [s for _, s in stats]
+        table[k] = dict(mlp=grid[k], ms=[v for v, _ in stats], spread=[s for _, s in stats],
+                        input=list(layout.block_inputs[b]))
+    other, other_spread = round_stats(samples[('other',)])
+    lut = MLPLatencyTable(layout.family, kinds, table, other,
+                          _meta(model, dev, batch_size, n_threads, rounds, steps, t0, spreads + [other_spread]))
+    if whole_model:
+        _record_whole(lut, model, samples[('model',)])
+    return lut

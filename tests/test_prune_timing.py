@@ -1,0 +1,103 @@
+"""Structural pruning: how the latency table is timed (interleaved rounds, median per node, spread),
+with a fake clock instead of wall time."""
+from _prune_helpers import *  # noqa: F401,F403  (models, inputs, slice lists, imports)
+
+import deitlab.prune.timing as timing
+from deitlab.prune import load_latency_table
+from deitlab.prune.timing import round_stats, timed_rounds
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _scripted_jobs(clock: FakeClock, durations: dict, calls: list) -> list:
+    """Jobs whose calls advance the fake clock by the next scripted duration (seconds)."""
+    def setup(key):
+        def fn():
+            calls.append(key)
+            clock.now += next(durations[key])
+        return fn
+    return [(key, lambda key=key: setup(key)) for key in durations]
+
+
+def _visit(untimed: float, timed: list) -> list:
+    """One visit: two untimed warm-up calls, then the timed ones."""
+    return [untimed, untimed] + list(timed)
+
+
+def test_node_time_is_the_median_over_interleaved_rounds_of_the_fastest_call():
+    clock, calls = FakeClock(), []
+    # per job: the warm-up round (one timed call, discarded), then 3 rounds of 2 timed calls
+    rounds = {'a': [(0.005, 0.007), (0.001, 0.009), (0.003, 0.002)],       # per round: 5, 1, 2 ms
+              'b': [(0.020, 0.010), (0.010, 0.030), (0.040, 0.040)],       # 10, 10, 40
+              'c': [(0.100, 0.100), (0.001, 0.001), (0.002, 0.003)]}       # 100, 1, 2
+    durations = {k: iter(_visit(9.0, [50.0]) + [t for r in v for t in _visit(9.0, r)]) for k, v in rounds.items()}
+    per_round, _ = timed_rounds(_scripted_jobs(clock, durations, calls), torch.device('cpu'), rounds=3, steps=2,
+                                progress=False, clock=clock)
+    assert per_round['a'] == pytest.approx([5.0, 1.0, 2.0])
+    assert per_round['b'] == pytest.approx([10.0, 10.0, 40.0])
+    assert per_round['c'] == pytest.approx([100.0, 1.0, 2.0])
+    # the warm-up round (50 s) and the untimed calls (9 s) never count
+    assert max(v for vals in per_round.values() for v in vals) < 1000
+    # interleaved: every job's round r comes before any job's round r + 1
+    visits = [calls[i] for i in range(0, 9, 3)] + [calls[i] for i in range(9, len(calls), 4)]
+    assert visits[:3] == ['a', 'b', 'c']
+    for r in range(3):
+        assert sorted(visits[3 + 3 * r: 6 + 3 * r]) == ['a', 'b', 'c']
+    # the node value is the median: not the fastest sample (1 ms) nor the mean (2.67 ms)
+    med, spread = round_stats(per_round['a'])
+    assert med == pytest.approx(2.0) and spread == pytest.approx((5 - 1) / 2)
+    assert round_stats(per_round['c'])[0] == pytest.approx(2.0)    # one slow round is outvoted
+    with pytest.raises(PruneError, match='rounds >= 1 and steps >= 1'):
+        timed_rounds([], torch.device('cpu'), rounds=0, steps=1)
+
+
+def _fake_rounds(values):
+    """A ``timed_rounds`` stand-in: every key gets the rounds ``values(key)``."""
+    def fake(jobs, device, rounds, steps, threads=None, progress=None, **kw):
+        for _, setup in jobs[:1]:
+            setup()   # builds for real once: the jobs are well-formed
+        return {key: values(key, rounds) for key, _ in jobs}, 1
+    return fake
+
+
+def test_build_latency_table_keeps_the_median_and_the_spread(tmp_path, monkeypatch):
+    model = _model()
+    grid = dict(emb=[16, 32], heads=[2, 4], qk=[4, 8], v=[3, 6], mlp=[32, 64])
+
+    def values(key, rounds):
+        base = 1.0 + (sum(key) if isinstance(key[0], int) else (key[1] / 16 if key[0] == 'other' else 50.0))
+        return [3 * base, base, 2 * base][:rounds]      # median 2 * base, spread 1
+    monkeypatch.setattr(timing, 'timed_rounds', _fake_rounds(values))
+    lut = timing.build_latency_table(model, batch_size=2, grid=grid, passes=3, steps=1, progress=False)
+    for idx in np.ndindex(*lut.block_ms.shape):
+        assert lut.block_ms[idx] == pytest.approx(2 * (1.0 + sum(idx)))
+    assert lut.other_ms == pytest.approx([2 * (1 + 1), 2 * (1 + 2)])
+    assert np.allclose(lut.block_spread, 1.0) and lut.other_spread == pytest.approx([1.0, 1.0])
+    assert lut.meta['passes'] == 3 and lut.meta['spread']['median'] == pytest.approx(1.0)
+    assert lut.meta['estimator'].startswith('median over interleaved rounds') and 'malloc' in lut.meta
+    whole = lut.meta['whole_model']
+    assert whole['measured_ms'] == pytest.approx(102.0)
+    assert whole['parts_ms'] == pytest.approx(lut.model_ms(dict(model.block_widths, embed_dim=model.embed_dim)))
+    assert whole['ratio'] == pytest.approx(102.0 / whole['parts_ms'], abs=1e-3)
+    # the spread survives a round trip through JSON
+    again = load_latency_table(lut.save(tmp_path / 'lut.json'))
+    assert np.array_equal(again.block_spread, lut.block_spread) and again.other_spread == lut.other_spread
+    assert again.meta['whole_model'] == whole
+    assert again.model_ms(dict(model.block_widths, embed_dim=model.embed_dim)) == pytest.approx(whole['parts_ms'])
+    with pytest.raises(PruneError, match='spread has shape'):
+        LatencyTable(lut.axes, lut.block_ms, lut.other_emb, lut.other_ms, block_spread=np.zeros(3))
+
+
+def test_build_latency_table_times_a_real_model_in_rounds():
+    model = _model()
+    grid = dict(emb=[16, 32], heads=[4], qk=[8], v=[6], mlp=[64])
+    lut = timing.build_latency_table(model, batch_size=2, grid=grid, passes=2, steps=1, progress=False)
+    assert (lut.block_ms > 0).all() and lut.block_spread.shape == lut.block_ms.shape
+    assert (lut.block_spread >= 0).all() and lut.meta['whole_model']['measured_ms'] > 0
+    assert lut.meta['passes'] == 2 and lut.meta['threads'] >= 1
