@@ -209,7 +209,10 @@ def short_run_warning(recipe: str, total_steps: int, warmup_steps: int, mixing: 
         fix.append('a shorter --warmup-epochs')
     if not why:
         return None
-    advice = 'use --recipe short' if recipe != 'short' else f"use {' and '.join(fix)}"
+    if recipe != 'short':   # short mixes nothing and warms up for half an epoch
+        advice = 'use --recipe short' + (' or a shorter --warmup-epochs' if warmup_steps * 3 > total_steps else '')
+    else:
+        advice = f"use {' and '.join(fix)}"
     return f"warning: run too short for recipe '{recipe}': {' and '.join(why)}; {advice}, or train longer"
 
 
