@@ -237,7 +237,10 @@ TINY = (1, 4, 4)
 
 def test_measure_latency(nano):
     """A real model: the settings say what ran, the model's state comes back, and ``quick`` takes
-    exactly its 5 samples (min_time 0)."""
+    exactly its 5 samples (min_time 0).
+
+    Wrong code this catches: quick ignored (30 or more samples), settings that do not record the
+    batch, input size, threads or fused attention used, a model left in eval mode."""
     nano.train()
     res = measure_latency(nano, quick=True)
     assert res['samples'] == 5 and res['settings']['warmup'] == 1 and res['settings']['repeats'] == 5
@@ -267,6 +270,8 @@ def test_latency_is_the_median_of_the_timed_forwards(monkeypatch):
 
 
 def test_measure_throughput(nano):
+    """Wrong code this catches: quick ignored, a batch other than the one asked for, fused
+    attention not forced off for the measurement or left off afterwards."""
     res = measure_throughput(nano, batch_size=8, quick=True, fused_attn=False)
     assert res['samples'] == 3 and res['settings']['repeats'] == 3
     _check_settings(res['settings'], 8)
@@ -321,6 +326,8 @@ def test_timers_leave_the_callers_model_alone(nano):
 
 
 def test_memory(nano):
+    """Wrong code this catches: weights counted in another dtype, twice, or with buffers they do
+    not have; an input size taken from another batch or shape; a peak that is not the sum."""
     res = measure_memory(nano, batch_size=16)
     assert res['weights_mb'] == sum(p.numel() for p in nano.parameters()) * 4 / 2 ** 20   # fp32, no buffers
     assert res['input_mb'] == 16 * 1 * 28 * 28 * 4 / 2 ** 20
@@ -331,7 +338,11 @@ def test_memory(nano):
 
 
 def test_compare_interleaved(nano):
-    """Real models: the rows, settings and non-timed ratios. The baseline's ratios are exactly 1."""
+    """Real models: the rows, settings and non-timed ratios. The baseline's ratios are exactly 1.
+
+    Wrong code this catches: rows out of order or the baseline flag on the wrong row, a baseline
+    ratio that is not 1, gmacs_ratio that is not the GMACs over the baseline's, GMACs or
+    parameters of another model, settings that do not echo the rounds and steps asked for."""
     pico = timm.create_model('deitlab_deit_pico_patch4_32', img_size=28, in_chans=1)
     rows = compare({'nano': nano, 'pico': pico}, baseline='nano', batch_size=8, rounds=2, latency_steps=2,
                    throughput_steps=1, warmup=1)
