@@ -279,7 +279,8 @@ def contention_warning(settings: Optional[dict]) -> Optional[str]:
         return None
     return (f"warning: load average {load} on {cores} cores while measuring with {settings.get('threads')} threads: "
             f"other processes competed for the cores, which makes every ratio noisier and biased against models "
-            f"with more operators; measure on a quieter machine (or with fewer threads)")
+            f"with more operators; measure on a quieter machine, or with fewer threads (one thread is disturbed "
+            f"far less)")
 
 
 def noise_warnings(rows: Sequence[dict], keys: Sequence[str] = ('throughput_ratio', 'latency_speedup'),
@@ -305,7 +306,7 @@ def noise_warnings(rows: Sequence[dict], keys: Sequence[str] = ('throughput_rati
 # Per model and round: at most `latency_steps` batch-1 forwards and `throughput_steps` batch
 # forwards, each run cut short once its timed forwards add up to `run_time` seconds (one at least);
 # `warmup` forwards of each model first, under the same cap.
-COMPARE_DEFAULTS = dict(rounds=9, latency_steps=10, throughput_steps=2, warmup=3, run_time=0.5)
+COMPARE_DEFAULTS = dict(rounds=9, latency_steps=10, throughput_steps=2, warmup=3, run_time=0.4)
 COMPARE_QUICK = dict(rounds=3, latency_steps=3, throughput_steps=1, warmup=1, run_time=0.2)
 # a run is preceded by one untimed forward when the model's forward at that batch took less than
 # this in the warm-up: a cold cache is felt by short forwards, not by long ones
@@ -354,7 +355,7 @@ def compare(models: Dict[str, nn.Module], baseline: str, input_size: Optional[Se
     ``latency_samples`` / ``throughput_samples`` (timed forwards in all) and ``settled`` (which
     runs had the untimed forward), and the shared ``settings`` (which record the rounds, steps and
     caps used). Defaults (``COMPARE_DEFAULTS``): 9 rounds x (10 latency + 2 throughput steps),
-    3 warm-up, runs capped at 0.5 s; ``quick=True`` (``COMPARE_QUICK``): 3 x (3 + 1), 1 warm-up,
+    3 warm-up, runs capped at 0.4 s; ``quick=True`` (``COMPARE_QUICK``): 3 x (3 + 1), 1 warm-up,
     0.2 s -- still enough rounds for a spread.
     """
     from .flops import count_gmacs, count_params
