@@ -13,7 +13,7 @@ pruner subtracts from that unit's saliency: ``I' = I - lambda * dLat``.
 
 ``build_latency_table`` (timing.py) times the blocks on the current device (random weights, eval
 mode, ``batch_size`` images of the model's token count) in several interleaved rounds over the grid;
-each node keeps its median over rounds and its spread. Tables are JSON files (``LatencyTable.save`` /
+each node keeps its fastest round and the spread of its rounds. Tables are JSON files (``LatencyTable.save`` /
 ``load``) and can be reused for any model with the same token count whose widths lie inside the
 grid; ``lut_path`` resolves ``NViTConfig.lut`` (``measure``, a file, or a table committed in
 ``deitlab/prune/tables/``).
@@ -29,7 +29,7 @@ token count; PoolFormer: the stage, whose width and map size differ from the oth
 with linear interpolation in M between nodes, ``Lat_other`` the model with every block replaced by
 an identity (stem, downsampling, norm, head), and the saving of one unit ``LUT(M) - LUT(M - 1)``.
 A kind is timed on a copy of its first block with a fresh MLP of each grid width, on the block's
-real input shape; the timing scheme is the same (warm-up round, interleaved rounds, median).
+real input shape; the timing scheme is the same (warm-up round, interleaved rounds, fastest).
 Timing each kind separately (instead of one block and a FLOP model) keeps what MACs miss: the
 FFTs of the spectral blocks, the attention's softmax, the pooling and GroupNorm on large maps,
 which do not shrink with M and so dilute the saving of an MLP unit differently per kind.
@@ -194,7 +194,7 @@ class LatencyTable(_JsonTable):
         self.other_emb = [int(v) for v in other_emb]
         self.other_ms = [float(v) for v in other_ms]
         self.meta = dict(meta or {})
-        # per node: (max - min) / median of the timing rounds (None for hand-made tables)
+        # per node: (max - min) / min of the timing rounds (None for hand-made tables)
         self.block_spread = None if block_spread is None else np.asarray(block_spread, dtype=np.float64)
         if self.block_spread is not None and self.block_spread.shape != shape:
             raise PruneError(f'latency table spread has shape {self.block_spread.shape}, its axes need {shape}')
@@ -319,7 +319,7 @@ class MLPLatencyTable(_JsonTable):
             if len(ms) != len(mlp):
                 raise PruneError(f'latency table kind {k} has {len(ms)} times for {len(mlp)} mlp widths')
             self.kinds[str(k)] = dict(mlp=mlp, ms=ms, input=[int(v) for v in d['input']])
-            if d.get('spread') is not None:   # per node: (max - min) / median of the timing rounds
+            if d.get('spread') is not None:   # per node: (max - min) / min of the timing rounds
                 self.kinds[str(k)]['spread'] = [float(v) for v in d['spread']]
         missing = sorted(set(self.blocks) - set(self.kinds))
         if missing:

@@ -79,7 +79,7 @@ class NViTConfig:
     unless given. The fine-tune then runs ``finetune_epochs`` epochs, or the rest of ``total_steps``.
 
     Latency table. ``lut=None`` or ``'measure'`` times a table on this device (``lut_passes``
-    interleaved rounds, median per node, at ``lut_batch``); a path or the name of a committed table
+    interleaved rounds, the fastest per node, at ``lut_batch``); a path or the name of a committed table
     (``deitlab/prune/tables/``) loads one instead, so that pruning does not depend on the load of
     the machine while it runs.
     """
@@ -125,7 +125,7 @@ class NViTConfig:
     # latency table
     lut: Optional[str] = field(default=None, metadata={'help': _LUT_HELP})   # measure | PATH | committed name
     lut_batch: int = 64
-    lut_passes: int = 3
+    lut_passes: int = 5                     # interleaved timing rounds (timing.py)
     lut_grid: Dict[str, list] = field(default_factory=dict)   # per axis (emb, heads, qk, v, mlp; PoolFormer etc.: mlp)
     # fine-tuning of the densified model
     finetune_epochs: int = 1
