@@ -251,7 +251,26 @@ def t_demo() -> str:
                       source(['demo'], 'python benchmarks/demo_run.py')])
 
 
+def t_tokens_deit_s() -> str:
+    res = load('tokens_deit_s')
+    st = res['settings']
+    out = [[r['name'], f"{r['gmacs']:.2f}",
+            f"{r['throughput_ratio']:.2f} ({r['throughput_ratio_lo']:.2f}-{r['throughput_ratio_hi']:.2f})",
+            f"{r['latency_speedup']:.2f} ({r['latency_speedup_lo']:.2f}-{r['latency_speedup_hi']:.2f})"]
+           for r in res['rows']]
+    tome = res.get('authors_tome') or {}
+    lines = [table(['model', 'GMACs', 'throughput (range over rounds)', 'batch-1 speed-up (range)'], out),
+             f"{res['model']}, {res['weights']}, batch {res['batch']}, {st['threads']} thread(s), "
+             f"{res['rounds']} interleaved rounds, median ratio; load average {st.get('load_avg')} while measuring."]
+    if tome:
+        lines.append(f"The authors' ToMe (commit {tome['tome_commit'][:7]}) gives the same logits as deitlab's "
+                     f"to {tome['max_abs_diff_logits']:.1e}.")
+    lines.append(source(['tokens_deit_s'], res['command'].replace('/tmp/ToMe', 'PATH_TO_TOME')))
+    return '\n'.join(lines)
+
+
 TABLES: Dict[str, Callable[[], str]] = {
+    'tokens_deit_s': t_tokens_deit_s,
     'demo': t_demo, 'mixpro': t_mixpro, 'tokens_fmnist': t_tokens_fmnist, 'tokens_sweep': t_tokens_sweep,
     'mixers': t_mixers, 'unlearnable': t_unlearnable, 'nvit': t_nvit, 'nvit_ablation': t_nvit_ablation,
 }
