@@ -4,7 +4,10 @@ Every run reports, side by side and measured interleaved in one process: the unp
 with fused attention (SDPA, timm's default) -- the honest baseline -- and with explicit softmax
 attention, and the token-reduced model: accuracy (with ``--data``), parameters, GMACs (closed
 form, checked against a counted forward), batch-1 latency, throughput at ``--batch-size`` and
-the ratios to the fused baseline, plus the per-block token counts.
+the ratios to the fused baseline, plus the per-block token counts. Each ratio is taken within
+each of ``--rounds`` interleaved rounds (``bench.compare``; 9, or 3 with ``--quick``) and shown
+as the median with the range over the rounds; ``warnings`` (printed) flags a ratio whose range
+is wider than its distance from 1x, and a CPU busier than its cores.
 """
 from __future__ import annotations
 
