@@ -110,8 +110,11 @@ def test_demo_quick(tmp_path):
         assert row['params_m'] == round(sum(p.numel() for p in model.parameters()) / 1e6, 3), row['model']
         assert row['gmacs'] == round(count_gmacs(model), 4), row['model']
     assert dense['speedup'] == 1.0
-    # the pruning step met its latency budget (predicted by the table it measured) and shrank the model
-    assert pruned['predicted'] >= 1.9 and pruned['gmacs'] < dense['gmacs'] and pruned['params_m'] < dense['params_m']
+    # --quick prunes to half the GMACs (a target that does not depend on the machine's load): the pruned
+    # model met it and shrank; the latency table it measured gives a prediction (its value depends on load)
+    assert pruned['model'] == 'NViT-pruned (GMACs 0.5)'
+    assert pruned['gmacs'] <= 0.5 * dense['gmacs'] + 5e-5 and pruned['params_m'] < dense['params_m']
+    assert isinstance(pruned['predicted'], float)
     # token fusion on top of the pruned model: same weights, fewer tokens per block
     assert fused['params_m'] == pruned['params_m'] and fused['gmacs'] < pruned['gmacs'] and fused['predicted'] is None
     tokens = res['fusion']['tokens']
