@@ -6,7 +6,7 @@ from _prune_helpers import *  # noqa: F401,F403  (models, inputs, slice lists, i
 from deitlab.prune import lut_path, prune_nvit
 from deitlab.prune import schedule as sched
 from deitlab.prune.nvit import latency_table
-from deitlab.prune.report import PREDICTION_TOLERANCE, prediction_check
+from deitlab.prune.report import PREDICTION_TOLERANCE, off_grid_widths, prediction_check
 from deitlab.prune.schedule import auto_prune_steps, make_plan, resolve_schedule
 from deitlab.rundir import save_run_dir
 
@@ -193,6 +193,13 @@ def test_committed_tables_load_by_name():
         assert lut_path(name).name == f'{name}.json'
         assert lut.meta['batch_size'] >= 1 and lut.meta['threads'] >= 1 and lut.meta['whole_model']['ratio'] > 0
         assert lut.block_spread is not None and lut.meta['passes'] >= 3
+    # the demo's model: the table covers it and both of the demo's grids
+    from deitlab.demo import _DEMO_GRID, _DEMO_GRID_QUICK, DEMO_MODEL
+    lut = load_latency_table('deit_pico_patch4_32_b64_t2')
+    lut.check_covers(timm.create_model(DEMO_MODEL, num_classes=24))
+    assert lut.axes == {k: sorted(v) for k, v in _DEMO_GRID.items()}
+    assert all(max(v) <= max(lut.axes[k]) for k, v in _DEMO_GRID_QUICK.items())
+    assert (lut.meta['batch_size'], lut.meta['threads'], lut.meta['tokens']) == (64, 2, 65)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,7 +216,7 @@ def test_prediction_check_error_and_warning():
     assert 'predicted a 2.20x speed-up, measured 1.80x (+22%)' in off['warning']
     assert 'timed at batch 64, the speed at 32' in off['warning'] and 'on 2 threads, the speed on 4' in off['warning']
     assert 'allocator' in off['warning'] and '\n' not in off['warning']
-    lut.meta.update(malloc='default', whole_model=dict(ratio=1.2))
+    lut.meta.update(malloc='default', whole_model=dict(ratio=1.2), load_average=3.1, cpu_count=2)
     under = prediction_check(dict(predicted_speedup=1.5, throughput_ratio=1.8, throughput_ratio_lo=1.7,
                                   throughput_ratio_hi=1.9), lut,
                              dict(batch_size=64, threads=2, malloc=dict(MALLOC_MMAP_THRESHOLD_='1', how='mallopt'),
@@ -218,6 +225,15 @@ def test_prediction_check_error_and_warning():
     assert 'different malloc settings' in under['warning'] and '1.20x the sum of its timed parts' in under['warning']
     assert 'oversubscribed while measuring (load average 6.0 on 2 cores)' in under['warning']
     assert (under['measured_speedup_lo'], under['measured_speedup_hi']) == (1.7, 1.9)
+    assert 'timed on an oversubscribed CPU (load average 3.1 on 2 cores' in under['warning']
+    # widths between nodes and off the vector width: named when the table predicts too much
+    widths = dict(embed_dim=32, num_heads=[4, 4], qk_dim=[5, 8], v_dim=[6, 3], mlp_hidden=[20, 64])
+    off = off_grid_widths(lut, widths)
+    assert off == dict(qk=[5], v=[3], mlp=[20])
+    high = prediction_check(dict(predicted_speedup=2.2, throughput_ratio=1.8), lut, dict(batch_size=64, threads=2), off)
+    assert 'not multiples of 8 (qk 5, v 3, mlp 20) run slower than the interpolation' in high['warning']
+    assert 'multiples of 8' not in prediction_check(dict(predicted_speedup=1.5, throughput_ratio=1.8), lut,
+                                                    dict(batch_size=64, threads=2), off)['warning']
     assert prediction_check(dict(predicted_speedup=None, throughput_ratio=1.8), lut) is None
 
 

@@ -99,3 +99,12 @@ def test_build_latency_table_times_a_real_model_in_rounds():
     assert (lut.block_ms > 0).all() and lut.block_spread.shape == lut.block_ms.shape
     assert (lut.block_spread >= 0).all() and lut.meta['whole_model']['measured_ms'] > 0
     assert lut.meta['passes'] == 2 and lut.meta['threads'] >= 1
+
+
+def test_busy_warning_names_the_load_and_the_way_out():
+    from deitlab.prune.timing import busy_warning
+    assert busy_warning(dict(load_average=1.9, cpu_count=2, device_type='cpu')) is None
+    assert busy_warning(dict(load_average=9.0, cpu_count=2, device_type='cuda')) is None
+    assert busy_warning(dict(load_average=None, cpu_count=2)) is None
+    line = busy_warning(dict(load_average=6.5, cpu_count=2, device_type='cpu'))
+    assert 'load average of 6.5 on 2 cores' in line and '--lut PATH' in line and '\n' not in line

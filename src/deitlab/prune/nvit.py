@@ -50,7 +50,7 @@ from .ranking import Budget, default_group_sizes, rank_groups, remove_group
 from .saliency import Saliency, per_sample_sq_grads
 from .schedule import (NVIT_GROUPS, NVIT_INTERVAL, check_schedule, estimate_nvit_events, expected_seconds,
                        linear_goal, make_plan, plan_line, resolve_schedule)
-from .timing import build_latency_table
+from .timing import build_latency_table, busy_warning
 
 PRUNE_LOG = 'prune_log.jsonl'
 LUT_NAME = 'latency_table.json'
@@ -525,6 +525,8 @@ def latency_table(cfg: NViTConfig, dense: nn.Module):
     grid = grid_for(dense, cfg.lut_grid) if cfg.lut_grid else None
     lut = build_latency_table(dense, batch_size=cfg.lut_batch, grid=grid, passes=cfg.lut_passes, progress=cfg.progress)
     lut.meta['source'] = 'measure'
+    if busy_warning(lut.meta):
+        _log(busy_warning(lut.meta))
     return lut
 
 

@@ -77,13 +77,38 @@ def speed_rows(models: dict, baseline: str, batch_size: int, lut=None, quick: bo
     return rows
 
 
-def prediction_check(row: dict, lut, settings: Optional[dict] = None) -> Optional[dict]:
+ALIGN = 8   # float32 vector width the CPU kernels work in (AVX2: 8, AVX-512: 16)
+
+
+def off_grid_widths(lut, widths: dict) -> dict:
+    """Widths of a model that lie between the table's nodes and are not multiples of ``ALIGN``, per
+    axis (``{'qk': [20], 'v': [28, 20]}``): interpolation between aligned nodes underestimates them
+    (a DeiT-nano block at 2 threads: qk 20 took 4.9 ms, qk 16 and 32 4.6-4.7 ms)."""
+    if hasattr(lut, 'axes'):
+        axes = dict(qk='qk_dim', v='v_dim', mlp='mlp_hidden')
+        nodes = {k: set(lut.axes[k]) for k in axes}
+    elif hasattr(lut, 'kinds'):
+        axes = dict(mlp='mlp_hidden')
+        nodes = {'mlp': {m for d in lut.kinds.values() for m in d['mlp']}}
+    else:
+        return {}
+    out = {}
+    for k, key in axes.items():
+        bad = [int(w) for w in widths.get(key, []) if int(w) not in nodes[k] and int(w) % ALIGN]
+        if bad:
+            out[k] = bad
+    return out
+
+
+def prediction_check(row: dict, lut, settings: Optional[dict] = None, off_grid: Optional[dict] = None) -> Optional[dict]:
     """The table's predicted speed-up of one ``speed_rows`` row against the measured throughput
     ratio: ``predicted_speedup``, ``measured_speedup`` (with its range over the rounds),
     ``prediction_error`` and, when they differ by more than ``PREDICTION_TOLERANCE``, a one-line
     ``warning`` naming the likely causes: settings that differ between the table and the
     measurement (batch, threads, malloc; ``settings`` defaults to the row's), an oversubscribed CPU,
-    a noisy table, then the usual suspects. None without both numbers."""
+    the model's ``off_grid`` widths (``off_grid_widths``), a table timed on a busy CPU, then the usual
+    suspects.
+    None without both numbers."""
     pred, meas = row.get('predicted_speedup'), row.get('throughput_ratio')
     if pred is None or not meas:
         return None
@@ -115,9 +140,14 @@ def prediction_check(row: dict, lut, settings: Optional[dict] = None) -> Optiona
     whole = (meta.get('whole_model') or {}).get('ratio')
     if whole is not None and abs(whole - 1.0) > PREDICTION_TOLERANCE:
         causes.append(f'the dense model measured {whole:.2f}x the sum of its timed parts')
-    spread = (meta.get('spread') or {}).get('median')
-    if spread is not None and spread > 0.5:
-        causes.append(f'the table\'s rounds differed by {spread:.0%} (median over nodes: a busy machine)')
+    if off_grid and err > 0:
+        listed = ', '.join(f'{k} {"/".join(map(str, sorted(set(v), reverse=True)))}' for k, v in off_grid.items())
+        causes.append(f'widths between the table\'s nodes that are not multiples of {ALIGN} ({listed}) run slower than '
+                      f'the interpolation gives (--round-to {ALIGN} keeps them aligned)')
+    load, cores = meta.get('load_average'), meta.get('cpu_count')
+    if load is not None and cores and load > cores + 0.5:
+        causes.append(f'the table was timed on an oversubscribed CPU (load average {load} on {cores} cores; '
+                      f'--lut PATH reuses one timed on a quiet machine)')
     causes.append('machine load during either timing, the allocator (glibc malloc returning buffers to the OS), '
                   'small-shape per-operator overheads')
     out['warning'] = (f'the latency table predicted a {pred:.2f}x speed-up, measured {meas:.2f}x '
@@ -156,7 +186,8 @@ def finish_report(cfg, out: Path, dense: nn.Module, final: nn.Module, pruner, va
     if cfg.measure:
         rows = speed_rows({'dense': dense, 'nvit': final}, 'dense', batch, pruner.lut, threads=threads)
         if pruner.lut is not None:
-            prediction = prediction_check(next(r for r in rows if r['name'] == 'nvit'), pruner.lut) or prediction
+            prediction = prediction_check(next(r for r in rows if r['name'] == 'nvit'), pruner.lut,
+                                          off_grid=off_grid_widths(pruner.lut, widths_of(final))) or prediction
             if prediction.get('warning'):
                 from ..train.engine import _log
                 _log(f'warning: {prediction["warning"]}')

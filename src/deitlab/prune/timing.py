@@ -28,6 +28,7 @@ the allocator state, and with ``whole_model`` the dense model is one more job of
 """
 from __future__ import annotations
 
+import os
 import time
 from typing import Callable, Dict, List, Optional
 
@@ -41,7 +42,7 @@ from .families import MLPLayout, layout_of
 from .groups import PruneError, tokens_of
 from .latency import AXES, LatencyTable, MLPLatencyTable, default_grid
 
-__all__ = ['build_latency_table', 'timed_rounds', 'round_stats']
+__all__ = ['build_latency_table', 'timed_rounds', 'round_stats', 'busy_warning']
 
 
 def _time(fn, device: torch.device, n: int, clock: Callable[[], float]) -> List[float]:
@@ -103,11 +104,22 @@ def _meta(model: nn.Module, dev: torch.device, batch_size: int, n_threads: int, 
           t0: float, spreads, **extra) -> dict:
     from ..bench.common import load_average
     from ..bench.speed import malloc_state
-    return dict(device=device_name(dev), batch_size=batch_size, **extra, threads=n_threads, malloc=malloc_state(),
+    return dict(device=device_name(dev), device_type=dev.type, batch_size=batch_size, **extra, threads=n_threads, malloc=malloc_state(),
                 dtype=str(next(model.parameters()).dtype).replace('torch.', ''), passes=rounds, steps=steps,
                 estimator='fastest of interleaved rounds (each the fastest of steps calls)',
-                spread=_summary(spreads), load_average=load_average(),
+                spread=_summary(spreads), load_average=load_average(), cpu_count=os.cpu_count(),
                 torch=torch.__version__, seconds=round(time.perf_counter() - t0, 1), units='ms per batch')
+
+
+def busy_warning(meta: dict) -> Optional[str]:
+    """A line when a table was timed on an oversubscribed CPU (1-minute load average above the
+    cores + 0.5): its times, and so which widths get pruned, then depend on the other work."""
+    load, cores = meta.get('load_average'), meta.get('cpu_count')
+    if load is None or not cores or load <= cores + 0.5 or meta.get('device_type', 'cpu') != 'cpu':
+        return None
+    return (f'warning: the latency table was timed with a load average of {load} on {cores} cores: other work '
+            f'slowed some of its nodes, and so changes which widths get pruned; reuse a table timed on a quieter '
+            f'machine with --lut PATH (or a committed one with --lut NAME)')
 
 
 def _stem_model(model: nn.Module, emb: int) -> nn.Module:
