@@ -251,7 +251,7 @@ def test_prune_nvit_records_plan_and_prediction(tmp_path, monkeypatch, capsys):
     plan = saved['plan']
     assert (plan['schedule'], plan['source'], plan['prune_steps'], plan['interval']) == ('linear', 'auto', 8, 2)
     assert saved['prune_steps'] <= plan['prune_steps'] and plan['finetune_steps'] == 0
-    assert plan['step_s'] > 0 and 'step_s_measured' in plan
+    assert plan['step_s'] > 0 and plan['expected_prune_s'] > 0 and plan['prune_s_measured'] >= 0
     pred = saved['prediction']
     assert pred['table_batch_size'] == pred['measured_batch_size'] == 8 and pred['measured_threads'] == 1
     assert pred['prediction_error'] == pytest.approx(pred['predicted_speedup'] / pred['measured_speedup'] - 1,

@@ -60,6 +60,7 @@ _SCHEDULE_HELP = ('linear: reach the target linearly over --prune-steps (default
                   'split, clamped to 200-2000 steps, in ~40 events); nvit: the paper\'s --groups-per-event groups '
                   'every --interval steps until the target. Unset: linear, or nvit when only --groups-per-event '
                   'is given')
+_INTERVAL_HELP = 'steps between pruning events (nvit, or with --prune-steps: 100; default linear: steps / 40)'
 _LUT_HELP = ('latency table: "measure" times one on this device (the default), or a latency_table.json, or '
              'the name of a table committed in deitlab/prune/tables/')
 
@@ -99,13 +100,9 @@ class NViTConfig:
     min_keep: Dict[str, int] = field(default_factory=dict)      # per type; default: one group
     prune_types: tuple = GROUP_TYPES
     schedule: Optional[str] = field(default=None, metadata={'help': _SCHEDULE_HELP})   # linear | nvit
-    interval: Optional[int] = field(default=None, metadata={'help': 'optimizer steps between pruning events '
-                                                                    '(nvit and linear with --prune-steps: 100; '
-                                                                    'default linear: steps / 40)'})
-    groups_per_event: Optional[int] = field(default=None, metadata={'help': 'nvit schedule: groups removed per '
-                                                                            'event (2)'})
-    prune_steps: Optional[int] = field(default=None, metadata={'help': 'linear schedule: reach the target after '
-                                                                       'this many steps (default: derived)'})
+    interval: Optional[int] = field(default=None, metadata={'help': _INTERVAL_HELP})
+    groups_per_event: Optional[int] = field(default=None, metadata={'help': 'nvit schedule: groups per event (2)'})
+    prune_steps: Optional[int] = field(default=None, metadata={'help': 'linear schedule: steps to the target'})
     total_steps: Optional[int] = None       # pruning + fine-tuning steps (fine-tune gets the rest)
     max_prune_steps: int = 20000
     fisher_samples: int = 8                 # per-sample gradients per batch (criterion fisher)
@@ -452,7 +449,7 @@ class NViTPruner:
             raise PruneError(f'the {self.budget.kind} target {self.budget.target} was not reached within '
                              f'{cfg.max_prune_steps} steps (now {est:.3f}); raise --max-prune-steps or '
                              f'--groups-per-event, or lower --interval, or use --schedule linear')
-        self.plan['step_s_measured'] = round((time.perf_counter() - t0) / max(1, self.steps), 4)
+        self.plan['prune_s_measured'] = round(time.perf_counter() - t0, 1)   # against expected_prune_s
         return self.masks
 
     def _reestimate(self, bar) -> None:
@@ -504,6 +501,7 @@ class NViTPruner:
             event_s = self.cfg.val_batches * val_bs * per_image
         self.plan.update(step_s=round(step_s + fetch_s, 4), event_s=round(event_s, 4))
         self.plan['expected_s'] = expected_seconds(self.plan)
+        self.plan['expected_prune_s'] = expected_seconds(dict(self.plan, finetune_steps=0))
 
     def densified(self) -> nn.Module:
         masks = rounded_masks(self.masks, self.cfg.round_to, self.scores) if self.cfg.round_to else self.masks
