@@ -202,32 +202,77 @@ _ARM = {'dense': 'dense', 'nvit': 'NViT', 'tp_taylor': 'TP Taylor', 'tp_hessian'
         'nvit_fisher': 'NViT, diagonal Fisher', 'nvit_lam0': 'NViT, no latency penalty'}
 
 
+def _pm(r: dict, key: str, fmt: str = '{:.2f}') -> str:
+    """``mean ± std`` over seeds (the std only when the row has several seeds)."""
+    if r.get(key) is None:
+        return ''
+    if r.get('n_seeds', 1) > 1 and f'{key}_std' in r:
+        return f"{fmt.format(r[key])} ± {fmt.format(r[key + '_std'])}"
+    return fmt.format(r[key])
+
+
 def _nvit_table(rows: List[dict]) -> List[List[str]]:
-    out = []
-    for r in rows:
-        speed = r.get('throughput_ratio')
-        pred = r.get('predicted_speedup')
-        out.append([f"{r['budget']:g}", _ARM.get(r['arm'], r['arm']), _top1(r), f"{r['gmacs']:.4f}",
-                    f"{r['params_m']:.3f} M", f(speed), f(pred)])
-    return out
+    return [[f"{r['budget']:g}", _ARM.get(r['arm'], r['arm']), _pm(r, 'top1'), f"{r['gmacs']:.4f}",
+             f"{r['params_m']:.3f} M", _pm(r, 'throughput_ratio'), _pm(r, 'latency_speedup'),
+             _pm(r, 'predicted_speedup')] for r in rows]
 
 
 def _top1(r: dict) -> str:
     if 'top1_std' in r:
-        return f"{r['top1']:.2f} ± {r['top1_std']:.2f}"
+        return _pm(r, 'top1')
     return f2(r['top1'])
+
+
+def _nvit_source(extra: str = '') -> str:
+    st = load('nvit_fmnist')['settings']
+    seeds = st.get('seeds', [0])
+    return source(['nvit_fmnist'], 'python benchmarks/nvit_fmnist.py all --jobs 2' + extra)[:-len('</sub>')] + \
+        f" Mean ± sample std over {len(seeds)} seed(s); speed-ups over the dense model, measured interleaved " \
+        f"(batch 64 throughput and batch-1 latency, {st['threads']} threads, median of {st['rounds']} rounds) and " \
+        f"predicted by the latency table.</sub>"
 
 
 def t_nvit() -> str:
     rows = [r for r in load('nvit_fmnist')['rows'] if r['arm'] in ('dense', 'nvit', 'tp_taylor', 'tp_hessian',
                                                                      'uniform')]
-    header = ['budget', 'arm', 'top-1', 'GMACs', 'params', 'measured throughput speed-up', 'predicted']
-    out = _nvit_table(rows)
-    if not any(r.get('throughput_ratio') for r in rows):   # an older run recorded no measured speed
-        header.pop(5)
-        out = [r[:5] + r[6:] for r in out]
-    return '\n'.join([table(header, out),
-                      source(['nvit_fmnist'], 'python benchmarks/nvit_fmnist.py all --jobs 2')])
+    header = ['budget', 'arm', 'top-1 (%)', 'GMACs', 'params', 'measured throughput speed-up',
+              'measured batch-1 speed-up', 'predicted']
+    return '\n'.join([table(header, _nvit_table(rows)), _nvit_source()])
+
+
+def verdict(a: dict, b: dict, key: str = 'top1') -> str:
+    """``a`` against ``b`` on ``key``: 'ahead' / 'behind' when the gap of the means exceeds the sum of
+    their standard deviations over seeds, else 'within the spread' (one seed: no verdict)."""
+    if min(a.get('n_seeds', 1), b.get('n_seeds', 1)) < 2:
+        return 'one seed: no verdict'
+    gap, spread = a[key] - b[key], a.get(f'{key}_std', 0.0) + b.get(f'{key}_std', 0.0)
+    if gap > spread:
+        return 'ahead'
+    if gap < -spread:
+        return 'behind'
+    return 'within the spread'
+
+
+def t_nvit_verdict() -> str:
+    """NViT against each peer at each budget: accuracy gap and measured speed, with the verdict."""
+    rows = load('nvit_fmnist')['rows']
+    out = []
+    for b in sorted({r['budget'] for r in rows if r['arm'] == 'nvit'}, reverse=True):
+        ours = _nvit_row('nvit', b)
+        for peer in ('tp_taylor', 'tp_hessian', 'uniform'):
+            try:
+                other = _nvit_row(peer, b)
+            except MissingResult:
+                continue
+            gap = ours['top1'] - other['top1']
+            spread = ours.get('top1_std', 0.0) + other.get('top1_std', 0.0)
+            out.append([f'{b:g}', _ARM[peer], f'{gap:+.2f} (spread {spread:.2f})', verdict(ours, other),
+                        f"{f(ours.get('throughput_ratio'))} vs {f(other.get('throughput_ratio'))}",
+                        verdict(ours, other, 'throughput_ratio') if ours.get('throughput_ratio') else ''])
+    return '\n'.join([table(['budget', 'NViT against', 'top-1 gap (pt)', 'accuracy', 'measured throughput speed-up',
+                             'speed'], out),
+                      "'ahead' / 'behind': the gap of the means exceeds the sum of the two standard deviations over "
+                      "seeds; otherwise 'within the spread'."])
 
 
 def t_nvit_ablation() -> str:
@@ -240,15 +285,27 @@ def t_nvit_ablation() -> str:
 
 def t_demo() -> str:
     res = load('demo')
+    try:
+        busy = load('demo_busy')
+    except MissingResult:
+        busy = None
     out = [[r['model'], f2(r['top1']), f"{r['params_m']:.3f}", f"{r['gmacs']:.4f}", f(r['latency_ms']),
             f"{r['img_per_s']:.0f}", f(r['speedup']), f(r.get('predicted'))] for r in res['rows']]
+    header = ['model', 'top-1', 'params (M)', 'GMACs', 'batch-1 ms', 'img/s', 'speed-up', 'predicted']
+    if busy:
+        header += ['top-1, busy run', 'speed-up, busy run']
+        for row, b in zip(out, busy['rows']):
+            row += [f2(b['top1']), f(b['speedup'])]
     s = res['settings']
-    return '\n'.join([table(['model', 'top-1', 'params (M)', 'GMACs', 'batch-1 ms', 'img/s', 'speed-up',
-                             'predicted'], out),
-                      f"Speed-up: measured throughput at batch {s['batch']} over the dense model, {s['threads']} "
-                      f"threads, {s['device']}; predicted: the NViT latency table's. Whole run: "
-                      f"{res['total_time_s'] / 60:.1f} min.",
-                      source(['demo'], 'python benchmarks/demo_run.py')])
+    lines = [table(header, out),
+             f"Speed-up: measured throughput at batch {s['batch']} over the dense model, {s['threads']} "
+             f"threads, {s['device']}; predicted: the NViT latency table's. Whole run: "
+             f"{res['total_time_s'] / 60:.1f} min (load average {res['load_avg']['start']} at the start)."]
+    if busy:
+        lines.append(f"Busy run: the same command while another training job loaded the CPU (load average "
+                     f"{busy['load_avg']['start']} -> {busy['load_avg']['end']}; {busy['total_time_s'] / 60:.1f} min).")
+    lines.append(source(['demo'] + (['demo_busy'] if busy else []), 'python benchmarks/demo_run.py'))
+    return '\n'.join(lines)
 
 
 def t_tokens_deit_s() -> str:
@@ -273,6 +330,7 @@ TABLES: Dict[str, Callable[[], str]] = {
     'tokens_deit_s': t_tokens_deit_s,
     'demo': t_demo, 'mixpro': t_mixpro, 'tokens_fmnist': t_tokens_fmnist, 'tokens_sweep': t_tokens_sweep,
     'mixers': t_mixers, 'unlearnable': t_unlearnable, 'nvit': t_nvit, 'nvit_ablation': t_nvit_ablation,
+    'nvit_verdict': t_nvit_verdict,
 }
 
 
