@@ -284,11 +284,12 @@ def t_nvit_verdict() -> str:
 
 
 def t_nvit_ablation() -> str:
-    rows = [r for r in load('nvit_fmnist')['rows'] if r['arm'].startswith('nvit') and r['budget'] == 0.5]
+    rows = [r for r in load('nvit_fmnist_ablation')['rows'] if r['arm'].startswith('nvit') and r['budget'] == 0.5]
     out = [[_ARM.get(r['arm'], r['arm']), _top1(r), f"{r['gmacs']:.4f}"] for r in rows]
     return '\n'.join([table(['arm (budget 0.5)', 'top-1', 'GMACs'], out, bold=(1,)),
-                      source(['nvit_fmnist'], 'python benchmarks/nvit_fmnist.py all --arms nvit_lam0 nvit_taylor '
-                                              'nvit_magnitude nvit_fisher --budgets 0.5')])
+                      source(['nvit_fmnist_ablation'], 'python benchmarks/nvit_fmnist.py all --arms nvit nvit_lam0 '
+                                                       'nvit_taylor nvit_magnitude nvit_fisher --budgets 0.5 --seeds 0 '
+                                                       '--result benchmarks/results/nvit_fmnist_ablation.json')])
 
 
 def t_demo() -> str:
