@@ -40,8 +40,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..bench.common import synchronize
+from ..console import log as _log
+from ..evaluate import evaluate
 from ..rundir import create, is_run_dir, save_run_dir
-from ..train.engine import _log, evaluate
 from .densify import densify, rounded_masks
 from .families import Layout, layout_of
 from .groups import GROUP_TYPES, Masks, PruneError, check_prunable, use_masked_layernorm
@@ -226,15 +227,11 @@ def kd_kl(student: torch.Tensor, teacher: torch.Tensor, tau: float) -> torch.Ten
 
 
 def _loaders(cfg: NViTConfig, model: nn.Module):
-    from torch.utils.data import DataLoader
-    from ..train.engine import model_datasets
+    from ..data.for_model import eval_loader, model_datasets, stream_loader
     train_set, val_set = model_datasets(model, cfg.data, aug=cfg.aug)
     if len(train_set) < cfg.batch_size:
         raise PruneError(f'the training split has {len(train_set)} images, fewer than one batch of {cfg.batch_size}')
-    g = torch.Generator().manual_seed(cfg.seed)
-    train = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, drop_last=True, generator=g)
-    val = DataLoader(val_set, batch_size=max(64, cfg.batch_size), shuffle=False)
-    return train, val, train_set
+    return stream_loader(train_set, cfg.batch_size, cfg.seed), eval_loader(val_set, max(64, cfg.batch_size)), train_set
 
 
 def _removed_units(groups) -> dict:
@@ -533,7 +530,7 @@ def prune_nvit(cfg: NViTConfig) -> dict:
     the fine-tuned run directory, ``pruned/`` (densified, before fine-tuning), ``dense/`` when the
     dense model was not a run directory, ``prune_log.jsonl``, ``latency_table.json``,
     ``report.json`` and ``widths.png``."""
-    from ..train.distributed import seed_all
+    from ..distributed import seed_all
     from .report import finish_report
 
     cfg.validate()

@@ -14,7 +14,6 @@ the same global batch and DDP averages the gradients.
 from __future__ import annotations
 
 import contextlib
-import sys
 import json
 import re
 import time
@@ -23,18 +22,19 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-from torch.utils.data import DataLoader, DistributedSampler, Subset
 from timm.loss import LabelSmoothingCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
-from timm.utils import accuracy
 
-from ..bench import count_params, resolve_input_size
-from ..data import DatasetInfo, build_dataset, dataset_info
+from ..bench import count_params
+from ..console import log as _log, progress as _progress
+from ..data import dataset_info
+from ..data.for_model import eval_loader, model_datasets, model_input, norm_stats, train_loader
+from ..distributed import DistInfo, all_reduce_sum, barrier, init_distributed, seed_all
+from ..evaluate import evaluate
 from ..rundir import atomic_torch_save, create, is_run_dir, save_run_dir
 from .config import ConfigError, TrainConfig, short_run_warning
 from .distill import DistillationLoss
-from .distributed import DistInfo, all_reduce_sum, barrier, init_distributed, seed_all
 from .defences import build_defence
 from .mixing import BatchMixer, MixLoss
 
@@ -50,22 +50,6 @@ class TrainingDiverged(RuntimeError):
 
 def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
     return seed * 100003 + epoch * 1009 + rank
-
-
-def _progress(enabled: Optional[bool], is_main: bool, **kw):
-    """A tqdm bar on the main process: on a terminal by default, always/never if enabled is set."""
-    from tqdm.auto import tqdm
-    if not is_main:
-        disable = True
-    else:
-        disable = None if enabled is None else not enabled  # None: tqdm shows it only on a TTY
-    return tqdm(disable=disable, **kw)
-
-
-def _log(msg: str, is_main: bool = True) -> None:
-    if is_main:
-        from tqdm.auto import tqdm
-        tqdm.write(f'[deitlab] {msg}', file=sys.stderr)
 
 
 def build_student(cfg: TrainConfig, num_classes: int, data_chans: int, data_size: Optional[int]) -> nn.Module:
@@ -117,70 +101,6 @@ def build_student(cfg: TrainConfig, num_classes: int, data_chans: int, data_size
         kwargs['pretrained_cfg_overlay'] = dict(kwargs.get('pretrained_cfg_overlay') or {},
                                                 input_size=(kwargs['in_chans'], size, size))
         return create(cfg.model, pretrained=pretrained, **kwargs)
-
-
-def model_input(model: nn.Module) -> tuple[int, int]:
-    """(channels, size) of the square input the model takes."""
-    chans, size, _ = resolve_input_size(model)
-    return chans, size
-
-
-def model_datasets(model: nn.Module, spec: str, splits=('train', 'val'), aug: str = 'none',
-                   hflip: Optional[float] = None, info: Optional[DatasetInfo] = None, is_main: bool = True) -> list:
-    """The ``splits`` of dataset ``spec`` fed to ``model``: at its input channels, size and
-    normalisation, whatever the images' own size. ``aug`` and ``hflip`` apply to the ``train``
-    split; the others get no augmentation.
-
-    The one place where train, eval, prune and fuse shape data for a model. When the images are of
-    another size, one log line says so, e.g. ``images are 28x28, resized to the model's 32x32``.
-    """
-    chans, size = model_input(model)
-    mean, std = norm_stats(model, chans)
-    info = info or dataset_info(spec)
-    note = info.resize_note(size)
-    if note:
-        _log(note, is_main)
-    return [build_dataset(spec, split, img_size=size, in_chans=chans, mean=mean, std=std,
-                          aug=aug if split == 'train' else 'none', hflip=hflip if split == 'train' else None)
-            for split in splits]
-
-
-def norm_stats(model: nn.Module, chans: int):
-    cfg = getattr(model, 'pretrained_cfg', None) or {}
-    mean = list(cfg.get('mean', (0.5,) * 3))
-    std = list(cfg.get('std', (0.5,) * 3))
-    if chans == 1 and len(mean) > 1:
-        mean, std = [sum(mean) / len(mean)], [sum(std) / len(std)]
-    return tuple(mean), tuple(std)
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, loader, device: torch.device, amp: bool = False,
-             progress: Optional[bool] = None, is_main: bool = True, max_batches: Optional[int] = None) -> dict:
-    """Top-1/top-5 accuracy (%) and mean cross-entropy over a loader (summed over processes), or over
-    its first ``max_batches`` batches."""
-    was_training = model.training
-    model.eval()
-    sums = torch.zeros(4, dtype=torch.float64)  # correct1, correct5, loss, count
-    autocast = torch.autocast('cuda', dtype=torch.bfloat16) if amp and device.type == 'cuda' \
-        else contextlib.nullcontext()
-    for i, (x, y) in enumerate(_progress(progress, is_main, iterable=loader, desc='eval', leave=False)):
-        if max_batches is not None and i >= max_batches:
-            break
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with autocast:
-            out = model(x)
-        out = out.float()
-        k = min(5, out.shape[1])
-        top1, top5 = accuracy(out, y, topk=(1, k))
-        n = y.shape[0]
-        loss = nn.functional.cross_entropy(out, y, reduction='sum')
-        sums += torch.tensor([top1.item() * n / 100, top5.item() * n / 100, loss.item(), n], dtype=torch.float64)
-    sums = all_reduce_sum(sums.to(device)).cpu()
-    model.train(was_training)
-    n = max(sums[3].item(), 1)
-    return dict(top1=100 * sums[0].item() / n, top5=100 * sums[1].item() / n, loss=sums[2].item() / n,
-                count=int(sums[3].item()))
 
 
 def _truncate_metrics(path: Path, last_epoch: int) -> None:
@@ -267,15 +187,11 @@ def train(cfg: TrainConfig) -> dict:
     if len(train_set) < cfg.batch_size:
         raise ConfigError(f'the training split has {len(train_set)} images, fewer than one batch of '
                           f'{cfg.batch_size}')
-    sampler = DistributedSampler(train_set, num_replicas=di.world_size, rank=di.rank, shuffle=True,
-                                 seed=cfg.seed, drop_last=True)
-    pin = device.type == 'cuda'
-    train_loader = DataLoader(train_set, batch_size=local_bs, sampler=sampler, drop_last=True,
-                              num_workers=cfg.workers, pin_memory=pin)
-    val_part = Subset(val_set, range(di.rank, len(val_set), di.world_size)) if di.distributed else val_set
-    val_loader = DataLoader(val_part, batch_size=cfg.eval_batch_size or local_bs * 2, shuffle=False,
-                            num_workers=cfg.workers, pin_memory=pin)
-    steps_per_epoch = len(train_loader)
+    shard = dict(rank=di.rank, world_size=di.world_size, workers=cfg.workers, pin=device.type == 'cuda')
+    loader = train_loader(train_set, local_bs, cfg.seed, **shard)
+    sampler = loader.sampler
+    val_loader = eval_loader(val_set, cfg.eval_batch_size or local_bs * 2, **shard)
+    steps_per_epoch = len(loader)
     if cfg.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
 
@@ -367,7 +283,7 @@ def train(cfg: TrainConfig) -> dict:
         loss_sum = torch.zeros((), dtype=torch.float64)
         seen, t0 = 0, time.perf_counter()
         bar = _progress(cfg.progress, main, total=steps_per_epoch, desc=f'epoch {epoch + 1}/{cfg.epochs}')
-        for step, (x, y) in enumerate(train_loader):
+        for step, (x, y) in enumerate(loader):
             if step >= steps_per_epoch:
                 break
             global_step = epoch * steps_per_epoch + step
@@ -399,7 +315,7 @@ def train(cfg: TrainConfig) -> dict:
                 bar.set_postfix(loss=f'{loss.item():.3f}', lr=f'{optimizer.param_groups[0]["lr"]:.2e}')
         bar.close()
         train_time = time.perf_counter() - t0
-        steps_done = max(1, min(steps_per_epoch, len(train_loader)))
+        steps_done = max(1, min(steps_per_epoch, len(loader)))
         row = dict(epoch=epoch + 1, step=(epoch + 1) * steps_per_epoch,
                    train_loss=all_reduce_sum(loss_sum.to(device)).item() / (steps_done * di.world_size),
                    lr=optimizer.param_groups[0]['lr'], epoch_time_s=train_time,
