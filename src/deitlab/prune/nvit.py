@@ -26,7 +26,6 @@ raise ``PruneError`` for them; the default ``prune_types`` (all five) means ever
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import itertools
 import json
@@ -43,6 +42,7 @@ from ..bench.common import synchronize
 from ..console import log as _log
 from ..evaluate import evaluate
 from ..rundir import create, is_run_dir, save_run_dir
+from ..train.loop import Hooks, Trainer
 from .densify import densify, rounded_masks
 from .families import Layout, layout_of
 from .groups import GROUP_TYPES, Masks, PruneError, check_prunable, use_masked_layernorm
@@ -379,74 +379,39 @@ class NViTPruner:
         return loss
 
     def run(self, train_loader, val_loader=None, on_event=None) -> Masks:
-        from timm.optim import create_optimizer_v2
-        from tqdm.auto import tqdm
+        """Train with the dense model as KL teacher, accumulate saliency, and remove groups every
+        ``interval`` steps until the budget is met (:class:`_PruningHooks` on the shared
+        :class:`~deitlab.train.loop.Trainer`, stepping an endless stream over ``train_loader``).
+        ``on_event`` gets every event's row. Returns the masks."""
         cfg = self.cfg
-        model = self.model
-        model.eval()  # NViT prunes with the student in eval mode (no dropout / drop path)
-        optimizer = create_optimizer_v2(model, opt='adamw', lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.model.eval()  # NViT prunes with the student in eval mode (no dropout / drop path)
+        # bf16 autocast on CUDA (the saliency is read from fp32 parameters and gradients); no schedule
+        trainer = Trainer(self.model, dict(opt='adamw', lr=cfg.lr, weight_decay=cfg.weight_decay), device=self.device,
+                          train_mode=False, progress=cfg.progress is not False)
         extra = None
         if cfg.teacher:
             from ..train.distill import DistillationLoss
             teacher = create(cfg.teacher, pretrained=not is_run_dir(cfg.teacher)).to(self.device).eval()
             extra = DistillationLoss(nn.CrossEntropyLoss(label_smoothing=cfg.smoothing), teacher, cfg.distill)
-        pmasks = self.masks.param_masks(model)
-        self.masks.apply(model, optimizer, pmasks)
-        # bf16 autocast on CUDA (the saliency is read from fp32 parameters and gradients)
-        autocast = (lambda: torch.autocast('cuda', dtype=torch.bfloat16)) if self.device.type == 'cuda' \
-            else contextlib.nullcontext
+        hooks = _PruningHooks(self, extra, val_loader, on_event)
+        trainer.add_hooks(hooks)
+        hooks.apply_masks()
         batches = _forever(train_loader)
         t0 = time.perf_counter()
         first = next(batches)
         fetch_s = time.perf_counter() - t0
         if self.plan is None:
             self.make_plan(_length(train_loader))
-        self._time_step(first, fetch_s, extra, autocast, optimizer, pmasks, val_loader)
+        self._time_step(first, fetch_s, trainer, hooks, val_loader)
         _log(plan_line(self.plan, self.budget.kind, self.budget.target))
-        bar = tqdm(total=self.plan['prune_steps'], desc='nvit prune', disable=cfg.progress is False, leave=False)
-        t0 = time.perf_counter()
-        for x, y in itertools.chain([first], batches):
-            if self.done() or self.steps >= cfg.max_prune_steps:
-                break
-            x, y = x.to(self.device), y.to(self.device)
-            loss, t = self._forward(x, y, extra, autocast)
-            if not torch.isfinite(loss):
-                raise PruneError(f'the loss became {loss.item()} at pruning step {self.steps + 1}; try a lower --lr')
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if self.saliency.needs_grad:
-                self.saliency.accumulate(model)
-            if self.saliency.needs_per_sample:
-                k = min(cfg.fisher_samples, x.shape[0])
-                sq = per_sample_sq_grads(model, lambda o, yi, ti: self._loss(o, ti, yi), x[:k], y[:k], t[:k])
-                self.saliency.accumulate_sq_grads(sq, k)
-            self.masks.apply(model, optimizer, pmasks)   # no update reaches removed slices...
-            optimizer.step()
-            self.masks.apply(model, optimizer, pmasks)   # ...and they stay exactly zero
-            self.steps += 1
-            bar.update(1)
-            if self.steps % self.interval == 0:
-                removed = self.event()
-                if self.schedule == 'nvit' and self.events == 1 and not self.done():
-                    self._reestimate(bar)
-                pmasks = self.masks.param_masks(model)
-                self.masks.apply(model, optimizer, pmasks)
-                row = dict(event=self.events, step=self.steps, loss=float(loss.detach()), removed=_removed_units(removed),
-                           widths=self.widths(), time_s=round(time.perf_counter() - t0, 1), **self.estimate())
-                if val_loader is not None and cfg.val_batches:
-                    row['val_top1'] = evaluate(model, val_loader, self.device, progress=False,
-                                               max_batches=cfg.val_batches)['top1']
-                self.log.append(row)
-                bar.set_postfix({self.budget.kind: f'{row[self.budget.kind]:.3f}', 'acc': row.get('val_top1', '-')})
-                if on_event is not None:
-                    on_event(row)
-        bar.close()
+        hooks.t0 = time.perf_counter()
+        trainer.run_steps(itertools.chain([first], batches), total=self.plan['prune_steps'], desc='nvit prune')
         if not self.done():
             est = self.estimate()[self.budget.kind]
             raise PruneError(f'the {self.budget.kind} target {self.budget.target} was not reached within '
                              f'{cfg.max_prune_steps} steps (now {est:.3f}); raise --max-prune-steps or '
                              f'--groups-per-event, or lower --interval, or use --schedule linear')
-        self.plan['prune_s_measured'] = round(time.perf_counter() - t0, 1)   # against expected_prune_s
+        self.plan['prune_s_measured'] = round(time.perf_counter() - hooks.t0, 1)   # against expected_prune_s
         return self.masks
 
     def _reestimate(self, bar) -> None:
@@ -459,15 +424,13 @@ class NViTPruner:
             bar.total = self.plan['prune_steps_after_first_event']
             bar.refresh()
 
-    def _forward(self, x, y, extra, autocast):
-        with autocast():
-            with torch.no_grad():
-                t = self.dense(x)
-            out = self.model(x)
-            loss = self._loss(out.float(), t.float(), y, extra, x)
-        return loss, t
+    def _per_sample_sq_grads(self, x, y, teacher_out):
+        """``fisher``: the squared per-sample gradients of the first ``fisher_samples`` samples, and their count."""
+        k = min(self.cfg.fisher_samples, x.shape[0])
+        sq = per_sample_sq_grads(self.model, lambda o, yi, ti: self._loss(o, ti, yi), x[:k], y[:k], teacher_out[:k])
+        return sq, k
 
-    def _time_step(self, batch, fetch_s: float, extra, autocast, optimizer, pmasks, val_loader) -> None:
+    def _time_step(self, batch, fetch_s: float, trainer: Trainer, hooks: '_PruningHooks', val_loader) -> None:
         """Put the expected seconds per pruning step (``step_s``) and per event (``event_s``:
         validation) into the plan: the second of two forward + backward passes on the first batch
         (per-sample gradients too for ``fisher``; no update, gradients cleared), plus the loader's
@@ -476,21 +439,20 @@ class NViTPruner:
         for _ in range(2):
             synchronize(self.device)
             t0 = time.perf_counter()
-            loss, t = self._forward(x, y, extra, autocast)
+            _, loss = trainer.forward_loss(x, y)
             loss.backward()
             if self.saliency.needs_per_sample:
-                k = min(self.cfg.fisher_samples, x.shape[0])
-                per_sample_sq_grads(self.model, lambda o, yi, ti: self._loss(o, ti, yi), x[:k], y[:k], t[:k])
-            self.masks.apply(self.model, optimizer, pmasks)
-            self.masks.apply(self.model, optimizer, pmasks)
+                self._per_sample_sq_grads(x, y, hooks.teacher_out)
+            hooks.apply_masks()
+            hooks.apply_masks()
             synchronize(self.device)
             step_s = time.perf_counter() - t0
-        optimizer.zero_grad(set_to_none=True)
+        trainer.optimizer.zero_grad(set_to_none=True)
         event_s = 0.0
         if val_loader is not None and self.cfg.val_batches:
             synchronize(self.device)
             t0 = time.perf_counter()
-            with torch.no_grad(), autocast():
+            with torch.no_grad(), trainer.autocast():
                 self.model(x)
             synchronize(self.device)
             per_image = (time.perf_counter() - t0 + fetch_s) / x.shape[0]
@@ -503,6 +465,76 @@ class NViTPruner:
     def densified(self) -> nn.Module:
         masks = rounded_masks(self.masks, self.cfg.round_to, self.scores) if self.cfg.round_to else self.masks
         return densify(self.model, masks).eval()
+
+
+class _PruningHooks(Hooks):
+    """NViT's pruning phase as :class:`~deitlab.train.loop.Trainer` hooks: the frozen dense model
+    as KL teacher (forward, loss), saliency from the raw gradients (after_backward), the masks
+    enforced before and after every optimizer step (removed weights, gradients and AdamW moments
+    stay exactly zero), a pruning event every ``interval`` steps (after_step), and the end of the
+    run at the budget or ``max_prune_steps`` (should_stop)."""
+
+    def __init__(self, pruner: NViTPruner, extra, val_loader, on_event):
+        self.pruner, self.extra, self.val_loader, self.on_event = pruner, extra, val_loader, on_event
+        self.pmasks = pruner.masks.param_masks(pruner.model)
+        self.teacher_out: Optional[torch.Tensor] = None
+        self.x = self.y = None
+        self.t0 = time.perf_counter()
+
+    def should_stop(self) -> bool:
+        return self.pruner.done() or self.pruner.steps >= self.pruner.cfg.max_prune_steps
+
+    def forward(self, model, x, y):
+        with torch.no_grad():
+            self.teacher_out = self.pruner.dense(x)
+        self.x, self.y = x, y
+        return model(x)
+
+    def loss(self, x, outputs, y):
+        return self.pruner._loss(outputs.float(), self.teacher_out.float(), y, self.extra, x)
+
+    def on_nonfinite(self, loss) -> None:
+        raise PruneError(f'the loss became {loss.item()} at pruning step {self.pruner.steps + 1}; try a lower --lr')
+
+    def after_backward(self) -> None:
+        p = self.pruner
+        if p.saliency.needs_grad:
+            p.saliency.accumulate(p.model)
+        if p.saliency.needs_per_sample:
+            p.saliency.accumulate_sq_grads(*p._per_sample_sq_grads(self.x, self.y, self.teacher_out))
+
+    def apply_masks(self) -> None:
+        self.pruner.masks.apply(self.pruner.model, self.trainer.optimizer, self.pmasks)
+
+    def before_optimizer_step(self) -> None:
+        self.apply_masks()   # no update reaches removed slices...
+
+    def after_optimizer_step(self) -> None:
+        self.apply_masks()   # ...and they stay exactly zero
+
+    def after_step(self, step: int, loss) -> None:
+        p = self.pruner
+        p.steps += 1
+        if p.steps % p.interval == 0:
+            self.event(loss)
+
+    def event(self, loss) -> None:
+        """Remove groups, re-mask, and log the event's row (``p.log``, ``on_event``)."""
+        p, bar = self.pruner, self.trainer.bar
+        removed = p.event()
+        if p.schedule == 'nvit' and p.events == 1 and not p.done():
+            p._reestimate(bar)
+        self.pmasks = p.masks.param_masks(p.model)
+        self.apply_masks()
+        row = dict(event=p.events, step=p.steps, loss=float(loss.detach()), removed=_removed_units(removed),
+                   widths=p.widths(), time_s=round(time.perf_counter() - self.t0, 1), **p.estimate())
+        if self.val_loader is not None and p.cfg.val_batches:
+            row['val_top1'] = evaluate(p.model, self.val_loader, p.device, progress=False,
+                                       max_batches=p.cfg.val_batches)['top1']
+        p.log.append(row)
+        bar.set_postfix({p.budget.kind: f'{row[p.budget.kind]:.3f}', 'acc': row.get('val_top1', '-')})
+        if self.on_event is not None:
+            self.on_event(row)
 
 
 def latency_table(cfg: NViTConfig, dense: nn.Module):
