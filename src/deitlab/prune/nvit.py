@@ -6,9 +6,10 @@ CVPR 2023. The procedure (``prune_nvit``, ``deitlab prune nvit``):
 1. Load the dense DeiT (run directory, deitlab name or timm ViT/DeiT), keep a frozen copy as the
    distillation target, and measure (or load) a latency table of its blocks on this device.
 2. Train the model on with ``L = ce_weight * CE(y) + kl_weight * T^2 * KL(p_dense^T || p^T)``
-   (plus an optional hard/soft DeiT teacher) while accumulating the saliency of every unit. After
-   every optimizer step the masks are enforced: removed weights, their gradients and their AdamW
-   moments stay exactly zero.
+   (plus an optional hard/soft DeiT teacher) while accumulating the saliency of every unit. Before
+   and after every optimizer step the masks are enforced: removed weights, their gradients and
+   their AdamW moments stay exactly zero. The training runs on the shared
+   :class:`~deitlab.train.loop.Trainer`, step-driven; these parts are its hooks (hooks.py).
 3. Every ``interval`` steps, rank all groups of all layers by ``I - lambda * dLat`` and remove the
    lowest, one at a time, stopping as soon as the target (latency, GMACs or parameter fraction of
    the dense model) is met: as many as a goal falling linearly to the target over ``prune_steps``
@@ -30,9 +31,9 @@ import copy
 import itertools
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
-from typing import Dict, Optional, Union
+from typing import Optional, Union
 
 import torch
 import torch.nn as nn
@@ -40,161 +41,22 @@ import torch.nn.functional as F
 
 from ..bench.common import synchronize
 from ..console import log as _log
-from ..evaluate import evaluate
 from ..rundir import create, is_run_dir, save_run_dir
-from ..train.loop import Hooks, Trainer
+from ..train.loop import Trainer
+from .config import NViTConfig
 from .densify import densify, rounded_masks
-from .families import Layout, layout_of
-from .groups import GROUP_TYPES, Masks, PruneError, check_prunable, use_masked_layernorm
+from .families import layout_of
+from .groups import Masks, PruneError, check_prunable, use_masked_layernorm
+from .hooks import PruningHooks
 from .latency import LatencyTable, MLPLatencyTable, grid_for, load_latency_table, lut_path
 from .ranking import Budget, default_group_sizes, rank_groups, remove_group
 from .saliency import Saliency, per_sample_sq_grads
-from .schedule import (NVIT_GROUPS, NVIT_INTERVAL, check_schedule, estimate_nvit_events, expected_seconds,
-                       linear_goal, make_plan, plan_line, resolve_schedule)
+from .schedule import (NVIT_GROUPS, NVIT_INTERVAL, estimate_nvit_events, expected_seconds, linear_goal, make_plan,
+                       plan_line, resolve_schedule)
 from .timing import build_latency_table, busy_warning
 
 PRUNE_LOG = 'prune_log.jsonl'
 LUT_NAME = 'latency_table.json'
-
-
-_SCHEDULE_HELP = ('linear: reach the target linearly over --prune-steps (default: 2 epochs of the training '
-                  'split, clamped to 200-2000 steps, in ~40 events); nvit: the paper\'s --groups-per-event groups '
-                  'every --interval steps until the target. Unset: linear, or nvit when only --groups-per-event '
-                  'is given')
-_INTERVAL_HELP = 'steps between pruning events (nvit, or with --prune-steps: 100; default linear: steps / 40)'
-_LUT_HELP = ('latency table: "measure" times one on this device (the default), or a latency_table.json, or '
-             'the name of a table committed in deitlab/prune/tables/')
-
-
-@dataclass
-class NViTConfig:
-    """Settings of ``prune_nvit`` (one field per ``deitlab prune nvit`` flag).
-
-    Schedule (schedule.py). ``schedule='linear'`` lowers the budget goal linearly to the target
-    over ``prune_steps``; ``schedule='nvit'`` removes ``groups_per_event`` (default 2) groups every
-    ``interval`` (default 100) steps until the target, NViT's ImageNet schedule, whose length
-    depends on the model (it can take tens of thousands of steps on a small data set). Unset, the
-    schedule is ``linear`` when ``prune_steps`` is given (``interval`` default 100, as before),
-    ``nvit`` when only ``groups_per_event`` is given, and otherwise ``linear`` over a budget derived
-    from the data: 2 epochs of the training split (``2 * len(train_loader)`` steps), clamped to
-    200-2000 steps and to half of ``total_steps``, with ``interval`` = steps / 40 (about 40 events)
-    unless given. The fine-tune then runs ``finetune_epochs`` epochs, or the rest of ``total_steps``.
-
-    Latency table. ``lut=None`` or ``'measure'`` times a table on this device (``lut_passes``
-    interleaved rounds, the fastest per node, at ``lut_batch``); a path or the name of a committed table
-    (``deitlab/prune/tables/``) loads one instead, so that pruning does not depend on the load of
-    the machine while it runs.
-    """
-    model: str
-    data: str
-    out: str
-    # target: exactly one, a fraction of the dense model
-    target_latency: Optional[float] = None
-    target_gmacs: Optional[float] = None
-    target_params: Optional[float] = None
-    # saliency and ranking
-    criterion: str = 'nvit'                 # nvit | taylor | magnitude | fisher
-    lam: float = 0.02                       # latency penalty weight (scale-free, see ranking.py)
-    momentum: float = 0.9
-    divisors: Optional[str] = 'nvit'        # NViT's constants, or None
-    group_sizes: Dict[str, int] = field(default_factory=dict)   # per type; default: scaled NViT
-    min_keep: Dict[str, int] = field(default_factory=dict)      # per type; default: one group
-    prune_types: tuple = GROUP_TYPES
-    schedule: Optional[str] = field(default=None, metadata={'help': _SCHEDULE_HELP})   # linear | nvit
-    interval: Optional[int] = field(default=None, metadata={'help': _INTERVAL_HELP})
-    groups_per_event: Optional[int] = field(default=None, metadata={'help': 'nvit schedule: groups per event (2)'})
-    prune_steps: Optional[int] = field(default=None, metadata={'help': 'linear schedule: steps to the target'})
-    total_steps: Optional[int] = None       # pruning + fine-tuning steps (fine-tune gets the rest)
-    max_prune_steps: int = 20000
-    fisher_samples: int = 8                 # per-sample gradients per batch (criterion fisher)
-    masked_ln: bool = True
-    round_to: Optional[int] = None
-    # training while pruning
-    batch_size: int = 32
-    lr: float = 1e-4
-    weight_decay: float = 0.05
-    kl_weight: float = 1.0
-    kl_tau: float = 3.0
-    ce_weight: float = 1.0
-    smoothing: float = 0.0
-    teacher: Optional[str] = None
-    distill: str = 'none'
-    aug: str = 'none'
-    # latency table
-    lut: Optional[str] = field(default=None, metadata={'help': _LUT_HELP})   # measure | PATH | committed name
-    lut_batch: int = 64
-    lut_passes: int = 5                     # interleaved timing rounds (timing.py)
-    lut_grid: Dict[str, list] = field(default_factory=dict)   # per axis (emb, heads, qk, v, mlp; PoolFormer etc.: mlp)
-    # fine-tuning of the densified model
-    finetune_epochs: int = 1
-    finetune_steps: Optional[int] = None    # cap on steps per fine-tune epoch
-    finetune_lr: float = 2e-4
-    finetune_alpha: float = 0.5
-    finetune_tau: float = 2.0
-    # run
-    val_batches: int = 20                   # validation batches per event (0: none)
-    measure: bool = True                    # time dense vs pruned at the end
-    seed: int = 0
-    device: Optional[str] = None
-    progress: Optional[bool] = None
-
-    def validate(self) -> 'NViTConfig':
-        if isinstance(self.divisors, str) and self.divisors.lower() in ('none', ''):
-            self.divisors = None
-        self.prune_types = tuple(self.prune_types)
-        targets = {k: v for k, v in (('latency', self.target_latency), ('gmacs', self.target_gmacs),
-                                     ('params', self.target_params)) if v is not None}
-        if len(targets) != 1:
-            raise PruneError(f'give exactly one pruning target (--target-latency, --target-gmacs or '
-                             f'--target-params, a fraction of the dense model), got {sorted(targets) or "none"}')
-        (kind, value), = targets.items()
-        if not 0.0 < value <= 1.0:
-            raise PruneError(f'the {kind} target is a fraction of the dense model in (0, 1], got {value}')
-        if isinstance(self.schedule, str):
-            self.schedule = self.schedule.strip().lower() or None
-        check_schedule(self)
-        for k in ('interval', 'groups_per_event', 'prune_steps', 'total_steps', 'batch_size', 'max_prune_steps',
-                  'lut_batch', 'lut_passes'):
-            if getattr(self, k) is not None and getattr(self, k) < 1:
-                raise PruneError(f'{k} must be >= 1, got {getattr(self, k)}')
-        interval = self.interval or NVIT_INTERVAL
-        if self.prune_steps is not None and self.prune_steps < interval:
-            raise PruneError(f'prune_steps ({self.prune_steps}) must be at least one interval ({interval}); '
-                             f'lower --interval')
-        if self.total_steps is not None and self.prune_steps is not None and self.total_steps <= self.prune_steps:
-            raise PruneError(f'total_steps ({self.total_steps}) must exceed prune_steps ({self.prune_steps})')
-        lut_path(self.lut)   # a missing table file fails here, before the model and data are loaded
-        if self.finetune_epochs < 0:
-            raise PruneError(f'finetune_epochs must be >= 0, got {self.finetune_epochs}')
-        bad = [t for t in self.prune_types if t not in GROUP_TYPES]
-        if bad or not self.prune_types:
-            raise PruneError(f'prune_types must be a non-empty subset of {GROUP_TYPES}, got {self.prune_types}')
-        for name in ('group_sizes', 'min_keep'):
-            bad = [k for k in getattr(self, name) if k not in GROUP_TYPES]
-            if bad:
-                raise PruneError(f'{name} has unknown unit types {bad}; use {GROUP_TYPES}')
-        if self.lam < 0:
-            raise PruneError(f'the latency penalty lam must be >= 0, got {self.lam}')
-        if self.distill not in ('none', 'soft', 'hard') or (self.distill != 'none') != bool(self.teacher):
-            raise PruneError('an extra teacher needs --distill hard|soft and --teacher NAME|RUN_DIR together')
-        return self
-
-    def unit_types(self, layout: Layout) -> tuple:
-        """The unit types to prune on a model of this layout; ``PruneError`` when a setting names a
-        type the family does not prune. The default ``prune_types`` (all five) means all it has."""
-        absent = [t for t in GROUP_TYPES if t not in layout.types]
-        if not absent:
-            return self.prune_types
-        why = (f'{layout.family} models are pruned in their MLP hidden widths only (the residual width, heads, '
-               f'qk and v stay fixed)')
-        asked = {'prune_types': [] if tuple(self.prune_types) == GROUP_TYPES else list(self.prune_types),
-                 'group_sizes': list(self.group_sizes), 'min_keep': list(self.min_keep),
-                 'lut_grid': [{'heads': 'head'}.get(k, k) for k in self.lut_grid]}
-        for name, types in asked.items():
-            bad = [t for t in types if t in absent]
-            if bad:
-                raise PruneError(f'{why}; --{name.replace("_", "-")} names {", ".join(bad)}')
-        return tuple(t for t in self.prune_types if t in layout.types)
 
 
 def load_dense(spec: str) -> nn.Module:
@@ -232,15 +94,6 @@ def _loaders(cfg: NViTConfig, model: nn.Module):
     if len(train_set) < cfg.batch_size:
         raise PruneError(f'the training split has {len(train_set)} images, fewer than one batch of {cfg.batch_size}')
     return stream_loader(train_set, cfg.batch_size, cfg.seed), eval_loader(val_set, max(64, cfg.batch_size)), train_set
-
-
-def _removed_units(groups) -> dict:
-    """Units removed at an event, counted per layer: {'emb': 4, 'mlp.3': 12, ...}."""
-    out: dict = {}
-    for g in groups:
-        key = g.kind if g.block is None else f'{g.kind}.{g.block}'
-        out[key] = out.get(key, 0) + int(g.units.numel())
-    return out
 
 
 def _forever(loader):
@@ -380,7 +233,7 @@ class NViTPruner:
 
     def run(self, train_loader, val_loader=None, on_event=None) -> Masks:
         """Train with the dense model as KL teacher, accumulate saliency, and remove groups every
-        ``interval`` steps until the budget is met (:class:`_PruningHooks` on the shared
+        ``interval`` steps until the budget is met (:class:`PruningHooks` on the shared
         :class:`~deitlab.train.loop.Trainer`, stepping an endless stream over ``train_loader``).
         ``on_event`` gets every event's row. Returns the masks."""
         cfg = self.cfg
@@ -393,7 +246,7 @@ class NViTPruner:
             from ..train.distill import DistillationLoss
             teacher = create(cfg.teacher, pretrained=not is_run_dir(cfg.teacher)).to(self.device).eval()
             extra = DistillationLoss(nn.CrossEntropyLoss(label_smoothing=cfg.smoothing), teacher, cfg.distill)
-        hooks = _PruningHooks(self, extra, val_loader, on_event)
+        hooks = PruningHooks(self, extra, val_loader, on_event)
         trainer.add_hooks(hooks)
         hooks.apply_masks()
         batches = _forever(train_loader)
@@ -430,7 +283,7 @@ class NViTPruner:
         sq = per_sample_sq_grads(self.model, lambda o, yi, ti: self._loss(o, ti, yi), x[:k], y[:k], teacher_out[:k])
         return sq, k
 
-    def _time_step(self, batch, fetch_s: float, trainer: Trainer, hooks: '_PruningHooks', val_loader) -> None:
+    def _time_step(self, batch, fetch_s: float, trainer: Trainer, hooks: 'PruningHooks', val_loader) -> None:
         """Put the expected seconds per pruning step (``step_s``) and per event (``event_s``:
         validation) into the plan: the second of two forward + backward passes on the first batch
         (per-sample gradients too for ``fisher``; no update, gradients cleared), plus the loader's
@@ -465,76 +318,6 @@ class NViTPruner:
     def densified(self) -> nn.Module:
         masks = rounded_masks(self.masks, self.cfg.round_to, self.scores) if self.cfg.round_to else self.masks
         return densify(self.model, masks).eval()
-
-
-class _PruningHooks(Hooks):
-    """NViT's pruning phase as :class:`~deitlab.train.loop.Trainer` hooks: the frozen dense model
-    as KL teacher (forward, loss), saliency from the raw gradients (after_backward), the masks
-    enforced before and after every optimizer step (removed weights, gradients and AdamW moments
-    stay exactly zero), a pruning event every ``interval`` steps (after_step), and the end of the
-    run at the budget or ``max_prune_steps`` (should_stop)."""
-
-    def __init__(self, pruner: NViTPruner, extra, val_loader, on_event):
-        self.pruner, self.extra, self.val_loader, self.on_event = pruner, extra, val_loader, on_event
-        self.pmasks = pruner.masks.param_masks(pruner.model)
-        self.teacher_out: Optional[torch.Tensor] = None
-        self.x = self.y = None
-        self.t0 = time.perf_counter()
-
-    def should_stop(self) -> bool:
-        return self.pruner.done() or self.pruner.steps >= self.pruner.cfg.max_prune_steps
-
-    def forward(self, model, x, y):
-        with torch.no_grad():
-            self.teacher_out = self.pruner.dense(x)
-        self.x, self.y = x, y
-        return model(x)
-
-    def loss(self, x, outputs, y):
-        return self.pruner._loss(outputs.float(), self.teacher_out.float(), y, self.extra, x)
-
-    def on_nonfinite(self, loss) -> None:
-        raise PruneError(f'the loss became {loss.item()} at pruning step {self.pruner.steps + 1}; try a lower --lr')
-
-    def after_backward(self) -> None:
-        p = self.pruner
-        if p.saliency.needs_grad:
-            p.saliency.accumulate(p.model)
-        if p.saliency.needs_per_sample:
-            p.saliency.accumulate_sq_grads(*p._per_sample_sq_grads(self.x, self.y, self.teacher_out))
-
-    def apply_masks(self) -> None:
-        self.pruner.masks.apply(self.pruner.model, self.trainer.optimizer, self.pmasks)
-
-    def before_optimizer_step(self) -> None:
-        self.apply_masks()   # no update reaches removed slices...
-
-    def after_optimizer_step(self) -> None:
-        self.apply_masks()   # ...and they stay exactly zero
-
-    def after_step(self, step: int, loss) -> None:
-        p = self.pruner
-        p.steps += 1
-        if p.steps % p.interval == 0:
-            self.event(loss)
-
-    def event(self, loss) -> None:
-        """Remove groups, re-mask, and log the event's row (``p.log``, ``on_event``)."""
-        p, bar = self.pruner, self.trainer.bar
-        removed = p.event()
-        if p.schedule == 'nvit' and p.events == 1 and not p.done():
-            p._reestimate(bar)
-        self.pmasks = p.masks.param_masks(p.model)
-        self.apply_masks()
-        row = dict(event=p.events, step=p.steps, loss=float(loss.detach()), removed=_removed_units(removed),
-                   widths=p.widths(), time_s=round(time.perf_counter() - self.t0, 1), **p.estimate())
-        if self.val_loader is not None and p.cfg.val_batches:
-            row['val_top1'] = evaluate(p.model, self.val_loader, p.device, progress=False,
-                                       max_batches=p.cfg.val_batches)['top1']
-        p.log.append(row)
-        bar.set_postfix({p.budget.kind: f'{row[p.budget.kind]:.3f}', 'acc': row.get('val_top1', '-')})
-        if self.on_event is not None:
-            self.on_event(row)
 
 
 def latency_table(cfg: NViTConfig, dense: nn.Module):
