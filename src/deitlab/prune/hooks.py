@@ -1,4 +1,12 @@
-"""NViT's pruning phase as hooks of the shared :class:`~deitlab.train.loop.Trainer` (see nvit.py)."""
+"""NViT's pruning phase as hooks of the shared :class:`~deitlab.train.loop.Trainer` (see nvit.py).
+
+The pruner runs in one process. Under ``torchrun`` the Trainer would wrap the student in DDP and
+``after_backward`` would see gradients already averaged over processes, so the ``nvit`` and
+``taylor`` saliencies (sums of ``p * grad``) would agree on every process as they are; what would
+be missing: a sharded stream loader, an all-reduce of the ``fisher`` per-sample squared gradients
+and sample counts before ``accumulate_sq_grads``, a sharded validation at events, and
+``on_event`` / the log on the main process only.
+"""
 from __future__ import annotations
 
 import time

@@ -206,6 +206,9 @@ class Trainer:
     def replace_model(self, model: nn.Module, optimizer: Union[None, torch.optim.Optimizer, dict] = None) -> None:
         """Go on training another model (a V-cycle's coarser or finer level): a new optimizer (the
         given one, else built like the first), scheduler at the current update, EMA and DDP wrapper."""
+        if optimizer is None and not isinstance(self._optimizer_spec, dict):
+            raise ValueError('replace_model needs an optimizer for the new model: the trainer was given an '
+                             'optimizer instance, not a dict to build one from')
         self._set_model(model, self._optimizer_spec if optimizer is None else optimizer)
         if self.scheduler is not None:
             self.scheduler.step_update(self.global_step)
