@@ -4,6 +4,6 @@ from .prune.groups import PruneError
 from .rundir import ModelLoadError
 from .tokens.patch import TokenFusionError
 from .train.config import ConfigError
-from .train.engine import TrainingDiverged
+from .train.loop import TrainingDiverged
 
 USER_ERRORS = (DataError, ModelLoadError, ConfigError, TrainingDiverged, PruneError, TokenFusionError)

@@ -1,13 +1,49 @@
-"""``deitlab eval``: top-1/top-5 of a model (name or run directory) on a dataset split."""
+"""Accuracy of a model: :func:`evaluate` over a loader (training, pruning and token fusion report
+with it) and ``deitlab eval`` (:func:`evaluate_model`: a model name or run directory on a split)."""
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
-from torch.utils.data import DataLoader
+import torch
+import torch.nn as nn
+from timm.utils import accuracy
 
+from .console import progress as _progress
+from .data.for_model import eval_loader, model_datasets, model_input
+from .distributed import all_reduce_sum, resolve_device
 from .rundir import create
-from .train.distributed import resolve_device
-from .train.engine import evaluate, model_datasets, model_input
+
+__all__ = ['evaluate', 'evaluate_model']
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device: torch.device, amp: bool = False,
+             progress: Optional[bool] = None, is_main: bool = True, max_batches: Optional[int] = None) -> dict:
+    """Top-1/top-5 accuracy (%) and mean cross-entropy over a loader (summed over processes), or over
+    its first ``max_batches`` batches."""
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(4, dtype=torch.float64)  # correct1, correct5, loss, count
+    autocast = torch.autocast('cuda', dtype=torch.bfloat16) if amp and device.type == 'cuda' \
+        else contextlib.nullcontext()
+    for i, (x, y) in enumerate(_progress(progress, is_main, iterable=loader, desc='eval', leave=False)):
+        if max_batches is not None and i >= max_batches:
+            break
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with autocast:
+            out = model(x)
+        out = out.float()
+        k = min(5, out.shape[1])
+        top1, top5 = accuracy(out, y, topk=(1, k))
+        n = y.shape[0]
+        loss = nn.functional.cross_entropy(out, y, reduction='sum')
+        sums += torch.tensor([top1.item() * n / 100, top5.item() * n / 100, loss.item(), n], dtype=torch.float64)
+    sums = all_reduce_sum(sums.to(device)).cpu()
+    model.train(was_training)
+    n = max(sums[3].item(), 1)
+    return dict(top1=100 * sums[0].item() / n, top5=100 * sums[1].item() / n, loss=sums[2].item() / n,
+                count=int(sums[3].item()))
 
 
 def evaluate_model(model_spec: str, data: str, split: str = 'val', batch_size: int = 256,
@@ -21,7 +57,7 @@ def evaluate_model(model_spec: str, data: str, split: str = 'val', batch_size: i
     if getattr(model, 'num_classes', ds.num_classes) != ds.num_classes:
         from .train.config import ConfigError
         raise ConfigError(f'{model_spec} predicts {model.num_classes} classes but {data} has {ds.num_classes}')
-    loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers)
+    loader = eval_loader(ds, batch_size, workers=workers)
     res = evaluate(model, loader, dev, amp=dev.type == 'cuda', progress=progress)
     chans, size = model_input(model)
     return dict(model=str(model_spec), data=data, split=split, input=[chans, size, size], **res)

@@ -6,9 +6,10 @@ CVPR 2023. The procedure (``prune_nvit``, ``deitlab prune nvit``):
 1. Load the dense DeiT (run directory, deitlab name or timm ViT/DeiT), keep a frozen copy as the
    distillation target, and measure (or load) a latency table of its blocks on this device.
 2. Train the model on with ``L = ce_weight * CE(y) + kl_weight * T^2 * KL(p_dense^T || p^T)``
-   (plus an optional hard/soft DeiT teacher) while accumulating the saliency of every unit. After
-   every optimizer step the masks are enforced: removed weights, their gradients and their AdamW
-   moments stay exactly zero.
+   (plus an optional hard/soft DeiT teacher) while accumulating the saliency of every unit. Before
+   and after every optimizer step the masks are enforced: removed weights, their gradients and
+   their AdamW moments stay exactly zero. The training runs on the shared
+   :class:`~deitlab.train.loop.Trainer`, step-driven; these parts are its hooks (hooks.py).
 3. Every ``interval`` steps, rank all groups of all layers by ``I - lambda * dLat`` and remove the
    lowest, one at a time, stopping as soon as the target (latency, GMACs or parameter fraction of
    the dense model) is met: as many as a goal falling linearly to the target over ``prune_steps``
@@ -26,174 +27,36 @@ raise ``PruneError`` for them; the default ``prune_types`` (all five) means ever
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import itertools
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
-from typing import Dict, Optional, Union
+from typing import Optional, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..bench.common import synchronize
+from ..console import log as _log
 from ..rundir import create, is_run_dir, save_run_dir
-from ..train.engine import _log, evaluate
+from ..train.loop import Trainer
+from .config import NViTConfig
 from .densify import densify, rounded_masks
-from .families import Layout, layout_of
-from .groups import GROUP_TYPES, Masks, PruneError, check_prunable, use_masked_layernorm
+from .families import layout_of
+from .groups import Masks, PruneError, check_prunable, use_masked_layernorm
+from .hooks import PruningHooks
 from .latency import LatencyTable, MLPLatencyTable, grid_for, load_latency_table, lut_path
 from .ranking import Budget, default_group_sizes, rank_groups, remove_group
 from .saliency import Saliency, per_sample_sq_grads
-from .schedule import (NVIT_GROUPS, NVIT_INTERVAL, check_schedule, estimate_nvit_events, expected_seconds,
-                       linear_goal, make_plan, plan_line, resolve_schedule)
+from .schedule import (NVIT_GROUPS, NVIT_INTERVAL, estimate_nvit_events, expected_seconds, linear_goal, make_plan,
+                       plan_line, resolve_schedule)
 from .timing import build_latency_table, busy_warning
 
 PRUNE_LOG = 'prune_log.jsonl'
 LUT_NAME = 'latency_table.json'
-
-
-_SCHEDULE_HELP = ('linear: reach the target linearly over --prune-steps (default: 2 epochs of the training '
-                  'split, clamped to 200-2000 steps, in ~40 events); nvit: the paper\'s --groups-per-event groups '
-                  'every --interval steps until the target. Unset: linear, or nvit when only --groups-per-event '
-                  'is given')
-_INTERVAL_HELP = 'steps between pruning events (nvit, or with --prune-steps: 100; default linear: steps / 40)'
-_LUT_HELP = ('latency table: "measure" times one on this device (the default), or a latency_table.json, or '
-             'the name of a table committed in deitlab/prune/tables/')
-
-
-@dataclass
-class NViTConfig:
-    """Settings of ``prune_nvit`` (one field per ``deitlab prune nvit`` flag).
-
-    Schedule (schedule.py). ``schedule='linear'`` lowers the budget goal linearly to the target
-    over ``prune_steps``; ``schedule='nvit'`` removes ``groups_per_event`` (default 2) groups every
-    ``interval`` (default 100) steps until the target, NViT's ImageNet schedule, whose length
-    depends on the model (it can take tens of thousands of steps on a small data set). Unset, the
-    schedule is ``linear`` when ``prune_steps`` is given (``interval`` default 100, as before),
-    ``nvit`` when only ``groups_per_event`` is given, and otherwise ``linear`` over a budget derived
-    from the data: 2 epochs of the training split (``2 * len(train_loader)`` steps), clamped to
-    200-2000 steps and to half of ``total_steps``, with ``interval`` = steps / 40 (about 40 events)
-    unless given. The fine-tune then runs ``finetune_epochs`` epochs, or the rest of ``total_steps``.
-
-    Latency table. ``lut=None`` or ``'measure'`` times a table on this device (``lut_passes``
-    interleaved rounds, the fastest per node, at ``lut_batch``); a path or the name of a committed table
-    (``deitlab/prune/tables/``) loads one instead, so that pruning does not depend on the load of
-    the machine while it runs.
-    """
-    model: str
-    data: str
-    out: str
-    # target: exactly one, a fraction of the dense model
-    target_latency: Optional[float] = None
-    target_gmacs: Optional[float] = None
-    target_params: Optional[float] = None
-    # saliency and ranking
-    criterion: str = 'nvit'                 # nvit | taylor | magnitude | fisher
-    lam: float = 0.02                       # latency penalty weight (scale-free, see ranking.py)
-    momentum: float = 0.9
-    divisors: Optional[str] = 'nvit'        # NViT's constants, or None
-    group_sizes: Dict[str, int] = field(default_factory=dict)   # per type; default: scaled NViT
-    min_keep: Dict[str, int] = field(default_factory=dict)      # per type; default: one group
-    prune_types: tuple = GROUP_TYPES
-    schedule: Optional[str] = field(default=None, metadata={'help': _SCHEDULE_HELP})   # linear | nvit
-    interval: Optional[int] = field(default=None, metadata={'help': _INTERVAL_HELP})
-    groups_per_event: Optional[int] = field(default=None, metadata={'help': 'nvit schedule: groups per event (2)'})
-    prune_steps: Optional[int] = field(default=None, metadata={'help': 'linear schedule: steps to the target'})
-    total_steps: Optional[int] = None       # pruning + fine-tuning steps (fine-tune gets the rest)
-    max_prune_steps: int = 20000
-    fisher_samples: int = 8                 # per-sample gradients per batch (criterion fisher)
-    masked_ln: bool = True
-    round_to: Optional[int] = None
-    # training while pruning
-    batch_size: int = 32
-    lr: float = 1e-4
-    weight_decay: float = 0.05
-    kl_weight: float = 1.0
-    kl_tau: float = 3.0
-    ce_weight: float = 1.0
-    smoothing: float = 0.0
-    teacher: Optional[str] = None
-    distill: str = 'none'
-    aug: str = 'none'
-    # latency table
-    lut: Optional[str] = field(default=None, metadata={'help': _LUT_HELP})   # measure | PATH | committed name
-    lut_batch: int = 64
-    lut_passes: int = 5                     # interleaved timing rounds (timing.py)
-    lut_grid: Dict[str, list] = field(default_factory=dict)   # per axis (emb, heads, qk, v, mlp; PoolFormer etc.: mlp)
-    # fine-tuning of the densified model
-    finetune_epochs: int = 1
-    finetune_steps: Optional[int] = None    # cap on steps per fine-tune epoch
-    finetune_lr: float = 2e-4
-    finetune_alpha: float = 0.5
-    finetune_tau: float = 2.0
-    # run
-    val_batches: int = 20                   # validation batches per event (0: none)
-    measure: bool = True                    # time dense vs pruned at the end
-    seed: int = 0
-    device: Optional[str] = None
-    progress: Optional[bool] = None
-
-    def validate(self) -> 'NViTConfig':
-        if isinstance(self.divisors, str) and self.divisors.lower() in ('none', ''):
-            self.divisors = None
-        self.prune_types = tuple(self.prune_types)
-        targets = {k: v for k, v in (('latency', self.target_latency), ('gmacs', self.target_gmacs),
-                                     ('params', self.target_params)) if v is not None}
-        if len(targets) != 1:
-            raise PruneError(f'give exactly one pruning target (--target-latency, --target-gmacs or '
-                             f'--target-params, a fraction of the dense model), got {sorted(targets) or "none"}')
-        (kind, value), = targets.items()
-        if not 0.0 < value <= 1.0:
-            raise PruneError(f'the {kind} target is a fraction of the dense model in (0, 1], got {value}')
-        if isinstance(self.schedule, str):
-            self.schedule = self.schedule.strip().lower() or None
-        check_schedule(self)
-        for k in ('interval', 'groups_per_event', 'prune_steps', 'total_steps', 'batch_size', 'max_prune_steps',
-                  'lut_batch', 'lut_passes'):
-            if getattr(self, k) is not None and getattr(self, k) < 1:
-                raise PruneError(f'{k} must be >= 1, got {getattr(self, k)}')
-        interval = self.interval or NVIT_INTERVAL
-        if self.prune_steps is not None and self.prune_steps < interval:
-            raise PruneError(f'prune_steps ({self.prune_steps}) must be at least one interval ({interval}); '
-                             f'lower --interval')
-        if self.total_steps is not None and self.prune_steps is not None and self.total_steps <= self.prune_steps:
-            raise PruneError(f'total_steps ({self.total_steps}) must exceed prune_steps ({self.prune_steps})')
-        lut_path(self.lut)   # a missing table file fails here, before the model and data are loaded
-        if self.finetune_epochs < 0:
-            raise PruneError(f'finetune_epochs must be >= 0, got {self.finetune_epochs}')
-        bad = [t for t in self.prune_types if t not in GROUP_TYPES]
-        if bad or not self.prune_types:
-            raise PruneError(f'prune_types must be a non-empty subset of {GROUP_TYPES}, got {self.prune_types}')
-        for name in ('group_sizes', 'min_keep'):
-            bad = [k for k in getattr(self, name) if k not in GROUP_TYPES]
-            if bad:
-                raise PruneError(f'{name} has unknown unit types {bad}; use {GROUP_TYPES}')
-        if self.lam < 0:
-            raise PruneError(f'the latency penalty lam must be >= 0, got {self.lam}')
-        if self.distill not in ('none', 'soft', 'hard') or (self.distill != 'none') != bool(self.teacher):
-            raise PruneError('an extra teacher needs --distill hard|soft and --teacher NAME|RUN_DIR together')
-        return self
-
-    def unit_types(self, layout: Layout) -> tuple:
-        """The unit types to prune on a model of this layout; ``PruneError`` when a setting names a
-        type the family does not prune. The default ``prune_types`` (all five) means all it has."""
-        absent = [t for t in GROUP_TYPES if t not in layout.types]
-        if not absent:
-            return self.prune_types
-        why = (f'{layout.family} models are pruned in their MLP hidden widths only (the residual width, heads, '
-               f'qk and v stay fixed)')
-        asked = {'prune_types': [] if tuple(self.prune_types) == GROUP_TYPES else list(self.prune_types),
-                 'group_sizes': list(self.group_sizes), 'min_keep': list(self.min_keep),
-                 'lut_grid': [{'heads': 'head'}.get(k, k) for k in self.lut_grid]}
-        for name, types in asked.items():
-            bad = [t for t in types if t in absent]
-            if bad:
-                raise PruneError(f'{why}; --{name.replace("_", "-")} names {", ".join(bad)}')
-        return tuple(t for t in self.prune_types if t in layout.types)
 
 
 def load_dense(spec: str) -> nn.Module:
@@ -226,24 +89,11 @@ def kd_kl(student: torch.Tensor, teacher: torch.Tensor, tau: float) -> torch.Ten
 
 
 def _loaders(cfg: NViTConfig, model: nn.Module):
-    from torch.utils.data import DataLoader
-    from ..train.engine import model_datasets
+    from ..data.for_model import eval_loader, model_datasets, stream_loader
     train_set, val_set = model_datasets(model, cfg.data, aug=cfg.aug)
     if len(train_set) < cfg.batch_size:
         raise PruneError(f'the training split has {len(train_set)} images, fewer than one batch of {cfg.batch_size}')
-    g = torch.Generator().manual_seed(cfg.seed)
-    train = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, drop_last=True, generator=g)
-    val = DataLoader(val_set, batch_size=max(64, cfg.batch_size), shuffle=False)
-    return train, val, train_set
-
-
-def _removed_units(groups) -> dict:
-    """Units removed at an event, counted per layer: {'emb': 4, 'mlp.3': 12, ...}."""
-    out: dict = {}
-    for g in groups:
-        key = g.kind if g.block is None else f'{g.kind}.{g.block}'
-        out[key] = out.get(key, 0) + int(g.units.numel())
-    return out
+    return stream_loader(train_set, cfg.batch_size, cfg.seed), eval_loader(val_set, max(64, cfg.batch_size)), train_set
 
 
 def _forever(loader):
@@ -382,74 +232,39 @@ class NViTPruner:
         return loss
 
     def run(self, train_loader, val_loader=None, on_event=None) -> Masks:
-        from timm.optim import create_optimizer_v2
-        from tqdm.auto import tqdm
+        """Train with the dense model as KL teacher, accumulate saliency, and remove groups every
+        ``interval`` steps until the budget is met (:class:`PruningHooks` on the shared
+        :class:`~deitlab.train.loop.Trainer`, stepping an endless stream over ``train_loader``).
+        ``on_event`` gets every event's row. Returns the masks."""
         cfg = self.cfg
-        model = self.model
-        model.eval()  # NViT prunes with the student in eval mode (no dropout / drop path)
-        optimizer = create_optimizer_v2(model, opt='adamw', lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.model.eval()  # NViT prunes with the student in eval mode (no dropout / drop path)
+        # bf16 autocast on CUDA (the saliency is read from fp32 parameters and gradients); no schedule
+        trainer = Trainer(self.model, dict(opt='adamw', lr=cfg.lr, weight_decay=cfg.weight_decay), device=self.device,
+                          train_mode=False, progress=cfg.progress is not False)
         extra = None
         if cfg.teacher:
             from ..train.distill import DistillationLoss
             teacher = create(cfg.teacher, pretrained=not is_run_dir(cfg.teacher)).to(self.device).eval()
             extra = DistillationLoss(nn.CrossEntropyLoss(label_smoothing=cfg.smoothing), teacher, cfg.distill)
-        pmasks = self.masks.param_masks(model)
-        self.masks.apply(model, optimizer, pmasks)
-        # bf16 autocast on CUDA (the saliency is read from fp32 parameters and gradients)
-        autocast = (lambda: torch.autocast('cuda', dtype=torch.bfloat16)) if self.device.type == 'cuda' \
-            else contextlib.nullcontext
+        hooks = PruningHooks(self, extra, val_loader, on_event)
+        trainer.add_hooks(hooks)
+        hooks.apply_masks()
         batches = _forever(train_loader)
         t0 = time.perf_counter()
         first = next(batches)
         fetch_s = time.perf_counter() - t0
         if self.plan is None:
             self.make_plan(_length(train_loader))
-        self._time_step(first, fetch_s, extra, autocast, optimizer, pmasks, val_loader)
+        self._time_step(first, fetch_s, trainer, hooks, val_loader)
         _log(plan_line(self.plan, self.budget.kind, self.budget.target))
-        bar = tqdm(total=self.plan['prune_steps'], desc='nvit prune', disable=cfg.progress is False, leave=False)
-        t0 = time.perf_counter()
-        for x, y in itertools.chain([first], batches):
-            if self.done() or self.steps >= cfg.max_prune_steps:
-                break
-            x, y = x.to(self.device), y.to(self.device)
-            loss, t = self._forward(x, y, extra, autocast)
-            if not torch.isfinite(loss):
-                raise PruneError(f'the loss became {loss.item()} at pruning step {self.steps + 1}; try a lower --lr')
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if self.saliency.needs_grad:
-                self.saliency.accumulate(model)
-            if self.saliency.needs_per_sample:
-                k = min(cfg.fisher_samples, x.shape[0])
-                sq = per_sample_sq_grads(model, lambda o, yi, ti: self._loss(o, ti, yi), x[:k], y[:k], t[:k])
-                self.saliency.accumulate_sq_grads(sq, k)
-            self.masks.apply(model, optimizer, pmasks)   # no update reaches removed slices...
-            optimizer.step()
-            self.masks.apply(model, optimizer, pmasks)   # ...and they stay exactly zero
-            self.steps += 1
-            bar.update(1)
-            if self.steps % self.interval == 0:
-                removed = self.event()
-                if self.schedule == 'nvit' and self.events == 1 and not self.done():
-                    self._reestimate(bar)
-                pmasks = self.masks.param_masks(model)
-                self.masks.apply(model, optimizer, pmasks)
-                row = dict(event=self.events, step=self.steps, loss=float(loss.detach()), removed=_removed_units(removed),
-                           widths=self.widths(), time_s=round(time.perf_counter() - t0, 1), **self.estimate())
-                if val_loader is not None and cfg.val_batches:
-                    row['val_top1'] = evaluate(model, val_loader, self.device, progress=False,
-                                               max_batches=cfg.val_batches)['top1']
-                self.log.append(row)
-                bar.set_postfix({self.budget.kind: f'{row[self.budget.kind]:.3f}', 'acc': row.get('val_top1', '-')})
-                if on_event is not None:
-                    on_event(row)
-        bar.close()
+        hooks.t0 = time.perf_counter()
+        trainer.run_steps(itertools.chain([first], batches), total=self.plan['prune_steps'], desc='nvit prune')
         if not self.done():
             est = self.estimate()[self.budget.kind]
             raise PruneError(f'the {self.budget.kind} target {self.budget.target} was not reached within '
                              f'{cfg.max_prune_steps} steps (now {est:.3f}); raise --max-prune-steps or '
                              f'--groups-per-event, or lower --interval, or use --schedule linear')
-        self.plan['prune_s_measured'] = round(time.perf_counter() - t0, 1)   # against expected_prune_s
+        self.plan['prune_s_measured'] = round(time.perf_counter() - hooks.t0, 1)   # against expected_prune_s
         return self.masks
 
     def _reestimate(self, bar) -> None:
@@ -462,15 +277,13 @@ class NViTPruner:
             bar.total = self.plan['prune_steps_after_first_event']
             bar.refresh()
 
-    def _forward(self, x, y, extra, autocast):
-        with autocast():
-            with torch.no_grad():
-                t = self.dense(x)
-            out = self.model(x)
-            loss = self._loss(out.float(), t.float(), y, extra, x)
-        return loss, t
+    def _per_sample_sq_grads(self, x, y, teacher_out):
+        """``fisher``: the squared per-sample gradients of the first ``fisher_samples`` samples, and their count."""
+        k = min(self.cfg.fisher_samples, x.shape[0])
+        sq = per_sample_sq_grads(self.model, lambda o, yi, ti: self._loss(o, ti, yi), x[:k], y[:k], teacher_out[:k])
+        return sq, k
 
-    def _time_step(self, batch, fetch_s: float, extra, autocast, optimizer, pmasks, val_loader) -> None:
+    def _time_step(self, batch, fetch_s: float, trainer: Trainer, hooks: 'PruningHooks', val_loader) -> None:
         """Put the expected seconds per pruning step (``step_s``) and per event (``event_s``:
         validation) into the plan: the second of two forward + backward passes on the first batch
         (per-sample gradients too for ``fisher``; no update, gradients cleared), plus the loader's
@@ -479,21 +292,20 @@ class NViTPruner:
         for _ in range(2):
             synchronize(self.device)
             t0 = time.perf_counter()
-            loss, t = self._forward(x, y, extra, autocast)
+            _, loss = trainer.forward_loss(x, y)
             loss.backward()
             if self.saliency.needs_per_sample:
-                k = min(self.cfg.fisher_samples, x.shape[0])
-                per_sample_sq_grads(self.model, lambda o, yi, ti: self._loss(o, ti, yi), x[:k], y[:k], t[:k])
-            self.masks.apply(self.model, optimizer, pmasks)
-            self.masks.apply(self.model, optimizer, pmasks)
+                self._per_sample_sq_grads(x, y, hooks.teacher_out)
+            hooks.apply_masks()
+            hooks.apply_masks()
             synchronize(self.device)
             step_s = time.perf_counter() - t0
-        optimizer.zero_grad(set_to_none=True)
+        trainer.optimizer.zero_grad(set_to_none=True)
         event_s = 0.0
         if val_loader is not None and self.cfg.val_batches:
             synchronize(self.device)
             t0 = time.perf_counter()
-            with torch.no_grad(), autocast():
+            with torch.no_grad(), trainer.autocast():
                 self.model(x)
             synchronize(self.device)
             per_image = (time.perf_counter() - t0 + fetch_s) / x.shape[0]
@@ -533,7 +345,7 @@ def prune_nvit(cfg: NViTConfig) -> dict:
     the fine-tuned run directory, ``pruned/`` (densified, before fine-tuning), ``dense/`` when the
     dense model was not a run directory, ``prune_log.jsonl``, ``latency_table.json``,
     ``report.json`` and ``widths.png``."""
-    from ..train.distributed import seed_all
+    from ..distributed import seed_all
     from .report import finish_report
 
     cfg.validate()

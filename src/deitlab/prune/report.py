@@ -170,7 +170,7 @@ def _malloc_key(state):
 def finish_report(cfg, out: Path, dense: nn.Module, final: nn.Module, pruner, val_loader, device,
                   extra: Optional[dict] = None) -> dict:
     from ..bench import count_params, format_table
-    from ..train.engine import evaluate
+    from ..evaluate import evaluate
 
     acc = {name: evaluate(m, val_loader, device, progress=False)['top1'] for name, m in (('dense', dense),
                                                                                       ('nvit', final))}
@@ -189,8 +189,8 @@ def finish_report(cfg, out: Path, dense: nn.Module, final: nn.Module, pruner, va
             prediction = prediction_check(next(r for r in rows if r['name'] == 'nvit'), pruner.lut,
                                           off_grid=off_grid_widths(pruner.lut, widths_of(final))) or prediction
             if prediction.get('warning'):
-                from ..train.engine import _log
-                _log(f'warning: {prediction["warning"]}')
+                from ..console import log
+                log(f'warning: {prediction["warning"]}')
     else:
         for name, m in (('dense', dense), ('nvit', final)):
             rows.append(dict(name=name, params_m=count_params(m) / 1e6, gmacs=layout_of(m).gmacs()))

@@ -174,13 +174,12 @@ def fuse_model(cfg: FuseConfig) -> dict:
 def evaluate_models(models: dict, data: str, split: str = 'val', batch_size: int = 256,
                     device: Optional[str] = None, workers: int = 0) -> dict:
     """Top-1 / top-5 of each model on one loader of ``data`` (shaped for the first model)."""
-    from torch.utils.data import DataLoader
-
-    from ..train.distributed import resolve_device
-    from ..train.engine import evaluate, model_datasets
+    from ..data.for_model import eval_loader, model_datasets
+    from ..distributed import resolve_device
+    from ..evaluate import evaluate
 
     ds, = model_datasets(next(iter(models.values())), data, (split,))
-    loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers)
+    loader = eval_loader(ds, batch_size, workers=workers)
     dev = resolve_device(device)
     out = {}
     for name, m in models.items():

@@ -1,20 +1,25 @@
-"""The DeiT training engine: one linear loop, run by ``deitlab train`` and :func:`train`.
+"""The DeiT training engine, run by ``deitlab train`` and :func:`train`: the DeiT recipe as
+hooks of the shared :class:`~deitlab.train.loop.Trainer`.
 
-Per step: batch mixing (``--mix``: timm Mixup/CutMix, TransMix or MixPro) -> forward (bf16 autocast on CUDA) -> label loss plus optional DeiT
-distillation -> NaN check -> backward -> optional clipping -> AdamW -> per-step cosine schedule
-(timm) -> optional EMA (timm). Per epoch: top-1/top-5 on the validation split, one line of
-``metrics.jsonl``, TensorBoard scalars, an atomic ``checkpoint.pt`` (model, optimizer, schedule,
-EMA) and the run directory's ``config.json`` + ``model.safetensors``.
+Per step (``_DeiTBatches``, then the trainer): optional defence and batch mixing (``--mix``: timm
+Mixup/CutMix, TransMix or MixPro) -> forward (bf16 autocast on CUDA) -> label loss plus optional
+DeiT distillation (and MCTF's consistency loss) -> NaN check -> backward -> optional clipping ->
+AdamW -> per-step cosine schedule (timm) -> optional EMA (timm). Per epoch (``_RunDirEpochs``):
+top-1/top-5 on the validation split, one line of ``metrics.jsonl``, TensorBoard scalars, an atomic
+``checkpoint.pt`` (model, optimizer, schedule, EMA) and the run directory's ``config.json`` +
+``model.safetensors``.
 
 Determinism: every epoch reseeds Python/NumPy/torch from ``(seed, epoch, rank)`` and the sampler
 from ``(seed, epoch)``, so ``--resume`` from an epoch checkpoint continues to the same weights as an
 uninterrupted run. Under ``torchrun`` each process takes ``batch_size / world_size`` samples of
 the same global batch and DDP averages the gradients.
+
+``model_input``, ``norm_stats``, ``model_datasets`` (:mod:`deitlab.data.for_model`), ``evaluate``
+(:mod:`deitlab.evaluate`) and ``TrainingDiverged`` (:mod:`deitlab.train.loop`) are importable from
+here too.
 """
 from __future__ import annotations
 
-import contextlib
-import sys
 import json
 import re
 import time
@@ -23,19 +28,20 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-from torch.utils.data import DataLoader, DistributedSampler, Subset
 from timm.loss import LabelSmoothingCrossEntropy
-from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
-from timm.utils import accuracy
 
-from ..bench import count_params, resolve_input_size
-from ..data import DatasetInfo, build_dataset, dataset_info
+from ..bench import count_params
+from ..console import log as _log
+from ..data import dataset_info
+from ..data.for_model import eval_loader, model_datasets, model_input, norm_stats, train_loader
+from ..distributed import DistInfo, barrier, init_distributed, seed_all
+from ..evaluate import evaluate
 from ..rundir import atomic_torch_save, create, is_run_dir, save_run_dir
 from .config import ConfigError, TrainConfig, short_run_warning
 from .distill import DistillationLoss
-from .distributed import DistInfo, all_reduce_sum, barrier, init_distributed, seed_all
 from .defences import build_defence
+from .loop import Hooks, Trainer, TrainingDiverged
 from .mixing import BatchMixer, MixLoss
 
 CHECKPOINT_NAME = 'checkpoint.pt'
@@ -44,28 +50,8 @@ RUN_CONFIG_NAME = 'train_config.json'
 _RESUME_KEYS = ('model', 'data', 'batch_size', 'seed', 'img_size', 'in_chans', 'distill', 'teacher')
 
 
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the message names the step and the last good checkpoint."""
-
-
 def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
     return seed * 100003 + epoch * 1009 + rank
-
-
-def _progress(enabled: Optional[bool], is_main: bool, **kw):
-    """A tqdm bar on the main process: on a terminal by default, always/never if enabled is set."""
-    from tqdm.auto import tqdm
-    if not is_main:
-        disable = True
-    else:
-        disable = None if enabled is None else not enabled  # None: tqdm shows it only on a TTY
-    return tqdm(disable=disable, **kw)
-
-
-def _log(msg: str, is_main: bool = True) -> None:
-    if is_main:
-        from tqdm.auto import tqdm
-        tqdm.write(f'[deitlab] {msg}', file=sys.stderr)
 
 
 def build_student(cfg: TrainConfig, num_classes: int, data_chans: int, data_size: Optional[int]) -> nn.Module:
@@ -117,70 +103,6 @@ def build_student(cfg: TrainConfig, num_classes: int, data_chans: int, data_size
         kwargs['pretrained_cfg_overlay'] = dict(kwargs.get('pretrained_cfg_overlay') or {},
                                                 input_size=(kwargs['in_chans'], size, size))
         return create(cfg.model, pretrained=pretrained, **kwargs)
-
-
-def model_input(model: nn.Module) -> tuple[int, int]:
-    """(channels, size) of the square input the model takes."""
-    chans, size, _ = resolve_input_size(model)
-    return chans, size
-
-
-def model_datasets(model: nn.Module, spec: str, splits=('train', 'val'), aug: str = 'none',
-                   hflip: Optional[float] = None, info: Optional[DatasetInfo] = None, is_main: bool = True) -> list:
-    """The ``splits`` of dataset ``spec`` fed to ``model``: at its input channels, size and
-    normalisation, whatever the images' own size. ``aug`` and ``hflip`` apply to the ``train``
-    split; the others get no augmentation.
-
-    The one place where train, eval, prune and fuse shape data for a model. When the images are of
-    another size, one log line says so, e.g. ``images are 28x28, resized to the model's 32x32``.
-    """
-    chans, size = model_input(model)
-    mean, std = norm_stats(model, chans)
-    info = info or dataset_info(spec)
-    note = info.resize_note(size)
-    if note:
-        _log(note, is_main)
-    return [build_dataset(spec, split, img_size=size, in_chans=chans, mean=mean, std=std,
-                          aug=aug if split == 'train' else 'none', hflip=hflip if split == 'train' else None)
-            for split in splits]
-
-
-def norm_stats(model: nn.Module, chans: int):
-    cfg = getattr(model, 'pretrained_cfg', None) or {}
-    mean = list(cfg.get('mean', (0.5,) * 3))
-    std = list(cfg.get('std', (0.5,) * 3))
-    if chans == 1 and len(mean) > 1:
-        mean, std = [sum(mean) / len(mean)], [sum(std) / len(std)]
-    return tuple(mean), tuple(std)
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, loader, device: torch.device, amp: bool = False,
-             progress: Optional[bool] = None, is_main: bool = True, max_batches: Optional[int] = None) -> dict:
-    """Top-1/top-5 accuracy (%) and mean cross-entropy over a loader (summed over processes), or over
-    its first ``max_batches`` batches."""
-    was_training = model.training
-    model.eval()
-    sums = torch.zeros(4, dtype=torch.float64)  # correct1, correct5, loss, count
-    autocast = torch.autocast('cuda', dtype=torch.bfloat16) if amp and device.type == 'cuda' \
-        else contextlib.nullcontext()
-    for i, (x, y) in enumerate(_progress(progress, is_main, iterable=loader, desc='eval', leave=False)):
-        if max_batches is not None and i >= max_batches:
-            break
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with autocast:
-            out = model(x)
-        out = out.float()
-        k = min(5, out.shape[1])
-        top1, top5 = accuracy(out, y, topk=(1, k))
-        n = y.shape[0]
-        loss = nn.functional.cross_entropy(out, y, reduction='sum')
-        sums += torch.tensor([top1.item() * n / 100, top5.item() * n / 100, loss.item(), n], dtype=torch.float64)
-    sums = all_reduce_sum(sums.to(device)).cpu()
-    model.train(was_training)
-    n = max(sums[3].item(), 1)
-    return dict(top1=100 * sums[0].item() / n, top5=100 * sums[1].item() / n, loss=sums[2].item() / n,
-                count=int(sums[3].item()))
 
 
 def _truncate_metrics(path: Path, last_epoch: int) -> None:
@@ -238,11 +160,129 @@ def _check_resume(ckpt: dict, cfg: TrainConfig, path: Path) -> None:
         raise ConfigError(f'cannot resume {path}: the run was started with other settings ({detail})')
 
 
-def train(cfg: TrainConfig) -> dict:
-    """Train a model with the DeiT recipe; returns a summary (final and best accuracy, run dir)."""
-    cfg.validate()
-    di: DistInfo = init_distributed(cfg.device)
-    device, main = di.device, di.is_main
+def _mixer(cfg: TrainConfig, model: nn.Module, num_classes: int, size: int) -> BatchMixer:
+    try:
+        return BatchMixer(cfg.mix, model, num_classes, (size, size), smoothing=cfg.smoothing,
+                          mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, mixup_prob=cfg.mixup_prob,
+                          switch_prob=cfg.mixup_switch_prob, maskmix_prob=cfg.maskmix_prob,
+                          maskmix_alpha=cfg.maskmix_alpha, mask_size=cfg.mask_size,
+                          transmix_area_weight=cfg.transmix_area_weight)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _criterion(cfg: TrainConfig, mixer: BatchMixer, num_classes: int, device: torch.device):
+    """(label loss, full criterion): the label loss for the mixing mode, DeiT distillation around
+    it, and MCTF's consistency loss around that when its teacher pass is on."""
+    if mixer.active:
+        base_loss = MixLoss(cfg.transmix_area_weight, cfg.pal_detach_alpha)
+    elif cfg.smoothing > 0:
+        base_loss = LabelSmoothingCrossEntropy(cfg.smoothing)
+    else:
+        base_loss = nn.CrossEntropyLoss()
+    teacher = _load_teacher(cfg, num_classes, device)
+    criterion = DistillationLoss(base_loss, teacher, cfg.distill, cfg.distill_alpha, cfg.distill_tau, cfg.kd_norm)
+    if cfg.token_fusion.startswith('mctf') and cfg.r_teacher_max > 0:
+        from ..tokens.mctf import ConsistencyLoss
+        criterion = ConsistencyLoss(criterion, cfg.consistency_weight, cfg.consistency_gate)
+    return base_loss, criterion
+
+
+class _DeiTBatches(Hooks):
+    """Each epoch reseeded from ``(seed, epoch, rank)``; each batch defended and mixed, its loss the
+    recipe's criterion; the mixing statistics (PAL alpha, TransMix lambda) in the epoch's row."""
+
+    def __init__(self, cfg: TrainConfig, rank: int, sampler, defence, mixer: BatchMixer, base_loss, criterion):
+        self.cfg, self.rank, self.sampler = cfg, rank, sampler
+        self.defence, self.mixer, self.base_loss, self.criterion = defence, mixer, base_loss, criterion
+
+    def before_epoch(self, epoch: int) -> None:
+        seed_all(_epoch_seed(self.cfg.seed, epoch, self.rank))
+        self.sampler.set_epoch(epoch)
+
+    def on_batch(self, x, y):
+        if self.defence is not None:
+            x = self.defence(self.trainer.model, x, y)
+        return self.mixer(x, y)
+
+    def forward_context(self, x, y):
+        return self.mixer.capture(y)
+
+    def loss(self, x, outputs, y):
+        return self.criterion(x, outputs, y)
+
+    def after_epoch(self, epoch: int, row: dict) -> None:
+        if isinstance(self.base_loss, MixLoss):
+            row.update(self.base_loss.pop_stats())  # this process's means of PAL alpha / TransMix lambda
+
+
+class _RunDirEpochs(Hooks):
+    """After each epoch: validation (every ``eval_every`` epochs and the last), one metrics row, the
+    run directory and an atomic checkpoint; a NaN loss names the last good checkpoint."""
+
+    def __init__(self, cfg: TrainConfig, out: Path, val_loader, writer: '_Writer', classes, start_epoch: int,
+                 best: float):
+        self.cfg, self.out, self.val_loader, self.writer, self.classes = cfg, out, val_loader, writer, classes
+        self.last_saved, self.best = start_epoch, best   # epochs finished and checkpointed
+        self.last_eval: dict = {}
+
+    def evaluate(self, model: nn.Module) -> dict:
+        t = self.trainer
+        return evaluate(model, self.val_loader, t.device, self.cfg.amp and t.device.type == 'cuda', self.cfg.progress,
+                        t.is_main)
+
+    def on_nonfinite(self, loss) -> None:
+        t = self.trainer
+        path = self.out / CHECKPOINT_NAME
+        last = f'{path} (after epoch {self.last_saved})' if self.last_saved else 'none (no epoch had finished)'
+        raise TrainingDiverged(
+            f'loss became {loss.item()} at epoch {t.epoch + 1}, step {t.batch_index + 1} (global step '
+            f'{t.global_step + 1}); training stopped. Last good checkpoint: {last}. '
+            f'Try a lower --lr or --grad-clip.')
+
+    def after_epoch(self, epoch: int, row: dict) -> None:
+        cfg, t = self.cfg, self.trainer
+        model, ema, main = t.model, t.ema, t.is_main
+        if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+            self.last_eval = self.evaluate(model)
+            row.update(val_top1=self.last_eval['top1'], val_top5=self.last_eval['top5'], val_loss=self.last_eval['loss'])
+            if ema is not None:
+                ema_eval = self.evaluate(ema.module)
+                row.update(ema_top1=ema_eval['top1'], ema_top5=ema_eval['top5'])
+            self.best = max(self.best, self.last_eval['top1'])
+            _log(f'epoch {epoch + 1}: loss {row["train_loss"]:.4f}  val top-1 {self.last_eval["top1"]:.2f}  '
+                 f'top-5 {self.last_eval["top5"]:.2f}  ({row["train_img_per_s"]:.0f} img/s)', main)
+        self.writer.write(row)
+        if main:
+            save_run_dir(model, self.out, label_names=list(self.classes))
+            if ema is not None:
+                save_run_dir(ema.module, self.out / 'ema', label_names=list(self.classes))
+            atomic_torch_save(dict(t.state_dict(), epoch=epoch, best_top1=self.best, config=cfg.to_dict()),
+                              self.out / CHECKPOINT_NAME)
+        self.last_saved = epoch + 1
+        barrier()
+
+
+def _resume(cfg: TrainConfig, trainer: Trainer, out: Path, main: bool) -> tuple:
+    """(first epoch, best top-1 so far): from the checkpoint with ``--resume``, else (0, 0.0)."""
+    ckpt_path = out / CHECKPOINT_NAME
+    if cfg.resume and ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=True)
+        _check_resume(ckpt, cfg, ckpt_path)
+        trainer.load_state_dict(ckpt)
+        start_epoch, best = int(ckpt['epoch']) + 1, float(ckpt.get('best_top1', 0.0))
+        if main:
+            _truncate_metrics(out / METRICS_NAME, start_epoch)
+        _log(f'resuming {out} after epoch {start_epoch}', main)
+        return start_epoch, best
+    if cfg.resume:
+        _log(f'no checkpoint in {out}: starting a new run', main)
+    elif main and (out / METRICS_NAME).exists():
+        (out / METRICS_NAME).unlink()
+    return 0, 0.0
+
+
+def _prepare_out(cfg: TrainConfig, di: DistInfo) -> Path:
     if cfg.batch_size % di.world_size:
         raise ConfigError(f'batch size {cfg.batch_size} is not divisible by the {di.world_size} processes')
     local_bs = cfg.batch_size // di.world_size
@@ -250,13 +290,22 @@ def train(cfg: TrainConfig) -> dict:
         raise ConfigError(f'--mix {cfg.mix} needs an even batch size per process, got {local_bs}; '
                           f'use an even --batch-size or turn mixing off (--mix none)')
     out = Path(cfg.out)
-    ckpt_path = out / CHECKPOINT_NAME
-    if ckpt_path.exists() and not cfg.resume:
+    if (out / CHECKPOINT_NAME).exists() and not cfg.resume:
         raise ConfigError(f'{out} already holds a training checkpoint; pass --resume to continue it '
                           f'or choose another --out')
-    if main:
+    if di.is_main:
         out.mkdir(parents=True, exist_ok=True)
     barrier()
+    return out
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Train a model with the DeiT recipe; returns a summary (final and best accuracy, run dir)."""
+    cfg.validate()
+    di: DistInfo = init_distributed(cfg.device)
+    device, main = di.device, di.is_main
+    out = _prepare_out(cfg, di)
+    local_bs = cfg.batch_size // di.world_size
 
     seed_all(cfg.seed)
     info = dataset_info(cfg.data)
@@ -267,15 +316,10 @@ def train(cfg: TrainConfig) -> dict:
     if len(train_set) < cfg.batch_size:
         raise ConfigError(f'the training split has {len(train_set)} images, fewer than one batch of '
                           f'{cfg.batch_size}')
-    sampler = DistributedSampler(train_set, num_replicas=di.world_size, rank=di.rank, shuffle=True,
-                                 seed=cfg.seed, drop_last=True)
-    pin = device.type == 'cuda'
-    train_loader = DataLoader(train_set, batch_size=local_bs, sampler=sampler, drop_last=True,
-                              num_workers=cfg.workers, pin_memory=pin)
-    val_part = Subset(val_set, range(di.rank, len(val_set), di.world_size)) if di.distributed else val_set
-    val_loader = DataLoader(val_part, batch_size=cfg.eval_batch_size or local_bs * 2, shuffle=False,
-                            num_workers=cfg.workers, pin_memory=pin)
-    steps_per_epoch = len(train_loader)
+    shard = dict(rank=di.rank, world_size=di.world_size, workers=cfg.workers, pin=device.type == 'cuda')
+    loader = train_loader(train_set, local_bs, cfg.seed, **shard)
+    val_loader = eval_loader(val_set, cfg.eval_batch_size or local_bs * 2, **shard)
+    steps_per_epoch = len(loader)
     if cfg.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
 
@@ -288,66 +332,27 @@ def train(cfg: TrainConfig) -> dict:
     if is_distilled:
         model.set_distilled_training(True)
     lr = cfg.resolved_lr()
-    optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=lr, weight_decay=cfg.weight_decay)
     total_steps = cfg.epochs * steps_per_epoch
     warmup_steps = int(cfg.warmup_epochs * steps_per_epoch)
-    scheduler = CosineLRScheduler(
-        optimizer, t_initial=total_steps, lr_min=cfg.min_lr, warmup_t=warmup_steps,
-        warmup_lr_init=cfg.warmup_lr, t_in_epochs=False)
-    ema = None
-    if cfg.ema:
-        from timm.utils import ModelEmaV2
-        ema = ModelEmaV2(model, decay=cfg.ema_decay)
-    try:
-        mixer = BatchMixer(cfg.mix, model, info.num_classes, (size, size), smoothing=cfg.smoothing,
-                           mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, mixup_prob=cfg.mixup_prob,
-                           switch_prob=cfg.mixup_switch_prob, maskmix_prob=cfg.maskmix_prob,
-                           maskmix_alpha=cfg.maskmix_alpha, mask_size=cfg.mask_size,
-                           transmix_area_weight=cfg.transmix_area_weight)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+    trainer = Trainer(
+        model, dict(opt=cfg.opt, lr=lr, weight_decay=cfg.weight_decay), device=device, amp=cfg.amp,
+        scheduler=lambda opt: CosineLRScheduler(opt, t_initial=total_steps, lr_min=cfg.min_lr, warmup_t=warmup_steps,
+                                                warmup_lr_init=cfg.warmup_lr, t_in_epochs=False),
+        ema_decay=cfg.ema_decay if cfg.ema else None, grad_clip=cfg.grad_clip, dist=di, progress=cfg.progress,
+        postfix_every=20)
+    mixer = _mixer(cfg, model, info.num_classes, size)
     defence = build_defence(cfg.defence, mean, std)
-    if mixer.active:
-        base_loss = MixLoss(cfg.transmix_area_weight, cfg.pal_detach_alpha)
-    elif cfg.smoothing > 0:
-        base_loss = LabelSmoothingCrossEntropy(cfg.smoothing)
-    else:
-        base_loss = nn.CrossEntropyLoss()
-    teacher = _load_teacher(cfg, info.num_classes, device)
-    criterion = DistillationLoss(base_loss, teacher, cfg.distill, cfg.distill_alpha, cfg.distill_tau, cfg.kd_norm)
-    if cfg.token_fusion.startswith('mctf') and cfg.r_teacher_max > 0:
-        from ..tokens.mctf import ConsistencyLoss
-        criterion = ConsistencyLoss(criterion, cfg.consistency_weight, cfg.consistency_gate)
+    base_loss, criterion = _criterion(cfg, mixer, info.num_classes, device)
+    trainer.add_hooks(_DeiTBatches(cfg, di.rank, loader.sampler, defence, mixer, base_loss, criterion))
+    start_epoch, best = _resume(cfg, trainer, out, main)
 
-    start_epoch, best = 0, 0.0
-    if cfg.resume and ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=True)
-        _check_resume(ckpt, cfg, ckpt_path)
-        model.load_state_dict(ckpt['model'])
-        optimizer.load_state_dict(ckpt['optimizer'])
-        scheduler.load_state_dict(ckpt['scheduler'])
-        if ema is not None and ckpt.get('ema') is not None:
-            ema.module.load_state_dict(ckpt['ema'])
-        start_epoch, best = int(ckpt['epoch']) + 1, float(ckpt.get('best_top1', 0.0))
-        if main:
-            _truncate_metrics(out / METRICS_NAME, start_epoch)
-        _log(f'resuming {out} after epoch {start_epoch}', main)
-    elif cfg.resume:
-        _log(f'no checkpoint in {out}: starting a new run', main)
-    elif main and (out / METRICS_NAME).exists():
-        (out / METRICS_NAME).unlink()
-
-    run_model = model
-    if di.distributed:
-        run_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == 'cuda' else None)
     resolved = dict(cfg.to_dict(), lr_resolved=lr, world_size=di.world_size, device=str(device),
                     steps_per_epoch=steps_per_epoch, input=[chans, size, size], num_classes=info.num_classes)
     if main:
         (out / RUN_CONFIG_NAME).write_text(json.dumps(resolved, indent=2))
     writer = _Writer(out, cfg.tensorboard, main)
-    use_amp = cfg.amp and device.type == 'cuda'
-    autocast = (lambda: torch.autocast('cuda', dtype=torch.bfloat16)) if use_amp else contextlib.nullcontext
+    epochs = _RunDirEpochs(cfg, out, val_loader, writer, info.classes, start_epoch, best)
+    trainer.add_hooks(epochs)
     n_params = count_params(model)
     _log(f'{cfg.model}: {n_params / 1e6:.2f}M params, input {chans}x{size}x{size}, {len(train_set)} train / '
          f'{len(val_set)} val images, {di.world_size} process(es) on {device}, recipe {cfg.recipe}, lr {lr:.2e}, '
@@ -357,80 +362,12 @@ def train(cfg: TrainConfig) -> dict:
     if warning:
         _log(warning, main)
 
-    last_eval: dict = {}
-    last_saved = start_epoch  # epochs finished and checkpointed
     t_start = time.perf_counter()
-    for epoch in range(start_epoch, cfg.epochs):
-        seed_all(_epoch_seed(cfg.seed, epoch, di.rank))
-        sampler.set_epoch(epoch)
-        run_model.train()
-        loss_sum = torch.zeros((), dtype=torch.float64)
-        seen, t0 = 0, time.perf_counter()
-        bar = _progress(cfg.progress, main, total=steps_per_epoch, desc=f'epoch {epoch + 1}/{cfg.epochs}')
-        for step, (x, y) in enumerate(train_loader):
-            if step >= steps_per_epoch:
-                break
-            global_step = epoch * steps_per_epoch + step
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            if defence is not None:
-                x = defence(model, x, y)
-            x, y = mixer(x, y)
-            with autocast(), mixer.capture(y):
-                outputs = run_model(x)
-                loss = criterion(x, outputs, y)
-            if not torch.isfinite(loss):
-                last = f'{ckpt_path} (after epoch {last_saved})' if last_saved else 'none (no epoch had finished)'
-                raise TrainingDiverged(
-                    f'loss became {loss.item()} at epoch {epoch + 1}, step {step + 1} (global step '
-                    f'{global_step + 1}); training stopped. Last good checkpoint: {last}. '
-                    f'Try a lower --lr or --grad-clip.')
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip:
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            scheduler.step_update(global_step + 1)
-            if ema is not None:
-                ema.update(model)
-            loss_sum += loss.detach().double().cpu()
-            seen += x.shape[0]
-            bar.update(1)
-            if step % 20 == 0:
-                bar.set_postfix(loss=f'{loss.item():.3f}', lr=f'{optimizer.param_groups[0]["lr"]:.2e}')
-        bar.close()
-        train_time = time.perf_counter() - t0
-        steps_done = max(1, min(steps_per_epoch, len(train_loader)))
-        row = dict(epoch=epoch + 1, step=(epoch + 1) * steps_per_epoch,
-                   train_loss=all_reduce_sum(loss_sum.to(device)).item() / (steps_done * di.world_size),
-                   lr=optimizer.param_groups[0]['lr'], epoch_time_s=train_time,
-                   train_img_per_s=seen * di.world_size / max(train_time, 1e-9))
-        if isinstance(base_loss, MixLoss):
-            row.update(base_loss.pop_stats())  # this process's means of PAL alpha / TransMix lambda
-        if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
-            last_eval = evaluate(model, val_loader, device, use_amp, cfg.progress, main)
-            row.update(val_top1=last_eval['top1'], val_top5=last_eval['top5'], val_loss=last_eval['loss'])
-            if ema is not None:
-                ema_eval = evaluate(ema.module, val_loader, device, use_amp, cfg.progress, main)
-                row.update(ema_top1=ema_eval['top1'], ema_top5=ema_eval['top5'])
-            best = max(best, last_eval['top1'])
-            _log(f'epoch {epoch + 1}: loss {row["train_loss"]:.4f}  val top-1 {last_eval["top1"]:.2f}  '
-                 f'top-5 {last_eval["top5"]:.2f}  ({row["train_img_per_s"]:.0f} img/s)', main)
-        writer.write(row)
-        if main:
-            save_run_dir(model, out, label_names=list(info.classes))
-            if ema is not None:
-                save_run_dir(ema.module, out / 'ema', label_names=list(info.classes))
-            atomic_torch_save(dict(
-                model=model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                ema=ema.module.state_dict() if ema is not None else None, epoch=epoch, best_top1=best,
-                config=cfg.to_dict()), ckpt_path)
-        last_saved = epoch + 1
-        barrier()
+    trainer.fit(loader, cfg.epochs, start_epoch, steps_per_epoch)
     writer.close()
-    if not last_eval:
-        last_eval = evaluate(model, val_loader, device, use_amp, cfg.progress, main)
+    last_eval = epochs.last_eval or epochs.evaluate(model)
     summary = dict(run_dir=str(out), model=cfg.model, data=cfg.data, epochs=cfg.epochs,
-                   val_top1=last_eval['top1'], val_top5=last_eval['top5'], best_top1=max(best, last_eval['top1']),
+                   val_top1=last_eval['top1'], val_top5=last_eval['top5'], best_top1=max(epochs.best, last_eval['top1']),
                    params=n_params, train_time_s=time.perf_counter() - t_start, world_size=di.world_size)
     if is_distilled:
         model.set_distilled_training(False)

@@ -1,0 +1,88 @@
+"""One path from a model to its data: the input it takes, its normalisation, its datasets and
+their loaders. Training (``train.engine``), evaluation (``deitlab.evaluate``), pruning
+(``prune.nvit``) and token fusion (``tokens.fuse``) all shape data for a model here.
+
+Loaders come in three kinds, each with its own order of batches:
+
+* :func:`train_loader`: epoch-driven training. A ``DistributedSampler`` (also for one process)
+  shuffles with ``(seed, epoch)``: call ``loader.sampler.set_epoch(epoch)`` before each epoch;
+  under ``torchrun`` each process takes its share of every global batch. Drops the last partial
+  batch.
+* :func:`stream_loader`: step-driven training (NViT pruning). One generator seeded once shuffles
+  every pass, so iterating the loader again continues one stream of orders. Drops the last
+  partial batch.
+* :func:`eval_loader`: in order, no shuffling; under ``torchrun`` each process takes every
+  ``world_size``-th image (the evaluation sums its counts over processes).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+
+from ..bench.common import resolve_input_size
+from ..console import log
+from . import DatasetInfo, build_dataset, dataset_info
+
+__all__ = ['model_input', 'norm_stats', 'model_datasets', 'train_loader', 'stream_loader', 'eval_loader']
+
+
+def model_input(model: nn.Module) -> tuple[int, int]:
+    """(channels, size) of the square input the model takes."""
+    chans, size, _ = resolve_input_size(model)
+    return chans, size
+
+
+def norm_stats(model: nn.Module, chans: int):
+    """The model's normalisation ``(mean, std)`` (its pretrained config's, else 0.5), averaged over
+    the colour channels for a one-channel model."""
+    cfg = getattr(model, 'pretrained_cfg', None) or {}
+    mean = list(cfg.get('mean', (0.5,) * 3))
+    std = list(cfg.get('std', (0.5,) * 3))
+    if chans == 1 and len(mean) > 1:
+        mean, std = [sum(mean) / len(mean)], [sum(std) / len(std)]
+    return tuple(mean), tuple(std)
+
+
+def model_datasets(model: nn.Module, spec: str, splits=('train', 'val'), aug: str = 'none',
+                   hflip: Optional[float] = None, info: Optional[DatasetInfo] = None, is_main: bool = True) -> list:
+    """The ``splits`` of dataset ``spec`` fed to ``model``: at its input channels, size and
+    normalisation, whatever the images' own size. ``aug`` and ``hflip`` apply to the ``train``
+    split; the others get no augmentation.
+
+    When the images are of another size, one log line says so, e.g. ``images are 28x28, resized
+    to the model's 32x32``.
+    """
+    chans, size = model_input(model)
+    mean, std = norm_stats(model, chans)
+    info = info or dataset_info(spec)
+    note = info.resize_note(size)
+    if note:
+        log(note, is_main)
+    return [build_dataset(spec, split, img_size=size, in_chans=chans, mean=mean, std=std,
+                          aug=aug if split == 'train' else 'none', hflip=hflip if split == 'train' else None)
+            for split in splits]
+
+
+def train_loader(dataset: Dataset, batch_size: int, seed: int, *, rank: int = 0, world_size: int = 1,
+                 workers: int = 0, pin: bool = False) -> DataLoader:
+    """Shuffled batches of ``batch_size`` (per process) for epoch-driven training; see the module doc."""
+    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
+                                 drop_last=True)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True, num_workers=workers,
+                      pin_memory=pin)
+
+
+def stream_loader(dataset: Dataset, batch_size: int, seed: int) -> DataLoader:
+    """Shuffled batches from one generator seeded with ``seed``, for step-driven training."""
+    g = torch.Generator().manual_seed(seed)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True, generator=g)
+
+
+def eval_loader(dataset: Dataset, batch_size: int, *, rank: int = 0, world_size: int = 1, workers: int = 0,
+                pin: bool = False) -> DataLoader:
+    """Batches in order, this process's share of them under ``torchrun``; see the module doc."""
+    part = Subset(dataset, range(rank, len(dataset), world_size)) if world_size > 1 else dataset
+    return DataLoader(part, batch_size=batch_size, shuffle=False, num_workers=workers, pin_memory=pin)

@@ -1,0 +1,71 @@
+"""Process-group set-up for ``torchrun`` (DDP: NCCL on CUDA, gloo on CPU) and seeding."""
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device('cpu')
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def resolve_device(device: Optional[str] = None, local_rank: int = 0) -> torch.device:
+    if device:
+        dev = torch.device(device)
+        if dev.type == 'cuda' and dev.index is None:
+            dev = torch.device('cuda', local_rank)
+        return dev
+    if torch.cuda.is_available():
+        return torch.device('cuda', local_rank)
+    return torch.device('cpu')
+
+
+def init_distributed(device: Optional[str] = None) -> DistInfo:
+    """Join the process group torchrun describes in the environment (or run as one process)."""
+    world = int(os.environ.get('WORLD_SIZE', '1'))
+    rank = int(os.environ.get('RANK', '0'))
+    local_rank = int(os.environ.get('LOCAL_RANK', '0'))
+    dev = resolve_device(device, local_rank)
+    if world > 1 and not dist.is_initialized():
+        backend = 'nccl' if dev.type == 'cuda' else 'gloo'
+        if dev.type == 'cuda':
+            torch.cuda.set_device(dev)
+        dist.init_process_group(backend=backend)
+    return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=dev)
+
+
+def seed_all(seed: int) -> None:
+    """Seed Python, NumPy (timm's Mixup draws from it) and torch."""
+    random.seed(seed)
+    np.random.seed(seed % (2 ** 32))
+    torch.manual_seed(seed)
+
+
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        values = values.clone()
+        dist.all_reduce(values)
+    return values
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
