@@ -7,7 +7,7 @@ matmuls out), and ``analytic_gmacs`` adds up the closed form from the model's wi
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -16,6 +16,7 @@ from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import VisionTransformer
 
 from ..models.deit import DeiT, DeiTDistilled
+from ..models.registry import closed_form_of, register_closed_form
 from .common import (eval_mode, fused_attention, model_device, model_dtype, random_input,
                      resolve_input_size)
 
@@ -28,17 +29,6 @@ __all__ = ['count_params', 'count_gmacs', 'analytic_macs', 'analytic_gmacs', 'bl
 #   an affine transform). fvcore's total is what the DeiT paper tables and later papers quote
 #   (DeiT-T 1.258, DeiT-S 4.608, DeiT-B 17.58 "GFLOPs"), so this reproduces those figures.
 CONVENTIONS = ('matmul', 'fvcore')
-
-# other model families' closed forms: class -> fn(model, input_size) -> dict with 'total' (matmul)
-_CLOSED_FORMS: Dict[type, Callable[[nn.Module, Optional[Sequence[int]]], dict]] = {}
-
-
-def register_closed_form(cls: type, fn: Callable[[nn.Module, Optional[Sequence[int]]], dict]) -> None:
-    """Make ``analytic_macs`` / ``analytic_gmacs`` (and so ``deitlab bench``'s check against the
-    counter) use ``fn(model, input_size)`` for ``cls`` and its subclasses. ``fn`` returns the
-    itemised MACs with a ``total`` under the 'matmul' convention."""
-    _CLOSED_FORMS[cls] = fn
-
 
 def count_params(model: nn.Module, trainable: bool = False) -> int:
     """Number of parameters (each shared tensor once); ``trainable=True`` counts only those
@@ -128,7 +118,7 @@ def analytic_macs(model: nn.Module, input_size: Optional[Sequence[int]] = None,
     """
     if convention not in CONVENTIONS:
         raise ValueError(f'convention must be one of {CONVENTIONS}, got {convention!r}')
-    family = next((_CLOSED_FORMS[c] for c in type(model).__mro__ if c in _CLOSED_FORMS), None)
+    family = closed_form_of(model)
     if family is not None:
         if convention != 'matmul':
             raise ValueError(f'the closed form of {type(model).__name__} counts matrix products only '
