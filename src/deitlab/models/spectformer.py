@@ -56,7 +56,7 @@ from timm.layers import DropPath, Mlp, to_2tuple
 from timm.models import build_model_with_cfg, generate_default_cfgs
 from timm.models.vision_transformer import Block, VisionTransformer
 
-from .deit import SMALL_IMAGE_CONFIGS, _arch_kwargs, _cfg, _small_cfg
+from .deit import SMALL_IMAGE_CONFIGS, json_arch_kwargs, _cfg, _small_cfg
 from .inputs import resolve_input_size
 from .registry import register_closed_form, register_variant
 
@@ -268,7 +268,7 @@ class SpectFormer(VisionTransformer):
             if len(mlp_hidden) != depth or min(mlp_hidden, default=1) < 1:
                 raise ValueError(f'mlp_hidden must be a positive int or {depth} of them (one per block), '
                                  f'got {mlp_hidden}')
-        arch = _arch_kwargs(dict(kwargs, alpha=alpha, img_size=img_size, patch_size=patch_size,
+        arch = json_arch_kwargs(dict(kwargs, alpha=alpha, img_size=img_size, patch_size=patch_size,
                                  embed_dim=embed_dim, depth=depth, num_heads=num_heads, class_token=class_token,
                                  global_pool=global_pool, fc_norm=fc_norm, reg_tokens=reg_tokens))
         img, patch = to_2tuple(img_size), to_2tuple(patch_size)
