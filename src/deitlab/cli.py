@@ -2,6 +2,14 @@
 
 With ``--json`` a subcommand prints one JSON object on the last line of stdout; progress and logs go
 to stderr. Errors from bad input print ``deitlab: error: ...`` and exit with status 2.
+
+``--help`` is the documentation. Every flag has a help line and sits in a section (:data:`GROUPS`);
+the flags of the configuration dataclasses (``TrainConfig``, ``NViTConfig``, ``FuseConfig``) are
+their fields, with the ``help`` and ``group`` of each field's metadata. Each subcommand that makes
+such a configuration also takes ``--config FILE.yaml``; precedence, lowest first: the dataclass
+defaults (for ``train`` and ``unlearnable eval``: the named recipe's), the file's values, explicit
+flags. :func:`main` adds the options of the subcommand it runs only, so ``deitlab --help`` loads no
+configuration module and no torch.
 """
 from __future__ import annotations
 
@@ -10,6 +18,26 @@ import dataclasses
 import json
 import sys
 import typing
+from typing import Iterable, Optional
+
+#: The sections of a subcommand's ``--help``, in order: metadata ``group`` key -> title.
+GROUPS = {
+    'config': 'configuration',
+    'data': 'data',
+    'model': 'model',
+    'optimiser': 'optimiser',
+    'schedule': 'schedule',
+    'augmentation': 'augmentation and mixing',
+    'distillation': 'distillation',
+    'token fusion': 'token fusion',
+    'pruning': 'pruning',
+    'pruning schedule': 'pruning schedule',
+    'latency table': 'latency table',
+    'fine-tuning': 'fine-tuning of the pruned model',
+    'poisoning': 'poisoning',
+    'measurement': 'measurement',
+    'run': 'run and output',
+}
 
 
 def _emit(result: dict, as_json: bool) -> None:
@@ -20,46 +48,121 @@ def _emit(result: dict, as_json: bool) -> None:
             print(f'{k}: {v}')
 
 
-def _add_dataclass_args(p: argparse.ArgumentParser, cls, required=(), exclude=()) -> None:
-    """One flag per dataclass field: bools as --x/--no-x, dicts as K=V pairs, tuples comma-separated."""
+def _sections(p: argparse.ArgumentParser) -> dict:
+    """The argument groups of ``p`` in :data:`GROUPS` order (argparse leaves empty ones out), with
+    ``-h`` in the last one."""
+    groups = {key: p.add_argument_group(title) for key, title in GROUPS.items()}
+    groups['run'].add_argument('-h', '--help', action='help', help='show this help message and exit')
+    return groups
+
+
+def _subcommand(sub, name: str, text: str) -> tuple:
+    """A subcommand parser whose flags all sit in sections, and those sections."""
+    p = sub.add_parser(name, help=text, description=_sentence(text), add_help=False)
+    return p, _sections(p)
+
+
+def _sentence(text: str) -> str:
+    """A subcommand's line of help as its description (which argparse does not %-format)."""
+    return text[0].upper() + text[1:].replace('%%', '%') + '.'
+
+
+def _add_json(groups: dict) -> None:
+    groups['run'].add_argument('--json', action='store_true', help='print one JSON object on the last line')
+
+
+def field_doc(cls, f: dataclasses.Field) -> tuple:
+    """``(group, help)`` of a configuration dataclass field, from its metadata (a callable help is
+    called). ``TypeError`` when either is missing or the group is not one of :data:`GROUPS`."""
+    text = f.metadata.get('help')
+    text = text() if callable(text) else text
+    group = f.metadata.get('group')
+    if not text or group not in GROUPS:
+        raise TypeError(f'{cls.__name__}.{f.name}: its metadata needs a help line and a group, one of '
+                        f'{", ".join(GROUPS)}; got help={text!r}, group={group!r}')
+    return group, text
+
+
+def _shown_default(f: dataclasses.Field, base, required: bool) -> str:
+    """`` (default: ...)`` for the help line; nothing for an unset (None) default, which the help
+    line explains, a field without a default or a required one."""
+    if required or f.default is dataclasses.MISSING or f.default is None:
+        return ''
+    if base is bool:
+        return ' (default: on)' if f.default else ' (default: off)'
+    if base is tuple:
+        return f' (default: {",".join(f.default)})'
+    return f' (default: {f.default})'
+
+
+def _add_dataclass_args(groups: dict, cls, required=(), exclude=()) -> tuple:
+    """One flag per dataclass field, in the section its metadata names, with its help line: bools as
+    --x/--no-x, dicts as K=V pairs, tuples comma-separated. Flags not given are left out of the
+    namespace. Returns the names of the fields that are flags."""
     hints = typing.get_type_hints(cls)
+    names = []
     for f in dataclasses.fields(cls):
         if f.name in exclude:
             continue
+        names.append(f.name)
+        group, text = field_doc(cls, f)
+        g = groups[group]
         flag = '--' + f.name.replace('_', '-')
         hint = hints[f.name]
         base = hint
         if typing.get_origin(hint) is typing.Union:   # Optional[X] -> X
             base = next(a for a in typing.get_args(hint) if a is not type(None))
         base = typing.get_origin(base) or base        # Dict[str, int] -> dict
+        text = text.replace('%', '%%') + _shown_default(f, base, f.name in required)
         default = argparse.SUPPRESS
         if f.name in required:
-            p.add_argument(flag, required=True, type=base)
+            g.add_argument(flag, type=base, default=default, help=f'{text} (required: here or in --config)')
         elif base is dict:
-            p.add_argument(flag, nargs='*', default=default, metavar='K=V',
-                           help='key=value pairs (values parsed as JSON when possible)')
+            g.add_argument(flag, nargs='*', default=default, metavar='K=V',
+                           help=f'{text}; key=value pairs (values parsed as JSON when possible)')
         elif base is bool:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+            g.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=text)
         elif base is tuple:
-            p.add_argument(flag, type=lambda v: tuple(x for x in v.split(',') if x), default=default,
-                           help=f'comma-separated (default: {",".join(f.default)})')
+            g.add_argument(flag, type=lambda v: tuple(x for x in v.split(',') if x), default=default,
+                           help=f'{text}; comma-separated')
         else:
-            extra = f.metadata.get('help')
-            extra = extra() if callable(extra) else extra
-            p.add_argument(flag, type=base, default=default,
-                           help=f'{extra} (default: {_default_of(f)})' if extra else f'(default: {_default_of(f)})')
+            g.add_argument(flag, type=base, default=default, help=text)
+    return tuple(names)
 
 
-def _add_train_args(p: argparse.ArgumentParser) -> None:
-    from .train.config import TrainConfig
-    p.add_argument('--config', help='YAML file of options; its values become the defaults, flags win')
-    _add_dataclass_args(p, TrainConfig)
+@dataclasses.dataclass(frozen=True)
+class ConfigSpec:
+    """How a subcommand makes its configuration: the fields that are flags (and may be keys of its
+    ``--config`` file), those it must be given, and its parser (for the error when one is not)."""
+    names: tuple
+    required: tuple = ()
+    parser: Optional[argparse.ArgumentParser] = None
 
 
-def _default_of(f) -> str:
-    if f.default is not dataclasses.MISSING:
-        return str(f.default)
-    return '{}'
+def _add_config_args(p: argparse.ArgumentParser, groups: dict, cls, required=(), exclude=(),
+                     recipe: bool = False) -> None:
+    """``--config FILE.yaml`` and one flag per field of ``cls`` (see :func:`config_values`)."""
+    defaults = "the named recipe's defaults" if recipe else 'the defaults'
+    groups['config'].add_argument(
+        '--config', metavar='FILE.yaml',
+        help=f'YAML file of options (the flag names, with dashes or underscores); its values replace {defaults}, '
+             f'explicit flags replace its values')
+    names = _add_dataclass_args(groups, cls, required=required, exclude=exclude)
+    p.set_defaults(config_spec=ConfigSpec(names, tuple(required), p))
+
+
+def config_values(args: argparse.Namespace, cls=None) -> dict:
+    """The configuration's field values from ``--config`` (lowest) and the flags given (which win).
+    A required field given in neither is the same usage error argparse gives for a missing flag."""
+    from .train.config import load_yaml_defaults
+    spec = getattr(args, 'config_spec', None) or ConfigSpec(tuple(f.name for f in dataclasses.fields(cls)))
+    path = getattr(args, 'config', None)
+    values = load_yaml_defaults(path, known=spec.names) if path else {}
+    values.update({name: getattr(args, name) for name in spec.names if hasattr(args, name)})
+    missing = ['--' + name.replace('_', '-') for name in spec.required if name not in values]
+    if missing:
+        spec.parser.error(f'the following arguments are required: {", ".join(missing)}')
+    return values
 
 
 def _parse_kv(items, flag: str = '--model-kwargs') -> dict:
@@ -78,11 +181,8 @@ def _parse_kv(items, flag: str = '--model-kwargs') -> dict:
 def build_train_config(args: argparse.Namespace):
     """Precedence, lowest first: the recipe (``--recipe``, or ``recipe:`` in the YAML), ``--config``
     values, explicit flags."""
-    from .train.config import TrainConfig, config_fields, load_yaml_defaults
-    values = load_yaml_defaults(args.config) if getattr(args, 'config', None) else {}
-    for name in config_fields():
-        if hasattr(args, name):
-            values[name] = getattr(args, name)
+    from .train.config import TrainConfig
+    values = config_values(args, TrainConfig)
     if isinstance(values.get('model_kwargs'), list):
         values['model_kwargs'] = _parse_kv(values['model_kwargs'])
     return TrainConfig.from_recipe(values.pop('recipe', 'deit'), **values)
@@ -124,12 +224,12 @@ def cmd_models(args) -> dict:
 
 
 def cmd_prune_nvit(args) -> dict:
-    from .bench.speed import fix_malloc_thresholds
-    from .prune import NViTConfig, prune_nvit
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(NViTConfig) if hasattr(args, f.name)}
+    values = config_values(args)
     for name in ('group_sizes', 'min_keep', 'lut_grid'):
         if isinstance(values.get(name), list):
             values[name] = _parse_kv(values[name], '--' + name.replace('_', '-'))
+    from .bench.speed import fix_malloc_thresholds
+    from .prune import NViTConfig, prune_nvit
     cfg = NViTConfig(**values).validate()
     # the latency table and the final speed comparison see the same allocation pattern (timing.py)
     fix_malloc_thresholds()
@@ -143,9 +243,9 @@ def cmd_prune_nvit(args) -> dict:
 
 
 def cmd_fuse(args) -> dict:
+    values = dict(config_values(args), method=args.method)
     from .bench.speed import fix_malloc_thresholds
     from .tokens.fuse import FuseConfig, fuse_model
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(FuseConfig) if hasattr(args, f.name)}
     cfg = FuseConfig(**values)
     if cfg.measure:
         fix_malloc_thresholds()   # the same allocation pattern in every round and every run
@@ -207,98 +307,154 @@ def cmd_unlearnable_eval(args) -> dict:
                                 clean=not args.no_clean)
 
 
-def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog='deitlab', description='DeiT-family vision transformers on timm.')
-    sub = parser.add_subparsers(dest='command', required=True)
+# --- the subcommands' parsers: each adds its options to the parser it is given ---
 
-    p = sub.add_parser('train', help='train a model with the DeiT recipe')
-    _add_train_args(p)
+_MODEL_HELP = 'timm/deitlab name or run directory'
+_DEVICE_HELP = 'torch device (default: CUDA when available, else the CPU)'
+
+
+def _train_parser(p, groups) -> None:
+    from .train.config import TrainConfig
+    _add_config_args(p, groups, TrainConfig, recipe=True)
+    _add_json(groups)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser('eval', help='top-1/top-5 of a model on a dataset split')
-    p.add_argument('--model', required=True, help='timm/deitlab name or run directory')
-    p.add_argument('--data', required=True, help='dataset spec: glyphs, fashion-mnist[:PATH], folder:PATH')
-    p.add_argument('--split', default='val', choices=['train', 'val'])
-    p.add_argument('--batch-size', type=int, default=256)
-    p.add_argument('--workers', type=int, default=0)
-    p.add_argument('--device', default=None)
+
+def _eval_parser(p, groups) -> None:
+    groups['model'].add_argument('--model', required=True, help=_MODEL_HELP)
+    data = groups['data']
+    data.add_argument('--data', required=True, help='dataset spec: glyphs, fashion-mnist[:PATH], folder:PATH')
+    data.add_argument('--split', default='val', choices=['train', 'val'], help='the split to evaluate (default: val)')
+    data.add_argument('--batch-size', type=int, default=256, help='evaluation batch size (default: 256)')
+    data.add_argument('--workers', type=int, default=0, help='data loader worker processes (default: 0)')
+    groups['run'].add_argument('--device', default=None, help=_DEVICE_HELP)
+    _add_json(groups)
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser('bench', help='params, GMACs, latency, throughput, peak memory')
-    p.add_argument('--model', required=True, help='timm/deitlab name or run directory')
-    p.add_argument('--batch-size', type=int, default=64, help='batch for throughput (latency uses 1)')
-    p.add_argument('--img-size', type=int, default=None)
-    p.add_argument('--in-chans', type=int, default=None)
-    p.add_argument('--device', default=None)
-    p.add_argument('--quick', action='store_true', help='fewer repeats')
+
+def _bench_parser(p, groups) -> None:
+    model = groups['model']
+    model.add_argument('--model', required=True, help=_MODEL_HELP)
+    model.add_argument('--img-size', type=int, default=None, help="input side (default: the model's)")
+    model.add_argument('--in-chans', type=int, default=None, help="input channels (default: the model's)")
+    groups['measurement'].add_argument('--batch-size', type=int, default=64,
+                                       help='batch for throughput; latency uses 1 (default: 64)')
+    groups['measurement'].add_argument('--quick', action='store_true', help='fewer repeats')
+    groups['run'].add_argument('--device', default=None, help=_DEVICE_HELP)
+    _add_json(groups)
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser('prune', help='structural pruning into a smaller, faster model')
+
+def _prune_parser(p, groups) -> None:
     methods = p.add_subparsers(dest='method', required=True)
     from .prune import NViTConfig
-    q = methods.add_parser('nvit', help='NViT: Hessian-aware global pruning with a latency budget')
-    _add_dataclass_args(q, NViTConfig, required=('model', 'data', 'out'))
-    q.add_argument('--json', action='store_true', help='print one JSON object on the last line')
+    q, g = _subcommand(methods, 'nvit', 'NViT: Hessian-aware global pruning with a latency budget')
+    _add_config_args(q, g, NViTConfig, required=('model', 'data', 'out'))
+    _add_json(g)
     q.set_defaults(func=cmd_prune_nvit)
 
-    p = sub.add_parser('fuse', help='token reduction (ToMe, MCTF): evaluate and benchmark the fused model')
+
+def _fuse_parser(p, groups) -> None:
     methods = p.add_subparsers(dest='method', required=True)
     from .tokens.fuse import FuseConfig
     for method, text in (('tome', 'ToMe: bipartite token merging on keys'),
                          ('mctf', 'MCTF: multi-criteria token fusion with one-step-ahead attention'),
                          ('mctf-fast', 'MCTF-Fast: fuse 35%% of the tokens at three blocks')):
-        q = methods.add_parser(method, help=text)
-        _add_dataclass_args(q, FuseConfig, required=('model',), exclude=('method',))
-        q.add_argument('--json', action='store_true', help='print one JSON object on the last line')
+        q, g = _subcommand(methods, method, text)
+        _add_config_args(q, g, FuseConfig, required=('model',), exclude=('method',))
+        _add_json(g)
         q.set_defaults(func=cmd_fuse)
 
-    p = sub.add_parser('unlearnable', help='unlearnable datasets (CUDA: class-wise convolution filters)')
+
+def _unlearnable_parser(p, groups) -> None:
     actions = p.add_subparsers(dest='action', required=True)
-    q = actions.add_parser('make', help='write a CUDA-poisoned ImageFolder copy of a dataset (load it with '
+    q, g = _subcommand(actions, 'make', 'write a CUDA-poisoned ImageFolder copy of a dataset (load it with '
                                         'folder:OUT)')
-    q.add_argument('--data', required=True, help='dataset spec: glyphs[:k=v,...], fashion-mnist[:PATH], folder:PATH')
-    q.add_argument('--out', required=True, help='output directory (train/, val/, manifest.json)')
-    keys = q.add_mutually_exclusive_group(required=True)
+    g['data'].add_argument('--data', required=True,
+                           help='dataset spec: glyphs[:k=v,...], fashion-mnist[:PATH], folder:PATH')
+    g['run'].add_argument('--out', required=True, help='output directory (train/, val/, manifest.json)')
+    keys = g['poisoning'].add_mutually_exclusive_group(required=True)
     keys.add_argument('--key', help='private key, at least 8 characters (visible in the process list: '
                                     'prefer --key-file)')
     keys.add_argument('--key-file', help='file holding the key (surrounding whitespace is stripped)')
-    q.add_argument('--kernel-size', type=int, default=3, help='filter side k, odd (default: 3)')
-    q.add_argument('--blur', type=float, default=0.3, help='blur parameter p_b in [0, 1) (default: 0.3)')
-    q.add_argument('--fraction', type=float, default=1.0, help='share of each training class to poison '
-                                                               '(default: 1.0)')
-    q.add_argument('--overwrite', action='store_true', help='replace train/, val/, manifest.json in a '
-                                                            'non-empty --out')
-    q.add_argument('--json', action='store_true', help='print one JSON object on the last line')
+    poison = g['poisoning']
+    poison.add_argument('--kernel-size', type=int, default=3, help='filter side k, odd (default: 3)')
+    poison.add_argument('--blur', type=float, default=0.3, help='blur parameter p_b in [0, 1) (default: 0.3)')
+    poison.add_argument('--fraction', type=float, default=1.0, help='share of each training class to poison '
+                                                                    '(default: 1.0)')
+    g['run'].add_argument('--overwrite', action='store_true', help='replace train/, val/, manifest.json in a '
+                                                                   'non-empty --out')
+    _add_json(g)
     q.set_defaults(func=cmd_unlearnable_make)
-    q = actions.add_parser('eval', help='train one recipe on the clean data and on a poisoned copy (and with '
+
+    q, g = _subcommand(actions, 'eval', 'train one recipe on the clean data and on a poisoned copy (and with '
                                         'defences); report clean test accuracy')
-    q.add_argument('--poisoned', required=True, help='a directory written by deitlab unlearnable make')
-    q.add_argument('--source', help='the clean dataset spec (default: the manifest\'s source)')
-    q.add_argument('--out', required=True, help='directory for the runs and unlearnable_eval.json')
-    q.add_argument('--defences', default='none', help="';'-separated defences trained on the poisoned data, "
-                   "e.g. 'none;blur:p=0.3;noise:std=0.25;adv:eps=4,steps=3' (default: none)")
-    q.add_argument('--no-clean', action='store_true', help='skip the clean-data run')
-    q.add_argument('--json', action='store_true', help='print one JSON object on the last line')
+    g['data'].add_argument('--poisoned', required=True, help='a directory written by deitlab unlearnable make')
+    g['data'].add_argument('--source', help='the clean dataset spec (default: the manifest\'s source)')
+    g['run'].add_argument('--out', required=True, help='directory for the runs and unlearnable_eval.json')
+    g['augmentation'].add_argument(
+        '--defences', default='none', help="';'-separated defences trained on the poisoned data, e.g. "
+                                           "'none;blur:p=0.3;noise:std=0.25;adv:eps=4,steps=3' (default: none)")
+    g['run'].add_argument('--no-clean', action='store_true', help='skip the clean-data run')
     from .train.config import TrainConfig
-    _add_dataclass_args(q, TrainConfig, exclude=('data', 'out', 'defence'))
+    _add_config_args(q, g, TrainConfig, exclude=('data', 'out', 'defence'), recipe=True)
+    _add_json(g)
     q.set_defaults(func=cmd_unlearnable_eval)
 
-    p = sub.add_parser('models', help='registered deitlab architectures')
+
+def _models_parser(p, groups) -> None:
+    _add_json(groups)
     p.set_defaults(func=cmd_models)
 
-    p = sub.add_parser('demo', help='the main job: train a small DeiT on glyphs and report')
-    p.add_argument('--out', default='demo-out')
-    p.add_argument('--quick', action='store_true', help='a much shorter run (smoke test)')
+
+def _demo_parser(p, groups) -> None:
+    groups['run'].add_argument('--out', default='demo-out', help='output directory (default: demo-out)')
+    groups['run'].add_argument('--quick', action='store_true', help='a much shorter run (smoke test)')
+    _add_json(groups)
     p.set_defaults(func=cmd_demo)
 
-    for name, p in sub.choices.items():
-        if name not in ('prune', 'fuse', 'unlearnable'):
-            p.add_argument('--json', action='store_true', help='print one JSON object on the last line')
+
+#: name -> (its line of help, the function that adds its options)
+COMMANDS = {
+    'train': ('train a model with the DeiT recipe', _train_parser),
+    'eval': ('top-1/top-5 of a model on a dataset split', _eval_parser),
+    'bench': ('params, GMACs, latency, throughput, peak memory', _bench_parser),
+    'prune': ('structural pruning into a smaller, faster model', _prune_parser),
+    'fuse': ('token reduction (ToMe, MCTF): evaluate and benchmark the fused model', _fuse_parser),
+    'unlearnable': ('unlearnable datasets (CUDA: class-wise convolution filters)', _unlearnable_parser),
+    'models': ('registered deitlab architectures', _models_parser),
+    'demo': ('the main job: train a small DeiT on glyphs and report', _demo_parser),
+}
+_NESTED = ('prune', 'fuse', 'unlearnable')   # a method or action follows; the options are on it
+
+
+def make_parser(commands: Optional[Iterable[str]] = None) -> argparse.ArgumentParser:
+    """The ``deitlab`` parser. Every subcommand is listed with its line of help; the options of
+    those in ``commands`` (default: all) are added, which imports their configuration modules."""
+    chosen = set(COMMANDS) if commands is None else set(commands)
+    parser = argparse.ArgumentParser(prog='deitlab', description='DeiT-family vision transformers on timm.',
+                                     epilog='deitlab COMMAND --help shows the options of a command.')
+    sub = parser.add_subparsers(dest='command', required=True)
+    for name, (text, build) in COMMANDS.items():
+        if name in _NESTED:
+            p = sub.add_parser(name, help=text, description=_sentence(text))
+            groups = None
+        else:
+            p, groups = _subcommand(sub, name, text)
+        if name in chosen:
+            build(p, groups)
     return parser
 
 
+def _command_in(argv: list) -> Optional[str]:
+    """The subcommand named on the command line: the first word that is not an option (``deitlab``
+    itself takes none but ``-h``)."""
+    return next((a for a in argv if not a.startswith('-')), None)
+
+
 def main(argv=None) -> int:
-    parser = make_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = make_parser([_command_in(argv)])
     args = parser.parse_args(argv)
     from .errors import USER_ERRORS
     try:

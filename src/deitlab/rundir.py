@@ -188,7 +188,8 @@ def create(name_or_dir: str, pretrained: bool = False, **kwargs) -> nn.Module:
     ``drop_path_rate``, ...). For a run directory the saved architecture arguments are used and its
     weights are loaded strictly; asking for another ``num_classes`` gives a clear error.
     """
-    import deitlab  # noqa: F401  (make sure our names are registered)
+    from . import register_models
+    register_models()   # deitlab's names resolve through timm's registry
 
     spec = str(name_or_dir)
     if spec.startswith('local-dir:'):

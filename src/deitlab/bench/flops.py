@@ -7,7 +7,7 @@ matmuls out), and ``analytic_gmacs`` adds up the closed form from the model's wi
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -16,11 +16,12 @@ from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import VisionTransformer
 
 from ..models.deit import DeiT, DeiTDistilled
+from ..models.registry import closed_form_of, register_closed_form
 from .common import (eval_mode, fused_attention, model_device, model_dtype, random_input,
                      resolve_input_size)
 
 __all__ = ['count_params', 'count_gmacs', 'analytic_macs', 'analytic_gmacs', 'block_macs', 'CONVENTIONS',
-           'register_closed_form']
+           'register_closed_form', 'attention_widths', 'norm_cost']
 
 # 'matmul': multiply-accumulates of convolutions and matrix products only (what FlopCounterMode,
 #   timm and most papers count; norms, softmax, GELU, scaling and adds are free).
@@ -28,17 +29,6 @@ __all__ = ['count_params', 'count_gmacs', 'analytic_macs', 'analytic_gmacs', 'bl
 #   an affine transform). fvcore's total is what the DeiT paper tables and later papers quote
 #   (DeiT-T 1.258, DeiT-S 4.608, DeiT-B 17.58 "GFLOPs"), so this reproduces those figures.
 CONVENTIONS = ('matmul', 'fvcore')
-
-# other model families' closed forms: class -> fn(model, input_size) -> dict with 'total' (matmul)
-_CLOSED_FORMS: Dict[type, Callable[[nn.Module, Optional[Sequence[int]]], dict]] = {}
-
-
-def register_closed_form(cls: type, fn: Callable[[nn.Module, Optional[Sequence[int]]], dict]) -> None:
-    """Make ``analytic_macs`` / ``analytic_gmacs`` (and so ``deitlab bench``'s check against the
-    counter) use ``fn(model, input_size)`` for ``cls`` and its subclasses. ``fn`` returns the
-    itemised MACs with a ``total`` under the 'matmul' convention."""
-    _CLOSED_FORMS[cls] = fn
-
 
 def count_params(model: nn.Module, trainable: bool = False) -> int:
     """Number of parameters (each shared tensor once); ``trainable=True`` counts only those
@@ -79,7 +69,7 @@ def _check(cond: bool, msg: str) -> None:
         raise ValueError(msg)
 
 
-def _norm_cost(norm: Optional[nn.Module], elements: int, counted: set) -> int:
+def norm_cost(norm: Optional[nn.Module], elements: int, counted: set) -> int:
     """fvcore's LayerNorm estimate; any other module (Identity, RMSNorm, ...) costs nothing."""
     if isinstance(norm, nn.LayerNorm):
         counted.add(id(norm))
@@ -128,7 +118,7 @@ def analytic_macs(model: nn.Module, input_size: Optional[Sequence[int]] = None,
     """
     if convention not in CONVENTIONS:
         raise ValueError(f'convention must be one of {CONVENTIONS}, got {convention!r}')
-    family = next((_CLOSED_FORMS[c] for c in type(model).__mro__ if c in _CLOSED_FORMS), None)
+    family = closed_form_of(model)
     if family is not None:
         if convention != 'matmul':
             raise ValueError(f'the closed form of {type(model).__name__} counts matrix products only '
@@ -167,8 +157,8 @@ def analytic_macs(model: nn.Module, input_size: Optional[Sequence[int]] = None,
     seen |= _linear_ids(pe)
     parts = dict(patch_embed=num_patches * conv.in_channels * kh * kw * D,
                  qkv=0, attn_qk=0, attn_av=0, proj=0, mlp=0, head=0, norms=0)
-    norms = (_norm_cost(getattr(model, 'norm_pre', None), N * D, seen_norms)
-             + _norm_cost(getattr(model, 'norm', None), N * D, seen_norms))
+    norms = (norm_cost(getattr(model, 'norm_pre', None), N * D, seen_norms)
+             + norm_cost(getattr(model, 'norm', None), N * D, seen_norms))
 
     per_block = []
     for i, (blk, (H, dq, dv)) in enumerate(zip(model.blocks, attention_widths(model))):
@@ -191,18 +181,18 @@ def analytic_macs(model: nn.Module, input_size: Optional[Sequence[int]] = None,
         cost = block_macs(N, D, H, dq, dv, M)
         for k, v in cost.items():
             parts[k] += v
-        block_norms = (_norm_cost(blk.norm1, N * D, seen_norms) + _norm_cost(blk.norm2, N * D, seen_norms)
-                       + _norm_cost(getattr(attn, 'q_norm', None), N * H * dq, seen_norms)
-                       + _norm_cost(getattr(attn, 'k_norm', None), N * H * dq, seen_norms)
-                       + _norm_cost(getattr(attn, 'norm', None), N * H * dv, seen_norms)
-                       + _norm_cost(getattr(mlp, 'norm', None), N * M, seen_norms))
+        block_norms = (norm_cost(blk.norm1, N * D, seen_norms) + norm_cost(blk.norm2, N * D, seen_norms)
+                       + norm_cost(getattr(attn, 'q_norm', None), N * H * dq, seen_norms)
+                       + norm_cost(getattr(attn, 'k_norm', None), N * H * dq, seen_norms)
+                       + norm_cost(getattr(attn, 'norm', None), N * H * dv, seen_norms)
+                       + norm_cost(getattr(mlp, 'norm', None), N * M, seen_norms))
         norms += block_norms
         per_block.append(sum(cost.values()) + (block_norms if convention == 'fvcore' else 0))
 
     # classifier head(s) on the pooled token(s); the distilled model adds a second head
     head_tokens = N if (not distilled and getattr(model, 'global_pool', 'token') == '') else 1
     if not distilled:
-        norms += _norm_cost(getattr(model, 'fc_norm', None), head_tokens * D, seen_norms)
+        norms += norm_cost(getattr(model, 'fc_norm', None), head_tokens * D, seen_norms)
     else:  # the distilled forward never applies fc_norm
         seen_norms.add(id(getattr(model, 'fc_norm', None)))
     for name in ('head', 'head_dist') if distilled else ('head',):

@@ -38,6 +38,7 @@ from .registry import register_variant
 
 __all__ = [
     'WidthAttention', 'WidthBlock', 'fused_attention', 'DeiT', 'DeiTDistilled', 'resolve_widths', 'SMALL_IMAGE_CONFIGS', 'from_timm',
+    'WidthMixin', 'install_block_factory', 'json_arch_kwargs',
 ]
 
 IntOrList = Union[int, Sequence[int]]
@@ -228,7 +229,7 @@ class _BlockFactory:
         return block
 
 
-def _install_block_factory(kwargs: dict) -> None:
+def install_block_factory(kwargs: dict) -> None:
     """Replace the width kwargs by a block factory that builds each block with its own widths."""
     embed_dim = kwargs.get('embed_dim', 768)
     depth = kwargs.get('depth', 12)
@@ -242,7 +243,7 @@ def _install_block_factory(kwargs: dict) -> None:
     kwargs['num_heads'] = max(widths['num_heads'], default=1)
 
 
-def _arch_kwargs(kwargs: dict) -> dict:
+def json_arch_kwargs(kwargs: dict) -> dict:
     """The JSON-serialisable constructor arguments (stored as config.json's model_args)."""
     out = {}
     for k, v in kwargs.items():
@@ -255,7 +256,9 @@ def _arch_kwargs(kwargs: dict) -> dict:
     return out
 
 
-class _WidthMixin:
+class WidthMixin:
+    """What every per-block-width ViT here shares (DeiT, DeiTDistilled, STViT): its widths and the
+    constructor arguments a run directory stores."""
     arch_kwargs: dict
 
     @property
@@ -289,25 +292,25 @@ class _WidthMixin:
                 m.fused_attn = enable
 
 
-class DeiT(_WidthMixin, VisionTransformer):
+class DeiT(WidthMixin, VisionTransformer):
     """DeiT (a ViT with the DeiT recipe) with per-block widths; see the module docstring."""
 
     def __init__(self, **kwargs):
-        arch = _arch_kwargs(kwargs)
-        _install_block_factory(kwargs)
+        arch = json_arch_kwargs(kwargs)
+        install_block_factory(kwargs)
         super().__init__(**kwargs)
         self.arch_kwargs = arch
 
 
-class DeiTDistilled(_WidthMixin, VisionTransformerDistilled):
+class DeiTDistilled(WidthMixin, VisionTransformerDistilled):
     """Distilled DeiT: ``[CLS, DIST, patches]``, two heads, logits averaged at eval.
 
     ``set_distilled_training(True)`` makes the training forward return ``(cls_logits, dist_logits)``.
     """
 
     def __init__(self, **kwargs):
-        arch = _arch_kwargs(kwargs)
-        _install_block_factory(kwargs)
+        arch = json_arch_kwargs(kwargs)
+        install_block_factory(kwargs)
         super().__init__(**kwargs)
         self.arch_kwargs = arch
 

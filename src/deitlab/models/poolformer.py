@@ -30,8 +30,8 @@ from timm.layers import GroupNorm1, Mlp, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs
 from timm.models.metaformer import MetaFormer, Pooling, checkpoint_filter_fn
 
-from ..bench.flops import register_closed_form
-from .registry import register_variant
+from .inputs import resolve_input_size
+from .registry import register_closed_form, register_variant
 
 __all__ = ['PoolFormer', 'SMALL_IMAGE_CONFIGS', 'IMAGENET_CONFIGS', 'analytic_macs', 'analytic_gmacs']
 
@@ -235,7 +235,6 @@ def analytic_gmacs(model: PoolFormer, img_size: int) -> float:
 
 
 def _closed_form(model: PoolFormer, input_size: Optional[Sequence[int]] = None) -> dict:
-    from ..bench.common import resolve_input_size
     size = resolve_input_size(model, input_size)
     if size[1] != size[2]:
         raise ValueError(f'the PoolFormer closed form takes square inputs, got {tuple(size)}')

@@ -56,9 +56,9 @@ from timm.layers import DropPath, Mlp, to_2tuple
 from timm.models import build_model_with_cfg, generate_default_cfgs
 from timm.models.vision_transformer import Block, VisionTransformer
 
-from ..bench.flops import register_closed_form
-from .deit import SMALL_IMAGE_CONFIGS, _arch_kwargs, _cfg, _small_cfg
-from .registry import register_variant
+from .deit import SMALL_IMAGE_CONFIGS, json_arch_kwargs, _cfg, _small_cfg
+from .inputs import resolve_input_size
+from .registry import register_closed_form, register_variant
 
 __all__ = ['SpectralGating', 'GridPooling', 'MixerBlock', 'SpectralBlock', 'SpectFormer', 'parse_mixers', 'MIXERS',
            'spectformer_macs', 'SPECTFORMER_CONFIGS']
@@ -268,7 +268,7 @@ class SpectFormer(VisionTransformer):
             if len(mlp_hidden) != depth or min(mlp_hidden, default=1) < 1:
                 raise ValueError(f'mlp_hidden must be a positive int or {depth} of them (one per block), '
                                  f'got {mlp_hidden}')
-        arch = _arch_kwargs(dict(kwargs, alpha=alpha, img_size=img_size, patch_size=patch_size,
+        arch = json_arch_kwargs(dict(kwargs, alpha=alpha, img_size=img_size, patch_size=patch_size,
                                  embed_dim=embed_dim, depth=depth, num_heads=num_heads, class_token=class_token,
                                  global_pool=global_pool, fc_norm=fc_norm, reg_tokens=reg_tokens))
         img, patch = to_2tuple(img_size), to_2tuple(patch_size)
@@ -338,8 +338,6 @@ def spectformer_macs(model: SpectFormer, input_size: Optional[Sequence[int]] = N
     ``total_with_spectral = total + spectral_fft + spectral_filter``. Norms, GELU, softmax and adds
     are free. Raises ``ValueError`` for another model or an input size the filters do not fit.
     """
-    from ..bench.common import resolve_input_size
-
     if not isinstance(model, SpectFormer):
         raise ValueError(f'spectformer_macs takes a SpectFormer, not {type(model).__name__}')
     size = resolve_input_size(model, input_size)

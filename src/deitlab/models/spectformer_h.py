@@ -83,8 +83,8 @@ from timm.models.cait import ClassAttn
 from timm.models.pvt_v2 import Attention as GridAttention
 from timm.models.pvt_v2 import MlpWithDepthwiseConv
 
-from ..bench.flops import register_closed_form
-from .registry import register_variant
+from .inputs import resolve_input_size
+from .registry import register_closed_form, register_variant
 from .spectformer import SpectralGating
 
 __all__ = ['SpectFormerH', 'SpectFormerHBlock', 'ClassAttentionBlock', 'spectformer_h_macs', 'stage_grids',
@@ -415,8 +415,6 @@ def spectformer_h_macs(model: SpectFormerH, input_size: Optional[Sequence[int]] 
     (3.91 / 6.31 / 12.67 G) is the release README's 3.9 / 6.3 / 12.7 "GFLOPs", which a
     module-hook counter gives (it does not see the attention's functional matmuls).
     """
-    from ..bench.common import resolve_input_size
-
     if not isinstance(model, SpectFormerH):
         raise ValueError(f'spectformer_h_macs takes a SpectFormerH, not {type(model).__name__}')
     size = resolve_input_size(model, input_size)

@@ -40,58 +40,91 @@ class NViTConfig:
     (``deitlab/prune/tables/``) loads one instead, so that pruning does not depend on the load of
     the machine while it runs.
     """
-    model: str
-    data: str
-    out: str
+    model: str = field(metadata={'group': 'model', 'help': 'the dense model: run directory, deitlab name or timm ViT/DeiT'})
+    data: str = field(metadata={'group': 'data', 'help': 'dataset spec: glyphs[:k=v,...] | fashion-mnist[:PATH] | folder:PATH'})
+    out: str = field(metadata={'group': 'run', 'help': 'run directory for the pruned model, its log and plots'})
     # target: exactly one, a fraction of the dense model
-    target_latency: Optional[float] = None
-    target_gmacs: Optional[float] = None
-    target_params: Optional[float] = None
+    target_latency: Optional[float] = field(default=None, metadata={
+        'group': 'pruning', 'help': 'target latency, a fraction of the dense model (give exactly one target)'})
+    target_gmacs: Optional[float] = field(default=None, metadata={
+        'group': 'pruning', 'help': "target GMACs, a fraction of the dense model's"})
+    target_params: Optional[float] = field(default=None, metadata={
+        'group': 'pruning', 'help': "target parameters, a fraction of the dense model's"})
     # saliency and ranking
-    criterion: str = 'nvit'                 # nvit | taylor | magnitude | fisher
-    lam: float = 0.02                       # latency penalty weight (scale-free, see ranking.py)
-    momentum: float = 0.9
-    divisors: Optional[str] = 'nvit'        # NViT's constants, or None
-    group_sizes: Dict[str, int] = field(default_factory=dict)   # per type; default: scaled NViT
-    min_keep: Dict[str, int] = field(default_factory=dict)      # per type; default: one group
-    prune_types: tuple = GROUP_TYPES
-    schedule: Optional[str] = field(default=None, metadata={'help': _SCHEDULE_HELP})   # linear | nvit
-    interval: Optional[int] = field(default=None, metadata={'help': _INTERVAL_HELP})
-    groups_per_event: Optional[int] = field(default=None, metadata={'help': 'nvit schedule: groups per event (2)'})
-    prune_steps: Optional[int] = field(default=None, metadata={'help': 'linear schedule: steps to the target'})
-    total_steps: Optional[int] = None       # pruning + fine-tuning steps (fine-tune gets the rest)
-    max_prune_steps: int = 20000
-    fisher_samples: int = 8                 # per-sample gradients per batch (criterion fisher)
-    masked_ln: bool = True
-    round_to: Optional[int] = None
+    criterion: str = field(default='nvit', metadata={
+        'group': 'pruning', 'help': 'saliency: nvit (Hessian-aware) | taylor | magnitude | fisher'})
+    lam: float = field(default=0.02, metadata={
+        'group': 'pruning', 'help': 'latency penalty weight lambda in I - lambda * dLat (scale-free, see ranking.py)'})
+    momentum: float = field(default=0.9, metadata={
+        'group': 'pruning', 'help': 'saliency moving average across events: m * previous + (1 - m) * new'})
+    divisors: Optional[str] = field(default='nvit', metadata={
+        'group': 'pruning', 'help': "per-type saliency divisors: nvit (the paper's constants) or none"})
+    group_sizes: Dict[str, int] = field(default_factory=dict, metadata={
+        'group': 'pruning', 'help': 'units per ranking group, per type (emb, head, qk, v, mlp); unset: NViT\'s, '
+                                    'scaled to the model'})
+    min_keep: Dict[str, int] = field(default_factory=dict, metadata={
+        'group': 'pruning', 'help': 'units to keep at least per layer, per type; unset: one group'})
+    prune_types: tuple = field(default=GROUP_TYPES, metadata={
+        'group': 'pruning', 'help': 'unit types to prune (those the model has)'})
+    schedule: Optional[str] = field(default=None, metadata={'group': 'pruning schedule', 'help': _SCHEDULE_HELP})
+    interval: Optional[int] = field(default=None, metadata={'group': 'pruning schedule', 'help': _INTERVAL_HELP})
+    groups_per_event: Optional[int] = field(default=None, metadata={
+        'group': 'pruning schedule', 'help': 'nvit schedule: groups per event (2)'})
+    prune_steps: Optional[int] = field(default=None, metadata={
+        'group': 'pruning schedule', 'help': 'linear schedule: steps to the target'})
+    total_steps: Optional[int] = field(default=None, metadata={
+        'group': 'pruning schedule', 'help': 'pruning plus fine-tuning steps (the fine-tune gets the rest)'})
+    max_prune_steps: int = field(default=20000, metadata={
+        'group': 'pruning schedule', 'help': 'stop with an error when the target is not met in this many steps'})
+    fisher_samples: int = field(default=8, metadata={
+        'group': 'pruning', 'help': 'per-sample gradients per batch (criterion fisher)'})
+    masked_ln: bool = field(default=True, metadata={
+        'group': 'pruning', 'help': 'LayerNorm statistics over the kept embedding channels only'})
+    round_to: Optional[int] = field(default=None, metadata={
+        'group': 'pruning', 'help': 'round the kept widths up to multiples of this'})
     # training while pruning
-    batch_size: int = 32
-    lr: float = 1e-4
-    weight_decay: float = 0.05
-    kl_weight: float = 1.0
-    kl_tau: float = 3.0
-    ce_weight: float = 1.0
-    smoothing: float = 0.0
-    teacher: Optional[str] = None
-    distill: str = 'none'
-    aug: str = 'none'
+    batch_size: int = field(default=32, metadata={'group': 'optimiser', 'help': 'batch size'})
+    lr: float = field(default=1e-4, metadata={'group': 'optimiser', 'help': 'learning rate while pruning'})
+    weight_decay: float = field(default=0.05, metadata={'group': 'optimiser', 'help': 'AdamW weight decay'})
+    kl_weight: float = field(default=1.0, metadata={
+        'group': 'distillation', 'help': 'weight of the KL term to the dense model while pruning'})
+    kl_tau: float = field(default=3.0, metadata={'group': 'distillation', 'help': 'temperature of that KL term'})
+    ce_weight: float = field(default=1.0, metadata={
+        'group': 'distillation', 'help': 'weight of the cross-entropy (or extra teacher) term'})
+    smoothing: float = field(default=0.0, metadata={'group': 'augmentation', 'help': 'label smoothing'})
+    teacher: Optional[str] = field(default=None, metadata={
+        'group': 'distillation', 'help': 'an extra DeiT teacher (name or run directory), with --distill'})
+    distill: str = field(default='none', metadata={
+        'group': 'distillation', 'help': 'none | soft | hard: distillation from --teacher'})
+    aug: str = field(default='none', metadata={'group': 'augmentation', 'help': 'none | light | deit'})
     # latency table
-    lut: Optional[str] = field(default=None, metadata={'help': _LUT_HELP})   # measure | PATH | committed name
-    lut_batch: int = 64
-    lut_passes: int = 5                     # interleaved timing rounds (timing.py)
-    lut_grid: Dict[str, list] = field(default_factory=dict)   # per axis (emb, heads, qk, v, mlp; PoolFormer etc.: mlp)
+    lut: Optional[str] = field(default=None, metadata={'group': 'latency table', 'help': _LUT_HELP})
+    lut_batch: int = field(default=64, metadata={'group': 'latency table', 'help': 'batch size the table is timed at'})
+    lut_passes: int = field(default=5, metadata={
+        'group': 'latency table', 'help': 'interleaved timing rounds (the fastest per node; timing.py)'})
+    lut_grid: Dict[str, list] = field(default_factory=dict, metadata={
+        'group': 'latency table', 'help': 'widths timed, per axis (emb, heads, qk, v, mlp; PoolFormer etc.: mlp), '
+                                          'each a JSON list'})
     # fine-tuning of the densified model
-    finetune_epochs: int = 1
-    finetune_steps: Optional[int] = None    # cap on steps per fine-tune epoch
-    finetune_lr: float = 2e-4
-    finetune_alpha: float = 0.5
-    finetune_tau: float = 2.0
+    finetune_epochs: int = field(default=1, metadata={
+        'group': 'fine-tuning', 'help': 'fine-tuning epochs of the densified model'})
+    finetune_steps: Optional[int] = field(default=None, metadata={
+        'group': 'fine-tuning', 'help': 'cap on the steps of a fine-tuning epoch'})
+    finetune_lr: float = field(default=2e-4, metadata={'group': 'fine-tuning', 'help': 'fine-tuning learning rate'})
+    finetune_alpha: float = field(default=0.5, metadata={
+        'group': 'fine-tuning', 'help': 'weight of the soft distillation from the dense model'})
+    finetune_tau: float = field(default=2.0, metadata={
+        'group': 'fine-tuning', 'help': 'temperature of that distillation'})
     # run
-    val_batches: int = 20                   # validation batches per event (0: none)
-    measure: bool = True                    # time dense vs pruned at the end
-    seed: int = 0
-    device: Optional[str] = None
-    progress: Optional[bool] = None
+    val_batches: int = field(default=20, metadata={
+        'group': 'run', 'help': 'validation batches per pruning event (0: none)'})
+    measure: bool = field(default=True, metadata={
+        'group': 'run', 'help': 'time the dense and the pruned model at the end'})
+    seed: int = field(default=0, metadata={'group': 'run', 'help': 'random seed'})
+    device: Optional[str] = field(default=None, metadata={
+        'group': 'run', 'help': 'torch device; unset: CUDA when available, else the CPU'})
+    progress: Optional[bool] = field(default=None, metadata={
+        'group': 'run', 'help': 'progress bars; unset: when attached to a terminal'})
 
     def validate(self) -> 'NViTConfig':
         if isinstance(self.divisors, str) and self.divisors.lower() in ('none', ''):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 import torch.nn as nn
@@ -74,29 +74,48 @@ def default_batch(gmacs: float, work: float = 64.0) -> int:
 
 @dataclass
 class FuseConfig:
-    model: str = ''
-    pretrained: bool = False            # a timm name: load its released weights (timm downloads them)
-    method: str = 'mctf'
-    r: Optional[str] = None             # int, fraction or comma list; default per method
-    inflect: Optional[float] = None     # ToMe (r, inflect) schedule
-    layers: Optional[str] = None        # comma list of active blocks; default per method
-    prop_attn: bool = True
-    tau_sim: float = 1.0
-    tau_info: float = 20.0
-    tau_size: float = 40.0
-    bidirectional: bool = True
-    pooling: str = 'attn_size'
-    mode: str = 'one_step_ahead'
-    data: Optional[str] = None
-    split: str = 'val'
-    eval_batch_size: int = 256
-    batch_size: Optional[int] = None    # throughput batch; default: about 64 GMACs of work (default_batch)
-    measure: bool = True
-    quick: bool = False
-    rounds: Optional[int] = None        # interleaved rounds (default: compare's, 9; 3 with --quick)
-    threads: Optional[int] = None       # CPU threads for the timing (default: torch's)
-    device: Optional[str] = None
-    workers: int = 0
+    model: str = field(default='', metadata={'group': 'model', 'help': 'timm/deitlab name or run directory'})
+    pretrained: bool = field(default=False, metadata={
+        'group': 'model', 'help': 'a timm name: load its released weights (timm downloads them)'})
+    method: str = field(default='mctf', metadata={'group': 'token fusion', 'help': 'tome | mctf | mctf-fast'})
+    r: Optional[str] = field(default=None, metadata={
+        'group': 'token fusion', 'help': 'tokens fused per block: int, fraction or comma list; unset: ToMe 8, '
+                                         'MCTF 16, MCTF-Fast 0.35'})
+    inflect: Optional[float] = field(default=None, metadata={
+        'group': 'token fusion', 'help': 'ToMe: the (r, inflect) schedule, with an integer r'})
+    layers: Optional[str] = field(default=None, metadata={
+        'group': 'token fusion', 'help': "comma list of the blocks that fuse; unset: the method's"})
+    prop_attn: bool = field(default=True, metadata={
+        'group': 'token fusion', 'help': 'proportional attention: add log(token size) to the attention logits'})
+    tau_sim: float = field(default=1.0, metadata={
+        'group': 'token fusion', 'help': 'MCTF: temperature of the similarity criterion (0: off)'})
+    tau_info: float = field(default=20.0, metadata={
+        'group': 'token fusion', 'help': 'MCTF: temperature of the informativeness criterion (0: off)'})
+    tau_size: float = field(default=40.0, metadata={
+        'group': 'token fusion', 'help': 'MCTF: temperature of the size criterion (0: off)'})
+    bidirectional: bool = field(default=True, metadata={
+        'group': 'token fusion', 'help': 'MCTF: match A->B for half of r, then B->A'})
+    pooling: str = field(default='attn_size', metadata={
+        'group': 'token fusion', 'help': 'MCTF: how a group fuses: attn_size | size | mean | max'})
+    mode: str = field(default='one_step_ahead', metadata={
+        'group': 'token fusion', 'help': 'MCTF: one_step_ahead | precise | previous'})
+    data: Optional[str] = field(default=None, metadata={
+        'group': 'data', 'help': 'dataset spec to report top-1 on; unset: no accuracy'})
+    split: str = field(default='val', metadata={'group': 'data', 'help': 'the split to evaluate'})
+    eval_batch_size: int = field(default=256, metadata={'group': 'data', 'help': 'evaluation batch size'})
+    batch_size: Optional[int] = field(default=None, metadata={
+        'group': 'measurement', 'help': 'throughput batch; unset: about 64 GMACs of work (default_batch)'})
+    measure: bool = field(default=True, metadata={
+        'group': 'measurement', 'help': 'time the models (off: accuracy, parameters and GMACs only)'})
+    quick: bool = field(default=False, metadata={'group': 'measurement', 'help': 'fewer repeats and rounds'})
+    rounds: Optional[int] = field(default=None, metadata={
+        'group': 'measurement', 'help': 'interleaved timing rounds; unset: 9, or 3 with --quick'})
+    threads: Optional[int] = field(default=None, metadata={
+        'group': 'measurement', 'help': "CPU threads for the timing; unset: torch's"})
+    device: Optional[str] = field(default=None, metadata={
+        'group': 'run', 'help': 'torch device of the models; unset: the CPU for the timing, and CUDA when '
+                                'available for the accuracy'})
+    workers: int = field(default=0, metadata={'group': 'data', 'help': 'data loader worker processes'})
 
     def fusion_options(self) -> dict:
         opts = dict(prop_attn=self.prop_attn)

@@ -27,7 +27,7 @@ from typing import List, Optional, Sequence, Union
 import torch.nn as nn
 from timm.models.deit import VisionTransformerDistilled
 
-from ..bench.flops import _norm_cost, analytic_macs, attention_widths, block_macs
+from ..bench.flops import norm_cost, analytic_macs, attention_widths, block_macs
 
 __all__ = ['parse_r', 'layer_r', 'token_schedule', 'fusion_macs', 'fusion_gmacs', 'METHODS', 'MCTF_MODES']
 
@@ -139,7 +139,7 @@ def fusion_macs(model: nn.Module, schedule: List[dict], method: str = 'tome', mo
     D = int(model.embed_dim)
     parts = dict(patch_embed=base['patch_embed'], head=base['head'], attention=0, mlp=0, similarity=0, norms=0)
     seen: set = set()
-    parts['norms'] = _norm_cost(getattr(model, 'norm_pre', None), base['tokens'] * D, seen) if fv else 0
+    parts['norms'] = norm_cost(getattr(model, 'norm_pre', None), base['tokens'] * D, seen) if fv else 0
     per_block = []
     for blk in model.blocks[:start]:   # grid blocks: the MLP on every token (their mixers are not matmuls)
         per_block.append(2 * base['tokens'] * D * blk.mlp.fc1.out_features)
@@ -169,25 +169,25 @@ def fusion_macs(model: nn.Module, schedule: List[dict], method: str = 'tome', mo
             norm_tokens = [T, T2, T2]
         norms = 0
         if fv:
-            norms = sum(_norm_cost(blk.norm1 if i != len(norm_tokens) - 1 else blk.norm2, n * D, seen)
+            norms = sum(norm_cost(blk.norm1 if i != len(norm_tokens) - 1 else blk.norm2, n * D, seen)
                         for i, n in enumerate(norm_tokens))
             # q/k-norm where q and k are computed ('precise' twice), the attention-output norm where
             # V is, the MLP's inner norm where the MLP runs (as analytic_macs counts them)
             a = blk.attn
             for n in [T, T2] if r and method == 'mctf' and mode == 'precise' else [T]:
-                norms += (_norm_cost(getattr(a, 'q_norm', None), n * H * dq, seen)
-                          + _norm_cost(getattr(a, 'k_norm', None), n * H * dq, seen))
-            norms += (_norm_cost(getattr(a, 'norm', None), norm_tokens[-2] * H * dv, seen)
-                      + _norm_cost(getattr(blk.mlp, 'norm', None), norm_tokens[-1] * M, seen))
+                norms += (norm_cost(getattr(a, 'q_norm', None), n * H * dq, seen)
+                          + norm_cost(getattr(a, 'k_norm', None), n * H * dq, seen))
+            norms += (norm_cost(getattr(a, 'norm', None), norm_tokens[-2] * H * dv, seen)
+                      + norm_cost(getattr(blk.mlp, 'norm', None), norm_tokens[-1] * M, seen))
         parts['attention'] += attn
         parts['mlp'] += mlp
         parts['similarity'] += sim
         parts['norms'] += norms
         per_block.append(attn + mlp + sim + norms)
     if fv:
-        parts['norms'] += _norm_cost(getattr(model, 'norm', None), schedule[-1]['tokens_out'] * D, seen)
+        parts['norms'] += norm_cost(getattr(model, 'norm', None), schedule[-1]['tokens_out'] * D, seen)
         if not isinstance(model, VisionTransformerDistilled):   # the distilled head never applies fc_norm
-            parts['norms'] += _norm_cost(getattr(model, 'fc_norm', None), D, seen)   # on the class token
+            parts['norms'] += norm_cost(getattr(model, 'fc_norm', None), D, seen)   # on the class token
     parts['total'] = sum(parts.values())
     parts.update(blocks=per_block, schedule=schedule, convention=convention)
     return parts

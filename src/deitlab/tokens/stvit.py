@@ -65,8 +65,8 @@ from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn, init_weights_vit_timm
 
 from ..models.registry import register_variant
-from ..models.deit import (SMALL_IMAGE_CONFIGS, WidthAttention, WidthBlock, _arch_kwargs,
-                           _install_block_factory, _WidthMixin, fused_attention)
+from ..models.deit import (SMALL_IMAGE_CONFIGS, WidthAttention, WidthBlock, WidthMixin, fused_attention,
+                           install_block_factory, json_arch_kwargs)
 
 __all__ = ['STViT', 'STViTDistilled', 'CrossBlock', 'stvit_from_deit', 'stvit_filter_fn', 'stvit_macs',
            'STVIT_DEFAULTS']
@@ -136,8 +136,8 @@ class _STViTMixin:
         if kwargs.get('patch_drop_rate'):
             raise ValueError('STViT pools the full token grid; patch_drop_rate must be 0')
         grid = _grid(stvit_grid)
-        arch = _arch_kwargs(kwargs)
-        _install_block_factory(kwargs)
+        arch = json_arch_kwargs(kwargs)
+        install_block_factory(kwargs)
         super().__init__(**kwargs)
         self.arch_kwargs = arch
         depth = len(self.blocks)
@@ -217,11 +217,11 @@ class _STViTMixin:
         raise NotImplementedError('STViT changes the token set mid-network; use forward_features or forward_dense')
 
 
-class STViT(_STViTMixin, _WidthMixin, VisionTransformer):
+class STViT(_STViTMixin, WidthMixin, VisionTransformer):
     """Semantic-token DeiT: ``[CLS, patches]`` for k blocks, then ``[CLS, semantic tokens]``."""
 
 
-class STViTDistilled(_STViTMixin, _WidthMixin, VisionTransformerDistilled):
+class STViTDistilled(_STViTMixin, WidthMixin, VisionTransformerDistilled):
     """Distilled STViT: ``[CLS, DIST, patches]``, then ``[CLS, DIST, semantic tokens]``; two heads."""
 
 

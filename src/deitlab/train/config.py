@@ -14,9 +14,10 @@ which learns small data in a few epochs. Precedence, lowest first: dataclass def
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, Optional
 
 import yaml
 
@@ -34,66 +35,110 @@ def _recipe_help() -> str:
 
 @dataclass
 class TrainConfig:
-    recipe: str = field(default='deit', metadata=dict(help=_recipe_help))
-    model: str = 'deitlab_deit_nano_patch4_32'
-    data: str = 'glyphs'
-    out: str = 'runs/train'
-    epochs: int = 30
-    batch_size: int = 128            # global batch (all processes together)
-    lr: Optional[float] = None       # None: base_lr * batch_size / 512
-    base_lr: float = 5e-4
-    min_lr: float = 1e-5
-    warmup_lr: float = 1e-6
-    warmup_epochs: float = 5.0
-    weight_decay: float = 0.05
-    opt: str = 'adamw'
-    grad_clip: Optional[float] = None
-    smoothing: float = 0.1
-    mixup: float = 0.8
-    cutmix: float = 1.0
-    mixup_prob: float = 1.0
-    mixup_switch_prob: Optional[float] = None   # None: 0.5 (0.8 for transmix, its released config)
+    """Settings of ``train`` (one field per ``deitlab train`` flag; the ``help`` and ``group`` of each
+    field are its ``--help`` line and section)."""
+    recipe: str = field(default='deit', metadata=dict(group='config', help=_recipe_help))
+    model: str = field(default='deitlab_deit_nano_patch4_32', metadata=dict(
+        group='model', help='timm or deitlab model name, or a run directory to go on training'))
+    data: str = field(default='glyphs', metadata=dict(
+        group='data', help='dataset spec: glyphs[:k=v,...] | fashion-mnist[:PATH] | folder:PATH'))
+    out: str = field(default='runs/train', metadata=dict(
+        group='run', help='run directory: configuration, weights, metrics, checkpoint'))
+    epochs: int = field(default=30, metadata=dict(group='schedule', help='training epochs'))
+    batch_size: int = field(default=128, metadata=dict(
+        group='optimiser', help='global batch size (all processes together)'))
+    lr: Optional[float] = field(default=None, metadata=dict(
+        group='optimiser', help='peak learning rate; unset: --base-lr * --batch-size / 512'))
+    base_lr: float = field(default=5e-4, metadata=dict(
+        group='optimiser', help='learning rate per 512 images, used when --lr is unset'))
+    min_lr: float = field(default=1e-5, metadata=dict(group='schedule', help='learning rate at the end of the cosine'))
+    warmup_lr: float = field(default=1e-6, metadata=dict(group='schedule', help='learning rate at the start of warm-up'))
+    warmup_epochs: float = field(default=5.0, metadata=dict(
+        group='schedule', help='linear warm-up, in epochs (a tenth of the run when it is not shorter than the run)'))
+    weight_decay: float = field(default=0.05, metadata=dict(group='optimiser', help='decoupled weight decay'))
+    opt: str = field(default='adamw', metadata=dict(
+        group='optimiser', help="optimizer name for timm's create_optimizer_v2 (adamw, sgd, lamb, ...)"))
+    grad_clip: Optional[float] = field(default=None, metadata=dict(
+        group='optimiser', help='clip the gradient norm to this; unset: no clipping'))
+    smoothing: float = field(default=0.1, metadata=dict(group='augmentation', help='label smoothing'))
+    mixup: float = field(default=0.8, metadata=dict(group='augmentation', help='Mixup alpha (0: off)'))
+    cutmix: float = field(default=1.0, metadata=dict(group='augmentation', help='CutMix alpha (0: off)'))
+    mixup_prob: float = field(default=1.0, metadata=dict(
+        group='augmentation', help='share of batches that are mixed'))
+    mixup_switch_prob: Optional[float] = field(default=None, metadata=dict(
+        group='augmentation', help='chance of CutMix rather than Mixup when both are on; unset: 0.5 (0.8 for '
+                                   'transmix, its released configuration)'))
     mix: str = field(default='mixup-cutmix', metadata=dict(
+        group='augmentation',
         help='none | mixup | cutmix | mixup-cutmix | transmix | maskmix | mixpro (deitlab.train.mixing)'))
-    maskmix_prob: float = 0.5         # maskmix/mixpro: MaskMix on this share of batches, else Mixup/CutMix
-    maskmix_alpha: float = 1.0        # MaskMix lambda ~ Beta(a, a)
+    maskmix_prob: float = field(default=0.5, metadata=dict(
+        group='augmentation', help='maskmix / mixpro: MaskMix on this share of batches, else Mixup / CutMix'))
+    maskmix_alpha: float = field(default=1.0, metadata=dict(
+        group='augmentation', help='MaskMix lambda ~ Beta(alpha, alpha)'))
     mask_size: Optional[int] = field(default=None, metadata=dict(
-        help='MaskMix cell side in pixels, a multiple of the patch size; None: about a quarter of the image'))
-    transmix_area_weight: float = 0.5  # TransMix lambda = w area + (1 - w) attention (released code: 0.5)
-    pal_detach_alpha: bool = False    # MixPro: treat PAL's alpha as a constant (the release does not)
+        group='augmentation',
+        help='MaskMix cell side in pixels, a multiple of the patch size; unset: about a quarter of the image'))
+    transmix_area_weight: float = field(default=0.5, metadata=dict(
+        group='augmentation', help="TransMix label weight lambda = w * area + (1 - w) * attention (the released "
+                                   "code's 0.5)"))
+    pal_detach_alpha: bool = field(default=False, metadata=dict(
+        group='augmentation', help="MixPro: treat PAL's alpha as a constant (the release does not)"))
     defence: str = field(default='none', metadata=dict(
+        group='augmentation',
         help='none | blur[:p=0.3,k=3] | noise[:std=0.25] | adv[:eps=4,steps=3,alpha=...] (deitlab.train.defences)'))
-    drop_path: float = 0.1
-    drop: float = 0.0
-    ema: bool = False
-    ema_decay: float = 0.99996
-    teacher: Optional[str] = None     # timm name or run directory
-    distill: str = 'none'             # none | soft | hard
-    distill_alpha: float = 0.5
-    distill_tau: float = 1.0
-    kd_norm: str = 'numel'            # numel (DeiT's code) | batch
-    img_size: Optional[int] = None    # None: the model's input size (rule: engine.build_student)
-    in_chans: Optional[int] = None    # None: the data's channels
-    aug: str = 'light'                # none | light | deit
-    hflip: Optional[float] = None
-    pretrained: bool = False
-    pretrained_file: Optional[str] = None
-    model_kwargs: dict = field(default_factory=dict)
-    workers: int = 0
-    seed: int = 0
-    device: Optional[str] = None
-    amp: bool = True                  # bf16 autocast on CUDA; ignored on CPU
-    resume: bool = False
-    eval_every: int = 1
-    eval_batch_size: Optional[int] = None
-    tensorboard: bool = True
-    progress: Optional[bool] = None   # None: progress bars when attached to a terminal
-    max_steps_per_epoch: Optional[int] = None   # cap steps (quick runs, tests)
-    token_fusion: str = 'none'        # none | tome | mctf | mctf-fast: train the model token-reduced
-    r: Optional[str] = None           # tokens per block (int, fraction or comma list); None: method default
-    r_teacher_max: float = 8          # MCTF consistency pass at r' in [0, r_teacher_max); 0: off
-    consistency_weight: float = 3.0   # lambda of the class-token MSE
-    consistency_gate: float = 0.4     # only samples whose true-class probability exceeds this
+    drop_path: float = field(default=0.1, metadata=dict(group='model', help='stochastic depth rate'))
+    drop: float = field(default=0.0, metadata=dict(group='model', help='dropout rate'))
+    ema: bool = field(default=False, metadata=dict(
+        group='optimiser', help='keep an exponential moving average of the weights and evaluate it too'))
+    ema_decay: float = field(default=0.99996, metadata=dict(group='optimiser', help='EMA decay per step'))
+    teacher: Optional[str] = field(default=None, metadata=dict(
+        group='distillation', help='teacher: timm or deitlab name, or a run directory'))
+    distill: str = field(default='none', metadata=dict(group='distillation', help='none | soft | hard'))
+    distill_alpha: float = field(default=0.5, metadata=dict(
+        group='distillation', help="weight of the teacher's term in the loss"))
+    distill_tau: float = field(default=1.0, metadata=dict(group='distillation', help='soft distillation temperature'))
+    kd_norm: str = field(default='numel', metadata=dict(
+        group='distillation', help="divide the soft KL sum by numel (batch x classes, DeiT's code) or batch"))
+    img_size: Optional[int] = field(default=None, metadata=dict(
+        group='model', help="input side; unset: the data's size when the patch size divides it, else the "
+                            "model's (rule: engine.build_student)"))
+    in_chans: Optional[int] = field(default=None, metadata=dict(
+        group='model', help="input channels; unset: the data's"))
+    aug: str = field(default='light', metadata=dict(
+        group='augmentation', help='none | light (padded random crop and flip) | deit (timm\'s DeiT transform)'))
+    hflip: Optional[float] = field(default=None, metadata=dict(
+        group='augmentation', help="horizontal flip probability; unset: the data's (0 for glyphs, else 0.5)"))
+    pretrained: bool = field(default=False, metadata=dict(
+        group='model', help="start from timm's released weights for the model name"))
+    pretrained_file: Optional[str] = field(default=None, metadata=dict(
+        group='model', help='start from the weights in this file (implies --pretrained)'))
+    model_kwargs: dict = field(default_factory=dict, metadata=dict(
+        group='model', help='extra arguments for timm.create_model'))
+    workers: int = field(default=0, metadata=dict(group='data', help='data loader worker processes'))
+    seed: int = field(default=0, metadata=dict(group='run', help='random seed'))
+    device: Optional[str] = field(default=None, metadata=dict(
+        group='run', help='torch device; unset: CUDA when available, else the CPU'))
+    amp: bool = field(default=True, metadata=dict(group='run', help='bf16 autocast on CUDA (ignored on the CPU)'))
+    resume: bool = field(default=False, metadata=dict(group='run', help='continue the checkpoint in --out'))
+    eval_every: int = field(default=1, metadata=dict(
+        group='run', help='evaluate every this many epochs (and after the last)'))
+    eval_batch_size: Optional[int] = field(default=None, metadata=dict(
+        group='run', help='evaluation batch per process; unset: twice the training batch per process'))
+    tensorboard: bool = field(default=True, metadata=dict(group='run', help='write TensorBoard logs to --out'))
+    progress: Optional[bool] = field(default=None, metadata=dict(
+        group='run', help='progress bars; unset: when attached to a terminal'))
+    max_steps_per_epoch: Optional[int] = field(default=None, metadata=dict(
+        group='schedule', help='cap on the steps of an epoch (quick runs, tests)'))
+    token_fusion: str = field(default='none', metadata=dict(
+        group='token fusion', help='none | tome | mctf | mctf-fast: train the model token-reduced'))
+    r: Optional[str] = field(default=None, metadata=dict(
+        group='token fusion', help="tokens fused per block: int, fraction or comma list; unset: the method's"))
+    r_teacher_max: float = field(default=8, metadata=dict(
+        group='token fusion', help="MCTF consistency pass at r' in [0, this); 0: off"))
+    consistency_weight: float = field(default=3.0, metadata=dict(
+        group='token fusion', help='MCTF consistency: lambda of the class-token MSE'))
+    consistency_gate: float = field(default=0.4, metadata=dict(
+        group='token fusion', help='MCTF consistency: only samples whose true-class probability exceeds this'))
 
     @classmethod
     def from_recipe(cls, recipe: str = 'deit', **values) -> 'TrainConfig':
@@ -220,19 +265,22 @@ def config_fields() -> dict:
     return {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 
-def load_yaml_defaults(path: str | Path) -> dict:
-    """Read a YAML file of TrainConfig fields (dashes or underscores); unknown keys are an error."""
+def load_yaml_defaults(path: str | Path, known: Optional[Iterable[str]] = None) -> dict:
+    """Read a YAML file of options (dashes or underscores): TrainConfig fields, or the names in
+    ``known``; a key that is not one of them is an error that names it."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f'config file does not exist: {path}')
     data = yaml.safe_load(path.read_text()) or {}
     if not isinstance(data, dict):
         raise ConfigError(f'{path} must hold a mapping of option: value')
-    known = config_fields()
+    known = list(config_fields() if known is None else known)
     out = {}
     for k, v in data.items():
         key = str(k).replace('-', '_')
         if key not in known:
-            raise ConfigError(f'{path}: unknown option {k!r}')
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f" (did you mean {close[0].replace('_', '-')!r}?)" if close else ''
+            raise ConfigError(f'{path}: unknown option {k!r}{hint}')
         out[key] = v
     return out
