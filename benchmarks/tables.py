@@ -405,6 +405,7 @@ VALUES: Dict[str, Callable[[], str]] = {
     'nvit.0.5.top1': lambda: f"{_nvit_row('nvit', 0.5)['top1']:.2f}",
     'nvit.0.5.gmacs_ratio': lambda: f"{_nvit_row('nvit', 0.5)['gmacs'] / _nvit_row('dense', 1.0)['gmacs']:.2f}",
     'demo.minutes': lambda: f"{load('demo')['total_time_s'] / 60:.1f}",
+    'demo.train_min': lambda: f"{load('demo')['train_time_s'] / 60:.1f}",
 }
 
 
