@@ -99,7 +99,7 @@ class Hooks:
     trainer: Optional['Trainer'] = None
 
     def before_epoch(self, epoch: int) -> None:
-        pass
+        """Default: nothing before an epoch."""
 
     def should_stop(self) -> bool:
         return False
@@ -117,22 +117,22 @@ class Hooks:
         return _default_loss(x, outputs, y)
 
     def on_nonfinite(self, loss: torch.Tensor) -> None:
-        pass
+        """Default: no error of its own (the Trainer raises TrainingDiverged)."""
 
     def after_backward(self) -> None:
-        pass
+        """Default: the gradients are not read."""
 
     def before_optimizer_step(self) -> None:
-        pass
+        """Default: nothing before the update."""
 
     def after_optimizer_step(self) -> None:
-        pass
+        """Default: nothing after the update."""
 
     def after_step(self, step: int, loss: torch.Tensor) -> None:
-        pass
+        """Default: nothing after a step."""
 
     def after_epoch(self, epoch: int, row: dict) -> None:
-        pass
+        """Default: the epoch's row is left as it is."""
 
 
 def _default_forward(model: nn.Module, x: torch.Tensor, y: Any):
