@@ -271,7 +271,12 @@ def load_yaml_defaults(path: str | Path, known: Optional[Iterable[str]] = None) 
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f'config file does not exist: {path}')
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        where = getattr(e, 'problem_mark', None)
+        at = f' (line {where.line + 1}, column {where.column + 1})' if where is not None else ''
+        raise ConfigError(f'{path} is not valid YAML{at}: {getattr(e, "problem", None) or e}') from None
     if not isinstance(data, dict):
         raise ConfigError(f'{path} must hold a mapping of option: value')
     known = list(config_fields() if known is None else known)
