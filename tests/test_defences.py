@@ -1,4 +1,4 @@
-"""Training-time defences (deitlab.train.defences) and deitlab unlearnable eval."""
+"""Training-time defences (deitlab.unlearnable.defences) and deitlab unlearnable eval."""
 import json
 
 import pytest
@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import deitlab.models  # noqa: F401
 from deitlab.train import ConfigError, TrainConfig, train
-from deitlab.train.defences import build_defence, parse_defence, pgd_linf, random_blur
+from deitlab.unlearnable.defences import build_defence, parse_defence, pgd_linf, random_blur
 
 DATA = 'glyphs:train=192,val=48,size=32,seed=2'
 

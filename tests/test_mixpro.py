@@ -7,9 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from deitlab.models import DeiT  # importing deitlab.models registers the deitlab_* names
-from deitlab.train.mixpro import (
-    attention_lambda, capture_cls_attention, cutmix_token_mask, mask_mix, mixed_ce, pal_lambda, smooth_one_hot,
-)
+from deitlab.layers.capture import capture_cls_attention
+from deitlab.train.mixpro import attention_lambda, cutmix_token_mask, mask_mix, mixed_ce, pal_lambda, smooth_one_hot
 
 K = 5
 

@@ -11,7 +11,7 @@ import deitlab  # noqa: F401  (registers the deitlab_* names with timm)
 from deitlab.bench import count_gmacs
 from deitlab.models.deit import WidthBlock
 from deitlab.rundir import create, save_run_dir
-from deitlab.tokens.stvit import STViT, STViTDistilled, stvit_filter_fn, stvit_from_deit, stvit_macs
+from deitlab.models.stvit import STViT, STViTDistilled, stvit_filter_fn, stvit_from_deit, stvit_macs
 
 FMNIST = dict(img_size=28, in_chans=1, num_classes=10)   # 7x7 tokens
 NANO, NANO_DIST = 'deitlab_stvit_nano_patch4_32', 'deitlab_stvit_nano_distilled_patch4_32'

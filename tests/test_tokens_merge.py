@@ -11,7 +11,7 @@ from deitlab.tokens import (apply_mctf, apply_tome, fusion_gmacs, fusion_macs, m
                             token_schedule)
 from deitlab.tokens.mctf import (POOLINGS, fuse_attention, fuse_tokens, fusion_weights, mctf_scores)
 from deitlab.tokens.merge import bipartite_plan, cosine_scores, merge_weighted
-from deitlab.tokens.patch import attend, attention_output, attention_probs, project
+from deitlab.layers.attention import attend, attention_output, attention_probs, project
 
 from _tokens_helpers import (_ab_positions, _apply, _duplicate_pairs, _groups, _images, _log_bias, _logits,
                              MCTF_MODE, _meta, METHODS, _model, _paired_images, _source, _tokens, _tokens_in)

@@ -357,10 +357,9 @@ def _prune_parser(p, groups) -> None:
 def _fuse_parser(p, groups) -> None:
     methods = p.add_subparsers(dest='method', required=True)
     from .tokens.fuse import FuseConfig
-    for method, text in (('tome', 'ToMe: bipartite token merging on keys'),
-                         ('mctf', 'MCTF: multi-criteria token fusion with one-step-ahead attention'),
-                         ('mctf-fast', 'MCTF-Fast: fuse 35%% of the tokens at three blocks')):
-        q, g = _subcommand(methods, method, text)
+    from .registry import TOKEN_FUSION
+    for entry in TOKEN_FUSION:
+        q, g = _subcommand(methods, entry.name, entry.help.replace('%', '%%'))
         _add_config_args(q, g, FuseConfig, required=('model',), exclude=('method',))
         _add_json(g)
         q.set_defaults(func=cmd_fuse)

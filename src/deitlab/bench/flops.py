@@ -15,6 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import VisionTransformer
 
+from ..layers.block import block_macs
 from ..models.deit import DeiT, DeiTDistilled
 from ..models.registry import closed_form_of, register_closed_form
 from .common import (eval_mode, fused_attention, model_device, model_dtype, random_input,
@@ -90,13 +91,6 @@ def attention_widths(model: nn.Module) -> list:
                f'block {i} ({type(blk).__name__}) has no attn.num_heads / attn.head_dim')
         out.append((int(attn.num_heads), int(attn.head_dim), int(attn.head_dim)))
     return out
-
-
-def block_macs(N: int, D: int, H: int, dq: int, dv: int, M: int) -> dict:
-    """MACs of one pre-norm block on N tokens of width D (heads H, query/key width dq and value
-    width dv per head, MLP hidden width M), by part (see ``analytic_gmacs``)."""
-    return dict(qkv=N * D * H * (2 * dq + dv), attn_qk=H * N * N * dq, attn_av=H * N * N * dv,
-                proj=N * H * dv * D, mlp=2 * N * D * M)
 
 
 def analytic_macs(model: nn.Module, input_size: Optional[Sequence[int]] = None,

@@ -3,6 +3,8 @@ from . import deit  # noqa: F401  (registers deitlab_deit_* with timm)
 from . import spectformer  # noqa: F401
 from . import poolformer  # noqa: F401
 from . import spectformer_h  # noqa: F401
-from .deit import DeiT, DeiTDistilled, WidthAttention, WidthBlock, resolve_widths
+from . import stvit  # noqa: F401
+from ..layers import WidthAttention, WidthBlock
+from .deit import DeiT, DeiTDistilled, resolve_widths
 
 __all__ = ['DeiT', 'DeiTDistilled', 'WidthAttention', 'WidthBlock', 'resolve_widths']

@@ -25,142 +25,22 @@ from __future__ import annotations
 
 from typing import Optional, Sequence, Union
 
-import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, LayerScale, Mlp, use_fused_attn
+from timm.layers import LayerScale
 from timm.models import build_model_with_cfg, generate_default_cfgs
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
+from ..layers import WidthAttention, WidthBlock
 from .registry import register_variant
 
 __all__ = [
-    'WidthAttention', 'WidthBlock', 'fused_attention', 'DeiT', 'DeiTDistilled', 'resolve_widths', 'SMALL_IMAGE_CONFIGS', 'from_timm',
+    'WidthAttention', 'WidthBlock', 'DeiT', 'DeiTDistilled', 'resolve_widths', 'SMALL_IMAGE_CONFIGS', 'from_timm',
     'WidthMixin', 'install_block_factory', 'json_arch_kwargs',
 ]
 
 IntOrList = Union[int, Sequence[int]]
-
-
-def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
-                    dropout_p: float = 0., scale: Optional[float] = None) -> torch.Tensor:
-    """``softmax(scale q k^T + mask) v`` by fused SDPA, also when q/k and v head widths differ.
-
-    SDPA's fast kernels need one head width for q, k and v (on the CPU a mismatch falls back to a
-    path ~3x slower). Zero-padding q and k, or v, is exact: q.k and the kept output columns do
-    not change.
-    """
-    dq, dv = q.shape[-1], v.shape[-1]
-    if dq < dv:
-        q, k = F.pad(q, (0, dv - dq)), F.pad(k, (0, dv - dq))
-    elif dv < dq:
-        v = F.pad(v, (0, dq - dv))
-    x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale)
-    return x[..., :dv] if dv < dq else x
-
-
-class WidthAttention(nn.Module):
-    """Multi-head self-attention whose query/key and value head widths may differ.
-
-    ``qkv`` is one linear layer whose output rows are ``[Q (heads x qk_dim), K (heads x qk_dim),
-    V (heads x v_dim)]``, each head contiguous, which is timm's layout when ``qk_dim == v_dim``.
-    ``Attention(Q, K, V) = softmax(scale * Q K^T) V`` per head, then ``proj``.
-    """
-
-    def __init__(
-            self,
-            dim: int,
-            num_heads: int,
-            qk_dim: int,
-            v_dim: int,
-            qkv_bias: bool = True,
-            scale: Optional[float] = None,
-            attn_drop: float = 0.,
-            proj_drop: float = 0.,
-    ):
-        super().__init__()
-        if num_heads < 1 or qk_dim < 1 or v_dim < 1:
-            raise ValueError(f'attention needs at least one head and one channel per head, '
-                             f'got heads={num_heads} qk_dim={qk_dim} v_dim={v_dim}')
-        self.num_heads = num_heads
-        self.qk_dim = qk_dim
-        self.v_dim = v_dim
-        self.scale = float(scale) if scale is not None else qk_dim ** -0.5
-        self.fused_attn = use_fused_attn()
-        self.qkv = nn.Linear(dim, num_heads * (2 * qk_dim + v_dim), bias=qkv_bias)
-        self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = nn.Linear(num_heads * v_dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
-
-    def split_qkv(self, x: torch.Tensor):
-        """Return q, k (B, H, N, qk_dim) and v (B, H, N, v_dim) for tokens x (B, N, C)."""
-        B, N, _ = x.shape
-        H, dq, dv = self.num_heads, self.qk_dim, self.v_dim
-        q, k, v = self.qkv(x).split([H * dq, H * dq, H * dv], dim=-1)
-        q = q.reshape(B, N, H, dq).transpose(1, 2)
-        k = k.reshape(B, N, H, dq).transpose(1, 2)
-        v = v.reshape(B, N, H, dv).transpose(1, 2)
-        return q, k, v
-
-    def attention_probs(self, x: torch.Tensor) -> torch.Tensor:
-        """The softmax attention map (B, H, N, N) this layer computes for tokens x."""
-        q, k, _ = self.split_qkv(x)
-        return ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
-
-    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        B, N, _ = x.shape
-        q, k, v = self.split_qkv(x)
-        if self.fused_attn:
-            x = fused_attention(q, k, v, attn_mask, self.attn_drop.p if self.training else 0., self.scale)
-        else:
-            attn = (q * self.scale) @ k.transpose(-2, -1)
-            if attn_mask is not None:
-                attn = attn + attn_mask
-            attn = self.attn_drop(attn.softmax(dim=-1))
-            x = attn @ v
-        x = x.transpose(1, 2).reshape(B, N, self.num_heads * self.v_dim)
-        return self.proj_drop(self.proj(x))
-
-
-class WidthBlock(nn.Module):
-    """Pre-norm transformer block, ``x + ls1*attn(norm1(x))`` then ``x + ls2*mlp(norm2(x))``,
-    with the names timm's ``Block`` uses (norm1, attn, ls1, drop_path1, norm2, mlp, ...)."""
-
-    def __init__(
-            self,
-            dim: int,
-            num_heads: int,
-            qk_dim: int,
-            v_dim: int,
-            mlp_hidden: int,
-            qkv_bias: bool = True,
-            attn_scale: Optional[float] = None,
-            init_values: Optional[float] = None,
-            proj_drop: float = 0.,
-            attn_drop: float = 0.,
-            drop_path: float = 0.,
-            norm_layer=nn.LayerNorm,
-            act_layer=nn.GELU,
-    ):
-        super().__init__()
-        if mlp_hidden < 1:
-            raise ValueError(f'the MLP needs at least one hidden unit, got {mlp_hidden}')
-        self.norm1 = norm_layer(dim)
-        self.attn = WidthAttention(dim, num_heads, qk_dim, v_dim, qkv_bias=qkv_bias, scale=attn_scale,
-                                   attn_drop=attn_drop, proj_drop=proj_drop)
-        self.ls1 = LayerScale(dim, init_values=init_values) if init_values else nn.Identity()
-        self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
-        self.norm2 = norm_layer(dim)
-        self.mlp = Mlp(in_features=dim, hidden_features=mlp_hidden, act_layer=act_layer, drop=proj_drop)
-        self.ls2 = LayerScale(dim, init_values=init_values) if init_values else nn.Identity()
-        self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
-
-    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask)))
-        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
-        return x
 
 
 def _per_block(name: str, value, depth: int, default) -> list:

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Dict, Optional
 
+from ..registry import SALIENCY
 from .families import Layout
 from .groups import GROUP_TYPES, PruneError
 from .latency import lut_path
@@ -52,7 +53,7 @@ class NViTConfig:
         'group': 'pruning', 'help': "target parameters, a fraction of the dense model's"})
     # saliency and ranking
     criterion: str = field(default='nvit', metadata={
-        'group': 'pruning', 'help': 'saliency: nvit (Hessian-aware) | taylor | magnitude | fisher'})
+        'group': 'pruning', 'help': f'saliency: {SALIENCY.choices_help()} (nvit: Hessian-aware)'})
     lam: float = field(default=0.02, metadata={
         'group': 'pruning', 'help': 'latency penalty weight lambda in I - lambda * dLat (scale-free, see ranking.py)'})
     momentum: float = field(default=0.9, metadata={

@@ -31,15 +31,13 @@ import abc
 import copy
 import math
 from functools import cached_property
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 from timm.layers import Mlp
 
-from ..models.deit import DeiT, DeiTDistilled
-from ..models.poolformer import PoolFormer
-from ..models.spectformer import SpectFormer
+from ..registry import PRUNABLE, load_target
 
 __all__ = ['PruneError', 'GROUP_TYPES', 'BLOCK_TYPES', 'WIDTH_KEYS', 'Layout', 'DeiTLayout', 'MLPLayout',
            'PoolFormerLayout', 'SpectFormerLayout', 'layout_of', 'tokens_of', 'block_params']
@@ -76,6 +74,12 @@ def _create_like(model: nn.Module, args: dict, device=None) -> nn.Module:
         with torch.device('meta'):
             return timm.create_model(architecture_of(model), **kw)
     return timm.create_model(architecture_of(model), **kw).to(device or 'cpu')
+
+
+def _grid_axis(full: int, fractions: Sequence[float], minimum: int = 1) -> List[int]:
+    vals = {max(minimum, int(round(full * f))) for f in fractions}
+    vals.add(full)
+    return sorted(v for v in vals if v <= full)
 
 
 class Layout(abc.ABC):
@@ -126,6 +130,17 @@ class Layout(abc.ABC):
     @abc.abstractmethod
     def gmacs(self) -> float:
         """Closed-form GMACs of the model (matrix products, as ``count_gmacs`` counts them)."""
+
+    #: the latency-table file format that times this family (``prune/latency.py``)
+    table_format = ''
+
+    @abc.abstractmethod
+    def latency_grid(self, fine: bool = False) -> Dict[str, List[int]]:
+        """The widths a latency table times: nodes covering every width the model could be pruned to."""
+
+    def grid_with(self, overrides: Optional[Dict[str, list]] = None) -> Dict[str, List[int]]:
+        """``latency_grid()`` with some axes given (``NViTConfig.lut_grid``)."""
+        return dict(self.latency_grid(), **(overrides or {}))
 
 
 class DeiTLayout(Layout):
@@ -199,6 +214,19 @@ class DeiTLayout(Layout):
     def gmacs(self) -> float:
         from ..bench import analytic_gmacs
         return analytic_gmacs(self.model)
+
+    table_format = 'deitlab-latency-table/1'
+
+    def latency_grid(self, fine: bool = False) -> Dict[str, List[int]]:
+        """Per axis (emb, heads, qk, v, mlp): quarters of the dense widths (eighths with ``fine``)."""
+        w = self.model.block_widths
+        E, H = self.model.embed_dim, max(w['num_heads'])
+        dq, dv, M = max(w['qk_dim']), max(w['v_dim']), max(w['mlp_hidden'])
+        quarters = (0.0, 0.25, 0.5, 1.0) if not fine else (0.0, 0.125, 0.25, 0.375, 0.5, 0.75, 1.0)
+        heads = list(range(1, H + 1)) if H <= 4 else _grid_axis(H, (0.0, 0.25, 0.5, 0.75, 1.0))
+        return dict(emb=_grid_axis(E, (0.25, 0.5, 0.75, 1.0), minimum=8 if E >= 32 else 1),
+                    heads=heads, qk=_grid_axis(dq, quarters), v=_grid_axis(dv, quarters),
+                    mlp=_grid_axis(M, (0.0, 0.25, 0.5, 0.75, 1.0)))
 
 
 def _pointwise(layer: nn.Module) -> bool:
@@ -325,6 +353,31 @@ class MLPLayout(Layout):
         return copy.deepcopy(self.model, memo)
 
 
+    table_format = 'deitlab-mlp-latency-table/1'
+
+    def latency_grid(self, fine: bool = False) -> Dict[str, List[int]]:
+        """Per block kind: the MLP widths of that kind's blocks at quarters (eighths with ``fine``)."""
+        fractions = (0.0, 0.25, 0.5, 0.75, 1.0) if not fine else tuple(i / 8 for i in range(9))
+        grid: Dict[str, List[int]] = {}
+        for b, m in enumerate(self.widths()['mlp_hidden']):
+            kind = self.block_kind(b)
+            grid[kind] = sorted(set(grid.get(kind, [])) | set(_grid_axis(m, fractions)))
+        return grid
+
+    def grid_with(self, overrides: Optional[Dict[str, list]] = None) -> Dict[str, List[int]]:
+        """Only ``mlp`` may be given: those widths are the nodes of every block kind, capped at the
+        kind's widest MLP, which always stays a node."""
+        grid = self.latency_grid()
+        if not overrides:
+            return grid
+        bad = sorted(set(overrides) - {'mlp'})
+        if bad:
+            raise PruneError(f'{self.family} models prune MLP hidden widths only; the latency grid takes an mlp '
+                             f'axis, not {bad}')
+        values = [int(v) for v in overrides['mlp']]
+        return {k: sorted({v for v in values if 1 <= v <= max(axis)} | {max(axis)}) for k, axis in grid.items()}
+
+
 class PoolFormerLayout(MLPLayout):
     """deitlab ``PoolFormer``: blocks ``stages.{i}.blocks.{j}``, one block kind per stage."""
 
@@ -364,16 +417,13 @@ class SpectFormerLayout(MLPLayout):
         return spectformer_macs(self.model)['total']
 
 
-_LAYOUTS = ((DeiT, DeiTLayout), (DeiTDistilled, DeiTLayout), (SpectFormer, SpectFormerLayout),
-            (PoolFormer, PoolFormerLayout))
-
-
 def layout_of(model: nn.Module) -> Layout:
-    """The layout of a model the pruner handles; ``PruneError`` for anything else (or when the
+    """The layout of a model the pruner handles (the first family in ``deitlab.registry.PRUNABLE``
+    whose classes the model is an instance of); ``PruneError`` for anything else (or when the
     layout's checks fail)."""
-    for cls, layout in _LAYOUTS:
-        if isinstance(model, cls):
-            return layout(model)
+    for family in PRUNABLE:
+        if isinstance(model, tuple(load_target(c) for c in family['classes'])):
+            return family.load()(model)
     raise PruneError(f'structural pruning works on deitlab DeiT models, not {type(model).__name__}; convert a timm '
                      f'ViT/DeiT with deitlab.models.deit.from_timm(model) (deitlab PoolFormer and SpectFormer '
                      f'models are pruned in their MLP hidden widths)')

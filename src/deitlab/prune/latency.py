@@ -45,7 +45,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch.nn as nn
 
-from .families import MLPLayout, layout_of
+from .families import DeiTLayout, MLPLayout, layout_of
 from .groups import PruneError, tokens_of
 
 __all__ = ['AXES', 'FORMAT', 'MLP_FORMAT', 'LatencyTable', 'MLPLatencyTable', 'default_grid', 'grid_for',
@@ -53,53 +53,19 @@ __all__ = ['AXES', 'FORMAT', 'MLP_FORMAT', 'LatencyTable', 'MLPLatencyTable', 'd
 
 AXES = ('emb', 'heads', 'qk', 'v', 'mlp')
 TABLES_DIR = Path(__file__).resolve().parent / 'tables'   # committed tables, by name (lut_path)
-FORMAT = 'deitlab-latency-table/1'
-MLP_FORMAT = 'deitlab-mlp-latency-table/1'
-
-
-def _grid_axis(full: int, fractions: Sequence[float], minimum: int = 1) -> List[int]:
-    vals = {max(minimum, int(round(full * f))) for f in fractions}
-    vals.add(full)
-    return sorted(v for v in vals if v <= full)
+FORMAT = DeiTLayout.table_format
+MLP_FORMAT = MLPLayout.table_format
 
 
 def default_grid(model: nn.Module, fine: bool = False) -> Dict[str, List[int]]:
     """Grid nodes covering every width the model could be pruned to (from 1 unit to dense): per
-    axis for a DeiT, per block kind (MLP widths) for the MLP-only families."""
-    layout = layout_of(model)
-    if isinstance(layout, MLPLayout):
-        fractions = (0.0, 0.25, 0.5, 0.75, 1.0) if not fine else tuple(i / 8 for i in range(9))
-        grid: Dict[str, List[int]] = {}
-        for b, m in enumerate(layout.widths()['mlp_hidden']):
-            kind = layout.block_kind(b)
-            grid[kind] = sorted(set(grid.get(kind, [])) | set(_grid_axis(m, fractions)))
-        return grid
-    w = model.block_widths
-    E, H = model.embed_dim, max(w['num_heads'])
-    dq, dv, M = max(w['qk_dim']), max(w['v_dim']), max(w['mlp_hidden'])
-    quarters = (0.0, 0.25, 0.5, 1.0) if not fine else (0.0, 0.125, 0.25, 0.375, 0.5, 0.75, 1.0)
-    heads = list(range(1, H + 1)) if H <= 4 else _grid_axis(H, (0.0, 0.25, 0.5, 0.75, 1.0))
-    return dict(emb=_grid_axis(E, (0.25, 0.5, 0.75, 1.0), minimum=8 if E >= 32 else 1),
-                heads=heads, qk=_grid_axis(dq, quarters), v=_grid_axis(dv, quarters),
-                mlp=_grid_axis(M, (0.0, 0.25, 0.5, 0.75, 1.0)))
+    axis for a DeiT, per block kind (MLP widths) for the MLP-only families (``Layout.latency_grid``)."""
+    return layout_of(model).latency_grid(fine)
 
 
 def grid_for(model: nn.Module, overrides: Optional[Dict[str, list]] = None) -> Dict[str, List[int]]:
-    """``default_grid`` with some axes given (``NViTConfig.lut_grid``). For the MLP-only families
-    only ``mlp`` may be given: those widths are the nodes of every block kind, capped at the kind's
-    widest MLP, which always stays a node."""
-    grid = default_grid(model)
-    if not overrides:
-        return grid
-    layout = layout_of(model)
-    if not isinstance(layout, MLPLayout):
-        return dict(grid, **overrides)
-    bad = sorted(set(overrides) - {'mlp'})
-    if bad:
-        raise PruneError(f'{layout.family} models prune MLP hidden widths only; the latency grid takes an mlp '
-                         f'axis, not {bad}')
-    values = [int(v) for v in overrides['mlp']]
-    return {k: sorted({v for v in values if 1 <= v <= max(axis)} | {max(axis)}) for k, axis in grid.items()}
+    """``default_grid`` with some axes given (``NViTConfig.lut_grid``; ``Layout.grid_with``)."""
+    return layout_of(model).grid_with(overrides)
 
 
 class _JsonTable(abc.ABC):
@@ -261,7 +227,7 @@ class LatencyTable(_JsonTable):
     def check_covers(self, model: nn.Module) -> None:
         """Raise unless the model is a DeiT whose widths lie inside the grid and whose token count matches."""
         layout = layout_of(model)
-        if isinstance(layout, MLPLayout):
+        if layout.table_format != FORMAT:
             raise PruneError(f'this latency table times DeiT blocks, the model is a {layout.family}; build a table '
                              f'for this model')
         w = model.block_widths
@@ -350,7 +316,7 @@ class MLPLatencyTable(_JsonTable):
         """Raise unless the model has this table's family, block kinds and block input shapes, and
         MLP widths inside the grid."""
         layout = layout_of(model)
-        if not isinstance(layout, MLPLayout):
+        if layout.table_format != MLP_FORMAT:
             raise PruneError(f'this latency table times the MLP widths of {self.family} blocks, the model is a '
                              f'{layout.family}; build a table for this model')
         kinds = [layout.block_kind(b) for b in range(layout.depth)]

@@ -34,9 +34,10 @@ from typing import Callable, Dict, Optional, Union
 import torch
 import torch.nn as nn
 
+from ..registry import SALIENCY
 from .groups import PruneError, reduce_units
 
-CRITERIA = ('nvit', 'taylor', 'magnitude', 'fisher')
+CRITERIA = SALIENCY.names()
 
 
 def nvit_divisors(depth: int) -> Dict[str, float]:
@@ -75,6 +76,61 @@ def per_sample_sq_grads(model: nn.Module, loss_fn: Callable, x: torch.Tensor, *e
     return total
 
 
+class Criterion:
+    """One saliency criterion (registered in ``deitlab.registry.SALIENCY``). ``data`` says what it
+    reads: 'grad' (``batch`` after each backward), 'per_sample' (``Saliency.accumulate_sq_grads``)
+    or None (weights only). ``window_mean`` turns what was accumulated since the last event into
+    one score per unit, in the layout of ``reduce_units``."""
+
+    data: Optional[str] = None
+
+    def batch(self, model: nn.Module, divisors: Optional[Dict[str, float]]) -> dict:
+        """One batch's contribution, from the gradients now in ``param.grad``."""
+        raise NotImplementedError(f'{type(self).__name__} reads no per-batch gradients')
+
+    def window_mean(self, model: nn.Module, sal: 'Saliency') -> dict:
+        if not sal.count:
+            raise PruneError(f'{sal.criterion} saliency has no batches yet: call accumulate() after backward')
+        return _map(sal.window, lambda k, t: t / sal.count)
+
+
+class HessianAware(Criterion):
+    """NViT: ``(sum_S g w / divisor)^2`` per batch, averaged over the window."""
+    data = 'grad'
+
+    def batch(self, model, divisors):
+        sums = reduce_units(model, lambda n, p: None if p.grad is None else p * p.grad)
+        if divisors:
+            sums = _map(sums, lambda k, t: t / divisors.get(k, 1.0))
+        return _map(sums, lambda k, t: t * t)
+
+
+class Taylor(Criterion):
+    """First-order Taylor: ``sum |w g|`` per batch, averaged over the window."""
+    data = 'grad'
+
+    def batch(self, model, divisors):
+        return reduce_units(model, lambda n, p: None if p.grad is None else (p * p.grad).abs())
+
+
+class Magnitude(Criterion):
+    """``sum w^2``: needs no data."""
+
+    def window_mean(self, model, sal):
+        return reduce_units(model, lambda n, p: p * p)
+
+
+class Fisher(Criterion):
+    """Diagonal Fisher: ``sum w^2 E[g^2]`` with per-sample gradients."""
+    data = 'per_sample'
+
+    def window_mean(self, model, sal):
+        if not sal.samples:
+            raise PruneError('fisher saliency has no per-sample gradients yet')
+        mean_sq = {k: v / sal.samples for k, v in sal.sq_grads.items()}
+        return reduce_units(model, lambda n, p: p * p * mean_sq[n] if n in mean_sq else None)
+
+
 class Saliency:
     """Per-unit importance, accumulated over batches and smoothed over pruning events.
 
@@ -83,15 +139,15 @@ class Saliency:
     and starts a new averaging window.
 
     Args:
-        criterion: 'nvit', 'taylor', 'magnitude' or 'fisher'.
+        criterion: a name in ``deitlab.registry.SALIENCY`` ('nvit', 'taylor', 'magnitude', 'fisher').
         momentum: EMA factor across events, ``score = m * previous + (1 - m) * window mean``.
         divisors: 'nvit', None, or a dict per unit type (applied to the 'nvit' sums before squaring).
     """
 
     def __init__(self, criterion: str = 'nvit', momentum: float = 0.9,
                  divisors: Union[None, str, Dict[str, float]] = 'nvit', depth: Optional[int] = None):
-        if criterion not in CRITERIA:
-            raise PruneError(f'unknown saliency criterion {criterion!r}; choose one of {", ".join(CRITERIA)}')
+        if criterion not in SALIENCY:
+            raise PruneError(f'unknown saliency criterion {criterion!r}; choose one of {", ".join(SALIENCY.names())}')
         if not 0.0 <= momentum < 1.0:
             raise PruneError(f'saliency momentum must be in [0, 1), got {momentum}')
         if divisors == 'nvit':
@@ -99,6 +155,7 @@ class Saliency:
                 raise PruneError("divisors='nvit' needs the model depth")
             divisors = nvit_divisors(depth)
         self.criterion = criterion
+        self.rule: Criterion = SALIENCY[criterion].load()()
         self.momentum = momentum
         self.divisors = divisors
         self.window: Optional[dict] = None
@@ -109,11 +166,11 @@ class Saliency:
 
     @property
     def needs_grad(self) -> bool:
-        return self.criterion in ('nvit', 'taylor')
+        return self.rule.data == 'grad'
 
     @property
     def needs_per_sample(self) -> bool:
-        return self.criterion == 'fisher'
+        return self.rule.data == 'per_sample'
 
     def _add(self, units: dict) -> None:
         self.window = units if self.window is None else _zip(self.window, units, torch.add)
@@ -122,14 +179,8 @@ class Saliency:
     @torch.no_grad()
     def accumulate(self, model: nn.Module) -> None:
         """Add one batch's contribution, from the gradients now in ``param.grad``."""
-        if self.criterion == 'nvit':
-            sums = reduce_units(model, lambda n, p: None if p.grad is None else p * p.grad)
-            if self.divisors:
-                sums = _map(sums, lambda k, t: t / self.divisors.get(k, 1.0))
-            self._add(_map(sums, lambda k, t: t * t))
-        elif self.criterion == 'taylor':
-            self._add(reduce_units(model, lambda n, p: None if p.grad is None else (p * p.grad).abs()))
-        # magnitude needs no data; fisher uses accumulate_sq_grads
+        if self.needs_grad:   # magnitude needs no data; fisher uses accumulate_sq_grads
+            self._add(self.rule.batch(model, self.divisors))
 
     def accumulate_sq_grads(self, sq_grads: Dict[str, torch.Tensor], samples: int) -> None:
         """Add ``sum_i g_i^2`` of ``samples`` per-sample gradients (see ``per_sample_sq_grads``)."""
@@ -142,16 +193,7 @@ class Saliency:
 
     @torch.no_grad()
     def _window_mean(self, model: nn.Module) -> dict:
-        if self.criterion == 'magnitude':
-            return reduce_units(model, lambda n, p: p * p)
-        if self.criterion == 'fisher':
-            if not self.samples:
-                raise PruneError('fisher saliency has no per-sample gradients yet')
-            mean_sq = {k: v / self.samples for k, v in self.sq_grads.items()}
-            return reduce_units(model, lambda n, p: p * p * mean_sq[n] if n in mean_sq else None)
-        if not self.count:
-            raise PruneError(f'{self.criterion} saliency has no batches yet: call accumulate() after backward')
-        return _map(self.window, lambda k, t: t / self.count)
+        return self.rule.window_mean(model, self)
 
     def event(self, model: nn.Module) -> dict:
         """The smoothed scores now; resets the averaging window."""

@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 
 from ..bench.common import device_name, num_threads, synchronize
-from ..models.deit import WidthBlock
+from ..layers import WidthBlock
 from .families import MLPLayout, layout_of
 from .groups import PruneError, tokens_of
 from .latency import AXES, LatencyTable, MLPLatencyTable, default_grid
@@ -161,7 +161,7 @@ def build_latency_table(model: nn.Module, batch_size: int = 64, grid: Optional[D
 
     dev = torch.device(device) if device is not None else model_device(model)
     layout = layout_of(model)
-    if isinstance(layout, MLPLayout):
+    if layout.table_format == MLPLatencyTable.FORMAT:
         return _build_mlp_table(model, layout, batch_size, grid, dev, threads, passes, steps, progress, whole_model)
     grid = dict(grid or default_grid(model))
     for k in AXES:

@@ -18,15 +18,15 @@ from typing import Optional
 
 import torch.nn as nn
 
-from .mctf import POOLINGS, apply_mctf
+from ..registry import TOKEN_FUSION
+from .mctf import POOLINGS
 from .patch import TokenFusionError
 from .schedule import MCTF_MODES, fusion_macs
-from .tome import apply_tome
 
 __all__ = ['FuseConfig', 'fuse_model', 'apply_token_fusion', 'evaluate_models', 'parse_r_arg', 'default_batch',
            'FUSION_METHODS']
 
-FUSION_METHODS = ('tome', 'mctf', 'mctf-fast')
+FUSION_METHODS = TOKEN_FUSION.names()
 
 
 def parse_r_arg(r, inflect: Optional[float] = None):
@@ -51,14 +51,11 @@ def parse_r_arg(r, inflect: Optional[float] = None):
 
 
 def apply_token_fusion(model: nn.Module, method: str, r=None, layers=None, **options) -> nn.Module:
-    """Dispatch to ``apply_tome`` / ``apply_mctf`` (``'mctf-fast'``: MCTF-Fast); ``r=None`` is
-    the method's default (ToMe 8, MCTF 16, MCTF-Fast 0.35)."""
-    if method == 'tome':
-        return apply_tome(model, 8 if r is None else r, layers=layers, **options)
-    if method in ('mctf', 'mctf-fast'):
-        fast = method == 'mctf-fast'
-        return apply_mctf(model, (0.35 if fast else 16) if r is None else r, layers=layers, fast=fast, **options)
-    raise TokenFusionError(f'token fusion method must be one of {FUSION_METHODS}, got {method!r}')
+    """Patch ``model`` with a method of ``deitlab.registry.TOKEN_FUSION`` (``apply_tome``,
+    ``apply_mctf``, ``apply_mctf(fast=True)``); ``r=None`` is the method's ``default_r`` (ToMe 8,
+    MCTF 16, MCTF-Fast 0.35)."""
+    entry = TOKEN_FUSION.get(method, TokenFusionError, 'token fusion method')
+    return entry.load()(model, entry['default_r'] if r is None else r, layers=layers, **entry['options'], **options)
 
 
 def default_batch(gmacs: float, work: float = 64.0) -> int:
@@ -77,7 +74,7 @@ class FuseConfig:
     model: str = field(default='', metadata={'group': 'model', 'help': 'timm/deitlab name or run directory'})
     pretrained: bool = field(default=False, metadata={
         'group': 'model', 'help': 'a timm name: load its released weights (timm downloads them)'})
-    method: str = field(default='mctf', metadata={'group': 'token fusion', 'help': 'tome | mctf | mctf-fast'})
+    method: str = field(default='mctf', metadata={'group': 'token fusion', 'help': TOKEN_FUSION.choices_help()})
     r: Optional[str] = field(default=None, metadata={
         'group': 'token fusion', 'help': 'tokens fused per block: int, fraction or comma list; unset: ToMe 8, '
                                          'MCTF 16, MCTF-Fast 0.35'})
@@ -119,7 +116,7 @@ class FuseConfig:
 
     def fusion_options(self) -> dict:
         opts = dict(prop_attn=self.prop_attn)
-        if self.method != 'tome':
+        if TOKEN_FUSION.get(self.method, TokenFusionError, 'method')['cost'] == 'mctf':   # MCTF's own options
             if self.pooling not in POOLINGS:
                 raise TokenFusionError(f'--pooling must be one of {POOLINGS}, got {self.pooling!r}')
             if self.mode not in MCTF_MODES:
@@ -144,8 +141,7 @@ def fuse_model(cfg: FuseConfig) -> dict:
     from ..bench.speed import noise_warnings
     from ..rundir import create
 
-    if cfg.method not in FUSION_METHODS:
-        raise TokenFusionError(f'method must be one of {FUSION_METHODS}, got {cfg.method!r}')
+    TOKEN_FUSION.check(cfg.method, TokenFusionError, 'method')
     r = None if cfg.r is None else parse_r_arg(cfg.r, cfg.inflect)
     base = create(cfg.model, pretrained=cfg.pretrained).eval()
     if cfg.device:
@@ -159,7 +155,7 @@ def fuse_model(cfg: FuseConfig) -> dict:
     tokens = base.patch_embed.num_patches + base.num_prefix_tokens
     depth = len(base.blocks) - tf.start   # the blocks fusion runs in (after SpectFormer's grid blocks)
     schedule = tf.schedule(tokens, depth)
-    kind = 'tome' if cfg.method == 'tome' else 'mctf'
+    kind = TOKEN_FUSION[cfg.method]['cost']
     label = f'{cfg.method} r={tf.r}'
     models = {'fused attention': base, 'explicit attention': explicit, label: fused}
     macs = {n: fusion_macs(m, schedule if m is fused else tf.schedule(tokens, depth, 0), kind,

@@ -36,8 +36,8 @@ import torch
 import torch.nn as nn
 
 from .merge import MergePlan, TokenState, bipartite_plan, cosine_scores, merge_weighted, split_ab
-from .patch import (TokenFusion, TokenFusionError, attention_output, attention_probs, check_supported, grid_blocks,
-                    patch_model, project, tome_block)
+from ..layers.attention import attention_output, attention_probs, project
+from .patch import TokenFusion, TokenFusionError, check_supported, grid_blocks, patch_model, tome_block
 from .schedule import MCTF_MODES
 
 __all__ = ['MCTF', 'apply_mctf', 'mctf_scores', 'fusion_weights', 'fuse_tokens', 'fuse_attention',

@@ -25,74 +25,21 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from timm.layers import PatchDropout
 from timm.models.vision_transformer import Attention, Block, VisionTransformer
 
-from ..models.deit import WidthAttention, WidthBlock, fused_attention
+from ..layers import WidthAttention, WidthBlock
+from ..layers.attention import attend, attention_output, project
 from ..models.spectformer import MixerBlock
 from .merge import TokenState, bipartite_plan, cosine_scores, merge_weighted
 from .schedule import token_schedule
 
 __all__ = ['TokenFusionError', 'TokenFusion', 'patch_model', 'remove_token_fusion', 'token_fusion_of',
-           'grid_blocks', 'project', 'attention_output', 'attend', 'attention_probs', 'tome_block']
+           'grid_blocks', 'tome_block']
 
 
 class TokenFusionError(ValueError):
     """A model or setting token fusion cannot handle."""
-
-
-def _dims(attn: nn.Module):
-    if isinstance(attn, WidthAttention):
-        return attn.num_heads, attn.qk_dim, attn.v_dim
-    return attn.num_heads, attn.head_dim, attn.head_dim
-
-
-def project(attn: nn.Module, h: torch.Tensor, parts: str = 'qkv'):
-    """Per-head projections of tokens ``h`` (B, N, D): 'qkv' -> (q, k, v), 'qk' -> (q, k), 'v' -> v,
-    each (B, H, N, width); only the rows of ``attn.qkv`` that are needed are multiplied."""
-    H, dq, dv = _dims(attn)
-    B, N, _ = h.shape
-    W, b = attn.qkv.weight, attn.qkv.bias
-    if parts == 'qkv':
-        out = attn.qkv(h).split([H * dq, H * dq, H * dv], dim=-1)
-    elif parts == 'qk':
-        out = F.linear(h, W[:2 * H * dq], None if b is None else b[:2 * H * dq]).split(H * dq, dim=-1)
-    elif parts == 'v':
-        out = [F.linear(h, W[2 * H * dq:], None if b is None else b[2 * H * dq:])]
-    else:
-        raise ValueError(f"parts must be 'qkv', 'qk' or 'v', got {parts!r}")
-    out = [t.reshape(B, N, H, -1).transpose(1, 2) for t in out]
-    if parts != 'v':
-        out[0] = getattr(attn, 'q_norm', nn.Identity())(out[0])
-        out[1] = getattr(attn, 'k_norm', nn.Identity())(out[1])
-    return out[0] if parts == 'v' else tuple(out)
-
-
-def attention_probs(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """``softmax(scale q k^T + bias)`` (B, H, Nq, Nk), before attention dropout."""
-    logits = (q * attn.scale) @ k.transpose(-2, -1)
-    return (logits if bias is None else logits + bias.to(logits.dtype)).softmax(dim=-1)
-
-
-def attend(attn: nn.Module, q, k, v, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """Attention context (B, H, N, dv): fused SDPA when the module uses it, else explicit."""
-    if attn.fused_attn:
-        if bias is not None:
-            bias = bias.to(q.dtype)
-        return fused_attention(q, k, v, bias, attn.attn_drop.p if attn.training else 0., attn.scale)
-    return attn.attn_drop(attention_probs(attn, q, k, bias)) @ v
-
-
-def attention_output(attn: nn.Module, ctx: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """The attention module's output from its context (B, H, N, dv); ``h`` is its input (for a gate)."""
-    B, H, N, dv = ctx.shape
-    x = ctx.transpose(1, 2).reshape(B, N, H * dv)
-    x = getattr(attn, 'norm', nn.Identity())(x)
-    gate = getattr(attn, 'gate', None)
-    if gate is not None:
-        x = x * gate(h).sigmoid()
-    return attn.proj_drop(attn.proj(x))
 
 
 def tome_block(blk: nn.Module, x: torch.Tensor, st: TokenState, r: int, prop_attn: bool = True) -> torch.Tensor:

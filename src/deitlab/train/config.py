@@ -21,6 +21,8 @@ from typing import Iterable, Optional
 
 import yaml
 
+from ..registry import MIX_MODES, TOKEN_FUSION
+
 MIN_MIXING_STEPS = 1000   # fewer optimizer steps than this with batch mixing on: warn
 
 
@@ -70,7 +72,7 @@ class TrainConfig:
                                    'transmix, its released configuration)'))
     mix: str = field(default='mixup-cutmix', metadata=dict(
         group='augmentation',
-        help='none | mixup | cutmix | mixup-cutmix | transmix | maskmix | mixpro (deitlab.train.mixing)'))
+        help=f'{MIX_MODES.choices_help()} (deitlab.train.mixing)'))
     maskmix_prob: float = field(default=0.5, metadata=dict(
         group='augmentation', help='maskmix / mixpro: MaskMix on this share of batches, else Mixup / CutMix'))
     maskmix_alpha: float = field(default=1.0, metadata=dict(
@@ -85,7 +87,7 @@ class TrainConfig:
         group='augmentation', help="MixPro: treat PAL's alpha as a constant (the release does not)"))
     defence: str = field(default='none', metadata=dict(
         group='augmentation',
-        help='none | blur[:p=0.3,k=3] | noise[:std=0.25] | adv[:eps=4,steps=3,alpha=...] (deitlab.train.defences)'))
+        help='none | blur[:p=0.3,k=3] | noise[:std=0.25] | adv[:eps=4,steps=3,alpha=...] (deitlab.unlearnable.defences)'))
     drop_path: float = field(default=0.1, metadata=dict(group='model', help='stochastic depth rate'))
     drop: float = field(default=0.0, metadata=dict(group='model', help='dropout rate'))
     ema: bool = field(default=False, metadata=dict(
@@ -130,7 +132,7 @@ class TrainConfig:
     max_steps_per_epoch: Optional[int] = field(default=None, metadata=dict(
         group='schedule', help='cap on the steps of an epoch (quick runs, tests)'))
     token_fusion: str = field(default='none', metadata=dict(
-        group='token fusion', help='none | tome | mctf | mctf-fast: train the model token-reduced'))
+        group='token fusion', help=f'none | {TOKEN_FUSION.choices_help()}: train the model token-reduced'))
     r: Optional[str] = field(default=None, metadata=dict(
         group='token fusion', help="tokens fused per block: int, fraction or comma list; unset: the method's"))
     r_teacher_max: float = field(default=8, metadata=dict(
@@ -168,20 +170,17 @@ class TrainConfig:
             raise ConfigError(f'distill_alpha must be in [0, 1], got {self.distill_alpha}')
         if self.aug not in ('none', 'light', 'deit'):
             raise ConfigError(f"aug must be one of none, light, deit; got {self.aug!r}")
-        if self.token_fusion not in ('none', 'tome', 'mctf', 'mctf-fast'):
-            raise ConfigError(f"token_fusion must be one of none, tome, mctf, mctf-fast; got {self.token_fusion!r}")
+        if self.token_fusion != 'none':
+            TOKEN_FUSION.check(self.token_fusion, ConfigError, 'token_fusion')
         if self.r is not None and self.token_fusion == 'none':
-            raise ConfigError('--r needs --token-fusion tome|mctf|mctf-fast')
+            raise ConfigError(f'--r needs --token-fusion {TOKEN_FUSION.choices_help("|")}')
         if self.r_teacher_max < 0 or self.consistency_weight < 0:
             raise ConfigError('r_teacher_max and consistency_weight must be >= 0')
-        from .mixing import ATTENTION_MODES, MIX_MODES
-        if self.mix not in MIX_MODES:
-            raise ConfigError(f"mix must be one of {', '.join(MIX_MODES)}; got {self.mix!r}")
-        if self.mix in ATTENTION_MODES and self.token_fusion != 'none':
+        if MIX_MODES.get(self.mix, ConfigError)['attention'] and self.token_fusion != 'none':
             raise ConfigError(f'--mix {self.mix} labels from the last block\'s attention over all patch tokens; it '
                               f'does not compose with --token-fusion {self.token_fusion}, which merges tokens '
                               f'before that block (use --mix maskmix or mixup-cutmix)')
-        from .defences import parse_defence
+        from ..unlearnable.defences import parse_defence
         try:
             parse_defence(self.defence)
         except ValueError as e:
@@ -200,7 +199,7 @@ class TrainConfig:
         """Whether batches are mixed (they then need an even size per process)."""
         if self.mix == 'none':
             return False
-        return self.mix in ('maskmix', 'mixpro') or (self.mixup_prob > 0 and (self.mixup > 0 or self.cutmix > 0))
+        return MIX_MODES[self.mix]['maskmix'] or (self.mixup_prob > 0 and (self.mixup > 0 or self.cutmix > 0))
 
     def resolved_lr(self) -> float:
         return self.lr if self.lr is not None else self.base_lr * self.batch_size / 512

@@ -37,10 +37,11 @@ from ..data import dataset_info
 from ..data.for_model import eval_loader, model_datasets, model_input, norm_stats, train_loader
 from ..distributed import DistInfo, barrier, init_distributed, seed_all
 from ..evaluate import evaluate
+from ..registry import TOKEN_FUSION
 from ..rundir import atomic_torch_save, create, is_run_dir, save_run_dir
 from .config import ConfigError, TrainConfig, short_run_warning
 from .distill import DistillationLoss
-from .defences import build_defence
+from ..unlearnable.defences import build_defence
 from .loop import Hooks, Trainer, TrainingDiverged
 from .mixing import BatchMixer, MixLoss
 
@@ -182,7 +183,7 @@ def _criterion(cfg: TrainConfig, mixer: BatchMixer, num_classes: int, device: to
         base_loss = nn.CrossEntropyLoss()
     teacher = _load_teacher(cfg, num_classes, device)
     criterion = DistillationLoss(base_loss, teacher, cfg.distill, cfg.distill_alpha, cfg.distill_tau, cfg.kd_norm)
-    if cfg.token_fusion.startswith('mctf') and cfg.r_teacher_max > 0:
+    if cfg.token_fusion != 'none' and TOKEN_FUSION[cfg.token_fusion]['consistency'] and cfg.r_teacher_max > 0:
         from ..tokens.mctf import ConsistencyLoss
         criterion = ConsistencyLoss(criterion, cfg.consistency_weight, cfg.consistency_gate)
     return base_loss, criterion
@@ -326,7 +327,7 @@ def train(cfg: TrainConfig) -> dict:
     model.to(device)
     if cfg.token_fusion != 'none':
         from ..tokens.fuse import apply_token_fusion, parse_r_arg
-        options = dict(r_teacher_max=cfg.r_teacher_max) if cfg.token_fusion.startswith('mctf') else {}
+        options = dict(r_teacher_max=cfg.r_teacher_max) if TOKEN_FUSION[cfg.token_fusion]['consistency'] else {}
         apply_token_fusion(model, cfg.token_fusion, None if cfg.r is None else parse_r_arg(cfg.r), **options)
     is_distilled = hasattr(model, 'set_distilled_training')
     if is_distilled:

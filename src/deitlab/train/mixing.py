@@ -43,16 +43,15 @@ from timm.data import Mixup
 from timm.data.mixup import cutmix_bbox_and_lam
 from timm.loss import SoftTargetCrossEntropy
 
-from .mixpro import (
-    CapturedAttention, attention_lambda, capture_cls_attention, cutmix_token_mask, find_cls_attention, mask_mix,
-    mixed_ce, pal_lambda, smooth_one_hot,
-)
+from ..registry import MIX_MODES as MIX_REGISTRY
+from ..layers.capture import CapturedAttention, capture_cls_attention, find_cls_attention
+from .mixpro import attention_lambda, cutmix_token_mask, mask_mix, mixed_ce, pal_lambda, smooth_one_hot
 
 __all__ = ['MIX_MODES', 'ATTENTION_MODES', 'MixTarget', 'BatchMixer', 'MixLoss', 'default_mask_size']
 
-MIX_MODES = ('none', 'mixup', 'cutmix', 'mixup-cutmix', 'transmix', 'maskmix', 'mixpro')
-ATTENTION_MODES = ('transmix', 'mixpro')
-MASK_MODES = ('maskmix', 'mixpro')
+MIX_MODES = MIX_REGISTRY.names()
+ATTENTION_MODES = MIX_REGISTRY.names(attention=True)
+MASK_MODES = MIX_REGISTRY.names(maskmix=True)
 
 
 def default_mask_size(img_size: int, patch_size: int) -> int:
@@ -125,8 +124,7 @@ class BatchMixer:
                  smoothing: float = 0.1, mixup_alpha: float = 0.8, cutmix_alpha: float = 1.0, mixup_prob: float = 1.0,
                  switch_prob: Optional[float] = None, maskmix_prob: float = 0.5, maskmix_alpha: float = 1.0,
                  mask_size: Optional[int] = None, transmix_area_weight: float = 0.5, pal_detach_alpha: bool = False):
-        if mode not in MIX_MODES:
-            raise ValueError(f'mix must be one of {", ".join(MIX_MODES)}; got {mode!r}')
+        entry = MIX_REGISTRY.get(mode)
         if mode == 'mixup' and mixup_alpha <= 0:
             raise ValueError('--mix mixup needs --mixup > 0 (the Beta alpha)')
         if mode in ('cutmix', 'transmix') and cutmix_alpha <= 0:
@@ -141,7 +139,11 @@ class BatchMixer:
         self.transmix_area_weight, self.pal_detach_alpha = transmix_area_weight, pal_detach_alpha
         self.patch_size = model_patch_size(model)
         if mode in ATTENTION_MODES:
-            find_cls_attention(model)  # the error, up front
+            try:
+                find_cls_attention(model)  # the error, up front
+            except ValueError as e:
+                raise ValueError(f'{e}, so TransMix/MixPro attention labels are undefined '
+                                 f'(use --mix maskmix, mixup-cutmix, mixup or cutmix)') from None
             if self.patch_size is None:
                 raise ValueError(f'--mix {mode} needs a ViT with a patch embedding (patch_embed.patch_size)')
         self.mask_size = None
@@ -161,8 +163,8 @@ class BatchMixer:
             self.mask_size = int(mask_size)
         if switch_prob is None:
             switch_prob = 0.8 if mode == 'transmix' else 0.5
-        mix_a = mixup_alpha if mode in ('mixup', 'mixup-cutmix', 'transmix') + MASK_MODES else 0.0
-        cut_a = cutmix_alpha if mode in ('cutmix', 'mixup-cutmix', 'transmix') + MASK_MODES else 0.0
+        mix_a = mixup_alpha if entry['mixup'] else 0.0
+        cut_a = cutmix_alpha if entry['cutmix'] else 0.0
         self.mixup = None
         self.off_reason = ('mixup-prob is 0' if mixup_prob <= 0 else
                            'mixup and cutmix are 0' if mix_a <= 0 and cut_a <= 0 else None)

@@ -40,19 +40,16 @@ TransMix
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from timm.data.mixup import one_hot
 
 __all__ = [
-    'MixInfo', 'CapturedAttention', 'smooth_one_hot', 'mask_mix', 'cutmix_token_mask', 'attention_lambda',
-    'pal_lambda', 'mixed_ce', 'find_cls_attention', 'capture_cls_attention',
+    'MixInfo', 'smooth_one_hot', 'mask_mix', 'cutmix_token_mask', 'attention_lambda', 'pal_lambda', 'mixed_ce',
 ]
 
 Size2 = Union[int, Sequence[int]]
@@ -212,82 +209,3 @@ def mixed_ce(logits: torch.Tensor, y: torch.Tensor, perm: torch.Tensor, lam: Uni
     ce_a = F.cross_entropy(logits, y, reduction='none', label_smoothing=smoothing)
     ce_b = F.cross_entropy(logits, y[perm], reduction='none', label_smoothing=smoothing)
     return (lam * ce_a + (1 - lam) * ce_b).mean()
-
-
-class CapturedAttention:
-    """Holder filled by :func:`capture_cls_attention`: ``attn`` (B, N) from the last forward."""
-
-    def __init__(self, num_prefix_tokens: int):
-        self.num_prefix_tokens = num_prefix_tokens
-        self.attn: Optional[torch.Tensor] = None
-
-
-def _cls_row(attn_module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """softmax(scale q_cls k^T) (B, heads, T) recomputed from the attention module's input."""
-    from timm.models.vision_transformer import Attention
-    from deitlab.models.deit import WidthAttention
-
-    B, T, _ = x.shape
-    if isinstance(attn_module, WidthAttention):
-        q, k, _ = attn_module.split_qkv(x)
-    else:
-        assert isinstance(attn_module, Attention)
-        h, d = attn_module.num_heads, attn_module.head_dim
-        qkv = attn_module.qkv(x).reshape(B, T, 3, h, d).permute(2, 0, 3, 1, 4)
-        q, k = attn_module.q_norm(qkv[0]), attn_module.k_norm(qkv[1])
-    logits = (q[:, :, :1] * attn_module.scale) @ k.transpose(-2, -1)  # (B, heads, 1, T)
-    return logits.float().softmax(dim=-1)[:, :, 0]
-
-
-def find_cls_attention(model: nn.Module) -> Tuple[nn.Module, int]:
-    """The last block's self-attention module and the number of prefix tokens, or a ValueError that
-    says why the model has no class-token attention (no class token, no blocks, or a last block
-    that is not timm ``Attention`` / deitlab ``WidthAttention``, e.g. PoolFormer or SpectFormer)."""
-    from timm.models.vision_transformer import Attention
-    from deitlab.models.deit import WidthAttention
-
-    name = type(model).__name__
-    if getattr(model, 'cls_token', None) is None:
-        raise ValueError(f'{name} has no class-token attention: it has no class token, so TransMix/MixPro '
-                         f'attention labels are undefined (use --mix maskmix, mixup-cutmix, mixup or cutmix)')
-    blocks = getattr(model, 'blocks', None)
-    if blocks is None or len(blocks) == 0:
-        raise ValueError(f'{name} has no class-token attention: no transformer blocks found')
-    last = blocks[-1]
-    attn_module = getattr(last, 'attn', None)
-    if not isinstance(attn_module, (Attention, WidthAttention)):
-        raise ValueError(f'{name} has no class-token attention in its last block: {type(last).__name__} is not a '
-                         f'self-attention block (needs timm Attention or deitlab WidthAttention)')
-    return attn_module, int(getattr(model, 'num_prefix_tokens', 1))
-
-
-@contextmanager
-def capture_cls_attention(model: nn.Module) -> Iterator[CapturedAttention]:
-    """Record the last block's class-token attention to the patch tokens during ``model(x)``.
-
-    Works for timm ``VisionTransformer`` models (and deitlab's DeiT / distilled DeiT) whose last
-    block's ``attn`` is timm's ``Attention`` or deitlab's ``WidthAttention``. A forward pre-hook
-    on that module recomputes q and k from its input (qkv Linear, q_norm/k_norm) and stores::
-
-        a = mean_heads softmax(scale q_cls K^T)[num_prefix_tokens:]     (B, N), detached,
-
-    i.e. the class-token row over all keys, restricted to the patch columns without
-    renormalising. The model's output is unchanged. ``model`` is the bare module (under DDP, the
-    wrapped ``.module``: the hook then fires inside the DDP forward). Usage::
-
-        with capture_cls_attention(model) as cap:
-            logits = model(x)
-        attn = cap.attn
-    """
-    attn_module, prefix = find_cls_attention(model)
-    cap = CapturedAttention(prefix)
-
-    def hook(module, args):
-        with torch.no_grad():
-            cap.attn = _cls_row(module, args[0].detach())[..., prefix:].mean(dim=1)
-
-    handle = attn_module.register_forward_pre_hook(hook)
-    try:
-        yield cap
-    finally:
-        handle.remove()

@@ -52,7 +52,6 @@ refinement attention over ``[X; X]`` then equals self-attention over X (duplicat
 """
 from __future__ import annotations
 
-import copy
 from typing import Optional, Sequence, Union
 
 import torch
@@ -62,13 +61,15 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import trunc_normal_
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs
 from timm.models.deit import VisionTransformerDistilled
-from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn, init_weights_vit_timm
+from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
-from ..models.registry import register_variant
-from ..models.deit import (SMALL_IMAGE_CONFIGS, WidthAttention, WidthBlock, WidthMixin, fused_attention,
-                           install_block_factory, json_arch_kwargs)
+from ..layers import CrossBlock
+from ..layers.block import block_macs
+from .deit import SMALL_IMAGE_CONFIGS, WidthMixin, install_block_factory, json_arch_kwargs
+from .inputs import resolve_input_size
+from .registry import register_variant
 
-__all__ = ['STViT', 'STViTDistilled', 'CrossBlock', 'stvit_from_deit', 'stvit_filter_fn', 'stvit_macs',
+__all__ = ['STViT', 'STViTDistilled', 'stvit_from_deit', 'stvit_filter_fn', 'stvit_macs',
            'STVIT_DEFAULTS']
 
 POOL_TYPES = ('avg', 'max')
@@ -79,44 +80,6 @@ STVIT_DEFAULTS = {
     'base': (dict(embed_dim=768, depth=12, num_heads=12), 4, 4),
     **{size: (dims, round(dims['depth'] / 3), 3) for size, dims in SMALL_IMAGE_CONFIGS.items()},
 }
-
-
-def cross_attention(attn: WidthAttention, q_in: torch.Tensor, kv_in: torch.Tensor) -> torch.Tensor:
-    """``proj(softmax(scale Q K^T) V)`` with Q from ``q_in`` and K, V from ``kv_in``, using the
-    rows of the block's own ``qkv`` layer ([Q, K, V]), so a self-attention block's weights serve."""
-    B, Nq, _ = q_in.shape
-    Nk = kv_in.shape[1]
-    H, dq, dv = attn.num_heads, attn.qk_dim, attn.v_dim
-    w, b = attn.qkv.weight, attn.qkv.bias
-    q = F.linear(q_in, w[:H * dq], None if b is None else b[:H * dq])
-    k, v = F.linear(kv_in, w[H * dq:], None if b is None else b[H * dq:]).split([H * dq, H * dv], dim=-1)
-    q = q.reshape(B, Nq, H, dq).transpose(1, 2)
-    k = k.reshape(B, Nk, H, dq).transpose(1, 2)
-    v = v.reshape(B, Nk, H, dv).transpose(1, 2)
-    if attn.fused_attn:
-        x = fused_attention(q, k, v, None, attn.attn_drop.p if attn.training else 0., attn.scale)
-    else:
-        x = attn.attn_drop(((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)) @ v
-    x = x.transpose(1, 2).reshape(B, Nq, H * dv)
-    return attn.proj_drop(attn.proj(x))
-
-
-class CrossBlock(WidthBlock):
-    """A pre-norm block whose queries are ``x`` and whose keys/values are ``context``:
-    ``x + Attn(LN(x), LN(context))``, then ``+ MLP(LN(.))``. Same parameters and names as
-    ``WidthBlock``, so a DeiT block's weights load into it."""
-
-    @classmethod
-    def like(cls, block: WidthBlock) -> 'CrossBlock':
-        """A freshly initialised block with the shape and settings of ``block``."""
-        new = copy.deepcopy(block)
-        new.__class__ = cls
-        new.apply(init_weights_vit_timm)
-        return new
-
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        x = x + self.drop_path1(self.ls1(cross_attention(self.attn, self.norm1(x), self.norm1(context))))
-        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 
 def _grid(value) -> tuple:
@@ -255,7 +218,7 @@ def stvit_from_deit(deit_model: nn.Module, **stvit_kwargs) -> nn.Module:
     those of the matching ``deitlab_stvit_*`` name). Same device, dtype and train/eval mode.
     """
     import timm
-    from ..models.deit import DeiT, DeiTDistilled, from_timm
+    from .deit import DeiT, DeiTDistilled, from_timm
 
     if isinstance(deit_model, _STViTMixin):
         raise ValueError('stvit_from_deit takes a DeiT, and this model is already an STViT')
@@ -291,9 +254,6 @@ def stvit_macs(model: nn.Module, input_size: Optional[Sequence[int]] = None) -> 
     ``block_macs`` per block: patch embed + blocks[:k] on N + n tokens + the refinement block
     (M queries; N + M keys/values) + blocks[k:] on M + n tokens + head(s). Returns the parts
     (``patch_embed``, ``full_blocks``, ``refine``, ``semantic_blocks``, ``head``) and ``total``."""
-    from ..bench.common import resolve_input_size
-    from ..bench.flops import block_macs
-
     if not isinstance(model, _STViTMixin):
         raise ValueError(f'stvit_macs counts STViT models, not {type(model).__name__}')
     if getattr(model, 'attn_pool', None) is not None:

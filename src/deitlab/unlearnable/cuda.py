@@ -49,10 +49,10 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .data import DataError, build_dataset, dataset_info, parse_spec
-from .data.base import TensorImageDataset
-from .data.folder import FolderDataset, load_image
-from .data.transforms import pil_to_tensor, tensor_to_pil
+from ..data import DataError, build_dataset, dataset_info, parse_spec
+from ..data.base import TensorImageDataset
+from ..data.folder import FolderDataset, load_image
+from ..data.transforms import pil_to_tensor, tensor_to_pil
 
 __all__ = ['UnlearnableError', 'MIN_KEY_LENGTH', 'key_fingerprint', 'class_filters', 'apply_filters',
            'poison_mask', 'CUDATransform', 'PoisonedDataset', 'make_unlearnable', 'PAPER']
@@ -411,7 +411,7 @@ def make_unlearnable(data_spec: str, key: Key, out_dir: Union[str, Path], kernel
             torch.zeros(len(src), dtype=torch.bool)
         splits[split] = _write_split(src, mask, filters, out / split, folders, classes, progress, f'cuda {split}')
     shapes = sorted(set(splits['train'].pop('shapes')) | set(splits['val'].pop('shapes')))
-    from . import __version__
+    from .. import __version__
     manifest = {
         'method': 'CUDA',
         'method_name': 'Convolution-based Unlearnable DAtaset',
@@ -436,51 +436,3 @@ def make_unlearnable(data_spec: str, key: Key, out_dir: Union[str, Path], kernel
     manifest_path = out / 'manifest.json'
     manifest_path.write_text(json.dumps(manifest, indent=2) + '\n')
     return {**manifest, 'out_dir': str(out), 'manifest_path': str(manifest_path)}
-
-
-def evaluate_unlearnable(poisoned_dir: Union[str, Path], cfg, out_dir: Union[str, Path],
-                         defences: Sequence[str] = ('none',), data_spec: Optional[str] = None,
-                         clean: bool = True) -> dict:
-    """Train one recipe on the clean source and on a poisoned copy; report clean test accuracy.
-
-    ``cfg`` is a :class:`deitlab.train.TrainConfig` (its ``data``, ``out`` and ``defence`` are
-    replaced). The clean run trains on ``data_spec`` (default: the manifest's source); the poisoned
-    runs train on ``folder:poisoned_dir``, once per defence of :mod:`deitlab.train.defences`. Every
-    model is tested on the clean val split (the poisoned copy's ``val/`` is the source's, unfiltered).
-    Runs go to ``out_dir/clean`` and ``out_dir/poisoned-<defence>``.
-    """
-    from dataclasses import replace
-    from .train import train
-    from .train.defences import parse_defence
-
-    poisoned = Path(poisoned_dir).expanduser()
-    manifest_path = poisoned / 'manifest.json'
-    if not manifest_path.is_file():
-        raise UnlearnableError(f'{poisoned} has no manifest.json: make it with deitlab unlearnable make')
-    manifest = json.loads(manifest_path.read_text())
-    for d in defences:
-        parse_defence(d)
-    out = Path(out_dir).expanduser()
-    source = data_spec or manifest['source']
-    # folder: data defaults to 224 px RGB; train both runs at the poisoned copy's native shape
-    size, chans = manifest.get('image_size'), manifest.get('channels')
-    if cfg.img_size is None and size and size[0] == size[1]:
-        cfg = replace(cfg, img_size=int(size[0]))
-    if cfg.in_chans is None and chans:
-        cfg = replace(cfg, in_chans=int(chans))
-    row = dict(poisoned_dir=str(poisoned), source=source, fraction=manifest['fraction'],
-               kernel_size=manifest['kernel_size'], blur=manifest['blur'], key_fingerprint=manifest['key_fingerprint'],
-               model=str(cfg.model), epochs=cfg.epochs, chance_top1=100.0 / manifest['num_classes'], runs={})
-    if clean:
-        res = train(replace(cfg, data=source, out=str(out / 'clean'), defence='none'))
-        row['runs']['clean'] = dict(data=source, defence='none', top1=res['val_top1'], run_dir=res['run_dir'],
-                                    train_time_s=res['train_time_s'])
-    for d in defences:
-        name = 'poisoned' if parse_defence(d)[0] == 'none' else f'poisoned+{d}'
-        slug = ''.join(ch if ch.isalnum() or ch in '.-' else '-' for ch in d)
-        res = train(replace(cfg, data=f'folder:{poisoned}', out=str(out / f'poisoned-{slug}'), defence=d))
-        row['runs'][name] = dict(data=f'folder:{poisoned}', defence=d, top1=res['val_top1'], run_dir=res['run_dir'],
-                                 train_time_s=res['train_time_s'])
-    out.mkdir(parents=True, exist_ok=True)
-    (out / 'unlearnable_eval.json').write_text(json.dumps(row, indent=2) + '\n')
-    return row
