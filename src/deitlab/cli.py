@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import typing
 from typing import Iterable, Optional
@@ -38,6 +39,10 @@ GROUPS = {
     'measurement': 'measurement',
     'run': 'run and output',
 }
+
+
+def _is_main_process() -> bool:
+    return os.environ.get('RANK', '0') == '0'
 
 
 def _emit(result: dict, as_json: bool) -> None:
@@ -234,6 +239,8 @@ def cmd_prune_nvit(args) -> dict:
     # the latency table and the final speed comparison see the same allocation pattern (timing.py)
     fix_malloc_thresholds()
     report = prune_nvit(cfg)
+    if not _is_main_process():
+        return {}
     if not args.json:
         print(report.pop('table'))
         print(f'run directory {report["run_dir"]}; widths plot {report["plot"]}')
@@ -463,8 +470,8 @@ def main(argv=None) -> int:
         if args.json:
             print(json.dumps({'error': str(e), 'type': type(e).__name__}))
         return 2
-    if (args.command not in ('models',) or args.json) and (result or args.json):
-        _emit(result, args.json)
+    if _is_main_process() and (args.command not in ('models',) or args.json) and (result or args.json):
+        _emit(result, args.json)   # under torchrun the main process prints the result
     return 0
 
 

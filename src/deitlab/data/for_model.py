@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler, Subset
 
 from ..bench.common import resolve_input_size
 from ..console import log
@@ -75,10 +75,33 @@ def train_loader(dataset: Dataset, batch_size: int, seed: int, *, rank: int = 0,
                       pin_memory=pin)
 
 
-def stream_loader(dataset: Dataset, batch_size: int, seed: int) -> DataLoader:
-    """Shuffled batches from one generator seeded with ``seed``, for step-driven training."""
+class _RankSlice(Sampler):
+    """Slice ``rank`` of every global batch of a batch sampler (``world_size`` equal slices)."""
+
+    def __init__(self, batches: BatchSampler, rank: int, world_size: int):
+        self.batches, self.rank, self.world_size = batches, rank, world_size
+
+    def __iter__(self):
+        per = self.batches.batch_size // self.world_size
+        for batch in self.batches:
+            yield batch[self.rank * per:(self.rank + 1) * per]
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def stream_loader(dataset: Dataset, batch_size: int, seed: int, *, rank: int = 0, world_size: int = 1) -> DataLoader:
+    """Shuffled batches from one generator seeded with ``seed``, for step-driven training.
+
+    ``batch_size`` is per process. Under ``torchrun`` every process draws the same global batches
+    of ``batch_size * world_size`` images and takes its slice, so the processes together see
+    exactly the batches one process with the global batch would see (DDP then averages the
+    gradients of the slices, which is the gradient of the global batch)."""
     g = torch.Generator().manual_seed(seed)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True, generator=g)
+    if world_size == 1:
+        return DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True, generator=g)
+    batches = BatchSampler(RandomSampler(dataset, generator=g), batch_size * world_size, drop_last=True)
+    return DataLoader(dataset, batch_sampler=_RankSlice(batches, rank, world_size), generator=g)
 
 
 def eval_loader(dataset: Dataset, batch_size: int, *, rank: int = 0, world_size: int = 1, workers: int = 0,

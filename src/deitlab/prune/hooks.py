@@ -1,11 +1,13 @@
 """NViT's pruning phase as hooks of the shared :class:`~deitlab.train.loop.Trainer` (see nvit.py).
 
-The pruner runs in one process. Under ``torchrun`` the Trainer would wrap the student in DDP and
-``after_backward`` would see gradients already averaged over processes, so the ``nvit`` and
-``taylor`` saliencies (sums of ``p * grad``) would agree on every process as they are; what would
-be missing: a sharded stream loader, an all-reduce of the ``fisher`` per-sample squared gradients
-and sample counts before ``accumulate_sq_grads``, a sharded validation at events, and
-``on_event`` / the log on the main process only.
+Under ``torchrun`` the Trainer wraps the student in DDP, and each process takes its slice of the
+same global batches (``data.for_model.stream_loader``). ``after_backward`` then sees gradients
+already averaged over the processes, so the ``nvit`` and ``taylor`` saliencies (sums of
+``p * grad``) are the global batch's and agree on every process; the ``fisher`` per-sample squared
+gradients and their sample count are summed over processes here. Every process therefore removes
+the same units at every event (``tests/test_prune_ddp.py`` checks this against one process with
+the global batch). Validation at events is sharded and summed (``evaluate``); the log is written
+by the main process only.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from typing import TYPE_CHECKING, Optional
 
 import torch
 
+from ..distributed import all_reduce_sum
 from ..evaluate import evaluate
 from ..train.loop import Hooks
 from .groups import PruneError
@@ -67,7 +70,11 @@ class PruningHooks(Hooks):
         if p.saliency.needs_grad:
             p.saliency.accumulate(p.model)
         if p.saliency.needs_per_sample:
-            p.saliency.accumulate_sq_grads(*p._per_sample_sq_grads(self.x, self.y, self.teacher_out))
+            sq, n = p._per_sample_sq_grads(self.x, self.y, self.teacher_out)
+            if self.trainer.dist.distributed:
+                sq = {k: all_reduce_sum(v) for k, v in sq.items()}
+                n = int(all_reduce_sum(torch.tensor(float(n))))
+            p.saliency.accumulate_sq_grads(sq, n)
 
     def apply_masks(self) -> None:
         self.pruner.masks.apply(self.pruner.model, self.trainer.optimizer, self.pmasks)

@@ -27,6 +27,7 @@ raise ``PruneError`` for them; the default ``prune_types`` (all five) means ever
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import json
@@ -41,6 +42,7 @@ import torch.nn.functional as F
 
 from ..bench.common import synchronize
 from ..console import log as _log
+from ..distributed import DistInfo, barrier, init_distributed
 from ..rundir import create, is_run_dir, save_run_dir
 from ..train.loop import Trainer
 from .config import NViTConfig
@@ -88,12 +90,14 @@ def kd_kl(student: torch.Tensor, teacher: torch.Tensor, tau: float) -> torch.Ten
                     log_target=True) * tau * tau
 
 
-def _loaders(cfg: NViTConfig, model: nn.Module):
+def _loaders(cfg: NViTConfig, model: nn.Module, di: DistInfo):
     from ..data.for_model import eval_loader, model_datasets, stream_loader
-    train_set, val_set = model_datasets(model, cfg.data, aug=cfg.aug)
-    if len(train_set) < cfg.batch_size:
-        raise PruneError(f'the training split has {len(train_set)} images, fewer than one batch of {cfg.batch_size}')
-    return stream_loader(train_set, cfg.batch_size, cfg.seed), eval_loader(val_set, max(64, cfg.batch_size)), train_set
+    train_set, val_set = model_datasets(model, cfg.data, aug=cfg.aug, is_main=di.is_main)
+    n = cfg.batch_size * di.world_size
+    if len(train_set) < n:
+        raise PruneError(f'the training split has {len(train_set)} images, fewer than one batch of {n}')
+    return (stream_loader(train_set, cfg.batch_size, cfg.seed, rank=di.rank, world_size=di.world_size),
+            eval_loader(val_set, max(64, cfg.batch_size), rank=di.rank, world_size=di.world_size), train_set)
 
 
 def _forever(loader):
@@ -231,16 +235,18 @@ class NViTPruner:
                 loss = loss + self.cfg.ce_weight * F.cross_entropy(out, y, label_smoothing=self.cfg.smoothing)
         return loss
 
-    def run(self, train_loader, val_loader=None, on_event=None) -> Masks:
+    def run(self, train_loader, val_loader=None, on_event=None, dist: Optional[DistInfo] = None) -> Masks:
         """Train with the dense model as KL teacher, accumulate saliency, and remove groups every
         ``interval`` steps until the budget is met (:class:`PruningHooks` on the shared
         :class:`~deitlab.train.loop.Trainer`, stepping an endless stream over ``train_loader``).
-        ``on_event`` gets every event's row. Returns the masks."""
+        ``on_event`` gets every event's row. Under ``torchrun`` (``dist``) the student runs in DDP:
+        every process sees the gradients averaged over all of them, so all compute the same
+        saliency and remove the same units. Returns the masks."""
         cfg = self.cfg
         self.model.eval()  # NViT prunes with the student in eval mode (no dropout / drop path)
         # bf16 autocast on CUDA (the saliency is read from fp32 parameters and gradients); no schedule
         trainer = Trainer(self.model, dict(opt='adamw', lr=cfg.lr, weight_decay=cfg.weight_decay), device=self.device,
-                          train_mode=False, progress=cfg.progress is not False)
+                          dist=dist, train_mode=False, progress=cfg.progress is not False)
         extra = None
         if cfg.teacher:
             from ..train.distill import DistillationLoss
@@ -256,7 +262,7 @@ class NViTPruner:
         if self.plan is None:
             self.make_plan(_length(train_loader))
         self._time_step(first, fetch_s, trainer, hooks, val_loader)
-        _log(plan_line(self.plan, self.budget.kind, self.budget.target))
+        _log(plan_line(self.plan, self.budget.kind, self.budget.target), trainer.is_main)
         hooks.t0 = time.perf_counter()
         trainer.run_steps(itertools.chain([first], batches), total=self.plan['prune_steps'], desc='nvit prune')
         if not self.done():
@@ -320,10 +326,12 @@ class NViTPruner:
         return densify(self.model, masks).eval()
 
 
-def latency_table(cfg: NViTConfig, dense: nn.Module):
+def latency_table(cfg: NViTConfig, dense: nn.Module, di: Optional[DistInfo] = None, out: Optional[Path] = None):
     """The table ``prune_nvit`` prunes against: loaded when ``cfg.lut`` names a file or a committed
     table (checked to cover ``dense``), timed on this device when it is None or ``'measure'`` and
-    a latency target or penalty needs one, else None."""
+    a latency target or penalty needs one, else None. Under ``torchrun`` the main process times it
+    and saves it to ``out``, where the others load it (every process prunes against one table)."""
+    di = di or DistInfo()
     path = lut_path(cfg.lut)
     if path is not None:
         lut = load_latency_table(path)
@@ -332,11 +340,17 @@ def latency_table(cfg: NViTConfig, dense: nn.Module):
         return lut
     if cfg.target_latency is None and not cfg.lam:
         return None
+    if not di.is_main:
+        barrier()   # the main process times the table
+        return load_latency_table(out / LUT_NAME)
     grid = grid_for(dense, cfg.lut_grid) if cfg.lut_grid else None
     lut = build_latency_table(dense, batch_size=cfg.lut_batch, grid=grid, passes=cfg.lut_passes, progress=cfg.progress)
     lut.meta['source'] = 'measure'
     if busy_warning(lut.meta):
         _log(busy_warning(lut.meta))
+    if di.distributed:
+        lut.save(out / LUT_NAME)
+        barrier()
     return lut
 
 
@@ -349,38 +363,45 @@ def prune_nvit(cfg: NViTConfig) -> dict:
     from .report import finish_report
 
     cfg.validate()
+    di = init_distributed(cfg.device)
     out = Path(cfg.out)
     if (out / 'config.json').exists() or (out / PRUNE_LOG).exists():
         raise PruneError(f'{out} already holds a pruning run; choose another --out')
+    barrier()   # every process has checked before the main one writes
     out.mkdir(parents=True, exist_ok=True)
     seed_all(cfg.seed)
-    device = torch.device(cfg.device) if cfg.device else torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    device = di.device
     dense = load_dense(cfg.model).to(device)
     cfg.unit_types(layout_of(dense))   # settings for unit types the family does not prune: fail early
     label_names = (dense.pretrained_cfg or {}).get('label_names')
-    dense_dir = cfg.model if is_run_dir(cfg.model) else str(save_run_dir(dense, out / 'dense', label_names))
-    train_loader, val_loader, train_set = _loaders(cfg, dense)
+    dense_dir = cfg.model if is_run_dir(cfg.model) else str(out / 'dense')
+    if dense_dir != cfg.model and di.is_main:
+        save_run_dir(dense, dense_dir, label_names)
+    train_loader, val_loader, train_set = _loaders(cfg, dense, di)
     if getattr(train_set, 'classes', None) is not None and len(train_set.classes) != dense.num_classes:
         raise PruneError(f'{cfg.model} predicts {dense.num_classes} classes but {cfg.data} has {len(train_set.classes)}')
 
-    lut = latency_table(cfg, dense)
-    if lut is not None:
+    lut = latency_table(cfg, dense, di, out)
+    if lut is not None and di.is_main:
         lut.save(out / LUT_NAME)
 
     pruner = NViTPruner(dense, cfg, lut, device)
     t0 = time.perf_counter()
-    with open(out / PRUNE_LOG, 'w') as f:
+    with open(out / PRUNE_LOG, 'w') if di.is_main else contextlib.nullcontext() as f:
         def write(row):
             f.write(json.dumps(row) + '\n')
             f.flush()
-        pruner.run(train_loader, val_loader, on_event=write)
+        pruner.run(train_loader, val_loader, on_event=write if di.is_main else None, dist=di)
     prune_s = time.perf_counter() - t0
     masked = pruner.model
     compact = pruner.densified()
     check = next(iter(val_loader))[0][:16].to(device)
     with torch.no_grad():
         gap = float((masked(check) - compact(check)).abs().max())
-    pruned_dir = save_run_dir(compact, out / 'pruned', label_names)
+    pruned_dir = out / 'pruned'
+    if di.is_main:
+        save_run_dir(compact, pruned_dir, label_names)
+    barrier()
 
     finetune = None
     epochs, step_cap = cfg.finetune_epochs, cfg.finetune_steps
@@ -402,10 +423,11 @@ def prune_nvit(cfg: NViTConfig) -> dict:
                            seed=cfg.seed, device=cfg.device, progress=cfg.progress, tensorboard=False,
                            max_steps_per_epoch=step_cap)
         finetune = train(tcfg)
-    else:
+    elif di.is_main:
         save_run_dir(compact, out, label_names)
+    barrier()
     final = create(str(out)).to(device).eval()
-    return finish_report(cfg, out, pruner.dense, final, pruner, val_loader, device,
+    return finish_report(cfg, out, pruner.dense, final, pruner, val_loader, device, di.is_main,
                          dict(prune_steps=pruner.steps, events=pruner.events, prune_time_s=round(prune_s, 1),
                               masked_vs_dense_max_abs=gap, finetune=finetune, dense_dir=dense_dir,
                               config=asdict(cfg)))

@@ -167,13 +167,16 @@ def _malloc_key(state):
     return {k: v for k, v in state.items() if k != 'how'} if isinstance(state, dict) else state
 
 
-def finish_report(cfg, out: Path, dense: nn.Module, final: nn.Module, pruner, val_loader, device,
+def finish_report(cfg, out: Path, dense: nn.Module, final: nn.Module, pruner, val_loader, device, is_main: bool,
                   extra: Optional[dict] = None) -> dict:
     from ..bench import count_params, format_table
     from ..evaluate import evaluate
 
     acc = {name: evaluate(m, val_loader, device, progress=False)['top1'] for name, m in (('dense', dense),
                                                                                       ('nvit', final))}
+    if not is_main:   # under torchrun the others only join the (summed) evaluation
+        return dict(rows=[dict(name='dense', top1=acc['dense']), dict(name='nvit', top1=acc['nvit'])],
+                    run_dir=str(out), pruned_widths=widths_of(final))
     rows = []
     meta = getattr(pruner.lut, 'meta', None) or {}
     batch = meta.get('batch_size') or cfg.lut_batch     # measure at the table's batch and thread count
