@@ -2,31 +2,13 @@
 inputs, and hand-written lists of the tensor slices each unit couples."""
 from __future__ import annotations
 
-import copy
-import json
-import math
-
-import numpy as np
-import pytest
 import timm
-import timm.optim
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 import deitlab  # noqa: F401  (registers the deitlab_* names with timm)
-import deitlab.rundir
-from deitlab.models.deit import from_timm
-from deitlab.prune import (
-    Budget, LatencyTable, Masks, MaskedLayerNorm, NViTConfig, NViTPruner, PruneError, Saliency,
-    build_latency_table, default_grid, densify, per_sample_sq_grads, rank_groups, reduce_units, rounded_masks,
-    use_masked_layernorm,
-)
-from deitlab.prune.groups import check_prunable
-from deitlab.prune.latency import AXES, FORMAT
-from deitlab.prune.nvit import kd_kl
-from deitlab.prune.ranking import remove_group
+from deitlab.prune import Masks
 
 PICO = 'deitlab_deit_pico_patch4_32'
 PICO_DIST = 'deitlab_deit_pico_distilled_patch4_32'
@@ -39,6 +21,13 @@ ATOL = 1e-5
 # ---------------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------------
+
+def _loader(n: int = 16, batch: int = 8, classes: int = 5, seed: int = 0) -> DataLoader:
+    """A fixed loader of random 32 px images and labels."""
+    g = torch.Generator().manual_seed(seed)
+    ds = TensorDataset(torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, classes, (n,), generator=g))
+    return DataLoader(ds, batch_size=batch, shuffle=False)
+
 
 @torch.no_grad()
 def _perturb(model: nn.Module, seed: int = 0, scale: float = 0.1) -> nn.Module:

@@ -22,12 +22,7 @@ MODEL = 'deitlab_deit_pico_patch4_32'
 RESIZED = "images are 28x28, resized to the model's 32x32"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures('one_thread')   # conftest.py
 
 
 def _tree(root, size=28, n_train=8, n_val=4, classes=('a', 'b')):

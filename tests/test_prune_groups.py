@@ -1,5 +1,15 @@
 """Structural pruning: unit groups and masks, densify, masked LayerNorm, run-directory round trip, rounding."""
-from _prune_helpers import *  # noqa: F401,F403  (models, inputs, slice lists, imports)
+import copy
+import json
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+import deitlab.rundir
+from deitlab.prune import densify, MaskedLayerNorm, Masks, PruneError, rounded_masks, use_masked_layernorm
+from _prune_helpers import _capture, _logits, _model, _qkv_rows, _remove_some, _x, _zeroed, ATOL, BLOCK_KINDS
 
 
 # ---------------------------------------------------------------------------------------------

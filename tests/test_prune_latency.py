@@ -1,5 +1,16 @@
 """Structural pruning: the latency table and the global ranking of groups."""
-from _prune_helpers import *  # noqa: F401,F403  (models, inputs, slice lists, imports)
+import json
+import math
+
+import numpy as np
+import pytest
+import timm
+import torch
+
+from deitlab.prune import build_latency_table, default_grid, LatencyTable, Masks, PruneError, rank_groups
+from deitlab.prune.latency import AXES, FORMAT
+from deitlab.prune.ranking import remove_group
+from _prune_helpers import _model, _unit, BLOCK_KINDS, PICO
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,16 +1,24 @@
 """Structural pruning: the NViT loop, timm's ImageNet DeiTs, and bad-input messages."""
-from _prune_helpers import *  # noqa: F401,F403  (models, inputs, slice lists, imports)
+import numpy as np
+import pytest
+import timm.optim
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from deitlab.models.deit import from_timm
+from deitlab.prune import (
+    Budget, densify, LatencyTable, MaskedLayerNorm, Masks, NViTConfig, NViTPruner, PruneError, Saliency,
+    use_masked_layernorm,
+)
+from deitlab.prune.groups import check_prunable
+from deitlab.prune.nvit import kd_kl
+from _prune_helpers import _loader, _logits, _model, _x, ATOL, PICO, SMALL
 
 
 # ---------------------------------------------------------------------------------------------
 # 8.-9. The NViT pruning loop
 # ---------------------------------------------------------------------------------------------
-
-def _loader(n: int = 16, batch: int = 8, classes: int = 5, seed: int = 0) -> DataLoader:
-    g = torch.Generator().manual_seed(seed)
-    ds = TensorDataset(torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, classes, (n,), generator=g))
-    return DataLoader(ds, batch_size=batch, shuffle=False)
-
 
 def _cfg(**kw) -> NViTConfig:
     args = dict(model='x', data='x', out='x', target_gmacs=0.8, interval=2, groups_per_event=4, lam=0,

@@ -1,5 +1,11 @@
 """Structural pruning: saliency criteria (NViT group Fisher, magnitude, Taylor, per-sample Fisher)."""
-from _prune_helpers import *  # noqa: F401,F403  (models, inputs, slice lists, imports)
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from deitlab.prune import Masks, per_sample_sq_grads, PruneError, reduce_units, Saliency, use_masked_layernorm
+from _prune_helpers import _criteria, _flat, _model, _remove_some, _set_grads, _unit, _x, BLOCK_KINDS
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,7 +1,15 @@
 """Structural pruning: the pruning schedules (linear by default over a budget derived from the data,
 NViT's fixed groups per event), the plan logged and recorded before a run, and the latency
 prediction checked against the measured speed-up."""
-from _prune_helpers import *  # noqa: F401,F403  (models, inputs, slice lists, imports)
+import json
+
+import numpy as np
+import pytest
+import timm
+import torch
+
+from deitlab.prune import LatencyTable, NViTConfig, NViTPruner, PruneError
+from _prune_helpers import _loader, _model
 
 from deitlab.prune import lut_path, prune_nvit
 from deitlab.prune import schedule as sched
@@ -11,12 +19,6 @@ from deitlab.prune.schedule import auto_prune_steps, make_plan, resolve_schedule
 from deitlab.rundir import save_run_dir
 
 DATA = 'glyphs:train=48,val=16,size=28,seed=1'   # 24 classes
-
-
-def _loader(n: int = 16, batch: int = 8, classes: int = 5, seed: int = 0) -> DataLoader:
-    g = torch.Generator().manual_seed(seed)
-    ds = TensorDataset(torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, classes, (n,), generator=g))
-    return DataLoader(ds, batch_size=batch, shuffle=False)
 
 
 def _cfg(**kw) -> NViTConfig:

@@ -1,6 +1,11 @@
 """Structural pruning: how the latency table is timed (interleaved rounds, the fastest round per
 node, its spread), with a fake clock instead of wall time."""
-from _prune_helpers import *  # noqa: F401,F403  (models, inputs, slice lists, imports)
+import numpy as np
+import pytest
+import torch
+
+from deitlab.prune import LatencyTable, PruneError
+from _prune_helpers import _model
 
 import deitlab.prune.timing as timing
 from deitlab.prune import load_latency_table

@@ -147,12 +147,7 @@ def _golden() -> dict:
         return {k: z[k] for k in z.files}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures('one_thread')   # conftest.py
 
 
 def test_golden_file_has_every_setting():
