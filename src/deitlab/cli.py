@@ -100,16 +100,15 @@ def _shown_default(f: dataclasses.Field, base, required: bool) -> str:
     return f' (default: {f.default})'
 
 
-def _add_dataclass_args(groups: dict, cls, required=(), exclude=()) -> tuple:
+def _add_dataclass_args(groups: dict, cls, required=(), exclude=()) -> dict:
     """One flag per dataclass field, in the section its metadata names, with its help line: bools as
     --x/--no-x, dicts as K=V pairs, tuples comma-separated. Flags not given are left out of the
-    namespace. Returns the names of the fields that are flags."""
+    namespace. Returns the fields that are flags, each with its type (int, float, bool, str, tuple, dict)."""
     hints = typing.get_type_hints(cls)
-    names = []
+    names = {}
     for f in dataclasses.fields(cls):
         if f.name in exclude:
             continue
-        names.append(f.name)
         group, text = field_doc(cls, f)
         g = groups[group]
         flag = '--' + f.name.replace('_', '-')
@@ -118,6 +117,7 @@ def _add_dataclass_args(groups: dict, cls, required=(), exclude=()) -> tuple:
         if typing.get_origin(hint) is typing.Union:   # Optional[X] -> X
             base = next(a for a in typing.get_args(hint) if a is not type(None))
         base = typing.get_origin(base) or base        # Dict[str, int] -> dict
+        names[f.name] = base
         text = text.replace('%', '%%') + _shown_default(f, base, f.name in required)
         default = argparse.SUPPRESS
         if f.name in required:
@@ -132,7 +132,7 @@ def _add_dataclass_args(groups: dict, cls, required=(), exclude=()) -> tuple:
                            help=f'{text}; comma-separated')
         else:
             g.add_argument(flag, type=base, default=default, help=text)
-    return tuple(names)
+    return names
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,6 +142,7 @@ class ConfigSpec:
     names: tuple
     required: tuple = ()
     parser: Optional[argparse.ArgumentParser] = None
+    types: dict = dataclasses.field(default_factory=dict)   # name -> int, float, bool, str, tuple or dict
 
 
 def _add_config_args(p: argparse.ArgumentParser, groups: dict, cls, required=(), exclude=(),
@@ -152,17 +153,18 @@ def _add_config_args(p: argparse.ArgumentParser, groups: dict, cls, required=(),
         '--config', metavar='FILE.yaml',
         help=f'YAML file of options (the flag names, with dashes or underscores); its values replace {defaults}, '
              f'explicit flags replace its values')
-    names = _add_dataclass_args(groups, cls, required=required, exclude=exclude)
-    p.set_defaults(config_spec=ConfigSpec(names, tuple(required), p))
+    types = _add_dataclass_args(groups, cls, required=required, exclude=exclude)
+    p.set_defaults(config_spec=ConfigSpec(tuple(types), tuple(required), p, types))
 
 
 def config_values(args: argparse.Namespace, cls=None) -> dict:
     """The configuration's field values from ``--config`` (lowest) and the flags given (which win).
     A required field given in neither is the same usage error argparse gives for a missing flag."""
-    from .train.config import load_yaml_defaults
+    from .train.config import coerce_value, load_yaml_defaults
     spec = getattr(args, 'config_spec', None) or ConfigSpec(tuple(f.name for f in dataclasses.fields(cls)))
     path = getattr(args, 'config', None)
     values = load_yaml_defaults(path, known=spec.names) if path else {}
+    values = {k: coerce_value(v, spec.types.get(k), f'{path}: {k}') for k, v in values.items()}
     values.update({name: getattr(args, name) for name in spec.names if hasattr(args, name)})
     missing = ['--' + name.replace('_', '-') for name in spec.required if name not in values]
     if missing:

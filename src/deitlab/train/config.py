@@ -264,6 +264,50 @@ def config_fields() -> dict:
     return {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 
+_TRUE, _FALSE = ('true', 'yes', 'on', '1'), ('false', 'no', 'off', '0')
+
+
+def coerce_value(value, kind, what: str):
+    """A YAML value as the option's type ``kind`` (int, float, bool, str, tuple; anything else is
+    kept): YAML reads ``1e-3`` as a string and ``3`` as an int, the option wants a float either
+    way. ``ConfigError`` naming ``what`` when it cannot be converted."""
+    if value is None or kind is None or kind is dict:
+        return value
+    bad = ConfigError(f'{what} must be {getattr(kind, "__name__", kind)}, got {value!r}')
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, (str, int)) and str(value).lower() in _TRUE + _FALSE:
+            return str(value).lower() in _TRUE
+        raise bad
+    if isinstance(value, bool) and kind in (int, float):
+        raise bad
+    if kind is int:
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise bad from None
+        if not number.is_integer():
+            raise bad
+        return int(number)
+    if kind is float:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise bad from None
+    if kind is tuple:
+        if isinstance(value, str):
+            return tuple(x for x in value.split(',') if x)
+        if isinstance(value, (list, tuple)):
+            return tuple(str(x) for x in value)
+        raise bad
+    if kind is str:
+        if isinstance(value, (dict, list)):
+            raise bad
+        return str(value)
+    return value
+
+
 def load_yaml_defaults(path: str | Path, known: Optional[Iterable[str]] = None) -> dict:
     """Read a YAML file of options (dashes or underscores): TrainConfig fields, or the names in
     ``known``; a key that is not one of them is an error that names it."""
