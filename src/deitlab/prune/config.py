@@ -122,6 +122,8 @@ class NViTConfig:
     measure: bool = field(default=True, metadata={
         'group': 'run', 'help': 'time the dense and the pruned model at the end'})
     seed: int = field(default=0, metadata={'group': 'run', 'help': 'random seed'})
+    resume: bool = field(default=False, metadata={
+        'group': 'run', 'help': "continue the pruning phase from --out's last event checkpoint (same settings)"})
     device: Optional[str] = field(default=None, metadata={
         'group': 'run', 'help': 'torch device; unset: CUDA when available, else the CPU'})
     progress: Optional[bool] = field(default=None, metadata={

@@ -12,12 +12,14 @@ by the main process only.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 import torch
 
 from ..distributed import all_reduce_sum
 from ..evaluate import evaluate
+from ..rundir import atomic_torch_save
 from ..train.loop import Hooks
 from .groups import PruneError
 
@@ -43,8 +45,9 @@ class PruningHooks(Hooks):
     stay exactly zero), a pruning event every ``interval`` steps (after_step), and the end of the
     run at the budget or ``max_prune_steps`` (should_stop)."""
 
-    def __init__(self, pruner: 'NViTPruner', extra, val_loader, on_event):
+    def __init__(self, pruner: 'NViTPruner', extra, val_loader, on_event, checkpoint: Optional[Path] = None):
         self.pruner, self.extra, self.val_loader, self.on_event = pruner, extra, val_loader, on_event
+        self.checkpoint = checkpoint
         self.pmasks = pruner.masks.param_masks(pruner.model)
         self.teacher_out: Optional[torch.Tensor] = None
         self.x = self.y = None
@@ -108,3 +111,5 @@ class PruningHooks(Hooks):
         bar.set_postfix({p.budget.kind: f'{row[p.budget.kind]:.3f}', 'acc': row.get('val_top1', '-')})
         if self.on_event is not None:
             self.on_event(row)
+        if self.checkpoint is not None and self.trainer.is_main:
+            atomic_torch_save(dict(pruner=p.state_dict(), trainer=self.trainer.state_dict()), self.checkpoint)

@@ -59,6 +59,7 @@ from .timing import build_latency_table, busy_warning
 
 PRUNE_LOG = 'prune_log.jsonl'
 LUT_NAME = 'latency_table.json'
+CHECKPOINT = 'prune_checkpoint.pt'   # the pruning phase at its last event (``--resume``)
 
 
 def load_dense(spec: str) -> nn.Module:
@@ -142,6 +143,19 @@ class NViTPruner:
         self.schedule = resolve_schedule(cfg)
         self.plan: Optional[dict] = None     # schedule.make_plan's dict, set by make_plan() / run()
         self._check_reachable()
+
+    def state_dict(self) -> dict:
+        """What the pruning phase has decided and accumulated: masks, saliency windows and scores,
+        step and event counters, the log and the plan."""
+        sal = {k: v for k, v in vars(self.saliency).items() if k != 'rule'}
+        return dict(masks=self.masks.state_dict(), saliency=sal, scores=self.scores, events=self.events,
+                    steps=self.steps, log=self.log, plan=self.plan)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.masks.load_state_dict(state['masks'])
+        vars(self.saliency).update(state['saliency'])
+        self.scores, self.events, self.steps = state['scores'], state['events'], state['steps']
+        self.log, self.plan = list(state['log']), state['plan']
 
     def floor_widths(self) -> dict:
         """The widths with every prunable layer down to what whole groups and ``min_keep`` allow."""
@@ -235,13 +249,17 @@ class NViTPruner:
                 loss = loss + self.cfg.ce_weight * F.cross_entropy(out, y, label_smoothing=self.cfg.smoothing)
         return loss
 
-    def run(self, train_loader, val_loader=None, on_event=None, dist: Optional[DistInfo] = None) -> Masks:
+    def run(self, train_loader, val_loader=None, on_event=None, dist: Optional[DistInfo] = None,
+            checkpoint: Optional[Path] = None, resume: Optional[dict] = None) -> Masks:
         """Train with the dense model as KL teacher, accumulate saliency, and remove groups every
         ``interval`` steps until the budget is met (:class:`PruningHooks` on the shared
         :class:`~deitlab.train.loop.Trainer`, stepping an endless stream over ``train_loader``).
         ``on_event`` gets every event's row. Under ``torchrun`` (``dist``) the student runs in DDP:
         every process sees the gradients averaged over all of them, so all compute the same
-        saliency and remove the same units. Returns the masks."""
+        saliency and remove the same units. With ``checkpoint`` the state after every event is saved
+        there (main process); ``resume`` (such a saved state) continues from it: the data stream is
+        replayed up to its step (no training), so the run goes on as if it had not stopped.
+        Returns the masks."""
         cfg = self.cfg
         self.model.eval()  # NViT prunes with the student in eval mode (no dropout / drop path)
         # bf16 autocast on CUDA (the saliency is read from fp32 parameters and gradients); no schedule
@@ -252,19 +270,27 @@ class NViTPruner:
             from ..train.distill import DistillationLoss
             teacher = create(cfg.teacher, pretrained=not is_run_dir(cfg.teacher)).to(self.device).eval()
             extra = DistillationLoss(nn.CrossEntropyLoss(label_smoothing=cfg.smoothing), teacher, cfg.distill)
-        hooks = PruningHooks(self, extra, val_loader, on_event)
+        hooks = PruningHooks(self, extra, val_loader, on_event, checkpoint)
         trainer.add_hooks(hooks)
-        hooks.apply_masks()
         batches = _forever(train_loader)
+        if resume is not None:
+            self.load_state_dict(resume['pruner'])
+            trainer.load_state_dict(resume['trainer'])
+            hooks.pmasks = self.masks.param_masks(self.model)
+            for _ in range(self.steps):   # the stream as far as the checkpoint
+                next(batches)
+        hooks.apply_masks()
         t0 = time.perf_counter()
         first = next(batches)
         fetch_s = time.perf_counter() - t0
         if self.plan is None:
             self.make_plan(_length(train_loader))
-        self._time_step(first, fetch_s, trainer, hooks, val_loader)
+        if resume is None:
+            self._time_step(first, fetch_s, trainer, hooks, val_loader)
         _log(plan_line(self.plan, self.budget.kind, self.budget.target), trainer.is_main)
         hooks.t0 = time.perf_counter()
-        trainer.run_steps(itertools.chain([first], batches), total=self.plan['prune_steps'], desc='nvit prune')
+        trainer.run_steps(itertools.chain([first], batches), total=self.plan['prune_steps'] - self.steps,
+                          desc='nvit prune')
         if not self.done():
             est = self.estimate()[self.budget.kind]
             raise PruneError(f'the {self.budget.kind} target {self.budget.target} was not reached within '
@@ -365,8 +391,13 @@ def prune_nvit(cfg: NViTConfig) -> dict:
     cfg.validate()
     di = init_distributed(cfg.device)
     out = Path(cfg.out)
-    if (out / 'config.json').exists() or (out / PRUNE_LOG).exists():
-        raise PruneError(f'{out} already holds a pruning run; choose another --out')
+    resume = None
+    if cfg.resume:
+        if not (out / CHECKPOINT).is_file():
+            raise PruneError(f'{out} has no {CHECKPOINT} to resume from (it is written at every pruning event)')
+        resume = torch.load(out / CHECKPOINT, map_location='cpu', weights_only=False)
+    elif (out / 'config.json').exists() or (out / PRUNE_LOG).exists():
+        raise PruneError(f'{out} already holds a pruning run; choose another --out, or --resume it')
     barrier()   # every process has checked before the main one writes
     out.mkdir(parents=True, exist_ok=True)
     seed_all(cfg.seed)
@@ -381,7 +412,10 @@ def prune_nvit(cfg: NViTConfig) -> dict:
     if getattr(train_set, 'classes', None) is not None and len(train_set.classes) != dense.num_classes:
         raise PruneError(f'{cfg.model} predicts {dense.num_classes} classes but {cfg.data} has {len(train_set.classes)}')
 
-    lut = latency_table(cfg, dense, di, out)
+    if resume is not None and (out / LUT_NAME).is_file():
+        lut = load_latency_table(out / LUT_NAME)   # the table the run started with, not a new timing
+    else:
+        lut = latency_table(cfg, dense, di, out)
     if lut is not None and di.is_main:
         lut.save(out / LUT_NAME)
 
@@ -391,7 +425,10 @@ def prune_nvit(cfg: NViTConfig) -> dict:
         def write(row):
             f.write(json.dumps(row) + '\n')
             f.flush()
-        pruner.run(train_loader, val_loader, on_event=write if di.is_main else None, dist=di)
+        for row in (resume or {}).get('pruner', {}).get('log', []) if di.is_main else []:
+            write(row)
+        pruner.run(train_loader, val_loader, on_event=write if di.is_main else None, dist=di,
+                   checkpoint=out / CHECKPOINT, resume=resume)
     prune_s = time.perf_counter() - t0
     masked = pruner.model
     compact = pruner.densified()
