@@ -289,8 +289,8 @@ class NViTPruner:
             self._time_step(first, fetch_s, trainer, hooks, val_loader)
         _log(plan_line(self.plan, self.budget.kind, self.budget.target), trainer.is_main)
         hooks.t0 = time.perf_counter()
-        trainer.run_steps(itertools.chain([first], batches), total=self.plan['prune_steps'] - self.steps,
-                          desc='nvit prune')
+        total = self.plan['prune_steps'] and self.plan['prune_steps'] - self.steps   # None: not known
+        trainer.run_steps(itertools.chain([first], batches), total=total, desc='nvit prune')
         if not self.done():
             est = self.estimate()[self.budget.kind]
             raise PruneError(f'the {self.budget.kind} target {self.budget.target} was not reached within '
