@@ -40,9 +40,11 @@ def test_top_level_help_lists_every_command_without_torch():
 
 
 @pytest.mark.parametrize('command', [['train'], ['unlearnable', 'eval'], ['eval'], ['bench'], ['models'],
-                                     ['demo'], ['unlearnable', 'make']])
+                                     ['demo'], ['unlearnable', 'make'], ['prune', 'nvit'], ['fuse', 'tome'],
+                                     ['fuse', 'mctf-fast']])
 def test_subcommand_help_without_torch(command):
-    """The training configuration is torch-free, so its subcommands' --help is too."""
+    """The configurations (train/config.py, prune/config.py, tokens/config.py) are torch-free, so every
+    subcommand's --help is too."""
     code = ('import sys\nfrom deitlab.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n'
             '    assert e.code == 0\nprint(sorted(m for m in sys.modules if m.split(".")[0] in %r))' % (HEAVY,))
     r = _python('-c', code, *command, '--help')

@@ -356,7 +356,7 @@ def _bench_parser(p, groups) -> None:
 
 def _prune_parser(p, groups) -> None:
     methods = p.add_subparsers(dest='method', required=True)
-    from .prune import NViTConfig
+    from .prune.config import NViTConfig
     q, g = _subcommand(methods, 'nvit', 'NViT: Hessian-aware global pruning with a latency budget')
     _add_config_args(q, g, NViTConfig, required=('model', 'data', 'out'))
     _add_json(g)
@@ -365,7 +365,7 @@ def _prune_parser(p, groups) -> None:
 
 def _fuse_parser(p, groups) -> None:
     methods = p.add_subparsers(dest='method', required=True)
-    from .tokens.fuse import FuseConfig
+    from .tokens.config import FuseConfig
     from .registry import TOKEN_FUSION
     for entry in TOKEN_FUSION:
         q, g = _subcommand(methods, entry.name, entry.help.replace('%', '%%'))

@@ -1,8 +1,8 @@
 """The error types that mean bad input (reported to the user as a message, not a traceback)."""
 from .data import DataError
-from .prune.groups import PruneError
+from .prune.base import PruneError
 from .rundir import ModelLoadError
-from .tokens.patch import TokenFusionError
+from .tokens.config import TokenFusionError
 from .train.config import ConfigError
 from .train.loop import TrainingDiverged
 

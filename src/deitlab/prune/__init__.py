@@ -1,18 +1,31 @@
 """Structural pruning: NViT's unit groups, saliency, latency table, ranking, densify. DeiT models in
-all five unit types; PoolFormer and SpectFormer in their MLP hidden widths (families.py)."""
-from .densify import densify, rounded_masks
-from .families import Layout, layout_of
-from .groups import GROUP_TYPES, Masks, MaskedLayerNorm, PruneError, reduce_units, use_masked_layernorm
-from .latency import (LatencyTable, MLPLatencyTable, committed_tables, default_grid, grid_for, load_latency_table,
-                      lut_path)
-from .nvit import NViTConfig, NViTPruner, load_dense, prune_nvit
-from .ranking import Budget, Group, build_like, default_group_sizes, rank_groups
-from .saliency import CRITERIA, Saliency, per_sample_sq_grads
-from .schedule import SCHEDULES
-from .timing import build_latency_table
+all five unit types; PoolFormer and SpectFormer in their MLP hidden widths (families.py).
 
-__all__ = ['GROUP_TYPES', 'Masks', 'MaskedLayerNorm', 'PruneError', 'reduce_units', 'use_masked_layernorm',
-           'densify', 'rounded_masks', 'LatencyTable', 'MLPLatencyTable', 'build_latency_table', 'default_grid',
-           'grid_for', 'load_latency_table', 'Layout', 'layout_of', 'NViTConfig', 'NViTPruner', 'load_dense',
-           'prune_nvit', 'Budget', 'Group', 'build_like', 'default_group_sizes', 'rank_groups', 'CRITERIA',
-           'Saliency', 'per_sample_sq_grads', 'SCHEDULES', 'committed_tables', 'lut_path']
+The names below are imported from their modules on first use, so that ``deitlab.prune.config``
+(the configuration, read by ``deitlab prune nvit --help``) loads without torch.
+"""
+import importlib
+
+_HOME = {
+    'GROUP_TYPES': 'base', 'PruneError': 'base', 'committed_tables': 'base', 'lut_path': 'base',
+    'Masks': 'groups', 'MaskedLayerNorm': 'groups', 'reduce_units': 'groups', 'use_masked_layernorm': 'groups',
+    'densify': 'densify', 'rounded_masks': 'densify', 'Layout': 'families', 'layout_of': 'families',
+    'LatencyTable': 'latency', 'MLPLatencyTable': 'latency', 'default_grid': 'latency', 'grid_for': 'latency',
+    'load_latency_table': 'latency', 'build_latency_table': 'timing', 'NViTConfig': 'config',
+    'NViTPruner': 'nvit', 'load_dense': 'nvit', 'prune_nvit': 'nvit', 'Budget': 'ranking', 'Group': 'ranking',
+    'build_like': 'ranking', 'default_group_sizes': 'ranking', 'rank_groups': 'ranking', 'CRITERIA': 'saliency',
+    'Saliency': 'saliency', 'per_sample_sq_grads': 'saliency', 'SCHEDULES': 'schedule',
+}
+__all__ = sorted(_HOME)
+
+
+def __getattr__(name: str):
+    if name in _HOME:
+        value = getattr(importlib.import_module(f'.{_HOME[name]}', __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, Optional
+from typing import TYPE_CHECKING, Dict, Optional
 
 from ..registry import SALIENCY
-from .families import Layout
-from .groups import GROUP_TYPES, PruneError
-from .latency import lut_path
+from .base import GROUP_TYPES, PruneError, lut_path
 from .schedule import NVIT_INTERVAL, check_schedule
+
+if TYPE_CHECKING:
+    from .families import Layout
 
 __all__ = ['NViTConfig']
 

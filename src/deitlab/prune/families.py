@@ -38,19 +38,12 @@ import torch.nn as nn
 from timm.layers import Mlp
 
 from ..registry import PRUNABLE, load_target
+from .base import BLOCK_TYPES, GROUP_TYPES, WIDTH_KEYS, PruneError
 
 __all__ = ['PruneError', 'GROUP_TYPES', 'BLOCK_TYPES', 'WIDTH_KEYS', 'Layout', 'DeiTLayout', 'MLPLayout',
            'PoolFormerLayout', 'SpectFormerLayout', 'layout_of', 'tokens_of', 'block_params']
 
-GROUP_TYPES = ('emb', 'head', 'qk', 'v', 'mlp')
-BLOCK_TYPES = ('head', 'qk', 'v', 'mlp')
-# the width (a per-block list in model_args / Masks.kept()) each block unit type counts
-WIDTH_KEYS = dict(head='num_heads', qk='qk_dim', v='v_dim', mlp='mlp_hidden')
 Cost = Callable[[dict], Tuple[float, float]]
-
-
-class PruneError(ValueError):
-    """A model or setting the pruner cannot handle, with the reason."""
 
 
 def tokens_of(model: nn.Module) -> int:

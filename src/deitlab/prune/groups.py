@@ -50,7 +50,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..models.deit import DeiT, DeiTDistilled
-from .families import BLOCK_TYPES, GROUP_TYPES, WIDTH_KEYS, PruneError, layout_of, tokens_of
+from .base import BLOCK_TYPES, GROUP_TYPES, WIDTH_KEYS, PruneError
+from .families import layout_of, tokens_of
 
 __all__ = ['GROUP_TYPES', 'BLOCK_TYPES', 'PruneError', 'check_prunable', 'tokens_of', 'MaskedLayerNorm',
            'use_masked_layernorm', 'Masks', 'reduce_units']

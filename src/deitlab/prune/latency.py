@@ -46,13 +46,13 @@ import numpy as np
 import torch.nn as nn
 
 from .families import DeiTLayout, MLPLayout, layout_of
-from .groups import PruneError, tokens_of
+from .base import TABLES_DIR, PruneError, committed_tables, lut_path
+from .groups import tokens_of
 
 __all__ = ['AXES', 'FORMAT', 'MLP_FORMAT', 'LatencyTable', 'MLPLatencyTable', 'default_grid', 'grid_for',
            'load_latency_table', 'lut_path', 'committed_tables', 'TABLES_DIR']
 
 AXES = ('emb', 'heads', 'qk', 'v', 'mlp')
-TABLES_DIR = Path(__file__).resolve().parent / 'tables'   # committed tables, by name (lut_path)
 FORMAT = DeiTLayout.table_format
 MLP_FORMAT = MLPLayout.table_format
 
@@ -118,27 +118,6 @@ def load_latency_table(path):
     """A ``LatencyTable`` (DeiT) or an ``MLPLatencyTable`` (PoolFormer, SpectFormer), by the file's
     format; ``path`` may name a committed table (``lut_path``)."""
     return _load(lut_path(path) or path, (LatencyTable, MLPLatencyTable))
-
-
-def committed_tables() -> List[str]:
-    """Names of the tables committed in ``deitlab/prune/tables/`` (file names without ``.json``)."""
-    return sorted(p.stem for p in TABLES_DIR.glob('*.json'))
-
-
-def lut_path(spec) -> Optional[Path]:
-    """Where ``NViTConfig.lut`` / ``--lut`` points: None for ``None`` or ``'measure'`` (time a table
-    on this device), else an existing file, or the name of a committed table. ``PruneError`` otherwise."""
-    if spec is None or str(spec).strip().lower() == 'measure':
-        return None
-    path = Path(spec).expanduser()
-    if path.is_file():
-        return path
-    named = TABLES_DIR / f'{spec}.json'
-    if '/' not in str(spec) and named.is_file():
-        return named
-    names = ', '.join(committed_tables()) or 'none'
-    raise PruneError(f'latency table file does not exist: {spec}; --lut takes a latency_table.json, "measure" '
-                     f'(time one on this device) or a committed table ({names})')
 
 
 class LatencyTable(_JsonTable):

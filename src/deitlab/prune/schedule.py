@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from .groups import PruneError
+from .base import PruneError
 
 SCHEDULES = ('linear', 'nvit')
 NVIT_INTERVAL = 100          # NViT's ImageNet schedule: 2 groups every 100 steps

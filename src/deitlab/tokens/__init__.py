@@ -3,12 +3,25 @@
 
 ``apply_tome`` / ``apply_mctf`` patch a timm ``VisionTransformer`` (plain or distilled) or a
 deitlab DeiT (also NViT-pruned ones) in place; ``remove_token_fusion`` undoes it. Schedules and
-their GMACs are pure functions of the model's shape (``schedule.py``).
+their GMACs are pure functions of the model's shape (``schedule.py``). The names below are imported
+from their modules on first use, so that ``deitlab.tokens.config`` (read by ``deitlab fuse --help``)
+loads without torch.
 """
-from .mctf import ConsistencyLoss, apply_mctf, mctf_fast_layers
-from .patch import TokenFusionError, remove_token_fusion, token_fusion_of
-from .schedule import fusion_gmacs, fusion_macs, parse_r, token_schedule
-from .tome import apply_tome
+import importlib
 
-__all__ = ['apply_tome', 'apply_mctf', 'mctf_fast_layers', 'remove_token_fusion', 'token_fusion_of',
-           'TokenFusionError', 'ConsistencyLoss', 'token_schedule', 'parse_r', 'fusion_macs', 'fusion_gmacs']
+_HOME = {'apply_tome': 'tome', 'apply_mctf': 'mctf', 'mctf_fast_layers': 'mctf', 'ConsistencyLoss': 'mctf',
+         'remove_token_fusion': 'patch', 'token_fusion_of': 'patch', 'TokenFusionError': 'config',
+         'token_schedule': 'schedule', 'parse_r': 'schedule', 'fusion_macs': 'schedule', 'fusion_gmacs': 'schedule'}
+__all__ = sorted(_HOME)
+
+
+def __getattr__(name: str):
+    if name in _HOME:
+        value = getattr(importlib.import_module(f'.{_HOME[name]}', __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

@@ -38,12 +38,11 @@ import torch.nn as nn
 from .merge import MergePlan, TokenState, bipartite_plan, cosine_scores, merge_weighted, split_ab
 from ..layers.attention import attention_output, attention_probs, project
 from .patch import TokenFusion, TokenFusionError, check_supported, grid_blocks, patch_model, tome_block
-from .schedule import MCTF_MODES
+from .config import MCTF_MODES, POOLINGS
 
 __all__ = ['MCTF', 'apply_mctf', 'mctf_scores', 'fusion_weights', 'fuse_tokens', 'fuse_attention',
            'mctf_fast_layers', 'ConsistencyOutput', 'ConsistencyLoss', 'POOLINGS']
 
-POOLINGS = ('attn_size', 'size', 'mean', 'max')
 
 
 def _pair_term(per_token: torch.Tensor, p: int, tau: float) -> torch.Tensor:

@@ -31,15 +31,12 @@ from timm.models.vision_transformer import Attention, Block, VisionTransformer
 from ..layers import WidthAttention, WidthBlock
 from ..layers.attention import attend, attention_output, project
 from ..models.spectformer import MixerBlock
+from .config import TokenFusionError
 from .merge import TokenState, bipartite_plan, cosine_scores, merge_weighted
 from .schedule import token_schedule
 
 __all__ = ['TokenFusionError', 'TokenFusion', 'patch_model', 'remove_token_fusion', 'token_fusion_of',
            'grid_blocks', 'tome_block']
-
-
-class TokenFusionError(ValueError):
-    """A model or setting token fusion cannot handle."""
 
 
 def tome_block(blk: nn.Module, x: torch.Tensor, st: TokenState, r: int, prop_attn: bool = True) -> torch.Tensor:

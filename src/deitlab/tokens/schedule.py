@@ -27,12 +27,12 @@ from typing import List, Optional, Sequence, Union
 import torch.nn as nn
 from timm.models.deit import VisionTransformerDistilled
 
-from ..bench.flops import norm_cost, analytic_macs, attention_widths, block_macs
+from ..bench.flops import analytic_macs, attention_widths, block_macs, norm_cost
+from .config import MCTF_MODES
 
 __all__ = ['parse_r', 'layer_r', 'token_schedule', 'fusion_macs', 'fusion_gmacs', 'METHODS', 'MCTF_MODES']
 
 METHODS = ('tome', 'mctf')
-MCTF_MODES = ('one_step_ahead', 'precise', 'previous')
 RSpec = Union[int, float, tuple, Sequence[int]]
 
 
