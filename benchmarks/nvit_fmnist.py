@@ -73,7 +73,8 @@ def _finetune(model_dir: str, out: Path, steps: int, lr: float, warmup: float = 
     from deitlab.train import TrainConfig, train
     per_epoch = 60000 // COMMON['batch_size']
     epochs = -(-steps // per_epoch)
-    cfg = TrainConfig(model=model_dir, data=DATA, out=str(out), epochs=epochs, batch_size=COMMON['batch_size'], lr=lr,
+    cfg = TrainConfig(model=model_dir, data=DATA, out=str(out), overwrite=True, epochs=epochs,
+                      batch_size=COMMON['batch_size'], lr=lr,
                       warmup_epochs=warmup, min_lr=lr / 20, weight_decay=0.05, smoothing=0.0, mixup=0.0, cutmix=0.0,
                       drop_path=0.0, aug='none', teacher=str(REF), distill='soft', distill_alpha=COMMON['alpha'],
                       distill_tau=COMMON['tau'], kd_norm='batch', seed=seed, tensorboard=False, progress=False,

@@ -210,13 +210,14 @@ def cmd_bench(args) -> dict:
     from .bench import benchmark_model
     from .rundir import create
     kwargs = {}
-    if args.img_size:
+    if args.img_size is not None:
         kwargs['img_size'] = args.img_size
-    if args.in_chans:
+    if args.in_chans is not None:
         kwargs['in_chans'] = args.in_chans
     model = create(args.model, **kwargs)
     if args.device:
-        model.to(args.device)
+        from .distributed import resolve_device
+        model.to(resolve_device(args.device))
     res = benchmark_model(model, batch_size=args.batch_size, quick=args.quick)
     res['model'] = args.model
     return res
@@ -329,13 +330,30 @@ def _train_parser(p, groups) -> None:
     p.set_defaults(func=cmd_train)
 
 
+def _int_at_least(minimum: int):
+    """An argparse type: a whole number >= ``minimum`` (the message names the value)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f'expected a whole number, got {text!r}') from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f'must be at least {minimum}, got {value}')
+        return value
+    parse.__name__ = f'int >= {minimum}'
+    return parse
+
+
+_positive_int, _count = _int_at_least(1), _int_at_least(0)
+
+
 def _eval_parser(p, groups) -> None:
     groups['model'].add_argument('--model', required=True, help=_MODEL_HELP)
     data = groups['data']
     data.add_argument('--data', required=True, help='dataset spec: glyphs, fashion-mnist[:PATH], folder:PATH')
     data.add_argument('--split', default='val', choices=['train', 'val'], help='the split to evaluate (default: val)')
-    data.add_argument('--batch-size', type=int, default=256, help='evaluation batch size (default: 256)')
-    data.add_argument('--workers', type=int, default=0, help='data loader worker processes (default: 0)')
+    data.add_argument('--batch-size', type=_positive_int, default=256, help='evaluation batch size (default: 256)')
+    data.add_argument('--workers', type=_count, default=0, help='data loader worker processes (default: 0)')
     groups['run'].add_argument('--device', default=None, help=_DEVICE_HELP)
     _add_json(groups)
     p.set_defaults(func=cmd_eval)
@@ -344,9 +362,9 @@ def _eval_parser(p, groups) -> None:
 def _bench_parser(p, groups) -> None:
     model = groups['model']
     model.add_argument('--model', required=True, help=_MODEL_HELP)
-    model.add_argument('--img-size', type=int, default=None, help="input side (default: the model's)")
-    model.add_argument('--in-chans', type=int, default=None, help="input channels (default: the model's)")
-    groups['measurement'].add_argument('--batch-size', type=int, default=64,
+    model.add_argument('--img-size', type=_positive_int, default=None, help="input side (default: the model's)")
+    model.add_argument('--in-chans', type=_positive_int, default=None, help="input channels (default: the model's)")
+    groups['measurement'].add_argument('--batch-size', type=_positive_int, default=64,
                                        help='batch for throughput; latency uses 1 (default: 64)')
     groups['measurement'].add_argument('--quick', action='store_true', help='fewer repeats')
     groups['run'].add_argument('--device', default=None, help=_DEVICE_HELP)

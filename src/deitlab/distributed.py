@@ -27,11 +27,23 @@ class DistInfo:
         return self.rank == 0
 
 
+class DeviceError(ValueError):
+    """A ``--device`` this machine does not have, or a name torch does not know."""
+
+
 def resolve_device(device: Optional[str] = None, local_rank: int = 0) -> torch.device:
     if device:
-        dev = torch.device(device)
+        try:
+            dev = torch.device(device)
+        except RuntimeError:
+            raise DeviceError(f'unknown device {device!r}: use cpu, cuda, cuda:N or mps') from None
         if dev.type == 'cuda' and dev.index is None:
             dev = torch.device('cuda', local_rank)
+        if dev.type == 'cuda':
+            have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            if dev.index >= have:
+                raise DeviceError(f'device {device!r} is not on this machine: it has '
+                                  f'{have or "no"} CUDA device{"" if have == 1 else "s"}')
         return dev
     if torch.cuda.is_available():
         return torch.device('cuda', local_rank)

@@ -46,6 +46,24 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp: bool = False,
                 count=int(sums[3].item()))
 
 
+def _short(names) -> str:
+    names = [str(n) for n in names]
+    return '[' + ', '.join(names[:6]) + (f', ... ({len(names)} in all)' if len(names) > 6 else '') + ']'
+
+
+def _check_label_names(model: nn.Module, ds, model_spec: str, data: str) -> None:
+    """Refuse data whose class names differ from the names the model was trained with (saved as
+    ``label_names`` in its run directory): the accuracy would compare unrelated indices."""
+    names = (getattr(model, 'pretrained_cfg', None) or {}).get('label_names')
+    classes = getattr(ds, 'classes', None)
+    if not names or not classes or [str(n) for n in names] == [str(c) for c in classes]:
+        return
+    from .train.config import ConfigError
+    how = 'the same names in another order' if sorted(map(str, names)) == sorted(map(str, classes)) else 'other names'
+    raise ConfigError(f'{model_spec} was trained on the classes {_short(names)} but {data} has {_short(classes)} '
+                      f'({how}): its accuracy there would compare unrelated class indices')
+
+
 def evaluate_model(model_spec: str, data: str, split: str = 'val', batch_size: int = 256,
                    device: Optional[str] = None, workers: int = 0, progress: Optional[bool] = None) -> dict:
     """Accuracy of ``model_spec`` on ``data``; the data is shaped to the model's input (its size wins;
@@ -57,6 +75,7 @@ def evaluate_model(model_spec: str, data: str, split: str = 'val', batch_size: i
     if getattr(model, 'num_classes', ds.num_classes) != ds.num_classes:
         from .train.config import ConfigError
         raise ConfigError(f'{model_spec} predicts {model.num_classes} classes but {data} has {ds.num_classes}')
+    _check_label_names(model, ds, model_spec, data)
     loader = eval_loader(ds, batch_size, workers=workers)
     res = evaluate(model, loader, dev, amp=dev.type == 'cuda', progress=progress)
     chans, size = model_input(model)

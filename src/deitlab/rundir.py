@@ -232,6 +232,8 @@ def create(name_or_dir: str, pretrained: bool = False, **kwargs) -> nn.Module:
         return model
     if spec.startswith('hf-hub:'):
         return timm.create_model(spec, pretrained=pretrained, **kwargs)
+    if not spec.strip():
+        raise ModelLoadError('the model is empty: give a deitlab/timm name or a run directory')
     if Path(spec).is_dir():
         raise ModelLoadError(f'{spec} is a directory but not a run directory (no {CONFIG_NAME})')
     if Path(spec).is_file():
@@ -245,4 +247,10 @@ def create(name_or_dir: str, pretrained: bool = False, **kwargs) -> nn.Module:
         hint = f'; similar names: {", ".join(close)}' if close else ''
         raise ModelLoadError(f'unknown model name {spec!r} (not a timm/deitlab model nor a run directory){hint}. '
                              f'`deitlab models` lists deitlab architectures')
-    return timm.create_model(spec, pretrained=pretrained, **kwargs)
+    try:
+        return timm.create_model(spec, pretrained=pretrained, **kwargs)
+    except (TypeError, ValueError) as e:   # an argument of the wrong type or value (e.g. --model-kwargs)
+        if not kwargs:
+            raise
+        shown = ', '.join(f'{k}={v!r}' for k, v in kwargs.items())
+        raise ModelLoadError(f'cannot build {spec} with {shown}: {e}') from None

@@ -31,6 +31,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from ..console import log
 from .base import DataError
 
 __all__ = ['IMAGE_EXTENSIONS', 'DEFAULT_IMG_SIZE', 'split_dir', 'find_classes', 'scan_split', 'native_size',
@@ -74,6 +75,9 @@ def find_classes(path: str) -> List[str]:
         files = sorted(e.name for e in os.scandir(d))[:5]
         raise DataError(f'folder: no class folders in {d} (found files: {", ".join(files) or "none"}); '
                         f'put each class\'s images in {d}/<class>/')
+    if len(classes) < 2:
+        raise DataError(f'folder: {d} has one class ({classes[0]}); a classifier needs at least two (every '
+                        f'image would be right)')
     return classes
 
 
@@ -166,6 +170,10 @@ class FolderDataset(Dataset):
         self.root = Path(path).expanduser()
         self.split = split
         self.classes, self.files, labels = scan_split(path, split)
+        missing = sorted(set(self.classes) - {self.classes[i] for i in set(labels)})
+        if missing:
+            log(f'warning: the {split} split of {path} has no images of {len(missing)} class(es): '
+                f'{", ".join(missing[:6])}{", ..." if len(missing) > 6 else ""}')
         self.num_classes = len(self.classes)
         self.targets = torch.tensor(labels, dtype=torch.long)
         self.mode = 'L' if in_chans == 1 else 'RGB'

@@ -134,6 +134,9 @@ class NViTConfig:
         if isinstance(self.divisors, str) and self.divisors.lower() in ('none', ''):
             self.divisors = None
         self.prune_types = tuple(self.prune_types)
+        if self.criterion not in SALIENCY:
+            raise PruneError(f'unknown saliency criterion {self.criterion!r}; choose one of '
+                             f'{", ".join(SALIENCY.names())}')
         targets = {k: v for k, v in (('latency', self.target_latency), ('gmacs', self.target_gmacs),
                                      ('params', self.target_params)) if v is not None}
         if len(targets) != 1:

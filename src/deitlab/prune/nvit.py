@@ -452,7 +452,7 @@ def prune_nvit(cfg: NViTConfig) -> dict:
         step_cap = -(-rest // epochs)
     if epochs:
         from ..train import TrainConfig, train
-        tcfg = TrainConfig(model=str(pruned_dir), data=cfg.data, out=str(out), epochs=epochs,
+        tcfg = TrainConfig(model=str(pruned_dir), data=cfg.data, out=str(out), overwrite=True, epochs=epochs,
                            batch_size=cfg.batch_size, lr=cfg.finetune_lr, warmup_epochs=0.0, min_lr=cfg.finetune_lr / 20,
                            weight_decay=cfg.weight_decay, smoothing=cfg.smoothing, mixup=0.0, cutmix=0.0,
                            drop_path=0.0, aug=cfg.aug, teacher=dense_dir, distill='soft',

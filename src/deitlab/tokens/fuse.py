@@ -42,6 +42,12 @@ def parse_r_arg(r, inflect: Optional[float] = None):
         r = vals if len(vals) > 1 else vals[0]
     elif isinstance(r, float) and r.is_integer() and r >= 1:
         r = int(r)
+    for v in (r if isinstance(r, list) else [r]):
+        if v < 0:
+            raise TokenFusionError(f'r must be >= 0, got {v:g}')
+        if isinstance(v, float) and not v < 1:
+            raise TokenFusionError(f'r is a number of tokens (an integer) or a fraction of the tokens in [0, 1), '
+                                   f'got {v:g}')
     if inflect is not None:
         if isinstance(r, list) or not float(r).is_integer():
             raise TokenFusionError('--inflect needs an integer r')
@@ -54,7 +60,23 @@ def apply_token_fusion(model: nn.Module, method: str, r=None, layers=None, **opt
     ``apply_mctf``, ``apply_mctf(fast=True)``); ``r=None`` is the method's ``default_r`` (ToMe 8,
     MCTF 16, MCTF-Fast 0.35)."""
     entry = TOKEN_FUSION.get(method, TokenFusionError, 'token fusion method')
-    return entry.load()(model, entry['default_r'] if r is None else r, layers=layers, **entry['options'], **options)
+    fused = entry.load()(model, entry['default_r'] if r is None else r, layers=layers, **entry['options'], **options)
+    _check_r_possible(fused, r)
+    return fused
+
+
+def _check_r_possible(model: nn.Module, r) -> None:
+    """An integer ``r`` larger than one bipartite step can merge is an error, not a silent clamp: a
+    block merges at most half of its unprotected tokens."""
+    asked = max(r) if isinstance(r, list) else r[0] if isinstance(r, tuple) else r
+    if not isinstance(asked, int) or asked < 1:
+        return
+    tf = model.token_fusion
+    tokens = int(model.patch_embed.num_patches) + int(model.num_prefix_tokens)
+    most = (tokens - tf.protected) // 2
+    if asked > most:
+        raise TokenFusionError(f'r = {asked} is more than a block can merge: at most {most} of the model\'s {tokens} '
+                               f'tokens ({tf.protected} protected) in one bipartite step')
 
 
 def default_batch(gmacs: float, work: float = 64.0) -> int:
@@ -79,7 +101,8 @@ def fuse_model(cfg: FuseConfig) -> dict:
     r = None if cfg.r is None else parse_r_arg(cfg.r, cfg.inflect)
     base = create(cfg.model, pretrained=cfg.pretrained).eval()
     if cfg.device:
-        base.to(cfg.device)
+        from ..distributed import resolve_device
+        base.to(resolve_device(cfg.device))
     explicit = copy.deepcopy(base)
     for m in explicit.modules():
         if hasattr(m, 'fused_attn'):

@@ -122,6 +122,8 @@ class TrainConfig:
         group='run', help='torch device; unset: CUDA when available, else the CPU'))
     amp: bool = field(default=True, metadata=dict(group='run', help='bf16 autocast on CUDA (ignored on the CPU)'))
     resume: bool = field(default=False, metadata=dict(group='run', help='continue the checkpoint in --out'))
+    overwrite: bool = field(default=False, metadata=dict(
+        group='run', help='train into a non-empty --out that holds no checkpoint of this run (its files are replaced)'))
     eval_every: int = field(default=1, metadata=dict(
         group='run', help='evaluate every this many epochs (and after the last)'))
     eval_batch_size: Optional[int] = field(default=None, metadata=dict(
@@ -154,6 +156,11 @@ class TrainConfig:
                                          for k, v in RECIPES[self.recipe].items() if v != RECIPES['deit'][k]):
             raise ConfigError(f"recipe {self.recipe!r} is named but none of its settings are applied; build the "
                               f"configuration with TrainConfig.from_recipe({self.recipe!r}, ...)")
+        if not str(self.model).strip():
+            raise ConfigError('model is empty: give a deitlab/timm name or a run directory')
+        if not str(self.out).strip():
+            raise ConfigError('out is empty: give the run directory to write')
+        self._check_ranges()
         if self.epochs < 1:
             raise ConfigError(f'epochs must be >= 1, got {self.epochs}')
         if self.batch_size < 1:
@@ -193,6 +200,26 @@ class TrainConfig:
             # A short run with the recipe's 5 warm-up epochs: warm up for a tenth of it instead.
             self.warmup_epochs = self.epochs * 0.1
         return self
+
+    def _check_ranges(self) -> None:
+        """Every number in its range, named with the limit (``ConfigError``)."""
+        rules = [('lr', '> 0', lambda v: v > 0), ('base_lr', '> 0', lambda v: v > 0),
+                 ('min_lr', '>= 0', lambda v: v >= 0), ('warmup_lr', '>= 0', lambda v: v >= 0),
+                 ('weight_decay', '>= 0', lambda v: v >= 0), ('grad_clip', '> 0', lambda v: v > 0),
+                 ('smoothing', 'in [0, 1)', lambda v: 0 <= v < 1), ('mixup', '>= 0', lambda v: v >= 0),
+                 ('cutmix', '>= 0', lambda v: v >= 0), ('mixup_prob', 'in [0, 1]', lambda v: 0 <= v <= 1),
+                 ('mixup_switch_prob', 'in [0, 1]', lambda v: 0 <= v <= 1),
+                 ('maskmix_prob', 'in [0, 1]', lambda v: 0 <= v <= 1),
+                 ('drop_path', 'in [0, 1)', lambda v: 0 <= v < 1), ('drop', 'in [0, 1)', lambda v: 0 <= v < 1),
+                 ('ema_decay', 'in (0, 1)', lambda v: 0 < v < 1), ('distill_tau', '> 0', lambda v: v > 0),
+                 ('img_size', '>= 1', lambda v: v >= 1), ('in_chans', '>= 1', lambda v: v >= 1),
+                 ('hflip', 'in [0, 1]', lambda v: 0 <= v <= 1), ('workers', '>= 0', lambda v: v >= 0),
+                 ('eval_every', '>= 1', lambda v: v >= 1), ('eval_batch_size', '>= 1', lambda v: v >= 1),
+                 ('max_steps_per_epoch', '>= 1', lambda v: v >= 1)]
+        for name, limit, ok in rules:
+            value = getattr(self, name)
+            if value is not None and not ok(value):
+                raise ConfigError(f'{name} must be {limit}, got {value}')
 
     @property
     def mixing_active(self) -> bool:

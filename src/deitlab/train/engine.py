@@ -48,6 +48,8 @@ from .mixing import BatchMixer, MixLoss
 CHECKPOINT_NAME = 'checkpoint.pt'
 METRICS_NAME = 'metrics.jsonl'
 RUN_CONFIG_NAME = 'train_config.json'
+# what a training run writes into --out before its first checkpoint (a run killed that early left them)
+_OWN_FILES = {METRICS_NAME, RUN_CONFIG_NAME, 'tb'}
 _RESUME_KEYS = ('model', 'data', 'batch_size', 'seed', 'img_size', 'in_chans', 'distill', 'teacher')
 
 
@@ -291,9 +293,18 @@ def _prepare_out(cfg: TrainConfig, di: DistInfo) -> Path:
         raise ConfigError(f'--mix {cfg.mix} needs an even batch size per process, got {local_bs}; '
                           f'use an even --batch-size or turn mixing off (--mix none)')
     out = Path(cfg.out)
-    if (out / CHECKPOINT_NAME).exists() and not cfg.resume:
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f'--out {out} is a file, not a directory')
+    if (out / CHECKPOINT_NAME).exists() and not cfg.resume and not cfg.overwrite:
         raise ConfigError(f'{out} already holds a training checkpoint; pass --resume to continue it '
                           f'or choose another --out')
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in _OWN_FILES) if out.is_dir() else []
+    if foreign and not cfg.overwrite and not (cfg.resume and (out / CHECKPOINT_NAME).exists()):
+        shown = ', '.join(foreign[:4]) + (', ...' if len(foreign) > 4 else '')
+        raise ConfigError(f'--out {out} is not empty ({shown}) and holds no checkpoint of this run to --resume; '
+                          f'choose another --out, or pass --overwrite to replace what is there')
+    if cfg.overwrite and not cfg.resume and di.is_main:
+        (out / CHECKPOINT_NAME).unlink(missing_ok=True)
     if di.is_main:
         out.mkdir(parents=True, exist_ok=True)
     barrier()

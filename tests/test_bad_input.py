@@ -1,0 +1,167 @@
+"""Bad input at the command line: one row per case. Each must end with exit code 2 (argparse's or
+deitlab's), one ``deitlab...: error:`` line on stderr naming the problem, no traceback, and the
+files already in an output directory unchanged."""
+import hashlib
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from deitlab.cli import main
+from deitlab.rundir import save_run_dir
+
+PICO = 'deitlab_deit_pico_patch4_32'
+GLYPHS = 'glyphs:train=64,val=32,size=32'
+TRAIN = ['train', '--model', PICO, '--data', GLYPHS, '--epochs', '1', '--batch-size', '16', '--no-progress',
+         '--no-tensorboard', '--max-steps-per-epoch', '1']
+
+
+@pytest.fixture(scope='module')
+def files(tmp_path_factory):
+    """A run directory with label names, an image folder with two classes and one with one class,
+    a pruning output directory, a plain file and YAML files."""
+    import timm
+    root = tmp_path_factory.mktemp('bad')
+    torch.manual_seed(0)
+    save_run_dir(timm.create_model(PICO, num_classes=2), root / 'run', label_names=['cat', 'dog'])
+    for split in ('train', 'val'):
+        for cls, shade in (('ant', 40), ('bee', 200)):
+            d = root / 'folder' / split / cls
+            d.mkdir(parents=True)
+            for i in range(4):
+                Image.new('RGB', (32, 32), (shade + i, shade, shade)).save(d / f'{i}.png')
+        d = root / 'one' / split / 'ant'
+        d.mkdir(parents=True)
+        Image.new('RGB', (32, 32), (9, 9, 9)).save(d / '0.png')
+    save_run_dir(timm.create_model(PICO, num_classes=2), root / 'pruned-out')   # e.g. what prune/fuse wrote
+    (root / 'a-file').write_text('not a directory\n')
+    (root / 'types.yaml').write_text('lr: fast\n')
+    (root / 'bool.yaml').write_text('drop_path: true\n')
+    return root
+
+
+def _digest(path):
+    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(path.rglob('*')) if p.is_file()} if path.is_dir() else None
+
+
+# (id, argv with {root} for the fixture directory, a regular expression the error line must match)
+CASES = [
+    # train: numbers out of range
+    ('train-lr-zero', TRAIN + ['--out', '{root}/o', '--lr', '0'], r'lr must be > 0, got 0'),
+    ('train-lr-negative', TRAIN + ['--out', '{root}/o', '--lr', '-1'], r'lr must be > 0, got -1'),
+    ('train-min-lr-negative', TRAIN + ['--out', '{root}/o', '--min-lr', '-1'], r'min_lr must be >= 0'),
+    ('train-batch-zero', TRAIN + ['--out', '{root}/o', '--batch-size', '0'], r'batch_size must be >= 1, got 0'),
+    ('train-epochs-zero', TRAIN + ['--out', '{root}/o', '--epochs', '0'], r'epochs must be >= 1, got 0'),
+    ('train-drop-path', TRAIN + ['--out', '{root}/o', '--drop-path', '1.5'], r'drop_path must be in \[0, 1\), got 1.5'),
+    ('train-smoothing', TRAIN + ['--out', '{root}/o', '--smoothing', '1'], r'smoothing must be in \[0, 1\)'),
+    ('train-ema-decay', TRAIN + ['--out', '{root}/o', '--ema-decay', '2'], r'ema_decay must be in \(0, 1\)'),
+    ('train-weight-decay', TRAIN + ['--out', '{root}/o', '--weight-decay', '-0.1'], r'weight_decay must be >= 0'),
+    ('train-mixup-prob', TRAIN + ['--out', '{root}/o', '--mixup-prob', '1.5'], r'mixup_prob must be in \[0, 1\]'),
+    ('train-warmup-negative', TRAIN + ['--out', '{root}/o', '--warmup-epochs', '-1'], r'warmup_epochs must be >= 0'),
+    ('train-lr-not-a-number', TRAIN + ['--out', '{root}/o', '--lr', 'fast'], r"argument --lr: invalid float value"),
+    # train: devices, models, model arguments
+    ('train-device-banana', TRAIN + ['--out', '{root}/o', '--device', 'banana'], r"unknown device 'banana'"),
+    ('train-device-missing', TRAIN + ['--out', '{root}/o', '--device', 'cuda:7'],
+     r"device 'cuda:7' is not on this machine"),
+    ('train-model-empty', ['train', '--model', '', '--data', GLYPHS, '--out', '{root}/o'], r'model is empty'),
+    ('train-model-unknown', ['train', '--model', 'deit_pico_nonexistent', '--data', GLYPHS, '--out', '{root}/o',
+                             '--epochs', '1'], r"unknown model name 'deit_pico_nonexistent'"),
+    ('train-model-kwargs', TRAIN + ['--out', '{root}/o', '--model-kwargs', 'depth=banana'],
+     r"cannot build deitlab_deit_pico_patch4_32 with depth='banana'"),
+    # train: output directories
+    ('train-out-foreign', TRAIN + ['--out', '{root}/pruned-out'],
+     r'pruned-out is not empty \(config.json, model.safetensors\) and holds no checkpoint'),
+    ('train-out-file', TRAIN + ['--out', '{root}/a-file'], r'a-file is a file, not a directory'),
+    # train: data
+    ('train-one-class', TRAIN + ['--out', '{root}/o', '--data', 'folder:{root}/one'],
+     r'has one class \(ant\); a classifier needs at least two'),
+    ('train-data-missing', TRAIN + ['--out', '{root}/o', '--data', 'folder:{root}/nothing'],
+     r'dataset path does not exist'),
+    ('train-data-unknown', TRAIN + ['--out', '{root}/o', '--data', 'imagenet-banana'], r'unknown dataset'),
+    # --config files
+    ('train-yaml-type', ['train', '--config', '{root}/types.yaml', '--model', PICO, '--data', GLYPHS, '--out',
+                         '{root}/o'], r"types.yaml: lr must be float, got 'fast'"),
+    ('train-yaml-bool', ['train', '--config', '{root}/bool.yaml', '--model', PICO, '--data', GLYPHS, '--out',
+                         '{root}/o'], r'bool.yaml: drop_path must be float, got True'),
+    ('train-yaml-missing', ['train', '--config', '{root}/nope.yaml', '--model', PICO, '--data', GLYPHS, '--out',
+                            '{root}/o'], r'config file does not exist'),
+    # eval
+    ('eval-label-names', ['eval', '--model', '{root}/run', '--data', 'folder:{root}/folder'],
+     r"trained on the classes \[cat, dog\] but folder:.* has \[ant, bee\] \(other names\)"),
+    ('eval-batch-zero', ['eval', '--model', '{root}/run', '--data', GLYPHS, '--batch-size', '0'],
+     r'argument --batch-size: must be at least 1, got 0'),
+    ('eval-workers-negative', ['eval', '--model', '{root}/run', '--data', GLYPHS, '--workers', '-1'],
+     r'argument --workers: must be at least 0, got -1'),
+    ('eval-device-banana', ['eval', '--model', '{root}/run', '--data', GLYPHS, '--device', 'banana'],
+     r"unknown device 'banana'"),
+    # bench
+    ('bench-img-size-zero', ['bench', '--model', PICO, '--img-size', '0'], r'argument --img-size: must be at least 1'),
+    ('bench-batch-zero', ['bench', '--model', PICO, '--batch-size', '0'], r'argument --batch-size: must be at least 1'),
+    ('bench-device', ['bench', '--model', PICO, '--device', 'banana'], r"unknown device 'banana'"),
+    # fuse
+    ('fuse-r-fraction-above-one', ['fuse', 'tome', '--model', PICO, '--r', '1.5'],
+     r'r is a number of tokens \(an integer\) or a fraction of the tokens in \[0, 1\), got 1.5'),
+    ('fuse-r-too-large', ['fuse', 'tome', '--model', PICO, '--r', '1000'],
+     r'r = 1000 is more than a block can merge: at most 32'),
+    ('fuse-r-negative', ['fuse', 'mctf', '--model', PICO, '--r', '-2'], r'r must be >= 0, got -2'),
+    ('fuse-r-text', ['fuse', 'mctf', '--model', PICO, '--r', 'many'], r'r must be a number'),
+    ('fuse-pooling', ['fuse', 'mctf', '--model', PICO, '--pooling', 'median'], r'pooling must be one of'),
+    ('fuse-device', ['fuse', 'tome', '--model', PICO, '--device', 'banana'], r"unknown device 'banana'"),
+    ('fuse-model-unknown', ['fuse', 'tome', '--model', 'no_such_vit'], r"unknown model name 'no_such_vit'"),
+    # prune
+    ('prune-no-target', ['prune', 'nvit', '--model', '{root}/run', '--data', GLYPHS, '--out', '{root}/p'],
+     r'exactly one pruning target'),
+    ('prune-resume-nothing', ['prune', 'nvit', '--model', '{root}/run', '--data', GLYPHS, '--out', '{root}/p',
+                              '--target-gmacs', '0.5', '--resume'], r'has no prune_checkpoint.pt to resume from'),
+    ('prune-criterion', ['prune', 'nvit', '--model', '{root}/run', '--data', 'folder:{root}/folder', '--out', '{root}/p',
+                         '--target-gmacs', '0.5', '--criterion', 'hessian'], r"unknown saliency criterion 'hessian'"),
+    ('prune-existing-run', ['prune', 'nvit', '--model', '{root}/run', '--data', GLYPHS, '--out', '{root}/pruned-out',
+                            '--target-gmacs', '0.5'], r'already holds a pruning run'),
+]
+
+
+@pytest.mark.parametrize('argv, pattern', [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_is_one_clear_line(files, argv, pattern, capsys):
+    argv = [a.replace('{root}', str(files)) for a in argv]
+    outs = [files / name for name in ('pruned-out', 'run', 'folder')]
+    before = [_digest(p) for p in outs]
+    try:
+        code = main(argv)
+    except SystemExit as e:   # argparse's usage errors
+        code = e.code
+    err = capsys.readouterr().err
+    lines = [line for line in err.strip().splitlines() if 'error:' in line]
+    assert code == 2, err
+    assert len(lines) == 1 and 'Traceback' not in err, err
+    assert __import__('re').search(pattern, lines[0]), lines[0]
+    assert [_digest(p) for p in outs] == before
+
+
+def test_the_table_is_large_and_its_ids_unique():
+    assert len({c[0] for c in CASES}) == len(CASES) >= 40
+
+
+def test_json_mode_reports_the_error_as_the_last_line(files, capsys):
+    code = main(TRAIN + ['--out', str(files / 'o'), '--lr', '0', '--json'])
+    out = capsys.readouterr().out.strip().splitlines()[-1]
+    assert code == 2 and json.loads(out) == {'error': 'lr must be > 0, got 0.0', 'type': 'ConfigError'}
+
+
+def test_overwrite_trains_into_a_foreign_directory(files, tmp_path, capsys):
+    import shutil
+    out = tmp_path / 'reuse'
+    shutil.copytree(files / 'pruned-out', out)
+    assert main(TRAIN + ['--out', str(out), '--overwrite']) == 0
+    assert json.loads((out / 'config.json').read_text())['num_classes'] == 24   # glyphs' classes, not the old 2
+
+
+def test_a_split_without_some_class_trains_with_a_warning(files, tmp_path, capsys):
+    import shutil
+    data = tmp_path / 'gap'
+    shutil.copytree(files / 'folder', data)
+    shutil.rmtree(data / 'val' / 'bee')
+    assert main(TRAIN + ['--out', str(tmp_path / 'o'), '--data', f'folder:{data}', '--batch-size', '4']) == 0
+    err = capsys.readouterr().err
+    assert 'warning: the val split of' in err and 'has no images of 1 class(es): bee' in err
