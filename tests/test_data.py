@@ -230,8 +230,10 @@ def test_folder_classes_targets_shapes(tmp_path):
 def test_folder_validation_name(tmp_path):
     root = tmp_path / 'data'
     _image(root / 'train' / 'a' / '1.png')
+    _image(root / 'train' / 'b' / '1.png')
     _image(root / 'validation' / 'a' / '2.png')
-    assert len(build_dataset(f'folder:{root}', 'val', img_size=8)) == 1
+    _image(root / 'validation' / 'b' / '2.png')
+    assert len(build_dataset(f'folder:{root}', 'val', img_size=8)) == 2
 
 
 def test_folder_missing_path(tmp_path):
@@ -244,6 +246,7 @@ def test_folder_missing_path(tmp_path):
 def test_folder_missing_split(tmp_path):
     root = tmp_path / 'data'
     _image(root / 'train' / 'a' / '1.png')
+    _image(root / 'train' / 'b' / '1.png')   # two classes: one is refused
     with pytest.raises(DataError, match=r'no val/ or validation/ folder .*found: train'):
         build_dataset(f'folder:{root}', 'val')
 
@@ -267,6 +270,7 @@ def test_folder_empty_class(tmp_path):
 def test_folder_corrupt_image_named(tmp_path):
     root = tmp_path / 'data'
     _image(root / 'train' / 'a' / '1.png')
+    _image(root / 'train' / 'b' / '1.png')   # two classes: one is refused
     (root / 'train' / 'a' / '2.jpg').write_bytes(b'definitely not a jpeg')
     ds = build_dataset(f'folder:{root}', 'train', img_size=8)
     ds[0]
@@ -277,6 +281,7 @@ def test_folder_corrupt_image_named(tmp_path):
 def test_folder_unknown_val_class(tmp_path):
     root = tmp_path / 'data'
     _image(root / 'train' / 'a' / '1.png')
+    _image(root / 'train' / 'b' / '1.png')   # two classes: one is refused
     _image(root / 'val' / 'zebra' / '1.png')
     with pytest.raises(DataError, match='not in train/: zebra'):
         build_dataset(f'folder:{root}', 'val')

@@ -250,7 +250,7 @@ def create(name_or_dir: str, pretrained: bool = False, **kwargs) -> nn.Module:
     try:
         return timm.create_model(spec, pretrained=pretrained, **kwargs)
     except (TypeError, ValueError) as e:   # an argument of the wrong type or value (e.g. --model-kwargs)
-        if not kwargs:
+        if not kwargs or 'img_size' in str(e):   # a CNN takes no img_size: callers give it another way
             raise
         shown = ', '.join(f'{k}={v!r}' for k, v in kwargs.items())
         raise ModelLoadError(f'cannot build {spec} with {shown}: {e}') from None
