@@ -4,7 +4,7 @@ all five unit types; PoolFormer and SpectFormer in their MLP hidden widths (fami
 The names below are imported from their modules on first use, so that ``deitlab.prune.config``
 (the configuration, read by ``deitlab prune nvit --help``) loads without torch.
 """
-import importlib
+from ..lazy import lazy_exports
 
 _HOME = {
     'GROUP_TYPES': 'base', 'PruneError': 'base', 'committed_tables': 'base', 'lut_path': 'base',
@@ -17,15 +17,4 @@ _HOME = {
     'Saliency': 'saliency', 'per_sample_sq_grads': 'saliency', 'SCHEDULES': 'schedule',
 }
 __all__ = sorted(_HOME)
-
-
-def __getattr__(name: str):
-    if name in _HOME:
-        value = getattr(importlib.import_module(f'.{_HOME[name]}', __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
-
-
-def __dir__():
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _HOME)

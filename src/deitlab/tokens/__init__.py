@@ -7,21 +7,10 @@ their GMACs are pure functions of the model's shape (``schedule.py``). The names
 from their modules on first use, so that ``deitlab.tokens.config`` (read by ``deitlab fuse --help``)
 loads without torch.
 """
-import importlib
+from ..lazy import lazy_exports
 
 _HOME = {'apply_tome': 'tome', 'apply_mctf': 'mctf', 'mctf_fast_layers': 'mctf', 'ConsistencyLoss': 'mctf',
          'remove_token_fusion': 'patch', 'token_fusion_of': 'patch', 'TokenFusionError': 'config',
          'token_schedule': 'schedule', 'parse_r': 'schedule', 'fusion_macs': 'schedule', 'fusion_gmacs': 'schedule'}
 __all__ = sorted(_HOME)
-
-
-def __getattr__(name: str):
-    if name in _HOME:
-        value = getattr(importlib.import_module(f'.{_HOME[name]}', __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
-
-
-def __dir__():
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _HOME)
