@@ -367,3 +367,17 @@ def test_failed_atomic_save_leaves_no_tmp(tmp_path):
     with pytest.raises(Exception):
         atomic_torch_save({'w': torch.zeros(3), 'fn': lambda: None}, path)
     assert os.listdir(tmp_path) == ['ckpt.pth']
+
+
+def test_saved_files_get_the_default_permissions(tmp_path):
+    """safetensors writes 0600; the run directory's files get 0666 less the umask, as any new file."""
+    import os
+    import timm
+    from deitlab.rundir import save_run_dir
+    mask = os.umask(0o022)
+    try:
+        out = save_run_dir(timm.create_model('deitlab_deit_pico_patch4_32'), tmp_path / 'run')
+    finally:
+        os.umask(mask)
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in out.iterdir()} == {
+        'model.safetensors': '0o644', 'config.json': '0o644'}

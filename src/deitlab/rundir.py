@@ -40,6 +40,13 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def _default_permissions(path: Path) -> None:
+    """The mode a newly created file gets (0666 less the umask)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
 def atomic_torch_save(obj, path: Path) -> None:
     """``torch.save`` through a temporary file and a rename."""
     path = Path(path)
@@ -103,6 +110,7 @@ def save_run_dir(model: nn.Module, out: str | Path, label_names: Optional[list] 
     tmp = out / (WEIGHTS_NAME + '.tmp')
     try:
         save_file(sd, str(tmp))
+        _default_permissions(tmp)   # safetensors writes 0600; a run directory is shared like any file
         os.replace(tmp, out / WEIGHTS_NAME)
     finally:
         tmp.unlink(missing_ok=True)
