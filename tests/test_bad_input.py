@@ -36,6 +36,13 @@ def files(tmp_path_factory):
         Image.new('RGB', (32, 32), (9, 9, 9)).save(d / '0.png')
     save_run_dir(timm.create_model(PICO, num_classes=2), root / 'pruned-out')   # e.g. what prune/fuse wrote
     (root / 'a-file').write_text('not a directory\n')
+    save_run_dir(timm.create_model(PICO, num_classes=24), root / 'truncated')   # cut in half, as a failed copy
+    w = root / 'truncated' / 'model.safetensors'
+    w.write_bytes(w.read_bytes()[:w.stat().st_size // 2])
+    for name in ('damaged-train', 'damaged-prune'):
+        (root / name).mkdir()
+    (root / 'damaged-train' / 'checkpoint.pt').write_bytes(b'PK\x03\x04 not a checkpoint')
+    (root / 'damaged-prune' / 'prune_checkpoint.pt').write_bytes(b'\x80\x02 cut short')
     (root / 'types.yaml').write_text('lr: fast\n')
     (root / 'bool.yaml').write_text('drop_path: true\n')
     return root
@@ -87,6 +94,16 @@ CASES = [
                          '{root}/o'], r'bool.yaml: drop_path must be float, got True'),
     ('train-yaml-missing', ['train', '--config', '{root}/nope.yaml', '--model', PICO, '--data', GLYPHS, '--out',
                             '{root}/o'], r'config file does not exist'),
+    # damaged files
+    ('eval-truncated-weights', ['eval', '--model', '{root}/truncated', '--data', GLYPHS],
+     r'truncated/model.safetensors is damaged \(truncated or not a safetensors file'),
+    ('train-from-truncated', TRAIN + ['--out', '{root}/o', '--model', '{root}/truncated'],
+     r'model.safetensors is damaged'),
+    ('train-resume-damaged', TRAIN + ['--out', '{root}/damaged-train', '--resume'],
+     r'damaged-train/checkpoint.pt is damaged .*cannot be resumed'),
+    ('prune-resume-damaged', ['prune', 'nvit', '--model', '{root}/run', '--data', 'folder:{root}/folder',
+                              '--out', '{root}/damaged-prune', '--target-gmacs', '0.5', '--resume'],
+     r'damaged-prune/prune_checkpoint.pt is damaged'),
     # eval
     ('eval-label-names', ['eval', '--model', '{root}/run', '--data', 'folder:{root}/folder'],
      r"trained on the classes \[cat, dog\] but folder:.* has \[ant, bee\] \(other names\)"),
@@ -125,7 +142,7 @@ CASES = [
 @pytest.mark.parametrize('argv, pattern', [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_bad_input_is_one_clear_line(files, argv, pattern, capsys):
     argv = [a.replace('{root}', str(files)) for a in argv]
-    outs = [files / name for name in ('pruned-out', 'run', 'folder')]
+    outs = [files / name for name in ('pruned-out', 'run', 'folder', 'truncated', 'damaged-train', 'damaged-prune')]
     before = [_digest(p) for p in outs]
     try:
         code = main(argv)

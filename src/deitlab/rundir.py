@@ -148,7 +148,11 @@ def load_state_dict_file(path: str | Path) -> dict:
     if not path.is_file():
         raise ModelLoadError(f'checkpoint file does not exist: {path}')
     if path.suffix == '.safetensors':
-        sd = load_file(str(path))
+        try:
+            sd = load_file(str(path))
+        except Exception as e:   # SafetensorError: truncated or not a safetensors file
+            raise ModelLoadError(f'{path} is damaged (truncated or not a safetensors file: {e}); '
+                                 f'save or copy it again') from None
     else:
         try:
             sd = torch.load(path, map_location='cpu', weights_only=True)

@@ -395,7 +395,11 @@ def prune_nvit(cfg: NViTConfig) -> dict:
     if cfg.resume:
         if not (out / CHECKPOINT).is_file():
             raise PruneError(f'{out} has no {CHECKPOINT} to resume from (it is written at every pruning event)')
-        resume = torch.load(out / CHECKPOINT, map_location='cpu', weights_only=False)
+        try:
+            resume = torch.load(out / CHECKPOINT, map_location='cpu', weights_only=True)
+        except Exception as e:   # truncated or overwritten
+            raise PruneError(f'{out / CHECKPOINT} is damaged ({type(e).__name__}); start the pruning again '
+                             f'in a new --out') from None
     elif (out / 'config.json').exists() or (out / PRUNE_LOG).exists():
         raise PruneError(f'{out} already holds a pruning run; choose another --out, or --resume it')
     barrier()   # every process has checked before the main one writes

@@ -270,7 +270,11 @@ def _resume(cfg: TrainConfig, trainer: Trainer, out: Path, main: bool) -> tuple:
     """(first epoch, best top-1 so far): from the checkpoint with ``--resume``, else (0, 0.0)."""
     ckpt_path = out / CHECKPOINT_NAME
     if cfg.resume and ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=True)
+        try:
+            ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=True)
+        except Exception as e:   # truncated or overwritten
+            raise ConfigError(f'{ckpt_path} is damaged ({type(e).__name__}: {str(e)[:120]}); the run cannot be '
+                              f'resumed from it: train again into a new --out') from None
         _check_resume(ckpt, cfg, ckpt_path)
         trainer.load_state_dict(ckpt)
         start_epoch, best = int(ckpt['epoch']) + 1, float(ckpt.get('best_top1', 0.0))
