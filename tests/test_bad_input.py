@@ -81,6 +81,11 @@ CASES = [
     ('train-out-foreign', TRAIN + ['--out', '{root}/pruned-out'],
      r'pruned-out is not empty \(config.json, model.safetensors\) and holds no checkpoint'),
     ('train-out-file', TRAIN + ['--out', '{root}/a-file'], r'a-file is a file, not a directory'),
+    ('train-out-under-file', TRAIN + ['--out', '{root}/a-file/sub'], r'Not a directory: .*a-file/sub \(the file system'),
+    ('prune-out-under-file', ['prune', 'nvit', '--model', '{root}/run', '--data', 'folder:{root}/folder', '--out',
+                              '{root}/a-file/p', '--target-gmacs', '0.5'], r'Not a directory: .*a-file/p'),
+    ('unlearnable-out-under-file', ['unlearnable', 'make', '--data', GLYPHS, '--out', '{root}/a-file/u',
+                                    '--key', 'a long enough key'], r'a-file/u'),
     # train: data
     ('train-one-class', TRAIN + ['--out', '{root}/o', '--data', 'folder:{root}/one'],
      r'has one class \(ant\); a classifier needs at least two'),

@@ -478,6 +478,13 @@ def _command_in(argv: list) -> Optional[str]:
     return next((a for a in argv if not a.startswith('-')), None)
 
 
+def _fail(message: str, kind: str, as_json: bool) -> int:
+    print(f'deitlab: error: {message}', file=sys.stderr)
+    if as_json:
+        print(json.dumps({'error': message, 'type': kind}))
+    return 2
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = make_parser([_command_in(argv)])
@@ -486,10 +493,11 @@ def main(argv=None) -> int:
     try:
         result = args.func(args)
     except USER_ERRORS as e:
-        print(f'deitlab: error: {e}', file=sys.stderr)
-        if args.json:
-            print(json.dumps({'error': str(e), 'type': type(e).__name__}))
-        return 2
+        return _fail(str(e), type(e).__name__, args.json)
+    except OSError as e:   # the file system: a read-only or full disk, a path through a file, ...
+        where = f': {e.filename}' if e.filename else ''
+        return _fail(f'{e.strerror or e}{where} (the file system refused; check the path, its permissions and '
+                     f'free space)', type(e).__name__, args.json)
     if _is_main_process() and (args.command not in ('models',) or args.json) and (result or args.json):
         _emit(result, args.json)   # under torchrun the main process prints the result
     return 0
