@@ -65,7 +65,11 @@ def test_existing_checkpoint_needs_resume(tmp_path):
 def test_resume_refuses_other_settings(tmp_path):
     train(tiny_cfg(tmp_path / 'r', epochs=1))
     with pytest.raises(ConfigError, match=r'cannot resume .*batch_size: saved 32 vs now 64'):
-        train(tiny_cfg(tmp_path / 'r', epochs=2, batch_size=64, resume=True))
+        train(tiny_cfg(tmp_path / 'r', epochs=1, batch_size=64, resume=True))
+    with pytest.raises(ConfigError, match=r'cannot resume .*lr: saved .* vs now 0.5.*start a new run from its weights'):
+        train(tiny_cfg(tmp_path / 'r', epochs=1, lr=0.5, resume=True))
+    with pytest.raises(ConfigError, match=r'cannot resume .*epochs: saved 1 vs now 2'):
+        train(tiny_cfg(tmp_path / 'r', epochs=2, resume=True))
 
 
 def test_mixup_needs_even_batch(tmp_path):

@@ -50,7 +50,12 @@ METRICS_NAME = 'metrics.jsonl'
 RUN_CONFIG_NAME = 'train_config.json'
 # what a training run writes into --out before its first checkpoint (a run killed that early left them)
 _OWN_FILES = {METRICS_NAME, RUN_CONFIG_NAME, 'tb'}
-_RESUME_KEYS = ('model', 'data', 'batch_size', 'seed', 'img_size', 'in_chans', 'distill', 'teacher')
+# settings a resumed run must share with the run it continues: the data, the model, and everything that
+# shapes the schedule and the updates (a changed lr or epoch count would be recorded as if used from the start)
+_RESUME_KEYS = ('model', 'data', 'batch_size', 'seed', 'img_size', 'in_chans', 'distill', 'teacher', 'epochs', 'lr',
+                'base_lr', 'min_lr', 'warmup_lr', 'warmup_epochs', 'weight_decay', 'opt', 'grad_clip', 'smoothing',
+                'mix', 'mixup', 'cutmix', 'mixup_prob', 'drop_path', 'drop', 'ema', 'ema_decay', 'distill_alpha',
+                'distill_tau', 'aug', 'token_fusion', 'r', 'defence')
 
 
 def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
@@ -160,7 +165,8 @@ def _check_resume(ckpt: dict, cfg: TrainConfig, path: Path) -> None:
     diff = [k for k in _RESUME_KEYS if saved.get(k) != getattr(cfg, k)]
     if diff:
         detail = ', '.join(f'{k}: saved {saved.get(k)!r} vs now {getattr(cfg, k)!r}' for k in diff)
-        raise ConfigError(f'cannot resume {path}: the run was started with other settings ({detail})')
+        raise ConfigError(f'cannot resume {path}: the run was started with other settings ({detail}); resume with '
+                          f'its settings, or start a new run from its weights (--model {path.parent} --out NEW)')
 
 
 def _mixer(cfg: TrainConfig, model: nn.Module, num_classes: int, size: int) -> BatchMixer:
