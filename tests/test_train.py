@@ -332,3 +332,21 @@ def test_run_directory_keeps_its_size(tmp_path):
     train(tiny_cfg(tmp_path / 'r32', epochs=1, max_steps_per_epoch=1))
     with pytest.raises(ConfigError, match=r'img_size 28 \(--img-size\): the run directory .* takes 32x32 inputs'):
         train(tiny_cfg(tmp_path / 'ft', model=str(tmp_path / 'r32'), epochs=1, img_size=28))
+
+
+def test_ctrl_c_exits_130_without_a_traceback_and_the_run_resumes(tmp_path):
+    """SIGINT after the first checkpoint: exit 130, one line saying where the checkpoint is; --resume
+    then finishes the run (to the same weights as an uninterrupted one: the SIGKILL test above)."""
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    part = tmp_path / 'part'
+    proc = subprocess.Popen(_cli(*_train_args(part, 3)), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + 240
+    while not (part / 'checkpoint.pt').exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert 'Traceback' not in err and 'deitlab: interrupted; ' in err and 'checkpoint.pt holds the last finished epoch' in err
+    done = subprocess.run(_cli(*_train_args(part, 3), '--resume', '--json'), env=env, capture_output=True, text=True)
+    assert done.returncode == 0 and json.loads(done.stdout.splitlines()[-1])['epochs'] == 3

@@ -19,6 +19,7 @@ import json
 import os
 import sys
 import typing
+from pathlib import Path
 from typing import Iterable, Optional
 
 #: The sections of a subcommand's ``--help``, in order: metadata ``group`` key -> title.
@@ -478,6 +479,14 @@ def _command_in(argv: list) -> Optional[str]:
     return next((a for a in argv if not a.startswith('-')), None)
 
 
+def _resume_hint(args) -> str:
+    out = getattr(args, 'out', None)
+    for name, what in (('checkpoint.pt', 'the last finished epoch'), ('prune_checkpoint.pt', 'the last pruning event')):
+        if out and (Path(out) / name).is_file():
+            return f'; {Path(out) / name} holds {what}: continue with the same command and --resume'
+    return '; nothing was saved yet'
+
+
 def _fail(message: str, kind: str, as_json: bool) -> int:
     print(f'deitlab: error: {message}', file=sys.stderr)
     if as_json:
@@ -494,6 +503,9 @@ def main(argv=None) -> int:
         result = args.func(args)
     except USER_ERRORS as e:
         return _fail(str(e), type(e).__name__, args.json)
+    except KeyboardInterrupt:   # Ctrl-C: no traceback; say what is kept and how to go on
+        print(f'deitlab: interrupted{_resume_hint(args)}', file=sys.stderr)
+        return 130
     except OSError as e:   # the file system: a read-only or full disk, a path through a file, ...
         where = f': {e.filename}' if e.filename else ''
         return _fail(f'{e.strerror or e}{where} (the file system refused; check the path, its permissions and '
