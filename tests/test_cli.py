@@ -154,3 +154,12 @@ def test_prune_nvit_cli_json_and_bad_input(tmp_path):
     again = run('prune', 'nvit', '--model', str(tmp_path / 'dense'), '--data', data, '--out', str(out),
                 '--target-gmacs', '0.5', '--json', ok=False)
     assert again.returncode == 2 and 'already holds a pruning run' in again.stderr
+
+
+def test_bench_prints_a_readable_block_and_nothing_on_stderr():
+    """Without --json: the formatted lines, no dicts; the profiler's native stderr lines are silenced
+    (DEITLAB_VERBOSE=1 keeps them)."""
+    r = run('bench', '--model', 'deitlab_deit_pico_patch4_32', '--quick')
+    lines = r.stdout.strip().splitlines()
+    assert lines[0].split() == ['model', 'deitlab_deit_pico_patch4_32'] and any(ln.startswith('throughput') for ln in lines)
+    assert '{' not in r.stdout and r.stderr.strip() == ''

@@ -221,6 +221,10 @@ def cmd_bench(args) -> dict:
         model.to(resolve_device(args.device))
     res = benchmark_model(model, batch_size=args.batch_size, quick=args.quick)
     res['model'] = args.model
+    if not args.json:   # a readable block; --json gives the whole result
+        from .bench import format_benchmark
+        print(format_benchmark(res))
+        return {}
     return res
 
 

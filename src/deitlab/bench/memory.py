@@ -39,8 +39,10 @@ def tensor_mb(model: nn.Module) -> float:
 def _cpu_forward_peak(runner) -> tuple:
     from torch.profiler import ProfilerActivity, profile
 
+    from ..console import native_stderr_quiet
+
     try:
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        with native_stderr_quiet(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             runner.forward()
         events = [e for e in prof.profiler.kineto_results.events() if e.name() == '[memory]']
         events.sort(key=lambda e: e.start_ns())
