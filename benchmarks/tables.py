@@ -382,6 +382,12 @@ def _tt(key: str) -> Callable[[], str]:
     return lambda: f"{load('train_throughput')[key]:.2f}"
 
 
+def _tok(name: str, stage: str, key: str) -> Callable[[], str]:
+    """A value of the nano token-reduction table: ``tok.NAME.STAGE3.KEY``, NAME as ``mctf-r8-one-pass``
+    (STAGE3: 'off' or 'fin')."""
+    return lambda: (f2 if key == 'top1' else f)(_token_rows('nano')[(f'nano/{name}', stage)][key])
+
+
 VALUES: Dict[str, Callable[[], str]] = {
     **{f'mixpro.{a}.{k}': _mix(a, k) for a in ('none', 'mixup-cutmix', 'transmix', 'mixpro')
        for k in ('clean', 'noise', 'occlusion')},
@@ -404,6 +410,12 @@ VALUES: Dict[str, Callable[[], str]] = {
     'demo.pool.top1': _demo_row(3, 'top1'), 'demo.pool.speedup': _demo_row(3, 'speedup', '{:.2f}'),
     'nvit.0.5.top1': lambda: f"{_nvit_row('nvit', 0.5)['top1']:.2f}",
     'nvit.0.5.gmacs_ratio': lambda: f"{_nvit_row('nvit', 0.5)['gmacs'] / _nvit_row('dense', 1.0)['gmacs']:.2f}",
+    **{f"tok.{n.replace(' r=', '-r').replace(' ', '-')}.{stage[:3]}.{k}": _tok(n, stage, k) for n in ('tome r=4', 'tome r=6', 'tome r=8', 'tome r=10',
+                                                               'mctf r=6', 'mctf r=8', 'mctf r=12', 'mctf r=16',
+                                                               'mctf r=6 one-pass', 'mctf r=8 one-pass',
+                                                               'mctf r=12 one-pass', 'mctf r=16 one-pass',
+                                                               'mctf-fast r=0.35', 'stvit')
+       for stage in ('off-the-shelf', 'fine-tuned') for k in ('top1', 'throughput_ratio', 'latency_speedup')},
     'demo.minutes': lambda: f"{load('demo')['total_time_s'] / 60:.1f}",
     'demo.train_min': lambda: f"{load('demo')['train_time_s'] / 60:.1f}",
 }
