@@ -339,8 +339,9 @@ def test_ctrl_c_exits_130_without_a_traceback_and_the_run_resumes(tmp_path):
     then finishes the run (to the same weights as an uninterrupted one: the SIGKILL test above)."""
     env = dict(os.environ, OMP_NUM_THREADS='1')
     part = tmp_path / 'part'
+    # a shell's background job inherits SIGINT ignored, and Python keeps it so: give the run the default
     proc = subprocess.Popen(_cli(*_train_args(part, 3)), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 240
     while not (part / 'checkpoint.pt').exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.02)
