@@ -9,7 +9,7 @@ from ..lazy import lazy_exports
 _HOME = {
     'GROUP_TYPES': 'base', 'PruneError': 'base', 'committed_tables': 'base', 'lut_path': 'base',
     'Masks': 'groups', 'MaskedLayerNorm': 'groups', 'reduce_units': 'groups', 'use_masked_layernorm': 'groups',
-    'densify': 'densify', 'rounded_masks': 'densify', 'Layout': 'families', 'layout_of': 'families',
+    'densify': 'compact', 'rounded_masks': 'compact', 'Layout': 'families', 'layout_of': 'families',
     'LatencyTable': 'latency', 'MLPLatencyTable': 'latency', 'default_grid': 'latency', 'grid_for': 'latency',
     'load_latency_table': 'latency', 'build_latency_table': 'timing', 'NViTConfig': 'config',
     'NViTPruner': 'nvit', 'load_dense': 'nvit', 'prune_nvit': 'nvit', 'Budget': 'ranking', 'Group': 'ranking',

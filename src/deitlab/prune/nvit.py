@@ -46,7 +46,7 @@ from ..distributed import DistInfo, barrier, init_distributed
 from ..rundir import create, is_run_dir, save_run_dir
 from ..train.loop import Trainer
 from .config import NViTConfig
-from .densify import densify, rounded_masks
+from .compact import densify, rounded_masks
 from .families import layout_of
 from .groups import Masks, PruneError, check_prunable, use_masked_layernorm
 from .hooks import PruningHooks
@@ -380,6 +380,29 @@ def latency_table(cfg: NViTConfig, dense: nn.Module, di: Optional[DistInfo] = No
     return lut
 
 
+def _finetune(cfg: NViTConfig, out: Path, pruned_steps: int, per_epoch: int, pruned_dir: str,
+              dense_dir: str) -> Optional[dict]:
+    """Fine-tune the densified model into ``out`` with soft distillation from the dense one, for
+    ``finetune_epochs`` or the rest of ``total_steps``; None when there is nothing to train."""
+    epochs, step_cap = cfg.finetune_epochs, cfg.finetune_steps
+    if cfg.total_steps is not None:
+        rest = cfg.total_steps - pruned_steps
+        if rest < 1:
+            raise PruneError(f'pruning took {pruned_steps} steps, the whole --total-steps budget '
+                             f'({cfg.total_steps}); raise it or prune faster')
+        epochs = -(-rest // per_epoch)
+        step_cap = -(-rest // epochs)
+    if not epochs:
+        return None
+    from ..train import TrainConfig, train
+    return train(TrainConfig(
+        model=pruned_dir, data=cfg.data, out=str(out), overwrite=True, epochs=epochs, batch_size=cfg.batch_size,
+        lr=cfg.finetune_lr, warmup_epochs=0.0, min_lr=cfg.finetune_lr / 20, weight_decay=cfg.weight_decay,
+        smoothing=cfg.smoothing, mixup=0.0, cutmix=0.0, drop_path=0.0, aug=cfg.aug, teacher=dense_dir,
+        distill='soft', distill_alpha=cfg.finetune_alpha, distill_tau=cfg.finetune_tau, kd_norm='batch',
+        seed=cfg.seed, device=cfg.device, progress=cfg.progress, tensorboard=False, max_steps_per_epoch=step_cap))
+
+
 def prune_nvit(cfg: NViTConfig) -> dict:
     """Prune, densify, fine-tune and report (see the module docstring). Writes into ``cfg.out``:
     the fine-tuned run directory, ``pruned/`` (densified, before fine-tuning), ``dense/`` when the
@@ -444,27 +467,8 @@ def prune_nvit(cfg: NViTConfig) -> dict:
         save_run_dir(compact, pruned_dir, label_names)
     barrier()
 
-    finetune = None
-    epochs, step_cap = cfg.finetune_epochs, cfg.finetune_steps
-    if cfg.total_steps is not None:
-        rest = cfg.total_steps - pruner.steps
-        if rest < 1:
-            raise PruneError(f'pruning took {pruner.steps} steps, the whole --total-steps budget '
-                             f'({cfg.total_steps}); raise it or prune faster')
-        per_epoch = len(train_loader)
-        epochs = -(-rest // per_epoch)
-        step_cap = -(-rest // epochs)
-    if epochs:
-        from ..train import TrainConfig, train
-        tcfg = TrainConfig(model=str(pruned_dir), data=cfg.data, out=str(out), overwrite=True, epochs=epochs,
-                           batch_size=cfg.batch_size, lr=cfg.finetune_lr, warmup_epochs=0.0, min_lr=cfg.finetune_lr / 20,
-                           weight_decay=cfg.weight_decay, smoothing=cfg.smoothing, mixup=0.0, cutmix=0.0,
-                           drop_path=0.0, aug=cfg.aug, teacher=dense_dir, distill='soft',
-                           distill_alpha=cfg.finetune_alpha, distill_tau=cfg.finetune_tau, kd_norm='batch',
-                           seed=cfg.seed, device=cfg.device, progress=cfg.progress, tensorboard=False,
-                           max_steps_per_epoch=step_cap)
-        finetune = train(tcfg)
-    elif di.is_main:
+    finetune = _finetune(cfg, out, pruner.steps, len(train_loader), str(pruned_dir), dense_dir)
+    if finetune is None and di.is_main:
         save_run_dir(compact, out, label_names)
     barrier()
     final = create(str(out)).to(device).eval()
