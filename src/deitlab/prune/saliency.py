@@ -82,11 +82,7 @@ class Criterion:
     or None (weights only). ``window_mean`` turns what was accumulated since the last event into
     one score per unit, in the layout of ``reduce_units``."""
 
-    data: Optional[str] = None
-
-    def batch(self, model: nn.Module, divisors: Optional[Dict[str, float]]) -> dict:
-        """One batch's contribution, from the gradients now in ``param.grad``."""
-        raise NotImplementedError(f'{type(self).__name__} reads no per-batch gradients')
+    data: Optional[str] = None   # criteria with data='grad' also define batch(model, divisors)
 
     def window_mean(self, model: nn.Module, sal: 'Saliency') -> dict:
         if not sal.count:
