@@ -11,3 +11,12 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def tiny_vit():
+    """A two-block timm ViT on 16 px inputs (4 px patches, width 16, 2 heads, 3 classes), eval mode."""
+    import timm
+    torch.manual_seed(0)
+    return timm.create_model('vit_tiny_patch16_224', img_size=16, patch_size=4, depth=2, embed_dim=16, num_heads=2,
+                             num_classes=3).eval()

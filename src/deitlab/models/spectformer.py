@@ -61,7 +61,7 @@ from .inputs import resolve_input_size
 from .registry import register_closed_form, register_variant
 
 __all__ = ['SpectralGating', 'GridPooling', 'MixerBlock', 'SpectralBlock', 'SpectFormer', 'parse_mixers', 'MIXERS',
-           'spectformer_macs', 'SPECTFORMER_CONFIGS']
+           'spectformer_macs', 'spectral_mixing_macs', 'SPECTFORMER_CONFIGS']
 
 
 class SpectralGating(nn.Module):
@@ -309,6 +309,14 @@ class SpectFormer(VisionTransformer):
 
 # ----------------------------------------------------------------------------- closed-form MACs
 
+def spectral_mixing_macs(h: int, w: int, D: int) -> Tuple[float, int]:
+    """``(fft, filter)`` MACs of one spectral gating over an h x w grid of D channels: rfft2 +
+    irfft2 as ``2 * D * h*w * log2(h*w)`` (constant 1, GFNet's convention; 0 for one token) and
+    the ``h * (w//2+1) * D`` complex products at 4 real MACs each."""
+    n = h * w
+    return (2 * D * n * math.log2(n) if n > 1 else 0), 4 * h * (w // 2 + 1) * D
+
+
 def spectformer_macs(model: SpectFormer, input_size: Optional[Sequence[int]] = None) -> dict:
     """Closed-form MACs per image of a ``SpectFormer``, itemised (ints).
 
@@ -355,8 +363,9 @@ def spectformer_macs(model: SpectFormer, input_size: Optional[Sequence[int]] = N
         M = blk.mlp.fc1.out_features
         parts['mlp'] += 2 * N * D * M
         if isinstance(blk, SpectralBlock):
-            parts['spectral_fft'] += 2 * D * h * w * math.log2(h * w) if h * w > 1 else 0
-            parts['spectral_filter'] += 4 * h * (w // 2 + 1) * D
+            fft, gate = spectral_mixing_macs(h, w, D)
+            parts['spectral_fft'] += fft
+            parts['spectral_filter'] += gate
         elif isinstance(blk, Block):   # pooling and identity mixers have no matrix products
             attn = blk.attn
             H, d = int(attn.num_heads), int(attn.head_dim)

@@ -44,24 +44,9 @@ every last-stage patch token, and the released inference logits are
 and eval mode (deitlab's trainer takes one tensor; the aux head is then trained through the max);
 ``forward_dense`` returns ``(head(x_cls), aux_head(X))`` for a token-labelling loss.
 
-What differs from the released code (``badripatro/SpectFormers``, hierarchical_architecture):
-
-* the filters are sized from ``img_size``; the release hard-codes them by channel width (64/96 ->
-  56x29, 128/192 -> 28x15), so it only runs at 224 px and any other width has no filter;
-* MixToken (token labelling's in-model CutMix of the stem output, undone on the aux output) is
-  a training-recipe piece that needs dense label maps; it is not in the model;
-* the class attention is timm's ``ClassAttn`` (separate k and v projections where the release
-  has one kv projection: same function, same parameter count and MACs), so a released
-  checkpoint would need its ``kv`` weights split; the FFN's depthwise conv is ``mlp.dwconv``
-  (released: ``mlp.dwconv.dwconv``) and modules are named ``stem`` / ``stages.i`` /
-  ``cls_blocks``;
-* the release passes ``sr_ratios`` (4, 2, 1, 1) but its attention ignores them; attention here is
-  always full (also for stages 1-2 when ``num_spectral_stages < 2``);
-* release bug: its MixToken box uses ``np.int`` (gone since NumPy 1.24), so its token-labelling
-  training path fails on current NumPy.
-
-With the renaming above (and the class-attention ``kv`` split into ``k`` / ``v``) the released
-H-S and H-L modules' weights load here and give the same eval logits (checked to 2e-6). The
+Where this differs from the released code (filters sized from ``img_size``, MixToken left to the
+recipe, timm's ``ClassAttn`` with split k / v, full attention in every attention stage) and how a
+released checkpoint maps onto it (same eval logits to 2e-6): ``docs/spectformer_h.md``. The
 README's GFLOPs (3.9 / 6.3 / 12.7) leave out the attention matrix products q.k and a.v; see
 ``spectformer_h_macs``.
 
@@ -85,7 +70,7 @@ from timm.models.pvt_v2 import MlpWithDepthwiseConv
 
 from .inputs import resolve_input_size
 from .registry import register_closed_form, register_variant
-from .spectformer import SpectralGating
+from .spectformer import SpectralGating, spectral_mixing_macs
 
 __all__ = ['SpectFormerH', 'SpectFormerHBlock', 'ClassAttentionBlock', 'spectformer_h_macs', 'stage_grids',
            'SPECTFORMER_H_CONFIGS', 'SMALL_IMAGE_CONFIGS']
@@ -440,8 +425,9 @@ def spectformer_h_macs(model: SpectFormerH, input_size: Optional[Sequence[int]] 
             parts['mlp'] += 2 * N * D * M
             parts['dwconv'] += 9 * N * M
             if blk.spectral:
-                parts['spectral_fft'] += 2 * D * N * math.log2(N) if N > 1 else 0
-                parts['spectral_filter'] += 4 * h * (w // 2 + 1) * D
+                fft, gate = spectral_mixing_macs(h, w, D)
+                parts['spectral_fft'] += fft
+                parts['spectral_filter'] += gate
             else:
                 H, d = blk.mixer.num_heads, blk.mixer.head_dim
                 parts['qkv'] += 3 * N * D * D
