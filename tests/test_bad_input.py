@@ -45,6 +45,9 @@ def files(tmp_path_factory):
     (root / 'damaged-prune' / 'prune_checkpoint.pt').write_bytes(b'\x80\x02 cut short')
     (root / 'types.yaml').write_text('lr: fast\n')
     (root / 'bool.yaml').write_text('drop_path: true\n')
+    (root / 'syntax.yaml').write_text('lr: [1,\n')
+    (root / 'unknown.yaml').write_text('banana: 1\n')
+    assert main(TRAIN + ['--out', str(root / 'resumable'), '--recipe', 'short']) == 0   # has checkpoint.pt
     return root
 
 
@@ -77,6 +80,20 @@ CASES = [
                              '--epochs', '1'], r"unknown model name 'deit_pico_nonexistent'"),
     ('train-model-kwargs', TRAIN + ['--out', '{root}/o', '--model-kwargs', 'depth=banana'],
      r"cannot build deitlab_deit_pico_patch4_32 with depth='banana'"),
+    ('train-model-kwargs-no-value', TRAIN + ['--out', '{root}/o', '--model-kwargs', 'depth'],
+     r"--model-kwargs takes K=V pairs \(e.g. depth=6\), got 'depth'"),
+    ('train-recipe-unknown', TRAIN + ['--out', '{root}/o', '--recipe', 'banana'], r"unknown recipe 'banana'"),
+    ('train-mix-unknown', TRAIN + ['--out', '{root}/o', '--mix', 'banana'], r'mix must be one of none, mixup'),
+    ('train-distill-no-teacher', TRAIN + ['--out', '{root}/o', '--distill', 'soft'],
+     r'--distill soft needs --teacher'),
+    # train: resuming (the run in {root}/resumable: 1 epoch, recipe short)
+    ('train-resume-changed-lr', TRAIN + ['--out', '{root}/resumable', '--recipe', 'short', '--resume', '--lr', '0.5'],
+     r'cannot resume .*lr: saved .* vs now 0.5'),
+    ('train-resume-changed-epochs', TRAIN + ['--out', '{root}/resumable', '--recipe', 'short', '--resume',
+                                             '--epochs', '3'],
+     r'cannot resume .*epochs: saved 1 vs now 3'),
+    ('train-checkpoint-without-resume', TRAIN + ['--out', '{root}/resumable', '--recipe', 'short'],
+     r'already holds a training checkpoint; pass --resume'),
     # train: output directories
     ('train-out-foreign', TRAIN + ['--out', '{root}/pruned-out'],
      r'pruned-out is not empty \(config.json, model.safetensors\) and holds no checkpoint'),
@@ -97,6 +114,10 @@ CASES = [
                          '{root}/o'], r"types.yaml: lr must be float, got 'fast'"),
     ('train-yaml-bool', ['train', '--config', '{root}/bool.yaml', '--model', PICO, '--data', GLYPHS, '--out',
                          '{root}/o'], r'bool.yaml: drop_path must be float, got True'),
+    ('train-yaml-syntax', ['train', '--config', '{root}/syntax.yaml', '--model', PICO, '--data', GLYPHS, '--out',
+                           '{root}/o'], r'syntax.yaml is not valid YAML \(line 2, column 1\)'),
+    ('train-yaml-unknown-key', ['train', '--config', '{root}/unknown.yaml', '--model', PICO, '--data', GLYPHS,
+                                '--out', '{root}/o'], r"unknown.yaml: unknown option 'banana'"),
     ('train-yaml-missing', ['train', '--config', '{root}/nope.yaml', '--model', PICO, '--data', GLYPHS, '--out',
                             '{root}/o'], r'config file does not exist'),
     # damaged files
@@ -116,11 +137,16 @@ CASES = [
      r'argument --batch-size: must be at least 1, got 0'),
     ('eval-workers-negative', ['eval', '--model', '{root}/run', '--data', GLYPHS, '--workers', '-1'],
      r'argument --workers: must be at least 0, got -1'),
+    ('eval-model-missing', ['eval', '--model', '{root}/nothing', '--data', GLYPHS],
+     r'model path does not exist: .*nothing'),
+    ('eval-split-unknown', ['eval', '--model', '{root}/run', '--data', GLYPHS, '--split', 'banana'],
+     r"argument --split: invalid choice: 'banana'"),
     ('eval-device-banana', ['eval', '--model', '{root}/run', '--data', GLYPHS, '--device', 'banana'],
      r"unknown device 'banana'"),
     # bench
     ('bench-img-size-zero', ['bench', '--model', PICO, '--img-size', '0'], r'argument --img-size: must be at least 1'),
     ('bench-batch-zero', ['bench', '--model', PICO, '--batch-size', '0'], r'argument --batch-size: must be at least 1'),
+    ('bench-model-unknown', ['bench', '--model', 'no_such_model'], r"unknown model name 'no_such_model'"),
     ('bench-device', ['bench', '--model', PICO, '--device', 'banana'], r"unknown device 'banana'"),
     # fuse
     ('fuse-r-fraction-above-one', ['fuse', 'tome', '--model', PICO, '--r', '1.5'],
@@ -131,23 +157,41 @@ CASES = [
     ('fuse-r-text', ['fuse', 'mctf', '--model', PICO, '--r', 'many'], r'r must be a number'),
     ('fuse-pooling', ['fuse', 'mctf', '--model', PICO, '--pooling', 'median'], r'pooling must be one of'),
     ('fuse-device', ['fuse', 'tome', '--model', PICO, '--device', 'banana'], r"unknown device 'banana'"),
+    ('fuse-layers-out-of-range', ['fuse', 'tome', '--model', PICO, '--layers', '99'],
+     r'active layers \[99\] are out of range for a model with 4 blocks'),
+    ('fuse-split-unknown', ['fuse', 'tome', '--model', PICO, '--data', GLYPHS, '--split', 'banana'],
+     r"unknown split 'banana'"),
     ('fuse-model-unknown', ['fuse', 'tome', '--model', 'no_such_vit'], r"unknown model name 'no_such_vit'"),
     # prune
     ('prune-no-target', ['prune', 'nvit', '--model', '{root}/run', '--data', GLYPHS, '--out', '{root}/p'],
      r'exactly one pruning target'),
+    ('prune-two-targets', ['prune', 'nvit', '--model', '{root}/run', '--data', GLYPHS, '--out', '{root}/p',
+                           '--target-gmacs', '0.5', '--target-latency', '0.5'], r"exactly one pruning target.*got \["),
+    ('prune-target-above-one', ['prune', 'nvit', '--model', '{root}/run', '--data', GLYPHS, '--out', '{root}/p',
+                                '--target-latency', '1.5'], r'latency target is a fraction .* in \(0, 1\], got 1.5'),
+    ('prune-target-negative', ['prune', 'nvit', '--model', '{root}/run', '--data', GLYPHS, '--out', '{root}/p',
+                               '--target-gmacs', '-1'], r'gmacs target is a fraction .* got -1'),
     ('prune-resume-nothing', ['prune', 'nvit', '--model', '{root}/run', '--data', GLYPHS, '--out', '{root}/p',
                               '--target-gmacs', '0.5', '--resume'], r'has no prune_checkpoint.pt to resume from'),
     ('prune-criterion', ['prune', 'nvit', '--model', '{root}/run', '--data', 'folder:{root}/folder', '--out', '{root}/p',
                          '--target-gmacs', '0.5', '--criterion', 'hessian'], r"unknown saliency criterion 'hessian'"),
     ('prune-existing-run', ['prune', 'nvit', '--model', '{root}/run', '--data', GLYPHS, '--out', '{root}/pruned-out',
                             '--target-gmacs', '0.5'], r'already holds a pruning run'),
+    # unlearnable
+    ('unlearnable-key-short', ['unlearnable', 'make', '--data', GLYPHS, '--out', '{root}/u', '--key', 'ab'],
+     r'the key is too short: a key needs at least 8 characters'),
+    ('unlearnable-fraction', ['unlearnable', 'make', '--data', GLYPHS, '--out', '{root}/u', '--key',
+                              'a long enough key', '--fraction', '1.5'], r'fraction must be a number in \[0, 1\]'),
+    # demo
+    ('demo-out-file', ['demo', '--out', '{root}/a-file'], r'Not a directory: .*a-file/'),
 ]
 
 
 @pytest.mark.parametrize('argv, pattern', [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_bad_input_is_one_clear_line(files, argv, pattern, capsys):
     argv = [a.replace('{root}', str(files)) for a in argv]
-    outs = [files / name for name in ('pruned-out', 'run', 'folder', 'truncated', 'damaged-train', 'damaged-prune')]
+    outs = [files / name for name in ('pruned-out', 'run', 'folder', 'truncated', 'damaged-train', 'damaged-prune',
+                                      'resumable')]
     before = [_digest(p) for p in outs]
     try:
         code = main(argv)
@@ -162,7 +206,7 @@ def test_bad_input_is_one_clear_line(files, argv, pattern, capsys):
 
 
 def test_the_table_is_large_and_its_ids_unique():
-    assert len({c[0] for c in CASES}) == len(CASES) >= 40
+    assert len({c[0] for c in CASES}) == len(CASES) >= 60
 
 
 def test_json_mode_reports_the_error_as_the_last_line(files, capsys):

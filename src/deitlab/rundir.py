@@ -8,10 +8,13 @@ safetensors, and ``.pth``/``.pt`` files are read with ``torch.load(weights_only=
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
+import re
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 import torch.nn as nn
@@ -40,6 +43,31 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         tmp.unlink(missing_ok=True)
 
 
+_OS_ERROR = re.compile(r'\(os error (\d+)\)')
+
+
+@contextlib.contextmanager
+def _writer_errors_as_os_errors(path: Path) -> Iterator[None]:
+    """Re-raise a file writer's I/O failure as the ``OSError`` it is. safetensors reports a full or
+    size-limited disk as ``SafetensorError('... I/O error: File too large (os error 27)')`` and
+    torch's zip writer (``inline_container.cc``) as a ``RuntimeError`` ('file write failed',
+    'unexpected pos ...'); the CLI turns an OSError into one line naming the path."""
+    try:
+        yield
+    except OSError:
+        raise
+    except Exception as e:   # noqa: BLE001 -- only I/O failures are converted, anything else re-raised
+        text = str(e)
+        code = _OS_ERROR.search(text)
+        if code:
+            n = int(code.group(1))
+            raise OSError(n, os.strerror(n), str(path)) from e
+        if isinstance(e, RuntimeError) and ('write failed' in text or 'inline_container' in text):
+            raise OSError(errno.EIO, 'writing failed, the file came out short (is the disk full or the file size '
+                                     'limited?)', str(path)) from e
+        raise
+
+
 def _default_permissions(path: Path) -> None:
     """The mode a newly created file gets (0666 less the umask)."""
     mask = os.umask(0)
@@ -52,7 +80,8 @@ def atomic_torch_save(obj, path: Path) -> None:
     path = Path(path)
     tmp = path.with_name(path.name + '.tmp')
     try:
-        torch.save(obj, tmp)
+        with _writer_errors_as_os_errors(path):
+            torch.save(obj, tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -109,7 +138,8 @@ def save_run_dir(model: nn.Module, out: str | Path, label_names: Optional[list] 
     sd = {k: v.detach().contiguous().cpu() for k, v in sd.items()}
     tmp = out / (WEIGHTS_NAME + '.tmp')
     try:
-        save_file(sd, str(tmp))
+        with _writer_errors_as_os_errors(out / WEIGHTS_NAME):
+            save_file(sd, str(tmp))
         _default_permissions(tmp)   # safetensors writes 0600; a run directory is shared like any file
         os.replace(tmp, out / WEIGHTS_NAME)
     finally:

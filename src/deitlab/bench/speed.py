@@ -327,7 +327,7 @@ def compare(models: Dict[str, nn.Module], baseline: str, input_size: Optional[Se
             latency_steps: Optional[int] = None, throughput_steps: Optional[int] = None,
             warmup: Optional[int] = None, quick: bool = False, amp: bool = False, channels_last: bool = False,
             fused_attn: Optional[bool] = None, threads: Optional[int] = None, gmacs: bool = True,
-            run_time: Optional[float] = None) -> List[dict]:
+            run_time: Optional[float] = None, progress: Optional[bool] = None) -> List[dict]:
     """Latency (batch 1) and throughput (``batch_size``) of several models, measured in one
     process, interleaved, and reported as ratios to ``baseline``.
 
@@ -356,8 +356,10 @@ def compare(models: Dict[str, nn.Module], baseline: str, input_size: Optional[Se
     runs had the untimed forward), and the shared ``settings`` (which record the rounds, steps and
     caps used). Defaults (``COMPARE_DEFAULTS``): 9 rounds x (10 latency + 2 throughput steps),
     3 warm-up, runs capped at 0.4 s; ``quick=True`` (``COMPARE_QUICK``): 3 x (3 + 1), 1 warm-up,
-    0.2 s -- still enough rounds for a spread.
+    0.2 s -- still enough rounds for a spread. ``progress``: a bar over the warm-up and the
+    rounds (None: on a terminal; it updates between timed runs, never inside one).
     """
+    from ..console import progress as progress_bar
     from .flops import count_gmacs, count_params
 
     if baseline not in models:
@@ -376,6 +378,8 @@ def compare(models: Dict[str, nn.Module], baseline: str, input_size: Optional[Se
     opts = dict(device=device, dtype=dtype, amp=amp, channels_last=channels_last, fused_attn=fused_attn,
                 threads=threads)
     with contextlib.ExitStack() as stack:
+        bar = stack.enter_context(progress_bar(progress, total=(d['rounds'] + 1) * len(names), leave=False,
+                                               desc='speed rounds'))
         runners, settings = {}, {}
         for n in names:
             r1, settings[n] = stack.enter_context(prepared(models[n], input_size, 1, **opts))
@@ -385,6 +389,7 @@ def compare(models: Dict[str, nn.Module], baseline: str, input_size: Optional[Se
         for n in names:
             warm = [_timed_run(runner.step, d['warmup'], d['run_time']) for runner in runners[n]]
             settle[n] = [not w or min(w) < SETTLE_BELOW for w in warm]
+            bar.update(1)
         for r in range(d['rounds']):
             for n in (names if r % 2 == 0 else names[::-1]):
                 (r1, rb), (s1, sb) = runners[n], settle[n]
@@ -394,6 +399,7 @@ def compare(models: Dict[str, nn.Module], baseline: str, input_size: Optional[Se
                 if sb:
                     rb.step()
                 thr[n][r].extend(batch_size / t for t in _timed_run(rb.step, d['throughput_steps'], d['run_time']))
+                bar.update(1)
     shared = dict(settings[baseline])
     shared.pop('fused_attn', None)
     shared.update(d, measure='compare', order=names, latency_batch_size=1, settle_below=SETTLE_BELOW,

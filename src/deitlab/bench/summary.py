@@ -8,6 +8,7 @@ import timm
 import torch
 import torch.nn as nn
 
+from ..console import progress as progress_bar
 from .common import model_name, resolve_input_size
 from .flops import analytic_gmacs, count_gmacs, count_params
 from .memory import measure_memory
@@ -45,7 +46,8 @@ def gmacs_pair(model: nn.Module, input_size: Optional[Sequence[int]] = None) -> 
 def benchmark_model(model: nn.Module, input_size: Optional[Sequence[int]] = None, batch_size: int = 64,
                     device=None, quick: bool = False, *, dtype: Optional[torch.dtype] = None, amp: bool = False,
                     channels_last: bool = False, fused_attn: Optional[bool] = None, threads: Optional[int] = None,
-                    latency: bool = True, throughput: bool = True, memory: bool = True) -> dict:
+                    latency: bool = True, throughput: bool = True, memory: bool = True,
+                    progress: Optional[bool] = None) -> dict:
     """Parameters, GMACs, batch-1 latency, throughput and peak memory of one model.
 
     ``input_size`` defaults to what the model takes (its patch embedding's ``img_size`` and input
@@ -53,7 +55,8 @@ def benchmark_model(model: nn.Module, input_size: Optional[Sequence[int]] = None
     and, for DeiT / ViT, checked against the closed form. Latency is measured at batch 1,
     throughput and peak memory at ``batch_size``, on ``device`` (default: where the model is).
     ``quick=True`` uses short timing loops. ``latency`` / ``throughput`` / ``memory`` = False
-    skip those measurements (their entries are then None).
+    skip those measurements (their entries are then None). ``progress``: a bar over the
+    measurements (None: on a terminal).
 
     Returns a flat summary (``model``, ``input_size``, ``params``, ``params_m``,
     ``trainable_params``, ``gmacs``, ``gmacs_analytic``, ``gmacs_fvcore``, ``gmacs_match``,
@@ -65,10 +68,22 @@ def benchmark_model(model: nn.Module, input_size: Optional[Sequence[int]] = None
     params = count_params(model)
     out = dict(model=model_name(model), input_size=list(size), params=params, params_m=params / 1e6,
                trainable_params=count_params(model, trainable=True))
-    out.update(gmacs_pair(model, size))
-    lat = measure_latency(model, size, 1, quick=quick, threads=threads, **opts) if latency else None
-    thr = measure_throughput(model, size, batch_size, quick=quick, threads=threads, **opts) if throughput else None
-    mem = measure_memory(model, size, batch_size, **opts) if memory else None
+    steps = [('GMACs', lambda: gmacs_pair(model, size))]
+    if latency:
+        steps.append(('latency', lambda: measure_latency(model, size, 1, quick=quick, threads=threads, **opts)))
+    if throughput:
+        steps.append(('throughput', lambda: measure_throughput(model, size, batch_size, quick=quick, threads=threads,
+                                                               **opts)))
+    if memory:
+        steps.append(('memory', lambda: measure_memory(model, size, batch_size, **opts)))
+    done = {}
+    with progress_bar(progress, total=len(steps), desc='bench', leave=False) as bar:
+        for name, step in steps:
+            bar.set_postfix_str(name)
+            done[name] = step()
+            bar.update(1)
+    out.update(done['GMACs'])
+    lat, thr, mem = done.get('latency'), done.get('throughput'), done.get('memory')
     out.update(latency_ms=lat['median_ms'] if lat else None, images_per_s=thr['images_per_s'] if thr else None,
                peak_memory_mb=mem['peak_mb'] if mem else None, latency=lat, throughput=thr, memory=mem)
     first = thr or lat or mem

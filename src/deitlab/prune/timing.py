@@ -37,6 +37,7 @@ import torch
 import torch.nn as nn
 
 from ..bench.common import device_name, num_threads, synchronize
+from ..console import progress as progress_bar
 from ..layers import WidthBlock
 from .families import MLPLayout, layout_of
 from .groups import PruneError, tokens_of
@@ -65,13 +66,12 @@ def timed_rounds(jobs: list, device: torch.device, rounds: int, steps: int, thre
     Round 0 warms the allocator and kernel caches up and is discarded; rounds 1..``rounds`` visit
     every job once each, in a new random order per round (interleaved: round r+1 starts after every
     job's round r)."""
-    from tqdm.auto import tqdm
     if rounds < 1 or steps < 1:
         raise PruneError(f'latency table timing needs rounds >= 1 and steps >= 1, got {rounds} and {steps}')
     per_round: Dict[object, List[float]] = {key: [] for key, _ in jobs}
     rng = np.random.default_rng(seed)
     with num_threads(threads) as n_threads:
-        bar = tqdm(total=rounds * len(jobs), desc='latency table', disable=progress is False, leave=False)
+        bar = progress_bar(progress, total=rounds * len(jobs), desc='latency table', leave=False)
         for r in range(rounds + 1):
             order = jobs if r == 0 else [jobs[i] for i in rng.permutation(len(jobs))]
             for key, setup in order:

@@ -155,6 +155,6 @@ def evaluate_models(models: dict, data: str, split: str = 'val', batch_size: int
     dev = resolve_device(device)
     out = {}
     for name, m in models.items():
-        res = evaluate(m.to(dev), loader, dev, amp=dev.type == 'cuda', progress=False)
+        res = evaluate(m.to(dev), loader, dev, amp=dev.type == 'cuda', progress=None)   # a bar on a terminal
         out[name] = dict(top1=res['top1'], top5=res['top5'])
     return out

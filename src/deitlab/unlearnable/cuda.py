@@ -341,13 +341,12 @@ def _prepare_out(out: Path, overwrite: bool, source_root: Optional[Path]) -> Non
 
 def _write_split(src: _Split, mask: torch.Tensor, filters: torch.Tensor, root: Path, folders: List[str],
                  classes: List[str], progress: Optional[bool], desc: str) -> dict:
-    from tqdm.auto import tqdm
+    from ..console import progress as progress_bar
     width = max(6, len(str(len(src) - 1)))
     for c in sorted(set(src.targets.tolist())):
         (root / folders[c]).mkdir(parents=True, exist_ok=True)
     shapes = set()
-    with tqdm(total=len(src), desc=desc, unit='img', leave=False,
-              disable=None if progress is None else not progress) as bar:
+    with progress_bar(progress, total=len(src), desc=desc, unit='img', leave=False) as bar:
         for idx, imgs in src.batches():
             labels = src.targets[idx]
             sel = mask[idx]
