@@ -298,16 +298,21 @@ def t_demo() -> str:
         busy = load('demo_busy')
     except MissingResult:
         busy = None
+    def speed(r):
+        lo, hi = r.get('speedup_range') or (None, None)
+        return f(r['speedup']) + (f' ({f(lo)}-{f(hi)})' if lo is not None and r['speedup'] != 1 else '')
+
     out = [[r['model'], f2(r['top1']), f"{r['params_m']:.3f}", f"{r['gmacs']:.4f}", f(r['latency_ms']),
-            f"{r['img_per_s']:.0f}", f(r['speedup']), f(r.get('predicted'))] for r in res['rows']]
-    header = ['model', 'top-1', 'params (M)', 'GMACs', 'batch-1 ms', 'img/s', 'speed-up', 'predicted']
+            f"{r['img_per_s']:.0f}", speed(r), f(r.get('predicted'))] for r in res['rows']]
+    header = ['model', 'top-1', 'params (M)', 'GMACs', 'batch-1 ms', 'img/s', 'speed-up (range)', 'predicted']
     if busy:
         header += ['top-1, busy run', 'speed-up, busy run']
         for row, b in zip(out, busy['rows']):
-            row += [f2(b['top1']), f(b['speedup'])]
+            row += [f2(b['top1']), speed(b)]
     s = res['settings']
     lines = [table(header, out),
-             f"Speed-up: measured throughput at batch {s['batch']} over the dense model, {s['threads']} "
+             f"Speed-up: measured throughput at batch {s['batch']} over the dense model (median of interleaved "
+             f"rounds; in brackets the min-max over the rounds), {s['threads']} "
              f"threads, {s['device']}; predicted: the NViT latency table's. Whole run: "
              f"{res['total_time_s'] / 60:.1f} min (load average {res['load_avg']['start']} at the start)."]
     if busy:
@@ -417,7 +422,7 @@ VALUES: Dict[str, Callable[[], str]] = {
                                                                'mctf-fast r=0.35', 'stvit')
        for stage in ('off-the-shelf', 'fine-tuned') for k in ('top1', 'throughput_ratio', 'latency_speedup')},
     'demo.minutes': lambda: f"{load('demo')['total_time_s'] / 60:.1f}",
-    'demo.train_min': lambda: f"{load('demo')['train_time_s'] / 60:.1f}",
+    'demo.dense_train_min': lambda: f"{load('demo_dense')['train_time_s'] / 60:.1f}",
 }
 
 

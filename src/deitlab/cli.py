@@ -134,7 +134,7 @@ def cmd_demo(args) -> dict:
     from .bench.speed import fix_malloc_thresholds
     from .demo import run_demo
     fix_malloc_thresholds()   # the allocation pattern the demo's committed latency table was timed with
-    result = run_demo(out=args.out, quick=args.quick, progress=not args.json)
+    result = run_demo(out=args.out, quick=args.quick, progress=not args.json, train_dense=args.train)
     return result if args.json else {}   # without --json the demo has printed its table
 
 
@@ -290,6 +290,9 @@ def _models_parser(p, groups) -> None:
 def _demo_parser(p, groups) -> None:
     groups['run'].add_argument('--out', default='demo-out', help='output directory (default: demo-out)')
     groups['run'].add_argument('--quick', action='store_true', help='a much shorter run (smoke test)')
+    groups['run'].add_argument('--train', action='store_true',
+                               help='train the dense model (4-5 CPU minutes) instead of starting from the committed '
+                                    'run that the same recipe produced')
     add_output_flags(groups)
     p.set_defaults(func=cmd_demo)
 

@@ -1,11 +1,14 @@
 """``deitlab demo``: the main job on the embedded default data, a few CPU minutes, no set-up.
 
 1. Generate ``glyphs`` (synthetic Greek letters on papyrus texture) from a fixed seed.
-2. Train a small DeiT on it for ``DEMO_EPOCHS`` epochs (batch 32, AdamW lr 1e-3, cosine, label
-   smoothing, no mixing: a short CPU run), long enough to converge: with this budget top-1 on the
+2. The dense model: a small DeiT trained on it for ``DEMO_EPOCHS`` epochs (batch 32, AdamW lr 1e-3,
+   cosine, label smoothing, no mixing), long enough to converge: with this budget top-1 on the
    2,400 validation glyphs went 39, 61, 75, 86, 91, 94, 95, 95.3, 95.8, 95.7% epoch by epoch (the last
    two epochs within 0.5 pt), where the earlier 5-epoch budget stopped at 85.9% while still gaining
-   2 pt an epoch.
+   2 pt an epoch. That training takes 4-5 CPU minutes, most of the demo, so by default the demo starts
+   from the run it produced, committed in ``deitlab/assets/demo_deit_pico`` (0.8 MB; rebuilt by
+   ``python benchmarks/demo_dense.py``, bit for bit at 2 threads), and evaluates it; ``--train``
+   trains it again instead.
 3. Prune it with NViT to half its latency, predicted by the committed latency table of this model
    (``prune/tables/deit_pico_patch4_32_b64_t2.json``, timed on a 2-core CPU at batch 64 with fixed
    malloc thresholds, so that how busy the machine is does not change which widths are pruned),
@@ -38,6 +41,9 @@ DEMO_FUSION = dict(method='mctf-fast', r=0.35)
 # reaches DeiT-pico's 5-epoch accuracy in one on glyphs; five would add 2.5 CPU minutes to the demo)
 DEMO_MIXER_MODEL = 'deitlab_poolformer_pico_32'
 DEMO_MIXER_EPOCHS = 1
+#: the dense run the demo's own recipe produced (``python benchmarks/demo_dense.py`` rebuilds it)
+DEMO_DENSE_RUN = Path(__file__).resolve().parent / 'assets' / 'demo_deit_pico'
+DENSE_FILES = ('config.json', 'model.safetensors', 'metrics.jsonl', 'train_config.json')
 
 
 def _demo_config(out: Path, quick: bool, progress: bool, model: str = DEMO_MODEL, name: str = 'deit',
@@ -111,8 +117,36 @@ def _prune_config(out: Path, quick: bool, progress: bool, dense_dir: str, data: 
         progress=None if progress else False)
 
 
-def run_demo(out: str = 'demo-out', quick: bool = False, progress: bool = True) -> dict:
-    """Run the demo and return its results (also written to ``OUT/results.json``)."""
+def dense_run(cfg, train_dense: bool) -> tuple:
+    """The demo's dense model in ``cfg.out``: trained there (``train_dense``, or when no committed
+    run matches ``cfg``), else the committed run copied there. Returns ``(top-1 or None, source)``;
+    None when the caller evaluates the copied model itself."""
+    from .train import train
+    if Path(cfg.out).exists():
+        shutil.rmtree(cfg.out)
+    if not train_dense and committed_dense_matches(cfg):
+        Path(cfg.out).mkdir(parents=True)
+        for name in DENSE_FILES:
+            shutil.copy(DEMO_DENSE_RUN / name, Path(cfg.out) / name)
+        return None, 'committed'
+    return train(cfg)['val_top1'], 'trained'
+
+
+def committed_dense_matches(cfg) -> bool:
+    """True when the committed dense run was trained with ``cfg``'s settings (all but the output
+    directory, the device, data-loading workers and the progress bars): a changed recipe retrains
+    rather than reuse a stale model."""
+    path = DEMO_DENSE_RUN / 'train_config.json'
+    if not path.is_file():
+        return False
+    saved = json.loads(path.read_text())
+    now = json.loads(json.dumps(cfg.to_dict()))   # tuples as lists, as in the file
+    return all(saved.get(k) == v for k, v in now.items() if k not in ('out', 'progress', 'device', 'workers'))
+
+
+def run_demo(out: str = 'demo-out', quick: bool = False, progress: bool = True, train_dense: bool = False) -> dict:
+    """Run the demo and return its results (also written to ``OUT/results.json``). The dense model is
+    the committed run (see :func:`dense_run`) unless ``train_dense`` or ``quick``."""
     from .bench import format_table
     from .train import train
     from .train.engine import METRICS_NAME
@@ -120,10 +154,8 @@ def run_demo(out: str = 'demo-out', quick: bool = False, progress: bool = True) 
     out_dir = Path(out)
     start = time.perf_counter()
     cfg = _demo_config(out_dir, quick, progress)
-    if Path(cfg.out).exists():
-        shutil.rmtree(cfg.out)
     t0 = time.perf_counter()
-    summary = train(cfg)
+    dense_top1, dense_source = dense_run(cfg, train_dense or quick)
     train_s = time.perf_counter() - t0
 
     from .prune import prune_nvit
@@ -150,20 +182,23 @@ def run_demo(out: str = 'demo-out', quick: bool = False, progress: bool = True) 
     models = {'dense': model, 'nvit': small, 'fused': fused, 'poolformer': create(mcfg.out).eval()}
     speed = {r['name']: r for r in speed_rows(models, 'dense', 64, _lut(pcfg), quick=quick)}
     speed['fused']['predicted_speedup'] = None   # the latency table knows widths, not token counts
-    top1 = dict(dense=summary['val_top1'], nvit=next(r['top1'] for r in pruned['rows'] if r['name'] == 'nvit'),
+    if dense_top1 is None:
+        dense_top1 = evaluate_models({'dense': model}, cfg.data)['dense']['top1']
+    top1 = dict(dense=dense_top1, nvit=next(r['top1'] for r in pruned['rows'] if r['name'] == 'nvit'),
                 fused=evaluate_models({'fused': fused}, cfg.data)['fused']['top1'], poolformer=mixer['val_top1'])
-    labels = dict(dense='DeiT-pico (dense)', nvit=f'NViT-pruned ({"GMACs" if quick else "latency"} 0.5)',
+    labels = dict(dense=f'DeiT-pico (dense{", committed run" if dense_source == "committed" else ""})', nvit=f'NViT-pruned ({"GMACs" if quick else "latency"} 0.5)',
                   fused=f'NViT + {DEMO_FUSION["method"]} r={DEMO_FUSION["r"]} (no training)',
                   poolformer=f'PoolFormer-pico (pooling mixer, {mcfg.epochs} epoch{"s" * (mcfg.epochs > 1)})')
     rows = [dict(model=labels[k], top1=round(top1[k], 2), params_m=round(r['params_m'], 3), gmacs=round(r['gmacs'], 4),
                  latency_ms=round(r['latency_ms'], 2), img_per_s=round(r['images_per_s'], 1),
                  speedup=round(r['throughput_ratio'], 2),
+                 speedup_range=[round(r['throughput_ratio_lo'], 2), round(r['throughput_ratio_hi'], 2)],
                  predicted=None if r['predicted_speedup'] is None else round(r['predicted_speedup'], 2))
             for k, r in speed.items()]
     metrics = [json.loads(ln) for ln in (Path(cfg.out) / METRICS_NAME).read_text().splitlines() if ln.strip()]
     plot = _plot(out_dir, metrics, model, cfg.data)
     widths = shutil.copy(Path(pcfg.out) / 'widths.png', out_dir / 'widths.png')
-    result = dict(rows=rows, train_time_s=round(train_s, 1), prune_time_s=round(prune_s, 1),
+    result = dict(rows=rows, dense=dense_source, train_time_s=round(train_s, 1), prune_time_s=round(prune_s, 1),
                   mixer_train_time_s=round(mixer_s, 1), total_time_s=round(time.perf_counter() - start, 1),
                   mixer_run_dir=mcfg.out, run_dir=cfg.out,
                   pruned_run_dir=pcfg.out, plot=str(plot), widths_plot=str(widths),
@@ -172,11 +207,14 @@ def run_demo(out: str = 'demo-out', quick: bool = False, progress: bool = True) 
                                 batch=64, data=cfg.data, epochs=cfg.epochs))
     (out_dir / 'results.json').write_text(json.dumps(result, indent=2))
     if progress:
-        print(format_table(rows, ['model', 'top1', 'params_m', 'gmacs', 'latency_ms', 'img_per_s', 'speedup',
-                                  'predicted']))
-        print(f'trained in {train_s:.0f} s, pruned and fine-tuned in {prune_s:.0f} s, PoolFormer trained in '
+        shown = [dict(r, speedup_range='{:.2f}-{:.2f}'.format(*r['speedup_range'])) for r in rows]
+        print(format_table(shown, ['model', 'top1', 'params_m', 'gmacs', 'latency_ms', 'img_per_s', 'speedup',
+                                   'speedup_range', 'predicted']))
+        dense_how = (f'trained in {train_s:.0f} s' if dense_source == 'trained' else
+                     f'the committed dense run ({DEMO_EPOCHS} epochs, 4-5 CPU minutes; --train trains it again)')
+        print(f'dense model: {dense_how}, pruned and fine-tuned in {prune_s:.0f} s, PoolFormer trained in '
               f'{mixer_s:.0f} s; speed-up = measured '
-              f'throughput at batch 64 over the dense model; predicted = the latency table\'s; tokens per block '
+              f'throughput at batch 64 over the dense model (median of the rounds; range: min-max over them); predicted = the latency table\'s; tokens per block '
               f'with fusion {fused.token_fusion.last.get("tokens")}; run directories {cfg.out}, {pcfg.out}; '
               f'plots {plot}, {widths}')
         if speed['fused']['images_per_s'] < speed['nvit']['images_per_s']:
