@@ -43,7 +43,7 @@ def files(tmp_path_factory):
         (root / name).mkdir()
     (root / 'damaged-train' / 'checkpoint.pt').write_bytes(b'PK\x03\x04 not a checkpoint')
     (root / 'damaged-prune' / 'prune_checkpoint.pt').write_bytes(b'\x80\x02 cut short')
-    (root / 'types.yaml').write_text('lr: fast\n')
+    (root / 'types.yaml').write_text('# a learning rate\nlr: fast\n')
     (root / 'bool.yaml').write_text('drop_path: true\n')
     (root / 'syntax.yaml').write_text('lr: [1,\n')
     (root / 'unknown.yaml').write_text('banana: 1\n')
@@ -111,13 +111,13 @@ CASES = [
     ('train-data-unknown', TRAIN + ['--out', '{root}/o', '--data', 'imagenet-banana'], r'unknown dataset'),
     # --config files
     ('train-yaml-type', ['train', '--config', '{root}/types.yaml', '--model', PICO, '--data', GLYPHS, '--out',
-                         '{root}/o'], r"types.yaml: lr must be float, got 'fast'"),
+                         '{root}/o'], r"types.yaml, line 2: lr must be float, got 'fast'"),
     ('train-yaml-bool', ['train', '--config', '{root}/bool.yaml', '--model', PICO, '--data', GLYPHS, '--out',
-                         '{root}/o'], r'bool.yaml: drop_path must be float, got True'),
+                         '{root}/o'], r'bool.yaml, line 1: drop_path must be float, got True'),
     ('train-yaml-syntax', ['train', '--config', '{root}/syntax.yaml', '--model', PICO, '--data', GLYPHS, '--out',
                            '{root}/o'], r'syntax.yaml is not valid YAML \(line 2, column 1\)'),
     ('train-yaml-unknown-key', ['train', '--config', '{root}/unknown.yaml', '--model', PICO, '--data', GLYPHS,
-                                '--out', '{root}/o'], r"unknown.yaml: unknown option 'banana'"),
+                                '--out', '{root}/o'], r"unknown.yaml, line 1: unknown option 'banana'"),
     ('train-yaml-missing', ['train', '--config', '{root}/nope.yaml', '--model', PICO, '--data', GLYPHS, '--out',
                             '{root}/o'], r'config file does not exist'),
     # damaged files

@@ -148,7 +148,7 @@ def test_unknown_config_key_is_an_error_that_names_it(tmp_path, capsys, command)
     cfg_file = _yaml(tmp_path, 'device: cpu\nbatch-sise: 64\n')
     assert main([*command, '--config', cfg_file, '--json']) == 2
     out, err = capsys.readouterr()
-    assert f"deitlab: error: {cfg_file}: unknown option 'batch-sise' (did you mean 'batch-size'?)" in err
+    assert f"deitlab: error: {cfg_file}, line 2: unknown option 'batch-sise' (did you mean 'batch-size'?)" in err
     assert '"type": "ConfigError"' in out
 
 

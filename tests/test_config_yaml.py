@@ -37,5 +37,5 @@ def test_yaml_values_take_the_option_types(tmp_path):
     ('model: [a, b]\n', r"model must be str, got \['a', 'b'\]"),
 ])
 def test_yaml_values_of_the_wrong_type_name_file_and_option(tmp_path, text, message):
-    with pytest.raises(ConfigError, match=r'c\.yaml: ' + message):
+    with pytest.raises(ConfigError, match=r'c\.yaml, line 1: ' + message):
         _train_config(tmp_path, text)

@@ -149,11 +149,11 @@ def add_config_args(p: argparse.ArgumentParser, groups: dict, cls, required=(), 
 def config_values(args: argparse.Namespace, cls=None) -> dict:
     """The configuration's field values from ``--config`` (lowest) and the flags given (which win).
     A required field given in neither is the same usage error argparse gives for a missing flag."""
-    from .train.config import coerce_value, load_yaml_defaults
+    from .train.config import coerce_value, load_yaml_defaults, yaml_place
     spec = getattr(args, 'config_spec', None) or ConfigSpec(tuple(f.name for f in dataclasses.fields(cls)))
     path = getattr(args, 'config', None)
     values = load_yaml_defaults(path, known=spec.names) if path else {}
-    values = {k: coerce_value(v, spec.types.get(k), f'{path}: {k}') for k, v in values.items()}
+    values = {k: coerce_value(v, spec.types.get(k), f'{yaml_place(path, k)}: {k}') for k, v in values.items()}
     values.update({name: getattr(args, name) for name in spec.names if hasattr(args, name)})
     missing = ['--' + name.replace('_', '-') for name in spec.required if name not in values]
     if missing:

@@ -356,6 +356,19 @@ def load_yaml_defaults(path: str | Path, known: Optional[Iterable[str]] = None) 
         if key not in known:
             close = difflib.get_close_matches(key, known, n=1)
             hint = f" (did you mean {close[0].replace('_', '-')!r}?)" if close else ''
-            raise ConfigError(f'{path}: unknown option {k!r}{hint}')
+            raise ConfigError(f'{yaml_place(path, key)}: unknown option {k!r}{hint}')
         out[key] = v
     return out
+
+
+def yaml_place(path: str | Path, key: str) -> str:
+    """``FILE, line N`` of a top-level key of a YAML file (dashes or underscores), for messages;
+    ``FILE`` alone when the key is not found."""
+    try:
+        node = yaml.compose(Path(path).read_text())
+    except (OSError, yaml.YAMLError):
+        node = None
+    for k, _ in getattr(node, 'value', None) or []:
+        if isinstance(k.value, str) and k.value.replace('-', '_') == key:
+            return f'{path}, line {k.start_mark.line + 1}'
+    return str(path)
