@@ -402,6 +402,7 @@ VALUES: Dict[str, Callable[[], str]] = {
     'ref.img_per_s': _ref('measured', 'bench', 'images_per_s', fmt='{:.0f}'),
     'ref.latency_ms': _ref('measured', 'bench', 'latency_ms', fmt='{:.1f}'),
     'tt.median': _tt('median_ratio'), 'tt.min': _tt('min_ratio'), 'tt.max': _tt('max_ratio'),
+    'tt.cpu_median': _tt('median_cpu_ratio'),
     'unl.deit.clean': _unl('deit-nano/clean', 'long'), 'unl.deit.cuda': _unl('deit-nano/cuda 1', 'long'),
     'unl.r18.clean': _unl('resnet18/clean', 'long'), 'unl.r18.cuda': _unl('resnet18/cuda 1', 'long'),
     'unl.deit.own': _unl('deit-nano/cuda 1', 'long', control='own filter'),

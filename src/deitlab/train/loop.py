@@ -328,17 +328,18 @@ class Trainer:
 
     def run_epoch(self, loader: Iterable, epoch: int, steps: Optional[int] = None, desc: Optional[str] = None) -> dict:
         """At most ``steps`` updates (default: the loader's length) on one pass over ``loader``;
-        returns the epoch's row (mean loss over processes, last learning rate, time, images/s)."""
+        returns the epoch's row (mean loss over processes, last learning rate, wall time, this process's
+        CPU time over all its threads, images/s)."""
         steps = len(loader) if steps is None else steps
         self.run_model.train(self.train_mode)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         self.bar = _progress(self.progress, self.is_main, total=steps, desc=desc or f'epoch {epoch + 1}')
         loss_sum, seen, done = self._loop(loader, steps)
         self.bar.close()
-        seconds, world = time.perf_counter() - t0, self.dist.world_size
+        seconds, cpu, world = time.perf_counter() - t0, time.process_time() - c0, self.dist.world_size
         return dict(epoch=epoch + 1, step=(epoch + 1) * steps,
                     train_loss=all_reduce_sum(loss_sum.to(self.device)).item() / (max(1, done) * world),
-                    lr=self.optimizer.param_groups[0]['lr'], epoch_time_s=seconds,
+                    lr=self.optimizer.param_groups[0]['lr'], epoch_time_s=seconds, epoch_cpu_s=cpu,
                     train_img_per_s=seen * world / max(seconds, 1e-9))
 
     def fit(self, loader: Iterable, epochs: int, start_epoch: int = 0, steps_per_epoch: Optional[int] = None) -> list:
