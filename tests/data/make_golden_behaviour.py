@@ -185,7 +185,7 @@ def weight_stats(prefix: str, tensors: dict) -> Dict[str, np.ndarray]:
     return {f'{prefix}.names': np.array(names), f'{prefix}.stats': stats, f'{prefix}.head': head}
 
 
-def _rows(path: Path, drop=('epoch_time_s', 'train_img_per_s', 'time_s')) -> tuple:
+def _rows(path: Path, drop=('epoch_time_s', 'epoch_cpu_s', 'train_img_per_s', 'time_s')) -> tuple:
     """The numeric columns of a JSON-lines file (timings dropped): names and a float64 table (NaN
     where a row lacks a column, e.g. MixPro's statistics in an epoch without a MixPro batch)."""
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
