@@ -182,6 +182,8 @@ CASES = [
      r'the key is too short: a key needs at least 8 characters'),
     ('unlearnable-fraction', ['unlearnable', 'make', '--data', GLYPHS, '--out', '{root}/u', '--key',
                               'a long enough key', '--fraction', '1.5'], r'fraction must be a number in \[0, 1\]'),
+    ('unlearnable-img-size-zero', ['unlearnable', 'make', '--data', GLYPHS, '--out', '{root}/u', '--key',
+                                   'a long enough key', '--img-size', '0'], r'argument --img-size: must be at least 1'),
     # demo
     ('demo-out-file', ['demo', '--out', '{root}/a-file'], r'Not a directory: .*a-file/'),
 ]

@@ -254,6 +254,44 @@ def test_grayscale_folder_source_fraction_zero_is_identity(tmp_path):
     assert all(load_image(f, 'L').mode == 'L' and _read(f).shape[0] == 1 for f in after.files)
 
 
+def test_poisoning_at_the_training_size_filters_the_resized_image(tmp_path):
+    """--img-size: every written image is the class filter applied to the image resized as training
+    resizes it (bilinear, antialiased, for in-memory images), not a resize of a poisoned image.
+    Catches resizing after poisoning, or not resizing at all."""
+    from deitlab.data.transforms import resize_images
+    info = make_unlearnable(SPEC, KEY, tmp_path / 'p24', fraction=1.0, progress=False, img_size=24)
+    assert info['poisoned_at'] == [24, 24] and info['image_size'] == [24, 24]
+    src = build_dataset(SPEC, 'train')
+    filters = class_filters(KEY, 24)
+    stored = _stored(tmp_path / 'p24')
+    resized = resize_images(src.images, 24)
+    for i in (0, 7, 100):
+        y = int(src.targets[i])
+        expect = apply_filters(resized[i:i + 1], torch.tensor([y]), filters)[0]
+        assert torch.equal(stored['train', i][1], expect)
+    assert torch.equal(stored['val', 0][1], resized_val := resize_images(build_dataset(SPEC, 'val').images, 24)[0])
+    assert resized_val.shape[-1] == 24
+    assert make_unlearnable(SPEC, KEY, tmp_path / 'native', progress=False)['poisoned_at'] == 'native size'
+    with pytest.raises(UnlearnableError, match='img_size must be a positive integer, got 0'):
+        make_unlearnable(SPEC, KEY, tmp_path / 'bad', progress=False, img_size=0)
+
+
+def test_training_a_poisoned_folder_at_another_size_warns(tmp_path, capsys):
+    """The data path warns when it resizes a folder poisoned at another size, and names the fix."""
+    import timm
+    from deitlab.data.for_model import model_datasets, poisoned_at
+    make_unlearnable(SPEC, KEY, tmp_path / 'p16', fraction=1.0, progress=False)
+    make_unlearnable(SPEC, KEY, tmp_path / 'p32', fraction=1.0, progress=False, img_size=32)
+    assert poisoned_at(f'folder:{tmp_path / "p16"}') == [16, 16] and poisoned_at(SPEC) is None
+    model = timm.create_model('deitlab_deit_pico_patch4_32', num_classes=24)
+    capsys.readouterr()
+    model_datasets(model, f'folder:{tmp_path / "p16"}', ('val',))
+    err = capsys.readouterr().err
+    assert 'was poisoned (CUDA) at [16, 16]; resizing it to 32x32 blurs' in err and '--img-size 32' in err
+    model_datasets(model, f'folder:{tmp_path / "p32"}', ('val',))
+    assert 'poisoned' not in capsys.readouterr().err
+
+
 # --------------------------------------------------------------------------------------------- CLI
 def _cli(capsys, *args):
     code = main(['unlearnable', 'make', *args])

@@ -154,7 +154,7 @@ def cmd_unlearnable_make(args) -> dict:
     from .unlearnable import make_unlearnable
     res = make_unlearnable(args.data, _read_key(args), args.out, kernel_size=args.kernel_size, blur=args.blur,
                            fraction=args.fraction, progress=False if args.json else None,
-                           overwrite=args.overwrite)
+                           overwrite=args.overwrite, img_size=args.img_size)
     if args.json:
         return res
     tr, va = res['splits']['train'], res['splits']['val']
@@ -262,6 +262,9 @@ def _unlearnable_parser(p, groups) -> None:
     poison.add_argument('--blur', type=float, default=0.3, help='blur parameter p_b in [0, 1) (default: 0.3)')
     poison.add_argument('--fraction', type=float, default=1.0, help='share of each training class to poison '
                                                                     '(default: 1.0)')
+    poison.add_argument('--img-size', type=_int_at_least(1), default=None,
+                        help='resize every image to this side before poisoning: the size the data will be '
+                             'trained at (a resize after poisoning blurs the filters); default: each image\'s own')
     g['run'].add_argument('--overwrite', action='store_true', help='replace train/, val/, manifest.json in a '
                                                                    'non-empty --out')
     add_output_flags(g)

@@ -16,6 +16,8 @@ Loaders come in three kinds, each with its own order of batches:
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -24,7 +26,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampl
 
 from ..bench.common import resolve_input_size
 from ..console import log
-from . import DatasetInfo, build_dataset, dataset_info
+from . import DatasetInfo, build_dataset, dataset_info, parse_spec
 
 __all__ = ['model_input', 'norm_stats', 'model_datasets', 'train_loader', 'stream_loader', 'eval_loader']
 
@@ -61,9 +63,33 @@ def model_datasets(model: nn.Module, spec: str, splits=('train', 'val'), aug: st
     note = info.resize_note(size)
     if note:
         log(note, is_main)
+        poisoned = poisoned_at(spec)
+        if poisoned and poisoned != [size, size]:
+            log(f'warning: {spec} was poisoned (CUDA) at {poisoned}; resizing it to {size}x{size} blurs the per-class '
+                f'filters and weakens the protection: make it again with --img-size {size}', is_main)
     return [build_dataset(spec, split, img_size=size, in_chans=chans, mean=mean, std=std,
                           aug=aug if split == 'train' else 'none', hflip=hflip if split == 'train' else None)
             for split in splits]
+
+
+def poisoned_at(spec: str):
+    """For a ``folder:`` written by ``deitlab unlearnable make``: the size it was poisoned at
+    (``[H, W]``, from its manifest: ``--img-size``, else the images' own size, or ``'several
+    sizes'``); None for any other data."""
+    name, arg = parse_spec(spec)
+    path = Path(arg or '').expanduser() / 'manifest.json'
+    if name != 'folder' or not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict) or manifest.get('method') != 'CUDA':
+        return None
+    at = manifest.get('poisoned_at')
+    if isinstance(at, list):
+        return at
+    return manifest.get('image_size') or 'several sizes'
 
 
 def train_loader(dataset: Dataset, batch_size: int, seed: int, *, rank: int = 0, world_size: int = 1,

@@ -52,7 +52,7 @@ from torch.utils.data import Dataset
 from ..data import DataError, build_dataset, dataset_info, parse_spec
 from ..data.base import TensorImageDataset
 from ..data.folder import FolderDataset, load_image
-from ..data.transforms import pil_to_tensor, tensor_to_pil
+from ..data.transforms import pil_to_tensor, resize_center_crop, resize_images, tensor_to_pil
 
 __all__ = ['UnlearnableError', 'MIN_KEY_LENGTH', 'key_fingerprint', 'class_filters', 'apply_filters',
            'poison_mask', 'CUDATransform', 'PoisonedDataset', 'make_unlearnable', 'PAPER']
@@ -272,9 +272,12 @@ class PoisonedDataset(Dataset):
 
 # ---------------------------------------------------------------------------------- generation
 class _Split:
-    """One split of a dataset spec as raw uint8 images: labels, and images in same-shape batches."""
+    """One split of a dataset spec as raw uint8 images: labels, and images in same-shape batches;
+    with ``size``, resized as training resizes them (in-memory images: bilinear, antialiased;
+    files: shorter side bicubic, centre crop)."""
 
-    def __init__(self, spec: str, split: str, native_chans: int):
+    def __init__(self, spec: str, split: str, native_chans: int, size: Optional[int] = None):
+        self.size = size
         ds = build_dataset(spec, split, in_chans=native_chans)
         self.classes = list(ds.classes)
         self.targets = ds.targets
@@ -290,14 +293,22 @@ class _Split:
         for s in range(0, len(self), _CHUNK):
             idx = torch.arange(s, min(len(self), s + _CHUNK))
             if self.images is not None:
-                yield idx, self.images[s:s + len(idx)]
+                batch = self.images[s:s + len(idx)]
+                if self.size is not None and tuple(batch.shape[-2:]) != (self.size, self.size):
+                    batch = resize_images(batch, self.size)
+                yield idx, batch
                 continue
-            imgs = [pil_to_tensor(load_image(self.files[i], _file_mode(self.files[i]))) for i in idx.tolist()]
+            imgs = [pil_to_tensor(self._load(self.files[i])) for i in idx.tolist()]
             groups: Dict[tuple, List[int]] = {}
             for j, im in enumerate(imgs):
                 groups.setdefault(tuple(im.shape), []).append(j)
             for pos in groups.values():
                 yield idx[pos], torch.stack([imgs[j] for j in pos])
+
+
+    def _load(self, path: Path) -> Image.Image:
+        img = load_image(path, _file_mode(path))
+        return img if self.size is None else resize_center_crop(img, self.size)
 
 
 def _file_mode(path: Path) -> str:
@@ -369,14 +380,17 @@ def _write_split(src: _Split, mask: torch.Tensor, filters: torch.Tensor, root: P
 
 def make_unlearnable(data_spec: str, key: Key, out_dir: Union[str, Path], kernel_size: int = 3,
                      blur: float = 0.3, fraction: float = 1.0, progress: Optional[bool] = None, *,
-                     overwrite: bool = False, seed: Optional[int] = None) -> dict:
+                     overwrite: bool = False, seed: Optional[int] = None, img_size: Optional[int] = None) -> dict:
     """Write a CUDA-poisoned copy of a dataset spec as an ImageFolder tree that ``folder:OUT`` loads.
 
     Layout: ``OUT/train/<class>/<index>.png`` (the chosen ``fraction`` of each class poisoned, the
     rest clean), ``OUT/val/<class>/<index>.png`` (all clean), ``OUT/manifest.json`` (written last).
     ``<index>`` is the image's position in the source split, ``<class>`` the class name made safe
     for a folder (``/`` becomes ``_``). Pixels are the source's native size and channels (1 or 3;
-    ``folder:`` sources keep each file's size and grayscale/colour). ``folder:OUT`` numbers classes
+    ``folder:`` sources keep each file's size and grayscale/colour), or ``img_size`` square when it is
+    given: images are then resized the way training resizes them *before* they are filtered, so a
+    model trained at that size sees the filters unblurred (a resize after poisoning low-passes the
+    k x k filters; training a poisoned folder at another size logs a warning). ``folder:OUT`` numbers classes
     by sorted folder name; the manifest lists each class's source and ``folder:`` label.
 
     Args:
@@ -388,6 +402,8 @@ def make_unlearnable(data_spec: str, key: Key, out_dir: Union[str, Path], kernel
         progress: tqdm bars on stderr: None = on a terminal only, True/False = always/never.
         overwrite: Replace ``train/``, ``val/`` and ``manifest.json`` in a non-empty ``out_dir``.
         seed: Seed of the choice of poisoned images; None = derived from the key.
+        img_size: Side to resize every image to before poisoning (the training resolution); None =
+            each image's own size.
 
     Returns:
         The manifest (a dict) with ``out_dir`` and ``manifest_path`` added.
@@ -396,6 +412,8 @@ def make_unlearnable(data_spec: str, key: Key, out_dir: Union[str, Path], kernel
     info = dataset_info(data_spec)
     _check_options(info.num_classes, kernel_size, blur)
     fraction = _check_fraction(fraction)
+    if img_size is not None and (isinstance(img_size, bool) or not isinstance(img_size, int) or img_size < 1):
+        raise UnlearnableError(f'img_size must be a positive integer, got {img_size!r}')
     name, arg = parse_spec(data_spec)
     out = Path(out_dir).expanduser()
     _prepare_out(out, overwrite, Path(arg).expanduser() if name == 'folder' else None)
@@ -405,7 +423,7 @@ def make_unlearnable(data_spec: str, key: Key, out_dir: Union[str, Path], kernel
     order = sorted(range(len(classes)), key=lambda i: folders[i])
     splits = {}
     for split in ('train', 'val'):
-        src = _Split(data_spec, split, info.in_chans)
+        src = _Split(data_spec, split, info.in_chans, img_size)
         mask = poison_mask(src.targets, key, fraction, seed) if split == 'train' else \
             torch.zeros(len(src), dtype=torch.bool)
         splits[split] = _write_split(src, mask, filters, out / split, folders, classes, progress, f'cuda {split}')
@@ -418,6 +436,7 @@ def make_unlearnable(data_spec: str, key: Key, out_dir: Union[str, Path], kernel
         'kernel_size': kernel_size,
         'blur': float(blur),
         'fraction': fraction,
+        'poisoned_at': 'native size' if img_size is None else [img_size, img_size],
         'key_fingerprint': key_fingerprint(key),
         'selection': 'key' if seed is None else f'seed {int(seed)}',
         'source': data_spec,
