@@ -354,6 +354,10 @@ def _mix(arm: str, kind: str, nd: int = 1) -> Callable[[], str]:
     return lambda: f"{load('mixpro_fmnist')['summary'][arm][kind]['mean']:.{nd}f}"
 
 
+def _unlvis(k: int = 3, blur: float = 0.3) -> dict:
+    return next(r for r in load('unlearnable_visibility')['rows'] if r['kernel_size'] == k and r['blur'] == blur)
+
+
 def _demo_row(i: int, key: str, fmt: str = '{:.1f}') -> Callable[[], str]:
     return lambda: fmt.format(load('demo')['rows'][i][key])
 
@@ -403,6 +407,9 @@ VALUES: Dict[str, Callable[[], str]] = {
     'ref.latency_ms': _ref('measured', 'bench', 'latency_ms', fmt='{:.1f}'),
     'tt.median': _tt('median_ratio'), 'tt.min': _tt('min_ratio'), 'tt.max': _tt('max_ratio'),
     'tt.cpu_median': _tt('median_cpu_ratio'),
+    'unlvis.kept': lambda: f"{_unlvis()['resize_kept']:.2f}",
+    'unlvis.agree': lambda: f"{_unlvis()['resize_agree']:.2f}",
+    'unlvis.psnr': lambda: f"{_unlvis()['psnr_median']:.1f}",
     'unl.deit.clean': _unl('deit-nano/clean', 'long'), 'unl.deit.cuda': _unl('deit-nano/cuda 1', 'long'),
     'unl.r18.clean': _unl('resnet18/clean', 'long'), 'unl.r18.cuda': _unl('resnet18/cuda 1', 'long'),
     'unl.deit.own': _unl('deit-nano/cuda 1', 'long', control='own filter'),

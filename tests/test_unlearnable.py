@@ -287,7 +287,7 @@ def test_training_a_poisoned_folder_at_another_size_warns(tmp_path, capsys):
     capsys.readouterr()
     model_datasets(model, f'folder:{tmp_path / "p16"}', ('val',))
     err = capsys.readouterr().err
-    assert 'was poisoned (CUDA) at [16, 16]; resizing it to 32x32 blurs' in err and '--img-size 32' in err
+    assert 'was poisoned (CUDA) at [16, 16] and is resized to 32x32' in err and '--img-size 32' in err
     model_datasets(model, f'folder:{tmp_path / "p32"}', ('val',))
     assert 'poisoned' not in capsys.readouterr().err
 

@@ -264,7 +264,7 @@ def _unlearnable_parser(p, groups) -> None:
                                                                     '(default: 1.0)')
     poison.add_argument('--img-size', type=_int_at_least(1), default=None,
                         help='resize every image to this side before poisoning: the size the data will be '
-                             'trained at (a resize after poisoning blurs the filters); default: each image\'s own')
+                             'trained at, so that the model sees the filters unresized; default: each image\'s own')
     g['run'].add_argument('--overwrite', action='store_true', help='replace train/, val/, manifest.json in a '
                                                                    'non-empty --out')
     add_output_flags(g)

@@ -65,8 +65,9 @@ def model_datasets(model: nn.Module, spec: str, splits=('train', 'val'), aug: st
         log(note, is_main)
         poisoned = poisoned_at(spec)
         if poisoned and poisoned != [size, size]:
-            log(f'warning: {spec} was poisoned (CUDA) at {poisoned}; resizing it to {size}x{size} blurs the per-class '
-                f'filters and weakens the protection: make it again with --img-size {size}', is_main)
+            log(f'warning: {spec} was poisoned (CUDA) at {poisoned} and is resized to {size}x{size}, so the model '
+                f'sees resized filters (shrinking blurs them); to poison exactly what it sees, make it again with '
+                f'--img-size {size}', is_main)
     return [build_dataset(spec, split, img_size=size, in_chans=chans, mean=mean, std=std,
                           aug=aug if split == 'train' else 'none', hflip=hflip if split == 'train' else None)
             for split in splits]

@@ -389,8 +389,9 @@ def make_unlearnable(data_spec: str, key: Key, out_dir: Union[str, Path], kernel
     for a folder (``/`` becomes ``_``). Pixels are the source's native size and channels (1 or 3;
     ``folder:`` sources keep each file's size and grayscale/colour), or ``img_size`` square when it is
     given: images are then resized the way training resizes them *before* they are filtered, so a
-    model trained at that size sees the filters unblurred (a resize after poisoning low-passes the
-    k x k filters; training a poisoned folder at another size logs a warning). ``folder:OUT`` numbers classes
+    model trained at that size sees the filters exactly as drawn (a resize after poisoning resizes the
+    k x k filters too, and shrinking low-passes them; training a poisoned folder at another size logs a
+    warning). ``folder:OUT`` numbers classes
     by sorted folder name; the manifest lists each class's source and ``folder:`` label.
 
     Args:
