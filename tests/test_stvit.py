@@ -268,6 +268,26 @@ def test_clear_errors_on_misuse():
         stvit_from_deit(model)
     with pytest.raises(ValueError, match='counts STViT models'):
         stvit_macs(_build(DEIT))
-    with pytest.raises(NotImplementedError, match='forward_dense'):
-        model.forward_intermediates(_x(1))
+    with pytest.raises(ValueError, match="output_fmt must be 'NCHW' or 'NLC'"):
+        model.forward_intermediates(_x(1), output_fmt='NHWC')
     assert 'global_centers' in model.no_weight_decay()
+
+
+def test_intermediates_are_the_blocks_outputs_and_end_in_forward_features():
+    """forward_intermediates: image-token maps before the semantic layer, g x g semantic-token maps
+    after it, and its final features equal forward_features. Catches intermediates taken before the
+    semantic tokens are swapped in, or a final output that skips the norm."""
+    model = _build(NANO).eval()
+    x = _x(2)
+    k, (g, _), n = model.stvit_layer, model.stvit_grid, model.num_prefix_tokens
+    with torch.no_grad():
+        final, maps = model.forward_intermediates(x)
+        assert torch.equal(final, model.forward_features(x))
+        h, w = model.patch_embed.grid_size
+        assert [tuple(m.shape[2:]) for m in maps] == [(h, w)] * k + [(g, g)] * (len(model.blocks) - k)
+        last, = model.forward_intermediates(x, indices=1, norm=True, output_fmt='NLC', intermediates_only=True)
+        assert torch.equal(last, final[:, n:])
+        (first, prefix), = model.forward_intermediates(x, indices=[0], output_fmt='NLC', return_prefix_tokens=True,
+                                                      intermediates_only=True, stop_early=True)
+        ref = model.blocks[0](model._embed(x)[0])
+        assert torch.equal(first, ref[:, n:]) and torch.equal(prefix, ref[:, :n])

@@ -60,6 +60,7 @@ import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import trunc_normal_
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs
+from timm.models._features import feature_take_indices
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
@@ -138,14 +139,18 @@ class _STViTMixin:
             return checkpoint_seq(blocks, x)
         return blocks(x)
 
-    def _image_tokens(self, x: torch.Tensor):
-        """Patch embed, prefix tokens, the first k blocks: (prefix tokens, image tokens, grid)."""
+    def _embed(self, x: torch.Tensor):
+        """Patch embed and prefix tokens: (tokens, grid)."""
         x = self.patch_embed(x)
         grid = tuple(x.shape[1:3]) if x.ndim == 4 else tuple(self.patch_embed.grid_size)
         if grid[0] < self.stvit_grid[0] or grid[1] < self.stvit_grid[1]:
             raise ValueError(f'input gives a {grid[0]}x{grid[1]} token grid, smaller than the '
                              f'{self.stvit_grid[0]}x{self.stvit_grid[1]} semantic tokens')
-        x = self.norm_pre(self.patch_drop(self._pos_embed(x)))
+        return self.norm_pre(self.patch_drop(self._pos_embed(x))), grid
+
+    def _image_tokens(self, x: torch.Tensor):
+        """Patch embed, prefix tokens, the first k blocks: (prefix tokens, image tokens, grid)."""
+        x, grid = self._embed(x)
         x = self._run(self.blocks[:self.stvit_layer], x)
         n = self.num_prefix_tokens
         return x[:, :n], x[:, n:], grid
@@ -176,8 +181,32 @@ class _STViTMixin:
         out = self.recover(img, s[:, self.num_prefix_tokens:])
         return out.transpose(1, 2).reshape(out.shape[0], out.shape[2], grid[0], grid[1])
 
-    def forward_intermediates(self, *args, **kwargs):
-        raise NotImplementedError('STViT changes the token set mid-network; use forward_features or forward_dense')
+    def forward_intermediates(self, x: torch.Tensor, indices: Optional[Union[int, Sequence[int]]] = None,
+                              return_prefix_tokens: bool = False, norm: bool = False, stop_early: bool = False,
+                              output_fmt: str = 'NCHW', intermediates_only: bool = False):
+        """timm's feature interface: the outputs of the blocks ``indices`` (an int n: the last n;
+        None: all), prefix tokens split off. Blocks before ``stvit_layer`` hold the h x w image
+        tokens, the later ones the g x g semantic tokens (``stvit_grid``), which the pooling lays out
+        on a grid too: in ``NCHW`` the maps are (B, C, h, w) and then (B, C, g, g). Returns
+        ``(final features, intermediates)`` (the final norm applied, as ``forward_features``), or the
+        intermediates alone; with ``return_prefix_tokens`` each intermediate is ``(tokens, prefix)``."""
+        if output_fmt not in ('NCHW', 'NLC'):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        take, max_index = feature_take_indices(len(self.blocks), indices)
+        x, grid = self._embed(x)
+        n, out = self.num_prefix_tokens, []
+        for i, blk in enumerate(self.blocks[:max_index + 1] if stop_early else self.blocks):
+            if i == self.stvit_layer:
+                x = torch.cat([x[:, :n], self.semantic_tokens(x[:, n:], grid)], dim=1)
+            x = blk(x)
+            if i in take:
+                y = self.norm(x) if norm else x
+                tokens = y[:, n:]
+                if output_fmt == 'NCHW':
+                    h, w = grid if i < self.stvit_layer else self.stvit_grid
+                    tokens = tokens.reshape(tokens.shape[0], h, w, -1).permute(0, 3, 1, 2).contiguous()
+                out.append((tokens, y[:, :n]) if return_prefix_tokens else tokens)
+        return out if intermediates_only else (self.norm(x), out)
 
 
 class STViT(_STViTMixin, WidthMixin, VisionTransformer):
