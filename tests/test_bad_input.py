@@ -15,6 +15,7 @@ PICO = 'deitlab_deit_pico_patch4_32'
 GLYPHS = 'glyphs:train=64,val=32,size=32'
 TRAIN = ['train', '--model', PICO, '--data', GLYPHS, '--epochs', '1', '--batch-size', '16', '--no-progress',
          '--no-tensorboard', '--max-steps-per-epoch', '1']
+TRAIN_O = TRAIN + ['--out', '{root}/o']   # a training run into a new directory under the fixture
 
 
 @pytest.fixture(scope='module')
@@ -59,32 +60,32 @@ def _digest(path):
 # (id, argv with {root} for the fixture directory, a regular expression the error line must match)
 CASES = [
     # train: numbers out of range
-    ('train-lr-zero', TRAIN + ['--out', '{root}/o', '--lr', '0'], r'lr must be > 0, got 0'),
-    ('train-lr-negative', TRAIN + ['--out', '{root}/o', '--lr', '-1'], r'lr must be > 0, got -1'),
-    ('train-min-lr-negative', TRAIN + ['--out', '{root}/o', '--min-lr', '-1'], r'min_lr must be >= 0'),
-    ('train-batch-zero', TRAIN + ['--out', '{root}/o', '--batch-size', '0'], r'batch_size must be >= 1, got 0'),
-    ('train-epochs-zero', TRAIN + ['--out', '{root}/o', '--epochs', '0'], r'epochs must be >= 1, got 0'),
-    ('train-drop-path', TRAIN + ['--out', '{root}/o', '--drop-path', '1.5'], r'drop_path must be in \[0, 1\), got 1.5'),
-    ('train-smoothing', TRAIN + ['--out', '{root}/o', '--smoothing', '1'], r'smoothing must be in \[0, 1\)'),
-    ('train-ema-decay', TRAIN + ['--out', '{root}/o', '--ema-decay', '2'], r'ema_decay must be in \(0, 1\)'),
-    ('train-weight-decay', TRAIN + ['--out', '{root}/o', '--weight-decay', '-0.1'], r'weight_decay must be >= 0'),
-    ('train-mixup-prob', TRAIN + ['--out', '{root}/o', '--mixup-prob', '1.5'], r'mixup_prob must be in \[0, 1\]'),
-    ('train-warmup-negative', TRAIN + ['--out', '{root}/o', '--warmup-epochs', '-1'], r'warmup_epochs must be >= 0'),
-    ('train-lr-not-a-number', TRAIN + ['--out', '{root}/o', '--lr', 'fast'], r"argument --lr: invalid float value"),
+    ('train-lr-zero', TRAIN_O + ['--lr', '0'], r'lr must be > 0, got 0'),
+    ('train-lr-negative', TRAIN_O + ['--lr', '-1'], r'lr must be > 0, got -1'),
+    ('train-min-lr-negative', TRAIN_O + ['--min-lr', '-1'], r'min_lr must be >= 0'),
+    ('train-batch-zero', TRAIN_O + ['--batch-size', '0'], r'batch_size must be >= 1, got 0'),
+    ('train-epochs-zero', TRAIN_O + ['--epochs', '0'], r'epochs must be >= 1, got 0'),
+    ('train-drop-path', TRAIN_O + ['--drop-path', '1.5'], r'drop_path must be in \[0, 1\), got 1.5'),
+    ('train-smoothing', TRAIN_O + ['--smoothing', '1'], r'smoothing must be in \[0, 1\)'),
+    ('train-ema-decay', TRAIN_O + ['--ema-decay', '2'], r'ema_decay must be in \(0, 1\)'),
+    ('train-weight-decay', TRAIN_O + ['--weight-decay', '-0.1'], r'weight_decay must be >= 0'),
+    ('train-mixup-prob', TRAIN_O + ['--mixup-prob', '1.5'], r'mixup_prob must be in \[0, 1\]'),
+    ('train-warmup-negative', TRAIN_O + ['--warmup-epochs', '-1'], r'warmup_epochs must be >= 0'),
+    ('train-lr-not-a-number', TRAIN_O + ['--lr', 'fast'], r"argument --lr: invalid float value"),
     # train: devices, models, model arguments
-    ('train-device-banana', TRAIN + ['--out', '{root}/o', '--device', 'banana'], r"unknown device 'banana'"),
-    ('train-device-missing', TRAIN + ['--out', '{root}/o', '--device', 'cuda:7'],
+    ('train-device-banana', TRAIN_O + ['--device', 'banana'], r"unknown device 'banana'"),
+    ('train-device-missing', TRAIN_O + ['--device', 'cuda:7'],
      r"device 'cuda:7' is not on this machine"),
     ('train-model-empty', ['train', '--model', '', '--data', GLYPHS, '--out', '{root}/o'], r'model is empty'),
     ('train-model-unknown', ['train', '--model', 'deit_pico_nonexistent', '--data', GLYPHS, '--out', '{root}/o',
                              '--epochs', '1'], r"unknown model name 'deit_pico_nonexistent'"),
-    ('train-model-kwargs', TRAIN + ['--out', '{root}/o', '--model-kwargs', 'depth=banana'],
+    ('train-model-kwargs', TRAIN_O + ['--model-kwargs', 'depth=banana'],
      r"cannot build deitlab_deit_pico_patch4_32 with depth='banana'"),
-    ('train-model-kwargs-no-value', TRAIN + ['--out', '{root}/o', '--model-kwargs', 'depth'],
+    ('train-model-kwargs-no-value', TRAIN_O + ['--model-kwargs', 'depth'],
      r"--model-kwargs takes K=V pairs \(e.g. depth=6\), got 'depth'"),
-    ('train-recipe-unknown', TRAIN + ['--out', '{root}/o', '--recipe', 'banana'], r"unknown recipe 'banana'"),
-    ('train-mix-unknown', TRAIN + ['--out', '{root}/o', '--mix', 'banana'], r'mix must be one of none, mixup'),
-    ('train-distill-no-teacher', TRAIN + ['--out', '{root}/o', '--distill', 'soft'],
+    ('train-recipe-unknown', TRAIN_O + ['--recipe', 'banana'], r"unknown recipe 'banana'"),
+    ('train-mix-unknown', TRAIN_O + ['--mix', 'banana'], r'mix must be one of none, mixup'),
+    ('train-distill-no-teacher', TRAIN_O + ['--distill', 'soft'],
      r'--distill soft needs --teacher'),
     # train: resuming (the run in {root}/resumable: 1 epoch, recipe short)
     ('train-resume-changed-lr', TRAIN + ['--out', '{root}/resumable', '--recipe', 'short', '--resume', '--lr', '0.5'],
@@ -104,11 +105,11 @@ CASES = [
     ('unlearnable-out-under-file', ['unlearnable', 'make', '--data', GLYPHS, '--out', '{root}/a-file/u',
                                     '--key', 'a long enough key'], r'a-file/u'),
     # train: data
-    ('train-one-class', TRAIN + ['--out', '{root}/o', '--data', 'folder:{root}/one'],
+    ('train-one-class', TRAIN_O + ['--data', 'folder:{root}/one'],
      r'has one class \(ant\); a classifier needs at least two'),
-    ('train-data-missing', TRAIN + ['--out', '{root}/o', '--data', 'folder:{root}/nothing'],
+    ('train-data-missing', TRAIN_O + ['--data', 'folder:{root}/nothing'],
      r'dataset path does not exist'),
-    ('train-data-unknown', TRAIN + ['--out', '{root}/o', '--data', 'imagenet-banana'], r'unknown dataset'),
+    ('train-data-unknown', TRAIN_O + ['--data', 'imagenet-banana'], r'unknown dataset'),
     # --config files
     ('train-yaml-type', ['train', '--config', '{root}/types.yaml', '--model', PICO, '--data', GLYPHS, '--out',
                          '{root}/o'], r"types.yaml, line 2: lr must be float, got 'fast'"),
@@ -123,7 +124,7 @@ CASES = [
     # damaged files
     ('eval-truncated-weights', ['eval', '--model', '{root}/truncated', '--data', GLYPHS],
      r'truncated/model.safetensors is damaged \(truncated or not a safetensors file'),
-    ('train-from-truncated', TRAIN + ['--out', '{root}/o', '--model', '{root}/truncated'],
+    ('train-from-truncated', TRAIN_O + ['--model', '{root}/truncated'],
      r'model.safetensors is damaged'),
     ('train-resume-damaged', TRAIN + ['--out', '{root}/damaged-train', '--resume'],
      r'damaged-train/checkpoint.pt is damaged .*cannot be resumed'),
