@@ -340,11 +340,39 @@ def t_tokens_deit_s() -> str:
     return '\n'.join(lines)
 
 
+def _lc_rows(arm: Optional[str] = None) -> List[dict]:
+    return [r for r in load('latency_check')['rows'] if arm is None or r['arm'] == arm]
+
+
+def _lc_mean(table: str, arm: Optional[str] = None, stat=max) -> float:
+    """Mean (``stat=None``) or largest |predicted / measured - 1| of a table in latency_check."""
+    errs = [abs(r[f'error_{table}']) for r in _lc_rows(arm)]
+    return sum(errs) / len(errs) if stat is None else stat(errs)
+
+
+def t_latency_check() -> str:
+    """Predicted against measured speed-up of every model of the NViT benchmark, per arm and table."""
+    out = []
+    for arm in dict.fromkeys(r['arm'] for r in _lc_rows()):
+        rows = _lc_rows(arm)
+        out.append([_ARM.get(arm, arm if arm != 'probe' else 'probes (dense, one width moved)'), str(len(rows)),
+                    f"{min(r['measured'] for r in rows):.2f}-{max(r['measured'] for r in rows):.2f}",
+                    *(f"{_lc_mean(t, arm, None):.1%} ({_lc_mean(t, arm):.1%})" for t in ('paired', 'plain', 'fastest'))])
+    st = load('latency_check')['settings']
+    return '\n'.join([
+        table(['models', 'n', 'measured speed-up', 'paired + alignment (default)', 'paired, no alignment',
+               'fastest round (before)'], out),
+        source(['latency_check'], 'python benchmarks/latency_check.py')[:-len('</sub>')] +
+        f" |predicted / measured - 1|: mean (largest). Measured: whole models timed paired against the dense "
+        f"DeiT-nano, median of {st['rounds']} rounds, batch {st['batch']}, {st['threads']} threads; tables timed in "
+        f"the same process.</sub>"])
+
+
 TABLES: Dict[str, Callable[[], str]] = {
     'tokens_deit_s': t_tokens_deit_s,
     'demo': t_demo, 'mixpro': t_mixpro, 'tokens_fmnist': t_tokens_fmnist, 'tokens_sweep': t_tokens_sweep,
     'mixers': t_mixers, 'unlearnable': t_unlearnable, 'nvit': t_nvit, 'nvit_ablation': t_nvit_ablation,
-    'nvit_verdict': t_nvit_verdict,
+    'nvit_verdict': t_nvit_verdict, 'latency_check': t_latency_check,
 }
 
 
@@ -429,6 +457,13 @@ VALUES: Dict[str, Callable[[], str]] = {
                                                                'mctf r=12 one-pass', 'mctf r=16 one-pass',
                                                                'mctf-fast r=0.35', 'stvit')
        for stage in ('off-the-shelf', 'fine-tuned') for k in ('top1', 'throughput_ratio', 'latency_speedup')},
+    'lc.mean': lambda: f"{_lc_mean('paired', stat=None):.1%}", 'lc.max': lambda: f"{_lc_mean('paired'):.1%}",
+    'lc.plain.mean': lambda: f"{_lc_mean('plain', stat=None):.1%}", 'lc.plain.max': lambda: f"{_lc_mean('plain'):.1%}",
+    'lc.fastest.mean': lambda: f"{_lc_mean('fastest', stat=None):.1%}",
+    'lc.fastest.max': lambda: f"{_lc_mean('fastest'):.1%}",
+    'lc.n': lambda: str(len(_lc_rows()) - len(_lc_rows('probe'))),
+    'lc.e95': lambda: f"{1 / next(r for r in _lc_rows('probe') if r['name'] == 'dense E=95')['measured'] - 1:.0%}",
+    'lc.qk31': lambda: f"{1 / next(r for r in _lc_rows('probe') if r['name'] == 'dense qk=31')['measured'] - 1:.0%}",
     'demo.minutes': lambda: f"{load('demo')['total_time_s'] / 60:.1f}",
     'demo.dense_train_min': lambda: f"{load('demo_dense')['train_time_s'] / 60:.1f}",
 }

@@ -87,6 +87,40 @@ def test_latency_table_json_round_trip(tmp_path):
     assert back.unit_savings(WIDTHS) == lut.unit_savings(WIDTHS)
 
 
+def test_misalign_factors_price_blocks_with_widths_off_multiples_of_8(tmp_path):
+    """``misalign`` prices widths off multiples of ALIGN (8) in ``model_ms``: a block pays the
+    embedding's factor (interpolated in E) when E is off, times the largest factor of its inner
+    widths that are off; aligned blocks and ``unit_savings`` (the pruner's finite differences) are
+    untouched. Code that priced aligned widths, compounded the inner factors, read the embedding's
+    factor at a node instead of between them, or lost the factors in the JSON, fails here."""
+    from deitlab.prune.latency import ALIGN
+    assert ALIGN == 8
+    plain = _table()
+    lut = _table()
+    lut.misalign = dict(emb=[[16, 1.5], [8, 1.2]], qk=[[8, 1.2]], v=[[8, 1.1]], mlp=[[64, 1.05]])
+    assert lut.misalign['emb'] == [[8, 1.2], [16, 1.5]]        # sorted by width
+    w = dict(embed_dim=16, num_heads=[2, 2, 1, 1], qk_dim=[8, 5, 3, 8], v_dim=[8, 8, 7, 7],
+             mlp_hidden=[32, 40, 20, 32])
+    E = 16
+    rows = list(zip(w['num_heads'], w['qk_dim'], w['v_dim'], w['mlp_hidden']))
+    factors = [1.0, 1.2, 1.2, 1.1]     # 0 aligned; 1: qk 5; 2: qk 3, v 7, mlp 20 -> the largest; 3: v 7
+    assert lut.model_ms(w) == pytest.approx(_other(E) + sum(f * _f(E, *r) for f, r in zip(factors, rows)), rel=1e-10)
+    assert lut.unit_savings(w) == plain.unit_savings(w)
+    # an embedding off the multiple prices every block, at its factor between the nodes 8 and 16
+    w12 = dict(w, embed_dim=12)
+    assert lut.misalign_factor(12, 8, 8, 32) == pytest.approx(1.35)
+    assert lut.model_ms(w12) == pytest.approx(
+        _other(12) + sum(1.35 * f * _f(12, *r) for f, r in zip(factors, rows)), rel=1e-10)
+    assert lut.misalign_factor(5, 8, 8, 32) == pytest.approx(1.2)      # constant outside the measured widths
+    aligned = dict(embed_dim=16, num_heads=[2], qk_dim=[8], v_dim=[8], mlp_hidden=[64])
+    assert lut.model_ms(aligned) == plain.model_ms(aligned)
+    back = LatencyTable.load(lut.save(tmp_path / 'lut.json'))
+    assert back.misalign == lut.misalign and back.model_ms(w) == lut.model_ms(w)
+    assert 'misalign' not in plain.to_dict()          # tables without factors keep their format
+    with pytest.raises(PruneError, match='unknown axes'):
+        LatencyTable(GRID, plain.block_ms, GRID['emb'], plain.other_ms, misalign=dict(heads=[[2, 1.1]]))
+
+
 def test_latency_table_bad_files_and_shapes(tmp_path):
     with pytest.raises(PruneError, match='does not exist'):
         LatencyTable.load(tmp_path / 'missing.json')

@@ -235,6 +235,11 @@ def test_prediction_check_error_and_warning():
     assert 'not multiples of 8 (qk 5, v 3, mlp 20) run slower than the interpolation' in high['warning']
     assert 'multiples of 8' not in prediction_check(dict(predicted_speedup=1.5, throughput_ratio=1.8), lut,
                                                     dict(batch_size=64, threads=2), off)['warning']
+    # an embedding off the multiple is named too; a table that prices misaligned widths does not blame them
+    assert off_grid_widths(lut, dict(widths, embed_dim=30)) == dict(emb=[30], qk=[5], v=[3], mlp=[20])
+    lut.misalign = dict(emb=[[32, 1.1]], qk=[[8, 1.05]])
+    assert 'multiples of 8' not in prediction_check(dict(predicted_speedup=2.2, throughput_ratio=1.8), lut,
+                                                    dict(batch_size=64, threads=2), off)['warning']
     assert prediction_check(dict(predicted_speedup=None, throughput_ratio=1.8), lut) is None
 
 

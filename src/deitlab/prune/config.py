@@ -38,7 +38,8 @@ class NViTConfig:
     unless given. The fine-tune then runs ``finetune_epochs`` epochs, or the rest of ``total_steps``.
 
     Latency table. ``lut=None`` or ``'measure'`` times a table on this device (``lut_passes``
-    interleaved rounds, the fastest per node, at ``lut_batch``); a path or the name of a committed table
+    interleaved rounds, each call paired with a reference block, the median per node, at
+    ``lut_batch``; and the cost of widths off multiples of 8); a path or the name of a committed table
     (``deitlab/prune/tables/``) loads one instead, so that pruning does not depend on the load of
     the machine while it runs.
     """
@@ -103,7 +104,8 @@ class NViTConfig:
     lut: Optional[str] = field(default=None, metadata={'group': 'latency table', 'help': _LUT_HELP})
     lut_batch: int = field(default=64, metadata={'group': 'latency table', 'help': 'batch size the table is timed at'})
     lut_passes: int = field(default=5, metadata={
-        'group': 'latency table', 'help': 'interleaved timing rounds (the fastest per node; timing.py)'})
+        'group': 'latency table',
+        'help': 'interleaved timing rounds (each call between two reference calls, the median per node; timing.py)'})
     lut_grid: Dict[str, list] = field(default_factory=dict, metadata={
         'group': 'latency table', 'help': 'widths timed, per axis (emb, heads, qk, v, mlp; PoolFormer etc.: mlp), '
                                           'each a JSON list'})

@@ -15,6 +15,7 @@ from typing import Optional
 import torch.nn as nn
 
 from .families import PruneError, layout_of
+from .latency import ALIGN
 
 PREDICTION_TOLERANCE = 0.10
 WIDTH_PANELS = (('num_heads', 'heads'), ('qk_dim', 'QK dim / head'), ('v_dim', 'V dim / head'),
@@ -77,15 +78,13 @@ def speed_rows(models: dict, baseline: str, batch_size: int, lut=None, quick: bo
     return rows
 
 
-ALIGN = 8   # float32 vector width the CPU kernels work in (AVX2: 8, AVX-512: 16)
-
-
 def off_grid_widths(lut, widths: dict) -> dict:
     """Widths of a model that lie between the table's nodes and are not multiples of ``ALIGN``, per
-    axis (``{'qk': [20], 'v': [28, 20]}``): interpolation between aligned nodes underestimates them
-    (a DeiT-nano block at 2 threads: qk 20 took 4.9 ms, qk 16 and 32 4.6-4.7 ms)."""
+    axis (``{'emb': [95], 'qk': [20], 'v': [28, 20]}``): interpolation between aligned nodes
+    underestimates them (a DeiT-nano block at 2 threads: qk 20 took 4.9 ms, qk 16 and 32 4.6-4.7 ms)
+    unless the table prices them (``LatencyTable.misalign``)."""
     if hasattr(lut, 'axes'):
-        axes = dict(qk='qk_dim', v='v_dim', mlp='mlp_hidden')
+        axes = dict(emb='embed_dim', qk='qk_dim', v='v_dim', mlp='mlp_hidden')
         nodes = {k: set(lut.axes[k]) for k in axes}
     elif hasattr(lut, 'kinds'):
         axes = dict(mlp='mlp_hidden')
@@ -94,7 +93,9 @@ def off_grid_widths(lut, widths: dict) -> dict:
         return {}
     out = {}
     for k, key in axes.items():
-        bad = [int(w) for w in widths.get(key, []) if int(w) not in nodes[k] and int(w) % ALIGN]
+        values = widths.get(key, [])
+        bad = [int(w) for w in (values if isinstance(values, (list, tuple)) else [values])
+               if int(w) not in nodes[k] and int(w) % ALIGN]
         if bad:
             out[k] = bad
     return out
@@ -140,7 +141,7 @@ def prediction_check(row: dict, lut, settings: Optional[dict] = None, off_grid: 
     whole = (meta.get('whole_model') or {}).get('ratio')
     if whole is not None and abs(whole - 1.0) > PREDICTION_TOLERANCE:
         causes.append(f'the dense model measured {whole:.2f}x the sum of its timed parts')
-    if off_grid and err > 0:
+    if off_grid and err > 0 and not getattr(lut, 'misalign', None):
         listed = ', '.join(f'{k} {"/".join(map(str, sorted(set(v), reverse=True)))}' for k, v in off_grid.items())
         causes.append(f'widths between the table\'s nodes that are not multiples of {ALIGN} ({listed}) run slower than '
                       f'the interpolation gives (--round-to {ALIGN} keeps them aligned)')
