@@ -1,0 +1,196 @@
+"""OFB's search space, bi-mask and losses (prune/ofb.py): the exact properties of the paper's
+construction on tiny DeiTs."""
+import math
+
+import pytest
+import torch
+
+from deitlab.bench import count_gmacs
+from deitlab.prune import PruneError
+from deitlab.prune.compact import densify
+from deitlab.prune.ofb import OFBSearch, candidate_widths, check_target, lambda_at, onehot_loss, smallest_fraction
+from _prune_helpers import ATOL, _logits, _model, _x
+
+
+def test_candidate_widths_follow_the_paper_and_our_head_grid():
+    assert candidate_widths('emb', 96) == list(range(48, 97, 3))           # 17 candidates, step min(96 // 32, 12)
+    assert len(candidate_widths('emb', 384)) == 17 and len(candidate_widths('emb', 768)) == 33
+    assert candidate_widths('head', 3) == [1, 2, 3] and candidate_widths('head', 3, 'paper') == [2, 3]
+    assert candidate_widths('head', 6, 'paper') == [2, 4, 6] and candidate_widths('head', 1, 'paper') == [1]
+    assert candidate_widths('qk', 32) == [8, 12, 16, 20, 24, 28, 32]
+    assert candidate_widths('mlp', 384) == [96, 144, 192, 240, 288, 336, 384]
+    assert candidate_widths('v', 2) == [1, 2]
+    with pytest.raises(PruneError, match='grid must be one of ours, paper'):
+        candidate_widths('qk', 8, 'fine')
+
+
+def test_lambda_falls_linearly_over_the_warm_up():
+    assert lambda_at(0) == pytest.approx(0.99) and lambda_at(1) == pytest.approx(0.1)
+    assert lambda_at(0.5) == pytest.approx(0.545) and lambda_at(7) == pytest.approx(0.1)
+
+
+def _search(model, seed=0, **kw):
+    s = OFBSearch(model, seed=seed, **kw)
+    s.install(model)
+    return s
+
+
+def test_masks_at_one_leave_the_dense_model_unchanged():
+    """lambda = 1 and every score at +inf (sigmoid 1), or lambda = 0 and only the full width left:
+    every mask is exactly 1 and the logits are the dense model's. A hook on the wrong tensor, or a
+    mask that is not all ones there, changes them."""
+    model = _model()
+    x = _x()
+    dense = _logits(model, x)
+    s = _search(model)
+    with torch.no_grad():
+        for m in s.modules_list():
+            m.score.fill_(60.0)
+    s.lam = 1.0
+    assert torch.allclose(_logits(model, x), dense, atol=ATOL)
+    s.lam = 0.0
+    for m in s.modules_list():
+        m.active.zero_()
+        m.active[-1] = True
+    assert torch.allclose(_logits(model, x), dense, atol=ATOL)
+    # a mask below one changes the function, so the hooks act
+    s.lam = 0.5
+    with torch.no_grad():
+        for m in s.modules_list():
+            m.score.zero_()         # sigmoid 0.5: every mask 0.75
+    assert not torch.allclose(_logits(model, x), dense, atol=1e-3)
+    s.remove()
+    assert torch.equal(_logits(model, x), dense)
+
+
+def _choose_randomly(s: OFBSearch, seed: int) -> None:
+    """Leave one random candidate active per module (the end of a search)."""
+    g = torch.Generator().manual_seed(seed)
+    for m in s.modules_list():
+        j = int(torch.randint(len(m.widths), (1,), generator=g))
+        m.active.zero_()
+        m.active[j] = True
+        with torch.no_grad():
+            m.score.copy_(torch.randn(m.n, generator=g))
+
+
+@pytest.mark.parametrize('layer_scale', [False, True])
+@pytest.mark.parametrize('seed', [0, 1, 2])
+def test_flops_formula_equals_the_counted_gmacs_of_the_densified_model(seed, layer_scale):
+    """At a one-hot choice the expected widths are the chosen ones and the closed-form MACs in the
+    FLOPs loss equal ``count_gmacs`` of the densified model exactly, with and without LayerScale."""
+    model = _model(**(dict(init_values=1e-5) if layer_scale else {}))
+    s = OFBSearch(model, seed=seed)
+    _choose_randomly(s, seed)
+    widths = s.chosen_widths()
+    with torch.no_grad():
+        expected = s.expected_widths()
+    assert {k: (float(v) if k == 'embed_dim' else [float(t) for t in v]) for k, v in expected.items()} \
+        == {k: (float(v) if k == 'embed_dim' else [float(t) for t in v]) for k, v in widths.items()}
+    compact = densify(model, s.keep_masks(model))
+    assert compact.embed_dim == widths['embed_dim'] and compact.block_widths['qk_dim'] == widths['qk_dim']
+    assert float(s.macs().detach()) == count_gmacs(compact) * 1e9
+    # and it is differentiable in alpha away from a one-hot choice
+    for m in s.modules_list():
+        m.active.fill_(True)
+    loss = s.losses(0.5)['flops']
+    loss.backward()
+    assert all(m.alpha.grad is not None and torch.isfinite(m.alpha.grad).all() for m in s.modules_list())
+    assert any(m.alpha.grad.abs().sum() > 0 for m in s.modules_list())
+
+
+def test_adaptive_onehot_loss_orders_uniform_mixed_onehot_and_pulls_to_onehot():
+    n = 5
+    uniform = torch.full((n,), 1 / n)
+    mixed = torch.softmax(torch.tensor([0.3, 1.2, 0.1, 0.8, 0.0]), 0)
+    onehot = torch.tensor([0.0, 1.0, 0.0, 0.0, 0.0])
+    lu, lm, lo = onehot_loss(uniform), onehot_loss(mixed), onehot_loss(onehot)
+    assert lu > 1e10 and math.isfinite(float(lm)) and abs(float(lm)) < 1e3 and lo < -1e10
+    assert lu > lm > lo
+    assert float(onehot_loss(torch.tensor([1.0]))) == 0.0
+    # gradient descent on alpha makes the distribution more one-hot
+    alpha = torch.tensor([0.3, 1.2, 0.1, 0.8, 0.0], requires_grad=True)
+    before = torch.softmax(alpha, 0).max().item()
+    for _ in range(20):
+        loss = onehot_loss(torch.softmax(alpha, 0))
+        g, = torch.autograd.grad(loss, alpha)
+        with torch.no_grad():
+            alpha -= 0.05 * g / g.norm()
+    assert torch.softmax(alpha, 0).max().item() > before + 0.05
+    assert int(torch.softmax(alpha, 0).argmax()) == 1
+
+
+def test_elimination_drops_improbable_candidates_and_never_the_last():
+    model = _model()
+    s = OFBSearch(model)
+    m = s.module('qk', 0)
+    with torch.no_grad():
+        m.alpha.copy_(torch.tensor([0.0, 5.0, -5.0][:len(m.widths)] + [-9.0] * (len(m.widths) - 3)))
+    dropped = m.eliminate()
+    p = m.probs().detach()
+    assert dropped and int(m.active.sum()) == 1 and bool(m.active[1]) and p[1] == pytest.approx(1.0)
+    assert m.eliminate() == [] and not m.searching()
+    # even when every probability is at the threshold the most probable candidate stays
+    e = s.module('emb')
+    with torch.no_grad():
+        e.alpha.fill_(0.0)
+    assert e.eliminate(threshold=1.0) and int(e.active.sum()) == 1
+    # eliminated candidates get probability 0 and no gradient from the one-hot loss
+    assert (s.module('emb').probs()[~e.active] == 0).all()
+
+
+def test_sparsity_mask_is_the_probability_of_keeping_each_unit():
+    """A unit of rank i by score gets sum_j p_j [i < r_j]: 1 for the units every candidate keeps,
+    decreasing with rank, 0 for none; the units' order is the scores' order."""
+    model = _model()
+    s = OFBSearch(model)
+    m = s.module('mlp', 1)
+    s_mask = m.sparsity_mask().detach()
+    order = m.order()
+    by_rank = s_mask[order]
+    assert torch.all(by_rank[:-1] >= by_rank[1:] - 1e-7)
+    assert by_rank[:int(m.widths[0])].allclose(torch.ones(int(m.widths[0])))
+    p = m.probs().detach()
+    i = int(m.widths[2])           # the first unit only candidates 3.. keep
+    assert by_rank[i] == pytest.approx(float(p[3:].sum()))
+    assert float(m.expected_width().detach()) == pytest.approx(float((p * m.widths).sum()))
+
+
+@pytest.mark.parametrize('seed', [0, 1])
+def test_folded_and_densified_models_compute_what_the_masked_search_computed(seed):
+    """At the end of a search (one candidate left per module, lambda at 0.1) the masked model with
+    the final masks, the model with the masks folded into its weights, and the densified model at
+    the chosen widths give the same logits (1e-5)."""
+    model = _model(seed=seed)
+    x = _x(seed=seed)
+    s = _search(model, seed=seed)
+    _choose_randomly(s, seed)
+    s.lam = 0.1
+    s.finish(model)
+    masked = _logits(model, x)
+    masks = s.fold(model)
+    folded = _logits(model, x)
+    assert torch.allclose(folded, masked, atol=ATOL)
+    compact = densify(model, masks)
+    assert compact.embed_dim == s.chosen_widths()['embed_dim']
+    assert torch.allclose(_logits(compact, x), masked, atol=ATOL)
+
+
+def test_targets_outside_the_search_space_are_refused():
+    model = _model()
+    s = OFBSearch(model)
+    lo = smallest_fraction(s)
+    assert 0 < lo < 0.5
+    for bad in (0.0, 1.0, -0.2, 1.5):
+        with pytest.raises(PruneError, match='strictly between 0 and 1'):
+            check_target(s, bad)
+    with pytest.raises(PruneError, match='below the smallest network'):
+        check_target(s, lo * 0.9)
+    check_target(s, min(0.99, lo * 1.5))
+
+
+def test_only_deit_family_models_are_searched():
+    import timm
+    pool = timm.create_model('deitlab_poolformer_pico_32', num_classes=5)
+    with pytest.raises(PruneError, match='OFB searches the widths of DeiT-family models; this is a PoolFormer'):
+        OFBSearch(pool)
