@@ -16,6 +16,7 @@ GLYPHS = 'glyphs:train=64,val=32,size=32'
 TRAIN = ['train', '--model', PICO, '--data', GLYPHS, '--epochs', '1', '--batch-size', '16', '--no-progress',
          '--no-tensorboard', '--max-steps-per-epoch', '1']
 TRAIN_O = TRAIN + ['--out', '{root}/o']   # a training run into a new directory under the fixture
+OFB = ['prune', 'ofb', '--model', '{root}/run', '--data', 'folder:{root}/folder', '--out', '{root}/p']
 
 
 @pytest.fixture(scope='module')
@@ -36,6 +37,7 @@ def files(tmp_path_factory):
         d.mkdir(parents=True)
         Image.new('RGB', (32, 32), (9, 9, 9)).save(d / '0.png')
     save_run_dir(timm.create_model(PICO, num_classes=2), root / 'pruned-out')   # e.g. what prune/fuse wrote
+    save_run_dir(timm.create_model('deitlab_poolformer_pico_32', num_classes=2), root / 'pool')
     (root / 'a-file').write_text('not a directory\n')
     save_run_dir(timm.create_model(PICO, num_classes=24), root / 'truncated')   # cut in half, as a failed copy
     w = root / 'truncated' / 'model.safetensors'
@@ -178,6 +180,20 @@ CASES = [
                          '--target-gmacs', '0.5', '--criterion', 'hessian'], r"unknown saliency criterion 'hessian'"),
     ('prune-existing-run', ['prune', 'nvit', '--model', '{root}/run', '--data', GLYPHS, '--out', '{root}/pruned-out',
                             '--target-gmacs', '0.5'], r'already holds a pruning run'),
+    # prune ofb
+    *[(f'ofb-target-{v}', OFB + ['--target-gmacs', v], rf'strictly between 0 and 1; got --target-gmacs {v}')
+      for v in ('0', '1', '-0.5', '1.5')],
+    ('ofb-target-below-the-space', OFB + ['--target-gmacs', '0.01'],
+     r'target 0.01 is below the smallest network the OFB search space holds \(0\.\d+ of the dense MACs\)'),
+    ('ofb-poolformer', ['prune', 'ofb', '--model', '{root}/pool', '--data', 'folder:{root}/folder', '--out', '{root}/p',
+                        '--target-gmacs', '0.5'],
+     r'OFB searches the widths of DeiT-family models; .*pool is a PoolFormer'),
+    ('ofb-existing-run', ['prune', 'ofb', '--model', '{root}/run', '--data', GLYPHS, '--out', '{root}/pruned-out',
+                          '--target-gmacs', '0.5'], r'pruned-out already holds a run; choose another --out'),
+    ('ofb-grid', OFB + ['--target-gmacs', '0.5', '--grid', 'banana'], r"--grid must be ours or paper, got 'banana'"),
+    ('ofb-search-steps-zero', OFB + ['--target-gmacs', '0.5', '--search-steps', '0'],
+     r'search_steps must be >= 1, got 0'),
+    ('ofb-warmup', OFB + ['--target-gmacs', '0.5', '--warmup', '1.5'], r'warmup is a fraction of the search in \(0, 1\]'),
     # unlearnable
     ('unlearnable-key-short', ['unlearnable', 'make', '--data', GLYPHS, '--out', '{root}/u', '--key', 'ab'],
      r'the key is too short: a key needs at least 8 characters'),
@@ -194,7 +210,7 @@ CASES = [
 def test_bad_input_is_one_clear_line(files, argv, pattern, capsys):
     argv = [a.replace('{root}', str(files)) for a in argv]
     outs = [files / name for name in ('pruned-out', 'run', 'folder', 'truncated', 'damaged-train', 'damaged-prune',
-                                      'resumable')]
+                                      'resumable', 'pool')]
     before = [_digest(p) for p in outs]
     try:
         code = main(argv)

@@ -80,7 +80,7 @@ def test_every_flag_has_a_help_line_in_a_named_section():
         leaves += 1
         for group in p._action_groups:   # a subcommand that runs: every option in one of the sections
             assert group.title in titles or not group._group_actions, (path, group.title)
-    assert leaves == 11   # train eval bench models demo, prune nvit, fuse tome|mctf|mctf-fast, unlearnable make|eval
+    assert leaves == 12   # train eval bench models demo, prune nvit|ofb, fuse tome|mctf|mctf-fast, unlearnable make|eval
 
 
 def test_config_dataclass_fields_carry_their_help_and_section():

@@ -106,6 +106,24 @@ def cmd_prune_nvit(args) -> dict:
     return report
 
 
+def cmd_prune_ofb(args) -> dict:
+    from .bench.speed import fix_malloc_thresholds
+    from .prune.config import OFBConfig
+    from .prune.ofb_search import prune_ofb
+    cfg = OFBConfig(**config_values(args)).validate()
+    fix_malloc_thresholds()
+    report = prune_ofb(cfg)
+    if not _is_main_process():
+        return {}
+    table = report.pop('table')
+    if not args.json:
+        print(table)
+        print(f'run directory {report["run_dir"]}; widths plot {report["widths_plot"]}; '
+              f'search trace {report["run_dir"]}/search_trace.png')
+        return {}
+    return report
+
+
 def cmd_fuse(args) -> dict:
     values = dict(config_values(args), method=args.method)
     from .bench.speed import fix_malloc_thresholds
@@ -233,6 +251,11 @@ def _prune_parser(p, groups) -> None:
     add_config_args(q, g, NViTConfig, required=('model', 'data', 'out'))
     add_output_flags(g)
     q.set_defaults(func=cmd_prune_nvit)
+    from .prune.config import OFBConfig
+    q, g = subcommand(methods, 'ofb', 'OFB: one-stage search of importance and widths under a GMACs target')
+    add_config_args(q, g, OFBConfig, required=('model', 'data', 'out'))
+    add_output_flags(g)
+    q.set_defaults(func=cmd_prune_ofb)
 
 
 def _fuse_parser(p, groups) -> None:

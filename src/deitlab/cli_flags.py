@@ -27,6 +27,7 @@ GROUPS = {
     'token fusion': 'token fusion',
     'pruning': 'pruning',
     'pruning schedule': 'pruning schedule',
+    'search': 'width search',
     'latency table': 'latency table',
     'fine-tuning': 'fine-tuning of the pruned model',
     'poisoning': 'poisoning',

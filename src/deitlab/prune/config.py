@@ -1,4 +1,5 @@
-"""``NViTConfig``: the settings of ``prune_nvit`` / ``deitlab prune nvit`` (see nvit.py)."""
+"""``NViTConfig`` and ``OFBConfig``: the settings of ``deitlab prune nvit`` (nvit.py) and ``deitlab prune
+ofb`` (ofb_search.py)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -11,7 +12,7 @@ from .schedule import NVIT_INTERVAL, check_schedule
 if TYPE_CHECKING:
     from .families import Layout
 
-__all__ = ['NViTConfig']
+__all__ = ['NViTConfig', 'OFBConfig']
 
 
 _SCHEDULE_HELP = ('linear: reach the target linearly over --prune-steps (default: 2 epochs of the training '
@@ -192,3 +193,81 @@ class NViTConfig:
             if bad:
                 raise PruneError(f'{why}; --{name.replace("_", "-")} names {", ".join(bad)}')
         return tuple(t for t in self.prune_types if t in layout.types)
+
+
+@dataclass
+class OFBConfig:
+    """Settings of ``prune_ofb`` (one field per ``deitlab prune ofb`` flag; ofb.py, ofb_search.py).
+
+    The search trains the model with its masks for ``search_epochs`` epochs of the training split
+    (or ``search_steps``): ``lambda`` falls from 0.99 to 0.1 over the first ``warmup`` of it,
+    candidates are eliminated ``eliminations_per_epoch`` times an epoch, and it ends early once every
+    module has one candidate left. Weights and scores train with AdamW (``lr``; scores without
+    weight decay), the candidate logits with Adam betas (0.5, 0.999) and weight decay 1e-3
+    (``arch_lr``), as in the paper. The result is folded, cut to its widths and fine-tuned like
+    NViT's (``finetune_*``, ``total_steps``).
+    """
+    model: str = field(metadata={'group': 'model', 'help': 'the dense model: run directory, deitlab name or timm ViT/DeiT'})
+    data: str = field(metadata={'group': 'data', 'help': 'dataset spec: glyphs[:k=v,...] | fashion-mnist[:PATH] | folder:PATH'})
+    out: str = field(metadata={'group': 'run', 'help': 'run directory for the searched model, its trace and plots'})
+    target_gmacs: float = field(default=0.5, metadata={
+        'group': 'search', 'help': "target GMACs, a fraction of the dense model's, strictly between 0 and 1"})
+    grid: str = field(default='ours', metadata={
+        'group': 'search', 'help': "candidate widths: ours (heads 1..H) or paper (even head counts)"})
+    search_epochs: float = field(default=2.0, metadata={
+        'group': 'search', 'help': 'length of the search in epochs of the training split (ends early when done)'})
+    search_steps: Optional[int] = field(default=None, metadata={
+        'group': 'search', 'help': 'length of the search in steps (instead of --search-epochs)'})
+    warmup: float = field(default=0.2, metadata={
+        'group': 'search', 'help': 'fraction of the search over which lambda falls from 0.99 to 0.1'})
+    eliminations_per_epoch: int = field(default=3, metadata={
+        'group': 'search', 'help': 'candidate eliminations per epoch'})
+    batch_size: int = field(default=32, metadata={'group': 'optimiser', 'help': 'batch size'})
+    lr: float = field(default=2e-4, metadata={'group': 'optimiser', 'help': 'learning rate of weights and scores'})
+    arch_lr: float = field(default=1e-3, metadata={
+        'group': 'optimiser', 'help': 'learning rate of the candidate logits (Adam betas 0.5, 0.999; wd 1e-3)'})
+    weight_decay: float = field(default=0.05, metadata={'group': 'optimiser', 'help': 'AdamW weight decay'})
+    kl_weight: float = field(default=1.0, metadata={
+        'group': 'distillation', 'help': 'weight of the KL term to the dense model during the search'})
+    kl_tau: float = field(default=3.0, metadata={'group': 'distillation', 'help': 'temperature of that KL term'})
+    ce_weight: float = field(default=1.0, metadata={'group': 'distillation', 'help': 'weight of the cross-entropy'})
+    smoothing: float = field(default=0.0, metadata={'group': 'augmentation', 'help': 'label smoothing'})
+    aug: str = field(default='none', metadata={'group': 'augmentation', 'help': 'none | light | deit'})
+    total_steps: Optional[int] = field(default=None, metadata={
+        'group': 'fine-tuning', 'help': 'search plus fine-tuning steps (the fine-tune gets the rest)'})
+    finetune_epochs: int = field(default=1, metadata={
+        'group': 'fine-tuning', 'help': 'fine-tuning epochs of the searched model'})
+    finetune_steps: Optional[int] = field(default=None, metadata={
+        'group': 'fine-tuning', 'help': 'cap on the steps of a fine-tuning epoch'})
+    finetune_lr: float = field(default=2e-4, metadata={'group': 'fine-tuning', 'help': 'fine-tuning learning rate'})
+    finetune_alpha: float = field(default=0.5, metadata={
+        'group': 'fine-tuning', 'help': 'weight of the soft distillation from the dense model'})
+    finetune_tau: float = field(default=2.0, metadata={
+        'group': 'fine-tuning', 'help': 'temperature of that distillation'})
+    measure: bool = field(default=True, metadata={
+        'group': 'run', 'help': 'time the dense and the searched model at the end'})
+    seed: int = field(default=0, metadata={'group': 'run', 'help': 'random seed'})
+    device: Optional[str] = field(default=None, metadata={
+        'group': 'run', 'help': 'torch device; unset: CUDA when available, else the CPU'})
+    progress: Optional[bool] = field(default=None, metadata={
+        'group': 'run', 'help': 'progress bars; unset: when attached to a terminal'})
+
+    def validate(self) -> 'OFBConfig':
+        if self.target_gmacs is None or not 0.0 < self.target_gmacs < 1.0:
+            raise PruneError(f'the OFB target is a fraction of the dense model, strictly between 0 and 1; '
+                             f'got --target-gmacs {self.target_gmacs}')
+        if self.grid not in ('ours', 'paper'):
+            raise PruneError(f'--grid must be ours or paper, got {self.grid!r}')
+        if not self.search_epochs > 0:
+            raise PruneError(f'search_epochs must be > 0, got {self.search_epochs}')
+        if not 0.0 < self.warmup <= 1.0:
+            raise PruneError(f'warmup is a fraction of the search in (0, 1], got {self.warmup}')
+        for k in ('search_steps', 'eliminations_per_epoch', 'batch_size', 'total_steps'):
+            if getattr(self, k) is not None and getattr(self, k) < 1:
+                raise PruneError(f'{k} must be >= 1, got {getattr(self, k)}')
+        if self.finetune_epochs < 0:
+            raise PruneError(f'finetune_epochs must be >= 0, got {self.finetune_epochs}')
+        for k in ('lr', 'arch_lr'):
+            if not getattr(self, k) > 0:
+                raise PruneError(f'{k} must be > 0, got {getattr(self, k)}')
+        return self

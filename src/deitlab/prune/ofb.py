@@ -43,7 +43,6 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..layers.attention import attend, attention_output, project
 from .base import BLOCK_TYPES, PruneError
@@ -137,9 +136,19 @@ class SearchModule(nn.Module):
         by_rank = (p[None, :] * (ranks[:, None] < self.widths[None, :]).to(p.dtype)).sum(1)
         return torch.empty_like(by_rank).scatter(0, self.order(), by_rank)
 
+    def inside(self) -> torch.Tensor:
+        """Units some active candidate keeps (bool): the ``max active width`` of highest score."""
+        top = int(self.widths[self.active].max())
+        out = torch.zeros(self.n, dtype=torch.bool, device=self.score.device)
+        out[self.order()[:top]] = True
+        return out
+
     def mask(self, lam: float) -> torch.Tensor:
-        """The bi-mask ``lam * sigmoid(S) + (1 - lam) * sum_j p_j M_j``."""
-        return lam * torch.sigmoid(self.score) + (1.0 - lam) * self.sparsity_mask()
+        """The bi-mask ``lam * sigmoid(S) + (1 - lam) * sum_j p_j M_j`` on the units some active
+        candidate keeps, 0 on the others: a unit leaves the network when the last candidate that
+        kept it is eliminated (the paper cuts it out then, when that candidate was the largest)."""
+        m = lam * torch.sigmoid(self.score) + (1.0 - lam) * self.sparsity_mask()
+        return m * self.inside().to(m.dtype)
 
     def expected_width(self) -> torch.Tensor:
         return (self.probs() * self.widths.to(self.alpha.dtype)).sum()
@@ -240,8 +249,13 @@ class OFBSearch(nn.Module):
             raise PruneError('the OFB masks are already installed on a model')
         self._model = model
 
+        use_masked_layernorm(model)
+        emb = self.module('emb')
+
         def refresh(*_):
             self._masks = self.current_masks()
+            active = emb.keep() if self.final else emb.inside()
+            self._sync_norms(model, active)
 
         def scale(key, dim=-1):
             def hook(_, __, out):
@@ -267,6 +281,15 @@ class OFBSearch(nn.Module):
             ctx = attend(attn, q, k, v, attn_mask) * self._masks[f'head_{b}'].to(q.dtype).view(1, -1, 1, 1)
             return attention_output(attn, ctx, x)
         return forward
+
+    @staticmethod
+    def _sync_norms(model: nn.Module, active: torch.Tensor) -> None:
+        """The residual ``MaskedLayerNorm``s over the embedding channels still in the network."""
+        from .groups import MaskedLayerNorm, _norm_slots
+        for parent, name in _norm_slots(model):
+            norm = getattr(parent, name)
+            if isinstance(norm, MaskedLayerNorm):
+                norm.active.copy_(active.to(norm.active.dtype))
 
     def remove(self) -> None:
         """Take the masks off the model's forward."""
@@ -338,7 +361,7 @@ class OFBSearch(nn.Module):
         that the masked model computes what the cut model will."""
         self.final = True
         use_masked_layernorm(model)
-        self.keep_masks(model).sync_layernorms(model)
+        self._sync_norms(model, self.module('emb').keep())
 
     @torch.no_grad()
     def fold(self, model: nn.Module) -> Masks:

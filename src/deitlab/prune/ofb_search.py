@@ -1,0 +1,255 @@
+"""The OFB search on the one training loop (``train/loop.py``), and ``prune_ofb``: search, fold, cut
+to the chosen widths, fine-tune, report.
+
+``OFBHooks`` is the method: the forward runs the dense model (the KL teacher) and then the masked
+student; the loss is ``kl_weight * KL(dense || student) + ce_weight * CE`` plus OFB's one-hot,
+score-sparsity and FLOPs losses (ofb.py); after every update ``lambda`` follows the warm-up and,
+``eliminations_per_epoch`` times an epoch (the paper: 3, from the first epoch on) or at least
+``MIN_EVENTS`` times in a search of a few epochs, improbable candidates are eliminated; the run stops once
+every module has one candidate left (or at the step budget, when each module takes its most
+probable candidate and the report says how many were still open). One optimiser, three parameter
+groups as the paper's three optimisers: weights (AdamW, weight decay on matrices), the scores and
+the other 1-d parameters (AdamW, no decay), the candidate logits (Adam betas (0.5, 0.999), decoupled
+weight decay 1e-3, ``arch_lr``).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..console import log as _log
+from ..distributed import DistInfo, barrier, init_distributed
+from ..rundir import create, is_run_dir, save_run_dir
+from ..train.loop import Hooks, Trainer
+from .base import PruneError
+from .compact import densify
+from .config import OFBConfig
+from .families import layout_of
+from .nvit import _finetune, _forever, _loaders, kd_kl, load_dense
+from .ofb import OFBSearch, check_target, lambda_at
+
+__all__ = ['OFBHooks', 'prune_ofb', 'search_optimizer', 'TRACE_NAME']
+
+TRACE_NAME = 'search_trace.json'
+MIN_EVENTS = 40   # eliminations in a search shorter than the paper's: at least this many
+
+
+def search_optimizer(model: nn.Module, search: OFBSearch, cfg: OFBConfig) -> torch.optim.Optimizer:
+    """AdamW with the paper's three groups (module docstring)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 or name.endswith('.bias') or 'token' in name or 'pos_embed' in name
+             else decay).append(p)
+    return torch.optim.AdamW([
+        dict(params=decay, lr=cfg.lr, weight_decay=cfg.weight_decay),
+        dict(params=no_decay + search.score_parameters(), lr=cfg.lr, weight_decay=0.0),
+        dict(params=search.arch_parameters(), lr=cfg.arch_lr, betas=(0.5, 0.999), weight_decay=1e-3)])
+
+
+class OFBHooks(Hooks):
+    """OFB's search as hooks on the ``Trainer`` (module docstring)."""
+
+    def __init__(self, search: OFBSearch, dense: nn.Module, cfg: OFBConfig, steps: int, steps_per_epoch: int):
+        self.search, self.dense, self.cfg = search, dense, cfg
+        self.max_steps, self.steps = steps, 0
+        self.warmup_steps = max(1, round(cfg.warmup * steps))
+        self.elim_every = max(1, min(steps_per_epoch // cfg.eliminations_per_epoch, steps // MIN_EVENTS))
+        self.trace: List[dict] = []
+        self.last: dict = {}
+
+    def forward(self, model, x, y):
+        with torch.no_grad():
+            self.teacher_out = self.dense(x)
+        return model(x)
+
+    def loss(self, x, outputs, y):
+        cfg, out = self.cfg, outputs.float()
+        task = cfg.kl_weight * kd_kl(out, self.teacher_out.float(), cfg.kl_tau) if cfg.kl_weight else out.new_zeros(())
+        if cfg.ce_weight:
+            task = task + cfg.ce_weight * F.cross_entropy(out, y, label_smoothing=cfg.smoothing)
+        parts = self.search.losses(cfg.target_gmacs)
+        self.last = dict(task=float(task.detach()), **{k: float(v.detach()) for k, v in parts.items()})
+        return task + parts['onehot'] + parts['sparsity'] + parts['flops']
+
+    def on_nonfinite(self, loss) -> None:
+        raise PruneError(f'the loss became {loss.item()} at search step {self.steps + 1} ({self.last}); '
+                         f'try a lower --lr or --arch-lr')
+
+    def after_step(self, step, loss) -> None:
+        self.steps += 1
+        self.search.lam = lambda_at(self.steps / self.warmup_steps)
+        if self.steps % self.elim_every == 0:
+            dropped = self.search.eliminate()
+            self.record(dropped)
+
+    def should_stop(self) -> bool:
+        return self.search.done() or self.steps >= self.max_steps
+
+    @torch.no_grad()
+    def record(self, dropped: Optional[dict] = None) -> dict:
+        """One row of the trace: step, lambda, expected MACs (fraction), the losses, and per module
+        the candidate probabilities and the widths eliminated."""
+        s = self.search
+        row = dict(step=self.steps, lam=round(s.lam, 4), macs_fraction=round(float(s.macs()) / s.dense_macs, 4),
+                   losses={k: round(v, 5) for k, v in self.last.items()},
+                   modules={m.name: [round(float(p), 4) for p in m.probs()] for m in s.modules_list()},
+                   dropped=dropped or {})
+        self.trace.append(row)
+        return row
+
+
+def _force_choice(search: OFBSearch) -> int:
+    """Leave only the most probable candidate of every module still searching; how many there were."""
+    left = 0
+    with torch.no_grad():
+        for m in search.modules_list():
+            if m.searching():
+                left += 1
+                keep = torch.zeros_like(m.active)
+                keep[int(torch.argmax(m.probs()))] = True
+                m.active.copy_(keep)
+    return left
+
+
+def plot_trace(trace: List[dict], search: OFBSearch, target: float, path: Path) -> Path:
+    """Expected MACs over the search against the target, and each module's expected width as a
+    fraction of its units."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.2))
+    steps = [r['step'] for r in trace]
+    a.plot(steps, [r['macs_fraction'] for r in trace], 'o-', label='expected MACs')
+    a.axhline(target, color='k', ls='--', label=f'target {target:g}')
+    a.plot(steps, [r['lam'] for r in trace], color='0.6', label='lambda')
+    a.set_xlabel('search step')
+    a.set_ylabel('fraction of the dense model')
+    a.legend(fontsize=8)
+    a.grid(alpha=0.3)
+    colors = dict(emb='k', head='tab:blue', qk='tab:orange', v='tab:green', mlp='tab:red')
+    for m in search.modules_list():
+        w = m.widths.float()
+        frac = [float((torch.tensor(r['modules'][m.name]) * w).sum()) / m.n for r in trace]
+        b.plot(steps, frac, color=colors[m.kind], alpha=0.6, lw=1.5 if m.kind == 'emb' else 0.8,
+               label=m.kind if m.block in (None, 0) else None)
+    b.set_xlabel('search step')
+    b.set_ylabel('expected width / units')
+    b.legend(fontsize=8)
+    b.grid(alpha=0.3)
+    fig.suptitle('OFB search')
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def prune_ofb(cfg: OFBConfig) -> dict:
+    """Search, fold, cut, fine-tune and report. Writes into ``cfg.out``: the fine-tuned run
+    directory, ``searched/`` (cut to the chosen widths, before fine-tuning), ``dense/`` when the dense
+    model was not a run directory, ``search_trace.json`` and ``.png``, ``report.json`` and
+    ``widths.png``."""
+    from ..distributed import seed_all
+    from .report import plot_widths, widths_of
+
+    cfg.validate()
+    di: DistInfo = init_distributed(cfg.device)
+    out = Path(cfg.out)
+    if (out / 'config.json').exists() or (out / TRACE_NAME).exists():
+        raise PruneError(f'{out} already holds a run; choose another --out')
+    seed_all(cfg.seed)
+    device = di.device
+    dense = load_dense(cfg.model).to(device).eval()
+    if layout_of(dense).family != 'DeiT':
+        raise PruneError(f'OFB searches the widths of DeiT-family models; {cfg.model} is a {layout_of(dense).family} '
+                         f'(prune its MLP widths with deitlab prune nvit)')
+    model = copy.deepcopy(dense)
+    search = OFBSearch(model, cfg.grid, cfg.seed)
+    check_target(search, cfg.target_gmacs)
+    train_loader, val_loader, train_set = _loaders(cfg, dense, di)
+    if getattr(train_set, 'classes', None) is not None and len(train_set.classes) != dense.num_classes:
+        raise PruneError(f'{cfg.model} predicts {dense.num_classes} classes but {cfg.data} has {len(train_set.classes)}')
+    barrier()
+    out.mkdir(parents=True, exist_ok=True)
+    label_names = (dense.pretrained_cfg or {}).get('label_names')
+    dense_dir = cfg.model if is_run_dir(cfg.model) else str(out / 'dense')
+    if dense_dir != cfg.model and di.is_main:
+        save_run_dir(dense, dense_dir, label_names)
+
+    per_epoch = len(train_loader)
+    steps = cfg.search_steps or max(1, round(cfg.search_epochs * per_epoch))
+    if cfg.total_steps is not None and cfg.total_steps <= steps:
+        raise PruneError(f'total_steps ({cfg.total_steps}) must exceed the search ({steps} steps)')
+    search.install(model)
+    hooks = OFBHooks(search, dense, cfg, steps, per_epoch)
+    trainer = Trainer(model, search_optimizer(model, search, cfg), hooks=[hooks], device=device, dist=di,
+                      progress=cfg.progress)
+    _log(f'OFB search to {cfg.target_gmacs:g} of the dense GMACs: up to {steps} steps, lambda 0.99 -> 0.1 over '
+         f'{hooks.warmup_steps}, eliminations every {hooks.elim_every}')
+    t0 = time.perf_counter()
+    hooks.record()
+    trainer.run_steps(_forever(train_loader), total=steps, desc='ofb search')
+    forced = _force_choice(search)
+    hooks.record()
+    search_s = time.perf_counter() - t0
+    model.eval()
+    check = next(iter(val_loader))[0][:16].to(device)
+    search.finish(model)
+    with torch.no_grad():
+        masked_out = model(check)
+    masks = search.fold(model)
+    compact = densify(model, masks).eval()
+    with torch.no_grad():
+        gap = float((masked_out - compact(check)).abs().max())
+    searched_dir = out / 'searched'
+    if di.is_main:
+        save_run_dir(compact, searched_dir, label_names)
+        (out / TRACE_NAME).write_text(json.dumps(hooks.trace, indent=1))
+        plot_trace(hooks.trace, search, cfg.target_gmacs, out / 'search_trace.png')
+    barrier()
+    finetune = _finetune(cfg, out, hooks.steps, per_epoch, str(searched_dir), dense_dir)
+    if finetune is None and di.is_main:
+        save_run_dir(compact, out, label_names)
+    barrier()
+    final = create(str(out)).to(device).eval()
+    return _report(cfg, out, dense, final, val_loader, device, di,
+                   dict(search_steps=hooks.steps, search_time_s=round(search_s, 1), forced_modules=forced,
+                        search_forward_passes=2 * hooks.steps * cfg.batch_size,
+                        masked_vs_cut_max_abs=gap, finetune=finetune, dense_dir=dense_dir,
+                        widths_plot=str(plot_widths(widths_of(dense), widths_of(final), out / 'widths.png',
+                                                    title=f'OFB target GMACs {cfg.target_gmacs:g}'))
+                        if di.is_main else None,
+                        config=asdict(cfg)))
+
+
+def _report(cfg: OFBConfig, out: Path, dense: nn.Module, final: nn.Module, val_loader, device, di: DistInfo,
+            extra: dict) -> dict:
+    from ..bench import count_params, format_table
+    from ..evaluate import evaluate
+    from .report import speed_rows, widths_of
+    acc = {name: evaluate(m, val_loader, device, progress=False)['top1'] for name, m in (('dense', dense),
+                                                                                      ('ofb', final))}
+    if not di.is_main:
+        return dict(rows=[dict(name=k, top1=v) for k, v in acc.items()], run_dir=str(out))
+    if cfg.measure:
+        rows = speed_rows({'dense': dense, 'ofb': final}, 'dense', 64)
+    else:
+        rows = [dict(name=n, params_m=count_params(m) / 1e6, gmacs=layout_of(m).gmacs())
+                for n, m in (('dense', dense), ('ofb', final))]
+    for r in rows:
+        r['top1'] = acc[r['name']]
+    report = dict(rows=rows, dense_widths=widths_of(dense), searched_widths=widths_of(final),
+                  target=dict(kind='gmacs', value=cfg.target_gmacs),
+                  gmacs_fraction=layout_of(final).gmacs() / layout_of(dense).gmacs(), run_dir=str(out), **extra)
+    (out / 'report.json').write_text(json.dumps(report, indent=2, default=str))
+    cols = ['name', 'top1', 'params_m', 'gmacs', 'latency_ms', 'images_per_s', 'latency_speedup', 'throughput_ratio']
+    report['table'] = format_table(rows, [c for c in cols if any(c in r for r in rows)])
+    return report
