@@ -194,3 +194,67 @@ def test_only_deit_family_models_are_searched():
     pool = timm.create_model('deitlab_poolformer_pico_32', num_classes=5)
     with pytest.raises(PruneError, match='OFB searches the widths of DeiT-family models; this is a PoolFormer'):
         OFBSearch(pool)
+
+
+def test_pmim_masks_a_growing_share_of_patches_and_scores_only_those():
+    """PMIM: the kept share falls 0.95 -> 0.75 over the warm-up; a forward replaces exactly that
+    share of each image's patch tokens by the mask token; the loss reads the masked patches only,
+    against locally normalised pixels; without masking it is 0."""
+    from deitlab.prune.ofb import PMIM
+    model = _model()
+    pmim = PMIM(model, seed=0)
+    assert pmim.keep_at(0) == pytest.approx(0.95) and pmim.keep_at(1) == pytest.approx(0.75)
+    assert pmim.keep_at(0.5) == pytest.approx(0.85)
+    seen = {}
+    model.patch_embed.register_forward_hook(lambda m, i, o: seen.__setitem__('raw', o.detach().clone()))
+    pmim.install(model)
+    got = {}
+    model.pos_drop.register_forward_pre_hook(lambda m, i: got.__setitem__('tokens', i[0].detach().clone()))
+    x = _x(batch=3)
+    pmim.keep = 0.5
+    with torch.no_grad():
+        model(x)
+    N = pmim.num_patches
+    mask = pmim._mask
+    assert mask.shape == (3, N) and (mask.sum(1) == round(0.5 * N)).all()
+    # the patch tokens reaching the position embedding: the mask token where masked, the patch elsewhere
+    tokens = got['tokens'][:, pmim.prefix:] - model.pos_embed[:, pmim.prefix:]
+    assert torch.allclose(tokens[mask], pmim.mask_token.detach().expand(int(mask.sum()), -1), atol=1e-6)
+    assert torch.allclose(tokens[~mask], seen['raw'][~mask], atol=1e-6)
+    t = pmim.targets(x)
+    assert torch.allclose(t.mean(-1), torch.zeros(3, N), atol=1e-5)
+    base = float(pmim.loss(x).detach())
+    # pixels of a patch that was not masked do not move the loss; those of a masked one do
+    ph, pw = pmim.patch
+    gw = x.shape[-1] // pw
+    b, unmasked = 0, int((~mask[0]).nonzero()[0])
+    masked = int(mask[0].nonzero()[0])
+    for idx, moves in ((unmasked, False), (masked, True)):
+        x2 = x.clone()
+        r, c = divmod(idx, gw)
+        x2[b, :, r * ph:(r + 1) * ph, c * pw:(c + 1) * pw] = torch.randn(x.shape[1], ph, pw)
+        assert (abs(float(pmim.loss(x2).detach()) - base) > 1e-6) == moves
+    pmim.keep = 1.0
+    with torch.no_grad():
+        model(x)
+    assert float(pmim.loss(x).detach()) == 0.0
+    pmim.remove()
+    assert not pmim._handles
+
+
+def test_pmim_term_is_rescaled_to_the_task_loss():
+    from deitlab.prune.config import OFBConfig
+    from deitlab.prune.ofb import PMIM
+    from deitlab.prune.ofb_search import OFBHooks
+    model = _model()
+    dense = _model()
+    s = OFBSearch(model)
+    s.install(model)
+    pmim = PMIM(model)
+    pmim.install(model)
+    pmim.keep = 0.7
+    hooks = OFBHooks(s, dense, OFBConfig('m', 'd', 'o', target_gmacs=0.5), steps=10, steps_per_epoch=10, pmim=pmim)
+    x, y = _x(batch=4), torch.tensor([0, 1, 2, 3])
+    out = hooks.forward(model, x, y)
+    hooks.loss(x, out, y)
+    assert hooks.last['pmim'] == pytest.approx(hooks.last['task'], rel=1e-5) and hooks.last['task'] > 0

@@ -222,6 +222,8 @@ class OFBConfig:
         'group': 'search', 'help': 'fraction of the search over which lambda falls from 0.99 to 0.1'})
     eliminations_per_epoch: int = field(default=3, metadata={
         'group': 'search', 'help': 'candidate eliminations per epoch'})
+    pmim: bool = field(default=True, metadata={
+        'group': 'search', 'help': 'progressive masked image modelling during the search (--no-pmim: the ablation)'})
     batch_size: int = field(default=32, metadata={'group': 'optimiser', 'help': 'batch size'})
     lr: float = field(default=2e-4, metadata={'group': 'optimiser', 'help': 'learning rate of weights and scores'})
     arch_lr: float = field(default=1e-3, metadata={

@@ -3,14 +3,16 @@ to the chosen widths, fine-tune, report.
 
 ``OFBHooks`` is the method: the forward runs the dense model (the KL teacher) and then the masked
 student; the loss is ``kl_weight * KL(dense || student) + ce_weight * CE`` plus OFB's one-hot,
-score-sparsity and FLOPs losses (ofb.py); after every update ``lambda`` follows the warm-up and,
-``eliminations_per_epoch`` times an epoch (the paper: 3, from the first epoch on) or at least
-``MIN_EVENTS`` times in a search of a few epochs, improbable candidates are eliminated; the run stops once
-every module has one candidate left (or at the step budget, when each module takes its most
-probable candidate and the report says how many were still open). One optimiser, three parameter
-groups as the paper's three optimisers: weights (AdamW, weight decay on matrices), the scores and
-the other 1-d parameters (AdamW, no decay), the candidate logits (Adam betas (0.5, 0.999), decoupled
-weight decay 1e-3, ``arch_lr``).
+score-sparsity and FLOPs losses (ofb.py) and, with PMIM (ofb.py), the reconstruction loss of the
+masked patches rescaled to the classification loss each step. After every update ``lambda`` and
+PMIM's kept fraction follow the warm-up and, ``eliminations_per_epoch`` times an epoch (the paper:
+3, from the first epoch on) or at least ``MIN_EVENTS`` times in a search of a few epochs,
+improbable candidates are eliminated; the run stops once every module has one candidate left (or
+at the step budget, when each module takes its most probable candidate and the report says how
+many were still open). One optimiser with the paper's three optimisers as parameter groups:
+weights and PMIM's decoder (AdamW, weight decay on matrices), the scores and the other 1-d
+parameters (AdamW, no decay), the candidate logits (Adam betas (0.5, 0.999), decoupled weight
+decay 1e-3, ``arch_lr``).
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ from .compact import densify
 from .config import OFBConfig
 from .families import layout_of
 from .nvit import _finetune, _forever, _loaders, kd_kl, load_dense
-from .ofb import OFBSearch, check_target, lambda_at
+from .ofb import PMIM, OFBSearch, check_target, lambda_at
 
 __all__ = ['OFBHooks', 'prune_ofb', 'search_optimizer', 'TRACE_NAME']
 
@@ -42,10 +44,12 @@ TRACE_NAME = 'search_trace.json'
 MIN_EVENTS = 40   # eliminations in a search shorter than the paper's: at least this many
 
 
-def search_optimizer(model: nn.Module, search: OFBSearch, cfg: OFBConfig) -> torch.optim.Optimizer:
-    """AdamW with the paper's three groups (module docstring)."""
+def search_optimizer(model: nn.Module, search: OFBSearch, cfg: OFBConfig,
+                     pmim: Optional[PMIM] = None) -> torch.optim.Optimizer:
+    """AdamW with the paper's groups (module docstring), PMIM's decoder and mask token included."""
     decay, no_decay = [], []
-    for name, p in model.named_parameters():
+    named = list(model.named_parameters()) + ([] if pmim is None else list(pmim.named_parameters()))
+    for name, p in named:
         if p.requires_grad:
             (no_decay if p.ndim <= 1 or name.endswith('.bias') or 'token' in name or 'pos_embed' in name
              else decay).append(p)
@@ -58,8 +62,9 @@ def search_optimizer(model: nn.Module, search: OFBSearch, cfg: OFBConfig) -> tor
 class OFBHooks(Hooks):
     """OFB's search as hooks on the ``Trainer`` (module docstring)."""
 
-    def __init__(self, search: OFBSearch, dense: nn.Module, cfg: OFBConfig, steps: int, steps_per_epoch: int):
-        self.search, self.dense, self.cfg = search, dense, cfg
+    def __init__(self, search: OFBSearch, dense: nn.Module, cfg: OFBConfig, steps: int, steps_per_epoch: int,
+                 pmim: Optional[PMIM] = None):
+        self.search, self.dense, self.cfg, self.pmim = search, dense, cfg, pmim
         self.max_steps, self.steps = steps, 0
         self.warmup_steps = max(1, round(cfg.warmup * steps))
         self.elim_every = max(1, min(steps_per_epoch // cfg.eliminations_per_epoch, steps // MIN_EVENTS))
@@ -77,8 +82,12 @@ class OFBHooks(Hooks):
         if cfg.ce_weight:
             task = task + cfg.ce_weight * F.cross_entropy(out, y, label_smoothing=cfg.smoothing)
         parts = self.search.losses(cfg.target_gmacs)
+        if self.pmim is not None:
+            rec = self.pmim.loss(x)
+            # rescaled to the classification loss every step (the paper's w_decoder)
+            parts['pmim'] = rec * (task.detach() / rec.detach()) if float(rec.detach()) > 0 else rec
         self.last = dict(task=float(task.detach()), **{k: float(v.detach()) for k, v in parts.items()})
-        return task + parts['onehot'] + parts['sparsity'] + parts['flops']
+        return task + sum(parts.values())
 
     def on_nonfinite(self, loss) -> None:
         raise PruneError(f'the loss became {loss.item()} at search step {self.steps + 1} ({self.last}); '
@@ -87,6 +96,8 @@ class OFBHooks(Hooks):
     def after_step(self, step, loss) -> None:
         self.steps += 1
         self.search.lam = lambda_at(self.steps / self.warmup_steps)
+        if self.pmim is not None:
+            self.pmim.keep = self.pmim.keep_at(self.steps / self.warmup_steps)
         if self.steps % self.elim_every == 0:
             dropped = self.search.eliminate()
             self.record(dropped)
@@ -189,8 +200,12 @@ def prune_ofb(cfg: OFBConfig) -> dict:
     if cfg.total_steps is not None and cfg.total_steps <= steps:
         raise PruneError(f'total_steps ({cfg.total_steps}) must exceed the search ({steps} steps)')
     search.install(model)
-    hooks = OFBHooks(search, dense, cfg, steps, per_epoch)
-    trainer = Trainer(model, search_optimizer(model, search, cfg), hooks=[hooks], device=device, dist=di,
+    pmim = None
+    if cfg.pmim:
+        pmim = PMIM(model, cfg.seed)
+        pmim.install(model)   # after the search's hooks, which swap the final norm
+    hooks = OFBHooks(search, dense, cfg, steps, per_epoch, pmim)
+    trainer = Trainer(model, search_optimizer(model, search, cfg, pmim), hooks=[hooks], device=device, dist=di,
                       progress=cfg.progress)
     _log(f'OFB search to {cfg.target_gmacs:g} of the dense GMACs: up to {steps} steps, lambda 0.99 -> 0.1 over '
          f'{hooks.warmup_steps}, eliminations every {hooks.elim_every}')
@@ -199,6 +214,8 @@ def prune_ofb(cfg: OFBConfig) -> dict:
     trainer.run_steps(_forever(train_loader), total=steps, desc='ofb search')
     forced = _force_choice(search)
     hooks.record()
+    if pmim is not None:
+        pmim.remove()
     search_s = time.perf_counter() - t0
     model.eval()
     check = next(iter(val_loader))[0][:16].to(device)
