@@ -200,7 +200,7 @@ def test_pmim_masks_a_growing_share_of_patches_and_scores_only_those():
     """PMIM: the kept share falls 0.95 -> 0.75 over the warm-up; a forward replaces exactly that
     share of each image's patch tokens by the mask token; the loss reads the masked patches only,
     against locally normalised pixels; without masking it is 0."""
-    from deitlab.prune.ofb import PMIM
+    from deitlab.prune.ofb_pmim import PMIM
     model = _model()
     pmim = PMIM(model, seed=0)
     assert pmim.keep_at(0) == pytest.approx(0.95) and pmim.keep_at(1) == pytest.approx(0.75)
@@ -244,7 +244,7 @@ def test_pmim_masks_a_growing_share_of_patches_and_scores_only_those():
 
 def test_pmim_term_is_rescaled_to_the_task_loss():
     from deitlab.prune.config import OFBConfig
-    from deitlab.prune.ofb import PMIM
+    from deitlab.prune.ofb_pmim import PMIM
     from deitlab.prune.ofb_search import OFBHooks
     model = _model()
     dense = _model()
@@ -258,3 +258,55 @@ def test_pmim_term_is_rescaled_to_the_task_loss():
     out = hooks.forward(model, x, y)
     hooks.loss(x, out, y)
     assert hooks.last['pmim'] == pytest.approx(hooks.last['task'], rel=1e-5) and hooks.last['task'] > 0
+
+
+def test_shrinking_mid_search_keeps_the_function_and_reindexes_the_optimizer():
+    """Eliminating a module's largest candidates leaves units no candidate keeps (mask 0); shrinking
+    cuts them out physically. The logits at that step stay the same (1e-5), the optimizer points at
+    the new parameters with Adam's moments of the kept elements, and training goes on."""
+    from deitlab.prune.config import OFBConfig
+    from deitlab.prune.ofb_pmim import PMIM
+    from deitlab.prune.ofb_search import search_optimizer
+    model = _model()
+    x, y = _x(batch=4), torch.tensor([0, 1, 2, 3])
+    s = _search(model, seed=3)
+    pmim = PMIM(model)
+    pmim.install(model)
+    opt = search_optimizer(model, s, OFBConfig('m', 'd', 'o'), pmim)
+    s.lam = 0.4
+    loss = torch.nn.functional.cross_entropy(model(x), y) + sum(s.losses(0.5).values()) + pmim.loss(x)
+    loss.backward()
+    opt.step()
+    opt.zero_grad()
+    fc1 = model.blocks[1].mlp.fc1.weight
+    old_avg = opt.state[fc1]['exp_avg'].clone()
+    for kind, block, drop in (('emb', None, 2), ('mlp', 1, 3), ('qk', 0, 1), ('head', 1, 1), ('v', 1, 1)):
+        m = s.module(kind, block)
+        m.active[-drop:] = False
+    keep_mlp1, keep_emb = s.module('mlp', 1).inside(), s.module('emb').inside()
+    pmim.keep = 1.0       # no random masking: the same forward before and after
+    model.eval()
+    with torch.no_grad():
+        before = model(x)
+    new = s.shrink(model, opt, pmim)
+    assert new is not model
+    assert new.embed_dim == int(s.module('emb').widths.max()) < model.embed_dim
+    assert new.block_widths['mlp_hidden'][1] == int(keep_mlp1.sum()) and new.block_widths['qk_dim'][0] < 8
+    with torch.no_grad():
+        after = new(x)
+    assert torch.allclose(after, before, atol=ATOL)
+    ids = {id(p) for p in new.parameters()} | {id(p) for p in s.parameters()} | {id(p) for p in pmim.parameters()}
+    for group in opt.param_groups:
+        for p in group['params']:
+            assert id(p) in ids
+            st = opt.state.get(p)
+            if st:
+                assert st['exp_avg'].shape == p.shape and st['exp_avg_sq'].shape == p.shape
+    new_fc1 = new.blocks[1].mlp.fc1.weight
+    assert torch.equal(opt.state[new_fc1]['exp_avg'], old_avg[keep_mlp1][:, keep_emb])
+    # training goes on with the narrower model
+    new.train()
+    pmim.keep = 0.8
+    loss = torch.nn.functional.cross_entropy(new(x), y) + sum(s.losses(0.5).values()) + pmim.loss(x)
+    loss.backward()
+    opt.step()

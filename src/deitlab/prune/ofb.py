@@ -39,7 +39,7 @@ standard pre-norm block (the paper's code adds the norm's output to the residual
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -47,7 +47,11 @@ import torch.nn as nn
 from ..layers.attention import attend, attention_output, project
 from .base import BLOCK_TYPES, PruneError
 from .families import layout_of
+from .compact import densify
 from .groups import Masks, use_masked_layernorm
+
+if TYPE_CHECKING:
+    from .ofb_pmim import PMIM
 
 __all__ = ['candidate_widths', 'SearchModule', 'OFBSearch', 'onehot_loss', 'lambda_at', 'SPARSITY_WEIGHTS',
            'MODULE_WEIGHT', 'FLOPS_WEIGHT', 'ELIMINATE_THRESHOLD']
@@ -183,11 +187,52 @@ class SearchModule(nn.Module):
         out[self.order()[:width]] = True
         return out
 
+    @torch.no_grad()
+    def cut(self, keep: torch.Tensor, optimizer: Optional[torch.optim.Optimizer] = None) -> None:
+        """Keep only the units ``keep`` (bool, in their order) and the candidates that fit in them,
+        slicing ``score`` / ``alpha`` in place and their optimizer state with them."""
+        n = int(keep.sum())
+        fits = self.widths <= n
+        _replace_param(self, 'score', lambda t: t[keep], optimizer)
+        _replace_param(self, 'alpha', lambda t: t[fits], optimizer)
+        self.widths = self.widths[fits]
+        self.active = self.active[fits]
+        self.n = n
+
     def final_mask(self, lam: float) -> torch.Tensor:
         """The mask once the search is done: ``lam sigmoid(S) + 1 - lam`` on the kept units, 0 on
         the others (the eliminated units are cut out)."""
         keep = self.keep().to(self.score.dtype)
         return (lam * torch.sigmoid(self.score) + (1.0 - lam)) * keep
+
+
+def _replace_param(owner: nn.Module, name: str, cut, optimizer: Optional[torch.optim.Optimizer]) -> None:
+    """Replace ``owner.<name>`` by a new parameter holding ``cut(old)``, and point ``optimizer`` at
+    it with its state cut the same way (a new tensor shape needs a new leaf for autograd)."""
+    old = getattr(owner, name)
+    new = nn.Parameter(cut(old.detach()).clone(), requires_grad=old.requires_grad)
+    setattr(owner, name, new)
+    if optimizer is not None:
+        _move_state(optimizer, old, new, cut=cut)
+
+
+def _move_state(optimizer: torch.optim.Optimizer, old: nn.Parameter, new: nn.Parameter,
+                elem: Optional[torch.Tensor] = None, cut=None) -> None:
+    """Point ``optimizer`` at ``new`` instead of ``old``, its state cut to the elements ``elem``
+    keeps (a 0/1 mask of ``old``'s shape whose kept elements form ``new``'s grid), or by ``cut``;
+    neither: the same shape."""
+    for group in optimizer.param_groups:
+        group['params'] = [new if q is old else q for q in group['params']]
+    state = optimizer.state.pop(old, None)
+    if state is None:
+        return
+    for k, v in list(state.items()):
+        if torch.is_tensor(v) and v.shape == old.shape:
+            if cut is not None:
+                state[k] = cut(v)
+            elif elem is not None:
+                state[k] = v[elem.bool()].reshape(new.shape)
+    optimizer.state[new] = state
 
 
 class OFBSearch(nn.Module):
@@ -345,6 +390,42 @@ class OFBSearch(nn.Module):
 
     # ------------------------------------------------------------------ the result
     @torch.no_grad()
+    def shrink(self, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
+               pmim: Optional['PMIM'] = None) -> nn.Module:
+        """Cut out the units no active candidate keeps (OFB shrinks a module as soon as its largest
+        candidate is eliminated): returns the narrower model with the masks installed on it, the
+        search modules, PMIM's embedding-wide tensors and the optimizer (pointed at the new
+        parameters, Adam's moments re-indexed) cut to match. Those units have mask 0 already, so
+        the network computes the same function before and after. ``model`` itself when nothing is
+        outside."""
+        inside = {k: m.inside() for k, m in self.mods.items()}
+        if all(bool(v.all()) for v in inside.values()):
+            return model
+        masks = Masks(model)
+        masks.emb.copy_(inside['emb'])
+        for kind in BLOCK_TYPES:
+            for b in range(self.depth):
+                masks.block[kind][b].copy_(inside[f'{kind}_{b}'])
+        elem = masks.param_masks(model)
+        self.remove()
+        if pmim is not None:
+            pmim.remove()
+        new = densify(model, masks)
+        new.train(model.training)
+        if optimizer is not None:
+            old_params = dict(model.named_parameters())
+            for name, p in new.named_parameters():
+                _move_state(optimizer, old_params[name], p, elem.get(name))
+        for k, m in self.mods.items():
+            m.cut(inside[k], optimizer)
+        if pmim is not None:
+            pmim.cut_embedding(inside['emb'], optimizer)
+        self.install(new)
+        if pmim is not None:
+            pmim.install(new)
+        return new
+
+    @torch.no_grad()
     def keep_masks(self, model: nn.Module) -> Masks:
         """The chosen units as NViT's keep-masks (``groups.Masks``)."""
         masks = Masks(model)
@@ -423,75 +504,3 @@ def check_target(search: OFBSearch, target: float) -> None:
         raise PruneError(f'target {target} is below the smallest network the OFB search space holds '
                          f'({lo:.3f} of the dense MACs); raise the target')
 
-
-class PMIM(nn.Module):
-    """Progressive masked image modelling (OFB Sec. 3.4, SimMIM-style): during the search a growing
-    fraction of the patch tokens is replaced by a learnable mask token (before the position
-    embedding; the sequence keeps its length), and a light decoder -- one linear layer from a
-    final patch token to its patch's pixels -- reconstructs the image. The loss is L1 on locally
-    normalised pixels (each patch's target minus its mean, over its standard deviation) of the
-    masked patches only. The search rescales it each step to the classification loss
-    (``w = task / pmim``, detached). The kept fraction falls linearly from 0.95 to 0.75 over the
-    warm-up (``keep_at``); masking is off after the search (``remove``)."""
-
-    KEEP_RANGE = (0.95, 0.75)
-
-    def __init__(self, model: nn.Module, seed: int = 0):
-        super().__init__()
-        pe = model.patch_embed
-        self.patch = tuple(pe.patch_size)
-        self.chans = pe.proj.in_channels
-        self.num_patches = pe.num_patches
-        self.prefix = getattr(model, 'num_prefix_tokens', 1)
-        E = model.embed_dim
-        dev = next(model.parameters()).device
-        self.mask_token = nn.Parameter(torch.zeros(E, device=dev))
-        nn.init.trunc_normal_(self.mask_token, std=0.02)
-        self.decoder = nn.Linear(E, self.patch[0] * self.patch[1] * self.chans).to(dev)
-        self.keep = self.KEEP_RANGE[0]
-        self.generator = torch.Generator(device='cpu').manual_seed(seed)
-        self._handles: list = []
-        self._mask: Optional[torch.Tensor] = None
-        self._tokens: Optional[torch.Tensor] = None
-
-    def keep_at(self, progress: float) -> float:
-        a, b = self.KEEP_RANGE
-        return a + (b - a) * min(1.0, max(0.0, float(progress)))
-
-    def install(self, model: nn.Module) -> None:
-        def replace(_, __, out):
-            B, N, _E = out.shape
-            n_mask = int(round((1.0 - self.keep) * N))
-            mask = torch.zeros(B, N, dtype=torch.bool)
-            if n_mask:
-                idx = torch.rand(B, N, generator=self.generator).argsort(1)[:, :n_mask]
-                mask.scatter_(1, idx, True)
-            self._mask = mask.to(out.device)
-            return torch.where(self._mask[..., None], self.mask_token.to(out.dtype), out)
-
-        def grab(_, __, out):
-            self._tokens = out
-        self._handles = [model.patch_embed.register_forward_hook(replace), model.norm.register_forward_hook(grab)]
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles, self._mask, self._tokens = [], None, None
-
-    def targets(self, x: torch.Tensor) -> torch.Tensor:
-        """Per patch its pixels, locally normalised: (B, N, p*p*C)."""
-        ph, pw = self.patch
-        B, C, H, W = x.shape
-        t = x.reshape(B, C, H // ph, ph, W // pw, pw).permute(0, 2, 4, 3, 5, 1).reshape(B, -1, ph * pw * C)
-        mean, var = t.mean(-1, keepdim=True), t.var(-1, keepdim=True)
-        return (t - mean) / (var + 1e-6).sqrt()
-
-    def loss(self, x: torch.Tensor) -> torch.Tensor:
-        """L1 between the decoded final patch tokens and the normalised pixels, masked patches only
-        (0 when nothing was masked)."""
-        if self._mask is None or self._tokens is None or not bool(self._mask.any()):
-            return self.mask_token.new_zeros(())
-        pred = self.decoder(self._tokens[:, self.prefix:].float())
-        err = (pred - self.targets(x.float())).abs().mean(-1)
-        m = self._mask.to(err.dtype)
-        return (err * m).sum() / m.sum()

@@ -7,7 +7,8 @@ score-sparsity and FLOPs losses (ofb.py) and, with PMIM (ofb.py), the reconstruc
 masked patches rescaled to the classification loss each step. After every update ``lambda`` and
 PMIM's kept fraction follow the warm-up and, ``eliminations_per_epoch`` times an epoch (the paper:
 3, from the first epoch on) or at least ``MIN_EVENTS`` times in a search of a few epochs,
-improbable candidates are eliminated; the run stops once every module has one candidate left (or
+improbable candidates are eliminated and a module whose largest candidates went is cut to the
+largest left (``OFBSearch.shrink``); the run stops once every module has one candidate left (or
 at the step budget, when each module takes its most probable candidate and the report says how
 many were still open). One optimiser with the paper's three optimisers as parameter groups:
 weights and PMIM's decoder (AdamW, weight decay on matrices), the scores and the other 1-d
@@ -36,7 +37,8 @@ from .compact import densify
 from .config import OFBConfig
 from .families import layout_of
 from .nvit import _finetune, _forever, _loaders, kd_kl, load_dense
-from .ofb import PMIM, OFBSearch, check_target, lambda_at
+from .ofb import OFBSearch, check_target, lambda_at
+from .ofb_pmim import PMIM
 
 __all__ = ['OFBHooks', 'prune_ofb', 'search_optimizer', 'TRACE_NAME']
 
@@ -70,6 +72,7 @@ class OFBHooks(Hooks):
         self.elim_every = max(1, min(steps_per_epoch // cfg.eliminations_per_epoch, steps // MIN_EVENTS))
         self.trace: List[dict] = []
         self.last: dict = {}
+        self.shrinks = 0
 
     def forward(self, model, x, y):
         with torch.no_grad():
@@ -100,7 +103,18 @@ class OFBHooks(Hooks):
             self.pmim.keep = self.pmim.keep_at(self.steps / self.warmup_steps)
         if self.steps % self.elim_every == 0:
             dropped = self.search.eliminate()
+            if dropped:
+                self.shrink()
             self.record(dropped)
+
+    def shrink(self) -> None:
+        """Cut out the units no active candidate keeps any more and go on with the narrower model
+        (the same optimizer, re-indexed; ``OFBSearch.shrink``)."""
+        t = self.trainer
+        new = self.search.shrink(t.model, t.optimizer, self.pmim)
+        if new is not t.model:
+            t.replace_model(new, t.optimizer)
+            self.shrinks += 1
 
     def should_stop(self) -> bool:
         return self.search.done() or self.steps >= self.max_steps
@@ -108,11 +122,13 @@ class OFBHooks(Hooks):
     @torch.no_grad()
     def record(self, dropped: Optional[dict] = None) -> dict:
         """One row of the trace: step, lambda, expected MACs (fraction), the losses, and per module
-        the candidate probabilities and the widths eliminated."""
+        the candidate widths, their probabilities, the expected width and the widths eliminated."""
         s = self.search
         row = dict(step=self.steps, lam=round(s.lam, 4), macs_fraction=round(float(s.macs()) / s.dense_macs, 4),
                    losses={k: round(v, 5) for k, v in self.last.items()},
                    modules={m.name: [round(float(p), 4) for p in m.probs()] for m in s.modules_list()},
+                   widths={m.name: [int(w) for w in m.widths] for m in s.modules_list()},
+                   expected={m.name: round(float(m.expected_width()), 3) for m in s.modules_list()},
                    dropped=dropped or {})
         self.trace.append(row)
         return row
@@ -147,9 +163,9 @@ def plot_trace(trace: List[dict], search: OFBSearch, target: float, path: Path) 
     a.legend(fontsize=8)
     a.grid(alpha=0.3)
     colors = dict(emb='k', head='tab:blue', qk='tab:orange', v='tab:green', mlp='tab:red')
+    units = {m.name: max(r['widths'][m.name][-1] for r in trace) for m in search.modules_list()}
     for m in search.modules_list():
-        w = m.widths.float()
-        frac = [float((torch.tensor(r['modules'][m.name]) * w).sum()) / m.n for r in trace]
+        frac = [r['expected'][m.name] / units[m.name] for r in trace]
         b.plot(steps, frac, color=colors[m.kind], alpha=0.6, lw=1.5 if m.kind == 'emb' else 0.8,
                label=m.kind if m.block in (None, 0) else None)
     b.set_xlabel('search step')
@@ -212,6 +228,7 @@ def prune_ofb(cfg: OFBConfig) -> dict:
     t0 = time.perf_counter()
     hooks.record()
     trainer.run_steps(_forever(train_loader), total=steps, desc='ofb search')
+    model = trainer.model   # narrower than at the start when modules were shrunk
     forced = _force_choice(search)
     hooks.record()
     if pmim is not None:
@@ -239,6 +256,7 @@ def prune_ofb(cfg: OFBConfig) -> dict:
     final = create(str(out)).to(device).eval()
     return _report(cfg, out, dense, final, val_loader, device, di,
                    dict(search_steps=hooks.steps, search_time_s=round(search_s, 1), forced_modules=forced,
+                        shrinks=hooks.shrinks,
                         search_forward_passes=2 * hooks.steps * cfg.batch_size,
                         masked_vs_cut_max_abs=gap, finetune=finetune, dense_dir=dense_dir,
                         widths_plot=str(plot_widths(widths_of(dense), widths_of(final), out / 'widths.png',
