@@ -190,6 +190,8 @@ CASES = [
      r'OFB searches the widths of DeiT-family models; .*pool is a PoolFormer'),
     ('ofb-existing-run', ['prune', 'ofb', '--model', '{root}/run', '--data', GLYPHS, '--out', '{root}/pruned-out',
                           '--target-gmacs', '0.5'], r'pruned-out already holds a run; choose another --out'),
+    ('ofb-resume-nothing', OFB + ['--target-gmacs', '0.5', '--resume'],
+     r'has no ofb_checkpoint.pt to resume from \(it is written at every elimination event\)'),
     ('ofb-grid', OFB + ['--target-gmacs', '0.5', '--grid', 'banana'], r"--grid must be ours or paper, got 'banana'"),
     ('ofb-search-steps-zero', OFB + ['--target-gmacs', '0.5', '--search-steps', '0'],
      r'search_steps must be >= 1, got 0'),

@@ -2,6 +2,8 @@
 lambda and eliminations, and ``prune_ofb`` end to end on a tiny DeiT."""
 import json
 
+import torch
+
 import pytest
 import timm
 
@@ -72,3 +74,53 @@ def test_prune_ofb_end_to_end(tmp_path):
     assert report['forced_modules'] >= 0 and 0 < report['gmacs_fraction'] <= 1
     saved = json.loads((out / 'report.json').read_text())
     assert saved['target'] == dict(kind='gmacs', value=0.6) and saved['search_forward_passes'] > 0
+
+
+class Stop(Exception):
+    pass
+
+
+@pytest.mark.usefixtures('one_thread')
+def test_a_resumed_search_ends_where_an_unbroken_one_does(tmp_path, monkeypatch):
+    """Killed after an elimination event and resumed from its checkpoint, the search removes the same
+    candidates, shrinks the same modules and ends with the same weights as a search never stopped."""
+    from safetensors.torch import load_file
+    from deitlab.prune import PruneError
+    model = _model(num_classes=24, img_size=28)
+    dense = save_run_dir(model, tmp_path / 'dense')
+
+    def cfg(out, **kw):
+        return OFBConfig(model=str(dense), data=DATA, out=str(tmp_path / out), target_gmacs=0.6, search_steps=16,
+                         arch_lr=0.3, batch_size=8, finetune_epochs=0, measure=False, progress=False, device='cpu',
+                         **kw)
+    whole = prune_ofb(cfg('whole'))
+    original = OFBHooks.after_step
+
+    def stop_at_6(self, step, loss):
+        original(self, step, loss)
+        if self.steps == 6:
+            raise Stop
+    monkeypatch.setattr(OFBHooks, 'after_step', stop_at_6)
+    with pytest.raises(Stop):
+        prune_ofb(cfg('broken'))
+    monkeypatch.setattr(OFBHooks, 'after_step', original)
+    with pytest.raises(PruneError, match='already holds a run; choose another --out, or --resume it'):
+        prune_ofb(cfg('broken'))
+    steps_after = []
+
+    def count(self, step, loss):
+        original(self, step, loss)
+        steps_after.append(self.steps)
+    monkeypatch.setattr(OFBHooks, 'after_step', count)
+    resumed = prune_ofb(cfg('broken', resume=True))
+    assert steps_after[0] == 7 and steps_after[-1] == whole['search_steps'] == resumed['search_steps'], \
+        'the resumed search goes on from step 6, not from the start'
+    assert whole['shrinks'] >= 1 and resumed['shrinks'] == whole['shrinks']
+    assert resumed['searched_widths'] == whole['searched_widths']
+    traces = [json.loads((tmp_path / d / 'search_trace.json').read_text()) for d in ('whole', 'broken')]
+    assert [r['step'] for r in traces[0]] == [r['step'] for r in traces[1]]
+    assert [r['dropped'] for r in traces[0]] == [r['dropped'] for r in traces[1]]
+    a, b = (load_file(tmp_path / d / 'searched' / 'model.safetensors') for d in ('whole', 'broken'))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(PruneError, match='has no ofb_checkpoint.pt to resume from'):
+        prune_ofb(cfg('never', resume=True))

@@ -251,6 +251,8 @@ class OFBConfig:
         'group': 'fine-tuning', 'help': 'temperature of that distillation'})
     measure: bool = field(default=True, metadata={
         'group': 'run', 'help': 'time the dense and the searched model at the end'})
+    resume: bool = field(default=False, metadata={
+        'group': 'run', 'help': "continue the search from --out's last elimination checkpoint (same settings)"})
     seed: int = field(default=0, metadata={'group': 'run', 'help': 'random seed'})
     device: Optional[str] = field(default=None, metadata={
         'group': 'run', 'help': 'torch device; unset: CUDA when available, else the CPU'})

@@ -425,6 +425,25 @@ class OFBSearch(nn.Module):
             pmim.install(new)
         return new
 
+    def search_state(self) -> dict:
+        """What a checkpoint needs to rebuild the search: ``lam`` and per module its candidate
+        widths, which are active, its scores and candidate logits (the shapes change as it shrinks)."""
+        return dict(lam=float(self.lam), modules={k: dict(widths=m.widths.cpu(), active=m.active.cpu(),
+                                                         score=m.score.detach().cpu(), alpha=m.alpha.detach().cpu())
+                                                  for k, m in self.mods.items()})
+
+    @torch.no_grad()
+    def restore(self, state: dict) -> None:
+        """Back to ``search_state()`` (on a search built from the dense model, not installed yet)."""
+        self.lam = float(state['lam'])
+        for k, m in self.mods.items():
+            saved = state['modules'][k]
+            dev = m.score.device
+            m.widths, m.active = saved['widths'].to(dev), saved['active'].to(dev)
+            m.score = nn.Parameter(saved['score'].to(dev).clone())
+            m.alpha = nn.Parameter(saved['alpha'].to(dev).clone())
+            m.n = int(m.score.numel())
+
     @torch.no_grad()
     def keep_masks(self, model: nn.Module) -> Masks:
         """The chosen units as NViT's keep-masks (``groups.Masks``)."""

@@ -49,6 +49,23 @@ class PMIM(nn.Module):
         _replace_param(self.decoder, 'weight', lambda t: t[:, keep], optimizer)
         self.decoder.in_features = int(keep.sum())
 
+    def search_state(self) -> dict:
+        """Mask token, decoder, kept share and the masking generator, for a checkpoint."""
+        return dict(params={k: v.detach().cpu() for k, v in self.state_dict().items()}, keep=float(self.keep),
+                    generator=self.generator.get_state())
+
+    @torch.no_grad()
+    def restore(self, state: dict) -> None:
+        params = state['params']
+        dev = self.mask_token.device
+        self.mask_token = nn.Parameter(params['mask_token'].to(dev).clone())
+        w, b = params['decoder.weight'].to(dev), params['decoder.bias'].to(dev)
+        self.decoder = nn.Linear(w.shape[1], w.shape[0]).to(dev)
+        self.decoder.weight.copy_(w)
+        self.decoder.bias.copy_(b)
+        self.keep = float(state['keep'])
+        self.generator.set_state(state['generator'])
+
     def keep_at(self, progress: float) -> float:
         a, b = self.KEEP_RANGE
         return a + (b - a) * min(1.0, max(0.0, float(progress)))

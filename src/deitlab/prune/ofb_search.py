@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from ..console import log as _log
 from ..distributed import DistInfo, barrier, init_distributed
-from ..rundir import create, is_run_dir, save_run_dir
+from ..rundir import atomic_torch_save, create, is_run_dir, save_run_dir
 from ..train.loop import Hooks, Trainer
 from .base import PruneError
 from .compact import densify
@@ -43,6 +43,7 @@ from .ofb_pmim import PMIM
 __all__ = ['OFBHooks', 'prune_ofb', 'search_optimizer', 'TRACE_NAME']
 
 TRACE_NAME = 'search_trace.json'
+CHECKPOINT = 'ofb_checkpoint.pt'   # the search at its last elimination event (``--resume``)
 MIN_EVENTS = 40   # eliminations in a search shorter than the paper's: at least this many
 
 
@@ -65,8 +66,9 @@ class OFBHooks(Hooks):
     """OFB's search as hooks on the ``Trainer`` (module docstring)."""
 
     def __init__(self, search: OFBSearch, dense: nn.Module, cfg: OFBConfig, steps: int, steps_per_epoch: int,
-                 pmim: Optional[PMIM] = None):
+                 pmim: Optional[PMIM] = None, checkpoint: Optional[Path] = None):
         self.search, self.dense, self.cfg, self.pmim = search, dense, cfg, pmim
+        self.checkpoint = checkpoint
         self.max_steps, self.steps = steps, 0
         self.warmup_steps = max(1, round(cfg.warmup * steps))
         self.elim_every = max(1, min(steps_per_epoch // cfg.eliminations_per_epoch, steps // MIN_EVENTS))
@@ -106,6 +108,23 @@ class OFBHooks(Hooks):
             if dropped:
                 self.shrink()
             self.record(dropped)
+            if self.checkpoint is not None and self.trainer.is_main:
+                atomic_torch_save(self.state(), self.checkpoint)
+
+    def state(self) -> dict:
+        """Everything ``--resume`` needs: the model's widths and weights, the optimizer (its three
+        groups), the search and PMIM states, the step, trace and RNG."""
+        t = self.trainer
+        return dict(widths=layout_of(t.model).widths(), trainer=t.state_dict(), search=self.search.search_state(),
+                    pmim=None if self.pmim is None else self.pmim.search_state(),
+                    hooks=dict(steps=self.steps, shrinks=self.shrinks, trace=self.trace),
+                    rng=torch.get_rng_state())
+
+    def load_state(self, state: dict) -> None:
+        """The hooks' part of ``state()`` (the trainer, search and PMIM load theirs)."""
+        h = state['hooks']
+        self.steps, self.shrinks, self.trace = int(h['steps']), int(h['shrinks']), list(h['trace'])
+        torch.set_rng_state(state['rng'])
 
     def shrink(self) -> None:
         """Cut out the units no active candidate keeps any more and go on with the narrower model
@@ -190,17 +209,22 @@ def prune_ofb(cfg: OFBConfig) -> dict:
     cfg.validate()
     di: DistInfo = init_distributed(cfg.device)
     out = Path(cfg.out)
-    if (out / 'config.json').exists() or (out / TRACE_NAME).exists():
-        raise PruneError(f'{out} already holds a run; choose another --out')
+    resume = _load_checkpoint(out) if cfg.resume else None
+    if resume is None and any((out / f).exists() for f in ('config.json', TRACE_NAME, CHECKPOINT)):
+        raise PruneError(f'{out} already holds a run; choose another --out, or --resume it')
     seed_all(cfg.seed)
     device = di.device
     dense = load_dense(cfg.model).to(device).eval()
     if layout_of(dense).family != 'DeiT':
         raise PruneError(f'OFB searches the widths of DeiT-family models; {cfg.model} is a {layout_of(dense).family} '
                          f'(prune its MLP widths with deitlab prune nvit)')
-    model = copy.deepcopy(dense)
-    search = OFBSearch(model, cfg.grid, cfg.seed)
+    search = OFBSearch(copy.deepcopy(dense), cfg.grid, cfg.seed)
     check_target(search, cfg.target_gmacs)
+    if resume is None:
+        model = copy.deepcopy(dense)
+    else:   # the narrower model the search had reached, and the search's state
+        model = layout_of(dense).build(resume['widths'], device=device)
+        search.restore(resume['search'])
     train_loader, val_loader, train_set = _loaders(cfg, dense, di)
     if getattr(train_set, 'classes', None) is not None and len(train_set.classes) != dense.num_classes:
         raise PruneError(f'{cfg.model} predicts {dense.num_classes} classes but {cfg.data} has {len(train_set.classes)}')
@@ -219,15 +243,25 @@ def prune_ofb(cfg: OFBConfig) -> dict:
     pmim = None
     if cfg.pmim:
         pmim = PMIM(model, cfg.seed)
+        if resume is not None:
+            pmim.restore(resume['pmim'])
         pmim.install(model)   # after the search's hooks, which swap the final norm
-    hooks = OFBHooks(search, dense, cfg, steps, per_epoch, pmim)
+    hooks = OFBHooks(search, dense, cfg, steps, per_epoch, pmim, out / CHECKPOINT)
     trainer = Trainer(model, search_optimizer(model, search, cfg, pmim), hooks=[hooks], device=device, dist=di,
                       progress=cfg.progress)
+    batches = _forever(train_loader)
+    if resume is not None:
+        trainer.load_state_dict(resume['trainer'])
+        hooks.load_state(resume)
+        for _ in range(hooks.steps):   # the stream as far as the checkpoint
+            next(batches)
     _log(f'OFB search to {cfg.target_gmacs:g} of the dense GMACs: up to {steps} steps, lambda 0.99 -> 0.1 over '
-         f'{hooks.warmup_steps}, eliminations every {hooks.elim_every}')
+         f'{hooks.warmup_steps}, eliminations every {hooks.elim_every}'
+         + ('' if resume is None else f'; resumed at step {hooks.steps}'))
     t0 = time.perf_counter()
-    hooks.record()
-    trainer.run_steps(_forever(train_loader), total=steps, desc='ofb search')
+    if resume is None:
+        hooks.record()
+    trainer.run_steps(batches, total=steps - hooks.steps, desc='ofb search')
     model = trainer.model   # narrower than at the start when modules were shrunk
     forced = _force_choice(search)
     hooks.record()
@@ -263,6 +297,16 @@ def prune_ofb(cfg: OFBConfig) -> dict:
                                                     title=f'OFB target GMACs {cfg.target_gmacs:g}'))
                         if di.is_main else None,
                         config=asdict(cfg)))
+
+
+def _load_checkpoint(out: Path) -> dict:
+    path = out / CHECKPOINT
+    if not path.is_file():
+        raise PruneError(f'{out} has no {CHECKPOINT} to resume from (it is written at every elimination event)')
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:   # truncated or overwritten
+        raise PruneError(f'{path} is damaged ({type(e).__name__}); start the search again in a new --out') from None
 
 
 def _report(cfg: OFBConfig, out: Path, dense: nn.Module, final: nn.Module, val_loader, device, di: DistInfo,
