@@ -183,6 +183,11 @@ CASES = [
     # prune ofb
     *[(f'ofb-target-{v}', OFB + ['--target-gmacs', v], rf'strictly between 0 and 1; got --target-gmacs {v}')
       for v in ('0', '1', '-0.5', '1.5')],
+    ('ofb-no-target', OFB, r'give exactly one OFB target, --target-gmacs or --target-latency'),
+    ('ofb-two-targets', OFB + ['--target-gmacs', '0.5', '--target-latency', '0.5'],
+     r"exactly one OFB target.*got \['target_gmacs', 'target_latency'\]"),
+    ('ofb-latency-target-above-one', OFB + ['--target-latency', '1.2'],
+     r'strictly between 0 and 1; got --target-latency 1.2'),
     ('ofb-target-below-the-space', OFB + ['--target-gmacs', '0.01'],
      r'target 0.01 is below the smallest network the OFB search space holds \(0\.\d+ of the dense MACs\)'),
     ('ofb-poolformer', ['prune', 'ofb', '--model', '{root}/pool', '--data', 'folder:{root}/folder', '--out', '{root}/p',

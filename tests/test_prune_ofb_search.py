@@ -124,3 +124,53 @@ def test_a_resumed_search_ends_where_an_unbroken_one_does(tmp_path, monkeypatch)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(PruneError, match='has no ofb_checkpoint.pt to resume from'):
         prune_ofb(cfg('never', resume=True))
+
+
+def _table_for_small_model():
+    """A latency table covering the tiny DeiT, its block time multilinear in the widths."""
+    import itertools
+    import numpy as np
+    from deitlab.prune.latency import AXES, LatencyTable
+    axes = dict(emb=[8, 32], heads=[1, 4], qk=[1, 8], v=[1, 6], mlp=[1, 64])
+
+    def f(e, h, q, v, m):
+        return 0.2 + 0.01 * e + 0.002 * e * h * (q + v) + 0.003 * e * m / 8
+    ms = np.zeros([2] * 5)
+    for idx in itertools.product(range(2), repeat=5):
+        ms[idx] = f(*(axes[k][i] for k, i in zip(AXES, idx)))
+    return LatencyTable(axes, ms, [8, 32], [0.1, 0.4]), f
+
+
+def test_the_latency_budget_term_has_the_tables_value_and_slopes():
+    from deitlab.prune.ofb import table_latency
+    lut, _ = _table_for_small_model()
+    widths = dict(embed_dim=torch.tensor(20.5, requires_grad=True),
+                  num_heads=[torch.tensor(3.2, requires_grad=True), torch.tensor(2.0, requires_grad=True)],
+                  qk_dim=[torch.tensor(5.5, requires_grad=True), torch.tensor(7.0, requires_grad=True)],
+                  v_dim=[torch.tensor(4.0, requires_grad=True), torch.tensor(3.3, requires_grad=True)],
+                  mlp_hidden=[torch.tensor(40.0, requires_grad=True), torch.tensor(17.5, requires_grad=True)])
+    plain = {k: (float(v.detach()) if k == 'embed_dim' else [float(t.detach()) for t in v]) for k, v in widths.items()}
+    ms = table_latency(lut, widths)
+    assert float(ms) == pytest.approx(lut.model_ms(plain))
+    ms.backward()
+    sv = lut.unit_savings(plain)
+    assert float(widths['embed_dim'].grad) == pytest.approx(sv['emb'])
+    for kind, key in (('head', 'num_heads'), ('qk', 'qk_dim'), ('v', 'v_dim'), ('mlp', 'mlp_hidden')):
+        assert [float(t.grad) for t in widths[key]] == pytest.approx(sv[kind])
+
+
+def test_prune_ofb_to_a_latency_target(tmp_path):
+    lut, _ = _table_for_small_model()
+    path = lut.save(tmp_path / 'lut.json')
+    model = _model(num_classes=24, img_size=28)
+    dense_dir = save_run_dir(model, tmp_path / 'dense')
+    out = tmp_path / 'ofb'
+    report = prune_ofb(OFBConfig(model=str(dense_dir), data=DATA, out=str(out), target_latency=0.6, lut=str(path),
+                                 search_steps=12, arch_lr=0.3, batch_size=16, finetune_epochs=0, measure=False,
+                                 progress=False))
+    assert report['target'] == dict(kind='latency', value=0.6)
+    assert (out / 'latency_table.json').is_file()
+    trace = json.loads((out / 'search_trace.json').read_text())
+    assert all(0 < r['budget_fraction'] <= 1 for r in trace) and trace[0]['budget_fraction'] != trace[0]['macs_fraction']
+    with pytest.raises(Exception, match='exactly one OFB target'):
+        OFBConfig(model='m', data='d', out='o', target_latency=0.5, target_gmacs=0.5).validate()

@@ -213,8 +213,16 @@ class OFBConfig:
     model: str = field(metadata={'group': 'model', 'help': 'the dense model: run directory, deitlab name or timm ViT/DeiT'})
     data: str = field(metadata={'group': 'data', 'help': 'dataset spec: glyphs[:k=v,...] | fashion-mnist[:PATH] | folder:PATH'})
     out: str = field(metadata={'group': 'run', 'help': 'run directory for the searched model, its trace and plots'})
-    target_gmacs: float = field(default=0.5, metadata={
+    target_gmacs: Optional[float] = field(default=None, metadata={
         'group': 'search', 'help': "target GMACs, a fraction of the dense model's, strictly between 0 and 1"})
+    target_latency: Optional[float] = field(default=None, metadata={
+        'group': 'search', 'help': "target latency by the latency table, a fraction of the dense model's "
+                                   "(instead of --target-gmacs)"})
+    lut: Optional[str] = field(default=None, metadata={'group': 'latency table', 'help': _LUT_HELP})
+    lut_batch: int = field(default=64, metadata={'group': 'latency table', 'help': 'batch size the table is timed at'})
+    lut_passes: int = field(default=5, metadata={'group': 'latency table', 'help': 'interleaved timing rounds'})
+    lut_grid: Dict[str, list] = field(default_factory=dict, metadata={
+        'group': 'latency table', 'help': 'widths timed, per axis (emb, heads, qk, v, mlp), each a JSON list'})
     grid: str = field(default='ours', metadata={
         'group': 'search', 'help': "candidate widths: ours (heads 1..H) or paper (even head counts)"})
     search_epochs: float = field(default=2.0, metadata={
@@ -259,10 +267,26 @@ class OFBConfig:
     progress: Optional[bool] = field(default=None, metadata={
         'group': 'run', 'help': 'progress bars; unset: when attached to a terminal'})
 
+    lam = 0.0   # no latency penalty on units (NViT's); read by nvit.latency_table
+
+    @property
+    def target(self) -> tuple:
+        """``(kind, fraction)``: ``('gmacs', x)`` or ``('latency', x)``."""
+        return ('latency', self.target_latency) if self.target_latency is not None else ('gmacs', self.target_gmacs)
+
     def validate(self) -> 'OFBConfig':
-        if self.target_gmacs is None or not 0.0 < self.target_gmacs < 1.0:
+        given = [k for k in ('target_gmacs', 'target_latency') if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise PruneError(f'give exactly one OFB target, --target-gmacs or --target-latency (a fraction of '
+                             f'the dense model), got {given or "none"}')
+        kind, value = self.target
+        if not 0.0 < value < 1.0:
             raise PruneError(f'the OFB target is a fraction of the dense model, strictly between 0 and 1; '
-                             f'got --target-gmacs {self.target_gmacs}')
+                             f'got --target-{kind} {value}')
+        lut_path(self.lut)
+        for k in ('lut_batch', 'lut_passes'):
+            if getattr(self, k) < 1:
+                raise PruneError(f'{k} must be >= 1, got {getattr(self, k)}')
         if self.grid not in ('ours', 'paper'):
             raise PruneError(f'--grid must be ours or paper, got {self.grid!r}')
         if not self.search_epochs > 0:

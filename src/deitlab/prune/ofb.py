@@ -258,6 +258,8 @@ class OFBSearch(nn.Module):
         self.mods = nn.ModuleDict({m.name.replace('.', '_'): m for m in mods}).to(dev)
         self.lam = LAMBDA_RANGE[0]
         self.final = False
+        self.lut = None
+        self._dense_ms = None
         self._cost = layout.cost_model()
         self._dense_macs = float(self._cost(layout.widths())[0])
         self._handles: list = []
@@ -371,13 +373,27 @@ class OFBSearch(nn.Module):
     def dense_macs(self) -> float:
         return self._dense_macs
 
+    def fraction(self, widths: Optional[dict] = None) -> torch.Tensor:
+        """The budget the search works to at ``widths`` (default: the expected ones): MACs over the
+        dense MACs, or with a latency table (``lut``) the table's latency over the dense model's."""
+        widths = self.expected_widths() if widths is None else widths
+        if self.lut is None:
+            return self._cost(widths)[0] / self._dense_macs
+        return table_latency(self.lut, widths) / self._dense_ms
+
+    def use_latency_table(self, lut, dense: nn.Module) -> None:
+        """Work to a latency target: the budget term prices the expected widths with ``lut``."""
+        self.lut = lut
+        self._dense_ms = float(lut.model_ms(layout_of(dense).widths()))
+
     def losses(self, target_fraction: float) -> Dict[str, torch.Tensor]:
-        """``onehot``, ``sparsity`` and ``flops`` (the module docstring's weights applied)."""
+        """``onehot``, ``sparsity`` and the budget term ``flops`` (GMACs, or latency with a table),
+        with the module docstring's weights."""
         mods = self.modules_list()
         zero = mods[0].alpha.new_zeros(())
         onehot = sum((m.onehot() for m in mods if m.searching()), zero) * MODULE_WEIGHT
         sparsity = sum((torch.sigmoid(m.score).sum() * SPARSITY_WEIGHTS[m.kind] for m in mods), zero) * MODULE_WEIGHT
-        flops = FLOPS_WEIGHT * ((self.macs() - target_fraction * self._dense_macs) / self._dense_macs) ** 2
+        flops = FLOPS_WEIGHT * (self.fraction() - target_fraction) ** 2
         return dict(onehot=onehot, sparsity=sparsity, flops=flops)
 
     def eliminate(self, threshold: float = ELIMINATE_THRESHOLD) -> Dict[str, List[int]]:
@@ -507,12 +523,12 @@ def _check_target(target: float) -> None:
 
 
 def smallest_fraction(search: OFBSearch) -> float:
-    """MACs of the smallest candidate network over the dense MACs (a lower bound for a target)."""
+    """The budget (``OFBSearch.fraction``) of the smallest candidate network: a lower bound for a target."""
     d = search.depth
     w = dict(embed_dim=int(search.module('emb').widths[0]))
     for kind, key in (('head', 'num_heads'), ('qk', 'qk_dim'), ('v', 'v_dim'), ('mlp', 'mlp_hidden')):
         w[key] = [int(search.module(kind, b).widths[0]) for b in range(d)]
-    return float(search.macs(w)) / search.dense_macs
+    return float(search.fraction(w))
 
 
 def check_target(search: OFBSearch, target: float) -> None:
@@ -520,6 +536,36 @@ def check_target(search: OFBSearch, target: float) -> None:
     _check_target(target)
     lo = smallest_fraction(search)
     if target <= lo:
+        what = 'MACs' if search.lut is None else 'latency (by the latency table)'
         raise PruneError(f'target {target} is below the smallest network the OFB search space holds '
-                         f'({lo:.3f} of the dense MACs); raise the target')
+                         f'({lo:.3f} of the dense {what}); raise the target')
+
+
+class _TableLatency(torch.autograd.Function):
+    """A latency table's estimate at real-valued widths; its gradient is the table's saving of one
+    unit of each width (``LatencyTable.unit_savings``), the slope NViT's penalty uses."""
+
+    @staticmethod
+    def forward(ctx, lut, emb, *blocks):
+        d = len(blocks) // 4
+        cols = [[float(t) for t in blocks[i * d:(i + 1) * d]] for i in range(4)]
+        widths = dict(embed_dim=float(emb), num_heads=cols[0], qk_dim=cols[1], v_dim=cols[2], mlp_hidden=cols[3])
+        ctx.savings = lut.unit_savings(widths)
+        ctx.depth = d
+        return emb.new_tensor(lut.model_ms(widths))
+
+    @staticmethod
+    def backward(ctx, grad):
+        sv = ctx.savings
+        per_block = [g for kind in ('head', 'qk', 'v', 'mlp') for g in sv[kind]]
+        return (None, grad * sv['emb'], *(grad * g for g in per_block))
+
+
+def table_latency(lut, widths: dict) -> torch.Tensor:
+    """``lut.model_ms`` at (expected, real-valued) widths, differentiable in them (``_TableLatency``)."""
+    blocks = [t if torch.is_tensor(t) else torch.tensor(float(t)) for key in ('num_heads', 'qk_dim', 'v_dim',
+                                                                            'mlp_hidden') for t in widths[key]]
+    emb = widths['embed_dim']
+    emb = emb if torch.is_tensor(emb) else torch.tensor(float(emb))
+    return _TableLatency.apply(lut, emb, *blocks)
 

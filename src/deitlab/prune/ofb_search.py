@@ -36,7 +36,7 @@ from .base import PruneError
 from .compact import densify
 from .config import OFBConfig
 from .families import layout_of
-from .nvit import _finetune, _forever, _loaders, kd_kl, load_dense
+from .nvit import LUT_NAME, _finetune, _forever, _loaders, kd_kl, latency_table, load_dense
 from .ofb import OFBSearch, check_target, lambda_at
 from .ofb_pmim import PMIM
 
@@ -86,7 +86,7 @@ class OFBHooks(Hooks):
         task = cfg.kl_weight * kd_kl(out, self.teacher_out.float(), cfg.kl_tau) if cfg.kl_weight else out.new_zeros(())
         if cfg.ce_weight:
             task = task + cfg.ce_weight * F.cross_entropy(out, y, label_smoothing=cfg.smoothing)
-        parts = self.search.losses(cfg.target_gmacs)
+        parts = self.search.losses(cfg.target[1])
         if self.pmim is not None:
             rec = self.pmim.loss(x)
             # rescaled to the classification loss every step (the paper's w_decoder)
@@ -144,6 +144,7 @@ class OFBHooks(Hooks):
         the candidate widths, their probabilities, the expected width and the widths eliminated."""
         s = self.search
         row = dict(step=self.steps, lam=round(s.lam, 4), macs_fraction=round(float(s.macs()) / s.dense_macs, 4),
+                   budget_fraction=round(float(s.fraction()), 4),
                    losses={k: round(v, 5) for k, v in self.last.items()},
                    modules={m.name: [round(float(p), 4) for p in m.probs()] for m in s.modules_list()},
                    widths={m.name: [int(w) for w in m.widths] for m in s.modules_list()},
@@ -167,14 +168,16 @@ def _force_choice(search: OFBSearch) -> int:
 
 
 def plot_trace(trace: List[dict], search: OFBSearch, target: float, path: Path) -> Path:
-    """Expected MACs over the search against the target, and each module's expected width as a
-    fraction of its units."""
+    """Expected MACs (and latency, with a table) over the search against the target, and each
+    module's expected width as a fraction of its units."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.2))
     steps = [r['step'] for r in trace]
     a.plot(steps, [r['macs_fraction'] for r in trace], 'o-', label='expected MACs')
+    if search.lut is not None:
+        a.plot(steps, [r['budget_fraction'] for r in trace], 's-', label='expected latency (table)')
     a.axhline(target, color='k', ls='--', label=f'target {target:g}')
     a.plot(steps, [r['lam'] for r in trace], color='0.6', label='lambda')
     a.set_xlabel('search step')
@@ -219,7 +222,12 @@ def prune_ofb(cfg: OFBConfig) -> dict:
         raise PruneError(f'OFB searches the widths of DeiT-family models; {cfg.model} is a {layout_of(dense).family} '
                          f'(prune its MLP widths with deitlab prune nvit)')
     search = OFBSearch(copy.deepcopy(dense), cfg.grid, cfg.seed)
-    check_target(search, cfg.target_gmacs)
+    kind, target = cfg.target
+    lut = None
+    if kind == 'latency':
+        lut = latency_table(cfg, dense, di, out)
+        search.use_latency_table(lut, dense)
+    check_target(search, target)
     if resume is None:
         model = copy.deepcopy(dense)
     else:   # the narrower model the search had reached, and the search's state
@@ -230,6 +238,8 @@ def prune_ofb(cfg: OFBConfig) -> dict:
         raise PruneError(f'{cfg.model} predicts {dense.num_classes} classes but {cfg.data} has {len(train_set.classes)}')
     barrier()
     out.mkdir(parents=True, exist_ok=True)
+    if lut is not None and di.is_main:
+        lut.save(out / LUT_NAME)
     label_names = (dense.pretrained_cfg or {}).get('label_names')
     dense_dir = cfg.model if is_run_dir(cfg.model) else str(out / 'dense')
     if dense_dir != cfg.model and di.is_main:
@@ -255,7 +265,8 @@ def prune_ofb(cfg: OFBConfig) -> dict:
         hooks.load_state(resume)
         for _ in range(hooks.steps):   # the stream as far as the checkpoint
             next(batches)
-    _log(f'OFB search to {cfg.target_gmacs:g} of the dense GMACs: up to {steps} steps, lambda 0.99 -> 0.1 over '
+    _log(f'OFB search to {target:g} of the dense {"GMACs" if lut is None else "latency"}: up to {steps} steps, '
+         f'lambda 0.99 -> 0.1 over '
          f'{hooks.warmup_steps}, eliminations every {hooks.elim_every}'
          + ('' if resume is None else f'; resumed at step {hooks.steps}'))
     t0 = time.perf_counter()
@@ -281,20 +292,20 @@ def prune_ofb(cfg: OFBConfig) -> dict:
     if di.is_main:
         save_run_dir(compact, searched_dir, label_names)
         (out / TRACE_NAME).write_text(json.dumps(hooks.trace, indent=1))
-        plot_trace(hooks.trace, search, cfg.target_gmacs, out / 'search_trace.png')
+        plot_trace(hooks.trace, search, target, out / 'search_trace.png')
     barrier()
     finetune = _finetune(cfg, out, hooks.steps, per_epoch, str(searched_dir), dense_dir)
     if finetune is None and di.is_main:
         save_run_dir(compact, out, label_names)
     barrier()
     final = create(str(out)).to(device).eval()
-    return _report(cfg, out, dense, final, val_loader, device, di,
+    return _report(cfg, out, dense, final, val_loader, device, di, lut,
                    dict(search_steps=hooks.steps, search_time_s=round(search_s, 1), forced_modules=forced,
                         shrinks=hooks.shrinks,
                         search_forward_passes=2 * hooks.steps * cfg.batch_size,
                         masked_vs_cut_max_abs=gap, finetune=finetune, dense_dir=dense_dir,
                         widths_plot=str(plot_widths(widths_of(dense), widths_of(final), out / 'widths.png',
-                                                    title=f'OFB target GMACs {cfg.target_gmacs:g}'))
+                                                    title=f'OFB target {kind} {target:g}'))
                         if di.is_main else None,
                         config=asdict(cfg)))
 
@@ -310,7 +321,7 @@ def _load_checkpoint(out: Path) -> dict:
 
 
 def _report(cfg: OFBConfig, out: Path, dense: nn.Module, final: nn.Module, val_loader, device, di: DistInfo,
-            extra: dict) -> dict:
+            lut, extra: dict) -> dict:
     from ..bench import count_params, format_table
     from ..evaluate import evaluate
     from .report import speed_rows, widths_of
@@ -319,16 +330,17 @@ def _report(cfg: OFBConfig, out: Path, dense: nn.Module, final: nn.Module, val_l
     if not di.is_main:
         return dict(rows=[dict(name=k, top1=v) for k, v in acc.items()], run_dir=str(out))
     if cfg.measure:
-        rows = speed_rows({'dense': dense, 'ofb': final}, 'dense', 64)
+        rows = speed_rows({'dense': dense, 'ofb': final}, 'dense', cfg.lut_batch, lut)
     else:
         rows = [dict(name=n, params_m=count_params(m) / 1e6, gmacs=layout_of(m).gmacs())
                 for n, m in (('dense', dense), ('ofb', final))]
     for r in rows:
         r['top1'] = acc[r['name']]
     report = dict(rows=rows, dense_widths=widths_of(dense), searched_widths=widths_of(final),
-                  target=dict(kind='gmacs', value=cfg.target_gmacs),
+                  target=dict(kind=cfg.target[0], value=cfg.target[1]),
                   gmacs_fraction=layout_of(final).gmacs() / layout_of(dense).gmacs(), run_dir=str(out), **extra)
     (out / 'report.json').write_text(json.dumps(report, indent=2, default=str))
-    cols = ['name', 'top1', 'params_m', 'gmacs', 'latency_ms', 'images_per_s', 'latency_speedup', 'throughput_ratio']
+    cols = ['name', 'top1', 'params_m', 'gmacs', 'latency_ms', 'images_per_s', 'latency_speedup', 'throughput_ratio',
+            'predicted_speedup', 'prediction_error']
     report['table'] = format_table(rows, [c for c in cols if any(c in r for r in rows)])
     return report
