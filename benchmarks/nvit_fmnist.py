@@ -65,8 +65,16 @@ ABLATIONS = {'nvit_taylor': dict(criterion='taylor'), 'nvit_magnitude': dict(cri
 COMMON = dict(batch_size=32, finetune_lr=2e-4, alpha=0.5, tau=2.0)
 
 
+TARGET = {'kind': 'latency'}   # or 'gmacs' (--target): what a budget is a fraction of
+OFB_ARMS = {'ofb': {}, 'ofb_nopmim': dict(pmim=False), 'ofb_paper': dict(grid='paper')}
+
+
 def _run_name(arm: str, budget: float, seed: int) -> str:
-    return f'{arm}_{budget}_s{seed}'
+    return f'{arm}_{budget}_s{seed}' if TARGET['kind'] == 'latency' else f'gmacs_{arm}_{budget}_s{seed}'
+
+
+def _target(budget: float) -> dict:
+    return {f"target_{TARGET['kind']}": budget}
 
 
 def _finetune(model_dir: str, out: Path, steps: int, lr: float, warmup: float = 0.0, seed: int = 0) -> dict:
@@ -88,7 +96,7 @@ def run_nvit(budget: float, seed: int, args, arm: str = 'nvit') -> dict:
     from deitlab.prune import NViTConfig, prune_nvit
     out = RUNS / _run_name(arm, budget, seed)
     extra = dict(ABLATIONS.get(arm, {}))
-    cfg = NViTConfig(model=str(REF), data=DATA, out=str(out), target_latency=budget, lam=extra.pop('lam', args.lam),
+    cfg = NViTConfig(model=str(REF), data=DATA, out=str(out), **_target(budget), lam=extra.pop('lam', args.lam),
                      interval=args.interval, prune_steps=args.prune_steps, total_steps=args.total_steps,
                      batch_size=COMMON['batch_size'], finetune_lr=COMMON['finetune_lr'],
                      finetune_alpha=COMMON['alpha'], finetune_tau=COMMON['tau'], lut=str(LUT), val_batches=10,
@@ -204,9 +212,10 @@ def _tp_batches(kind: str, model, seed: int):
     return batches
 
 
-def _tp_to_fraction(model, kind: str, target: float, lut, base: float, batches, search_steps: int):
+def _tp_to_fraction(model, kind: str, target: float, fraction_of, batches, search_steps: int):
     """Bisection on the channel ratio of one pruning step so that the pruned model's predicted
-    latency is at most ``target`` of the dense model's; (ratio, fraction, model)."""
+    latency (or GMACs, ``--target gmacs``), ``fraction_of(model)``, is at most ``target`` of the
+    dense model's; (ratio, fraction, model)."""
     lo, hi, best = 0.0, 0.95, None
     for _ in range(search_steps):
         mid = (lo + hi) / 2
@@ -215,7 +224,7 @@ def _tp_to_fraction(model, kind: str, target: float, lut, base: float, batches, 
         if pruned is None:
             hi = mid
             continue
-        frac = lut.model_ms(dict(pruned.block_widths, embed_dim=pruned.embed_dim)) / base
+        frac = fraction_of(pruned)
         if frac <= target:
             best, hi = (mid, frac, pruned), mid
         else:
@@ -230,18 +239,25 @@ def run_tp(kind: str, budget: float, seed: int, args) -> dict:
     model to latency ``1 - (1 - budget) k / K`` of the dense model with fresh importance scores, and
     fine-tunes it (same distillation) until the next step; the last step is followed by the rest of
     the ``--total-steps``, so the arm trains exactly as many steps as NViT."""
+    from deitlab.bench import analytic_gmacs
     from deitlab.prune import LatencyTable
     from deitlab.rundir import create, save_run_dir
     dense = create(str(REF)).eval()
     lut = LatencyTable.load(LUT)
     base = lut.model_ms(dict(dense.block_widths, embed_dim=dense.embed_dim))
+    if TARGET['kind'] == 'latency':
+        def fraction_of(m):
+            return lut.model_ms(dict(m.block_widths, embed_dim=m.embed_dim)) / base
+    else:
+        def fraction_of(m):
+            return analytic_gmacs(m) / analytic_gmacs(dense)
     out = RUNS / _run_name(f'tp_{kind}', budget, seed)
     k_steps = max(1, args.tp_steps)
     seg = args.prune_steps // k_steps
     current, steps_done, events = dense, 0, []
     for k in range(1, k_steps + 1):
         target = 1 - (1 - budget) * k / k_steps
-        ratio, frac, model = _tp_to_fraction(current, kind, target, lut, base, _tp_batches(kind, current, seed + k),
+        ratio, frac, model = _tp_to_fraction(current, kind, target, fraction_of, _tp_batches(kind, current, seed + k),
                                              args.search_steps)
         last = k == k_steps
         steps = args.total_steps - steps_done if last else seg
@@ -283,6 +299,21 @@ def run_uniform(budget: float, seed: int, args) -> dict:
     return dict(run_dir=str(out), gmacs_target=target, widths=dict(model.block_widths, embed_dim=model.embed_dim))
 
 
+def run_ofb(budget: float, seed: int, args, arm: str = 'ofb') -> dict:
+    """OFB with the same steps as NViT: the search over ``--prune-steps``, the fine-tune (same
+    distillation) over the rest of ``--total-steps``."""
+    from deitlab.prune.config import OFBConfig
+    from deitlab.prune.ofb_search import prune_ofb
+    out = RUNS / _run_name(arm, budget, seed)
+    cfg = OFBConfig(model=str(REF), data=DATA, out=str(out), **_target(budget), lut=str(LUT),
+                    search_steps=args.prune_steps, total_steps=args.total_steps, batch_size=COMMON['batch_size'],
+                    finetune_lr=COMMON['finetune_lr'], finetune_alpha=COMMON['alpha'], finetune_tau=COMMON['tau'],
+                    measure=False, progress=False, seed=seed, **OFB_ARMS[arm])
+    rep = prune_ofb(cfg)
+    return dict(run_dir=str(out), **{k: rep[k] for k in ('search_steps', 'search_time_s', 'search_forward_passes',
+                                                         'forced_modules', 'shrinks', 'gmacs_fraction')})
+
+
 def run_one(arm: str, budget: float, seed: int, args) -> dict:
     out = RUNS / _run_name(arm, budget, seed)
     if out.exists():   # an unfinished earlier attempt (run_all skips finished ones)
@@ -292,6 +323,8 @@ def run_one(arm: str, budget: float, seed: int, args) -> dict:
         res = run_nvit(budget, seed, args, arm)
     elif arm.startswith('tp_'):
         res = run_tp(arm[3:], budget, seed, args)
+    elif arm in OFB_ARMS:
+        res = run_ofb(budget, seed, args, arm)
     else:
         res = run_uniform(budget, seed, args)
     res.update(arm=arm, budget=budget, seed=seed, train_wall_s=round(time.time() - t0, 1))
@@ -321,7 +354,7 @@ def run_all(args) -> None:
             if not (RUNS / _run_name(a, b, sd) / 'arm.json').exists()]
     running: dict = {}
     env = dict(os.environ, OMP_NUM_THREADS='1')
-    base = [sys.executable, __file__]
+    base = [sys.executable, __file__, '--target', TARGET['kind']]
     for k in ('total_steps', 'prune_steps', 'interval', 'lam', 'search_steps', 'scratch_lr', 'tp_steps'):
         base += [f'--{k.replace("_", "-")}', str(getattr(args, k))]
     while todo or running:
@@ -372,7 +405,7 @@ def measure(args) -> None:
                  gmacs=analytic_gmacs(dense), widths=dict(dense.block_widths, embed_dim=dense.embed_dim))]
     for b in args.budgets:
         runs = {}
-        for arm in ARMS + tuple(ABLATIONS):
+        for arm in ARMS + tuple(ABLATIONS) + tuple(OFB_ARMS):
             for sd in args.seeds:
                 if (RUNS / _run_name(arm, b, sd) / 'arm.json').exists():
                     runs.setdefault(arm, []).append(sd)
@@ -403,7 +436,8 @@ def measure(args) -> None:
                     row[k], row[f'{k}_std'] = _mean_std(vals)
             row['widths'] = per_seed[0]['widths']
             rows.append(row)
-    settings = dict(threads=args.threads, batch=64, rounds=args.rounds, speed_env=FIXED_MALLOC, data=DATA,
+    settings = dict(target=TARGET['kind'], threads=args.threads, batch=64, rounds=args.rounds, speed_env=FIXED_MALLOC,
+                    data=DATA,
                     total_steps=args.total_steps, seeds=list(args.seeds), std='sample (ddof=1) over seeds',
                     prune_steps=args.prune_steps, interval=args.interval, lam=args.lam, tp_steps=args.tp_steps,
                     tp_arms=TP_ARMS, common=COMMON, torch=torch.__version__, lut_meta=lut.meta)
@@ -426,7 +460,8 @@ def measure(args) -> None:
 
 def _speed_in_fresh_process(budget: float, names: list, args) -> dict:
     """Time the dense model and the runs ``names`` (``ARM_sSEED``) of one budget in a new process."""
-    cmd = [sys.executable, __file__, 'speed', '--budget', str(budget), '--runs', *names, '--rounds', str(args.rounds),
+    cmd = [sys.executable, __file__, 'speed', '--target', TARGET['kind'], '--budget', str(budget), '--runs', *names,
+           '--rounds', str(args.rounds),
            '--threads', str(args.threads)]
     return fresh_json(cmd)
 
@@ -502,7 +537,9 @@ def plot(rows) -> None:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('phase', choices=['lut', 'all', 'one', 'measure', 'speed', 'plot'])
-    p.add_argument('--arm', choices=ARMS + tuple(ABLATIONS))
+    p.add_argument('--arm', choices=ARMS + tuple(ABLATIONS) + tuple(OFB_ARMS))
+    p.add_argument('--target', choices=['latency', 'gmacs'], default='latency',
+                   help='what a budget is a fraction of (gmacs: the OFB benchmark, benchmarks/ofb_fmnist.py)')
     p.add_argument('--budget', type=float)
     p.add_argument('--arms', nargs='*', default=list(ARMS))
     p.add_argument('--budgets', nargs='*', type=float, default=list(BUDGETS))
@@ -523,6 +560,7 @@ def main(argv=None) -> None:
     p.add_argument('--result', default=str(RESULTS / 'nvit_fmnist.json'),
                    help='where measure writes its JSON (the ablation: results/nvit_fmnist_ablation.json)')
     args = p.parse_args(argv)
+    TARGET['kind'] = args.target
     if args.phase == 'lut':
         build_lut(args, LUT_FIXED if all(os.environ.get(k) == v for k, v in FIXED_MALLOC.items()) else LUT)
     elif args.phase == 'one':
