@@ -24,8 +24,27 @@ _LUT_HELP = ('latency table: "measure" times one on this device (the default), o
              'the name of a table committed in deitlab/prune/tables/')
 
 
+
 @dataclass
-class NViTConfig:
+class _CutModel:
+    """What ``NViTConfig`` and ``OFBConfig`` share: the dense model, the data, the run directory and
+    the fine-tuning of the cut model (with soft distillation from the dense one)."""
+    model: str = field(metadata={'group': 'model', 'help': 'the dense model: run directory, deitlab name or timm ViT/DeiT'})
+    data: str = field(metadata={'group': 'data', 'help': 'dataset spec: glyphs[:k=v,...] | fashion-mnist[:PATH] | folder:PATH'})
+    out: str = field(metadata={'group': 'run', 'help': 'run directory for the smaller model, its log and plots'})
+    finetune_epochs: int = field(default=1, metadata={
+        'group': 'fine-tuning', 'help': 'fine-tuning epochs of the cut model'})
+    finetune_steps: Optional[int] = field(default=None, metadata={
+        'group': 'fine-tuning', 'help': 'cap on the steps of a fine-tuning epoch'})
+    finetune_lr: float = field(default=2e-4, metadata={'group': 'fine-tuning', 'help': 'fine-tuning learning rate'})
+    finetune_alpha: float = field(default=0.5, metadata={
+        'group': 'fine-tuning', 'help': 'weight of the soft distillation from the dense model'})
+    finetune_tau: float = field(default=2.0, metadata={
+        'group': 'fine-tuning', 'help': 'temperature of that distillation'})
+
+
+@dataclass
+class NViTConfig(_CutModel):
     """Settings of ``prune_nvit`` (one field per ``deitlab prune nvit`` flag).
 
     Schedule (schedule.py). ``schedule='linear'`` lowers the budget goal linearly to the target
@@ -44,9 +63,6 @@ class NViTConfig:
     (``deitlab/prune/tables/``) loads one instead, so that pruning does not depend on the load of
     the machine while it runs.
     """
-    model: str = field(metadata={'group': 'model', 'help': 'the dense model: run directory, deitlab name or timm ViT/DeiT'})
-    data: str = field(metadata={'group': 'data', 'help': 'dataset spec: glyphs[:k=v,...] | fashion-mnist[:PATH] | folder:PATH'})
-    out: str = field(metadata={'group': 'run', 'help': 'run directory for the pruned model, its log and plots'})
     # target: exactly one, a fraction of the dense model
     target_latency: Optional[float] = field(default=None, metadata={
         'group': 'pruning', 'help': 'target latency, a fraction of the dense model (give exactly one target)'})
@@ -110,16 +126,6 @@ class NViTConfig:
     lut_grid: Dict[str, list] = field(default_factory=dict, metadata={
         'group': 'latency table', 'help': 'widths timed, per axis (emb, heads, qk, v, mlp; PoolFormer etc.: mlp), '
                                           'each a JSON list'})
-    # fine-tuning of the densified model
-    finetune_epochs: int = field(default=1, metadata={
-        'group': 'fine-tuning', 'help': 'fine-tuning epochs of the densified model'})
-    finetune_steps: Optional[int] = field(default=None, metadata={
-        'group': 'fine-tuning', 'help': 'cap on the steps of a fine-tuning epoch'})
-    finetune_lr: float = field(default=2e-4, metadata={'group': 'fine-tuning', 'help': 'fine-tuning learning rate'})
-    finetune_alpha: float = field(default=0.5, metadata={
-        'group': 'fine-tuning', 'help': 'weight of the soft distillation from the dense model'})
-    finetune_tau: float = field(default=2.0, metadata={
-        'group': 'fine-tuning', 'help': 'temperature of that distillation'})
     # run
     val_batches: int = field(default=20, metadata={
         'group': 'run', 'help': 'validation batches per pruning event (0: none)'})
@@ -196,7 +202,7 @@ class NViTConfig:
 
 
 @dataclass
-class OFBConfig:
+class OFBConfig(_CutModel):
     """Settings of ``prune_ofb`` (one field per ``deitlab prune ofb`` flag; ofb.py, ofb_search.py).
 
     The search trains the model with its masks for ``search_epochs`` epochs of the training split
@@ -210,9 +216,6 @@ class OFBConfig:
     at 2e-2 (the default) two. The result is folded, cut to its widths and fine-tuned like NViT's
     (``finetune_*``, ``total_steps``).
     """
-    model: str = field(metadata={'group': 'model', 'help': 'the dense model: run directory, deitlab name or timm ViT/DeiT'})
-    data: str = field(metadata={'group': 'data', 'help': 'dataset spec: glyphs[:k=v,...] | fashion-mnist[:PATH] | folder:PATH'})
-    out: str = field(metadata={'group': 'run', 'help': 'run directory for the searched model, its trace and plots'})
     target_gmacs: Optional[float] = field(default=None, metadata={
         'group': 'search', 'help': "target GMACs, a fraction of the dense model's, strictly between 0 and 1"})
     target_latency: Optional[float] = field(default=None, metadata={
@@ -248,15 +251,6 @@ class OFBConfig:
     aug: str = field(default='none', metadata={'group': 'augmentation', 'help': 'none | light | deit'})
     total_steps: Optional[int] = field(default=None, metadata={
         'group': 'fine-tuning', 'help': 'search plus fine-tuning steps (the fine-tune gets the rest)'})
-    finetune_epochs: int = field(default=1, metadata={
-        'group': 'fine-tuning', 'help': 'fine-tuning epochs of the searched model'})
-    finetune_steps: Optional[int] = field(default=None, metadata={
-        'group': 'fine-tuning', 'help': 'cap on the steps of a fine-tuning epoch'})
-    finetune_lr: float = field(default=2e-4, metadata={'group': 'fine-tuning', 'help': 'fine-tuning learning rate'})
-    finetune_alpha: float = field(default=0.5, metadata={
-        'group': 'fine-tuning', 'help': 'weight of the soft distillation from the dense model'})
-    finetune_tau: float = field(default=2.0, metadata={
-        'group': 'fine-tuning', 'help': 'temperature of that distillation'})
     measure: bool = field(default=True, metadata={
         'group': 'run', 'help': 'time the dense and the searched model at the end'})
     resume: bool = field(default=False, metadata={

@@ -349,21 +349,21 @@ class OFBSearch(nn.Module):
         self._model = None
 
     # ------------------------------------------------------------------ losses
-    def expected_widths(self) -> dict:
-        """Expected widths ``sum_j p_j r_j`` (tensors) in the model's width vocabulary."""
-        d = self.depth
-        out = dict(embed_dim=self.module('emb').expected_width())
+    def widths_by(self, of) -> dict:
+        """``of(module)`` for every module, in the model's width vocabulary (``embed_dim`` and the
+        per-block lists)."""
+        out = dict(embed_dim=of(self.module('emb')))
         for kind, key in (('head', 'num_heads'), ('qk', 'qk_dim'), ('v', 'v_dim'), ('mlp', 'mlp_hidden')):
-            out[key] = [self.module(kind, b).expected_width() for b in range(d)]
+            out[key] = [of(self.module(kind, b)) for b in range(self.depth)]
         return out
+
+    def expected_widths(self) -> dict:
+        """Expected widths ``sum_j p_j r_j`` (tensors, differentiable in alpha)."""
+        return self.widths_by(SearchModule.expected_width)
 
     def chosen_widths(self) -> dict:
         """The most probable width of every module (the result once every module is done)."""
-        d = self.depth
-        out = dict(embed_dim=self.module('emb').chosen())
-        for kind, key in (('head', 'num_heads'), ('qk', 'qk_dim'), ('v', 'v_dim'), ('mlp', 'mlp_hidden')):
-            out[key] = [self.module(kind, b).chosen() for b in range(d)]
-        return out
+        return self.widths_by(SearchModule.chosen)
 
     def macs(self, widths: Optional[dict] = None) -> torch.Tensor:
         """Closed-form MACs at ``widths`` (default: the expected widths, differentiable in alpha)."""
@@ -524,11 +524,7 @@ def _check_target(target: float) -> None:
 
 def smallest_fraction(search: OFBSearch) -> float:
     """The budget (``OFBSearch.fraction``) of the smallest candidate network: a lower bound for a target."""
-    d = search.depth
-    w = dict(embed_dim=int(search.module('emb').widths[0]))
-    for kind, key in (('head', 'num_heads'), ('qk', 'qk_dim'), ('v', 'v_dim'), ('mlp', 'mlp_hidden')):
-        w[key] = [int(search.module(kind, b).widths[0]) for b in range(d)]
-    return float(search.fraction(w))
+    return float(search.fraction(search.widths_by(lambda m: int(m.widths[0]))))
 
 
 def check_target(search: OFBSearch, target: float) -> None:
