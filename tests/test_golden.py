@@ -78,6 +78,13 @@ def test_nvit_pruning_run(stored, tmp_path):
     _check('prune.nvit', stored, tmp_path)
 
 
+def test_ofb_search_run(stored, tmp_path):
+    """Pins ``prune_ofb`` of a seeded DeiT-pico to 0.5 of its GMACs: every module's expected width
+    after every elimination event, the candidates eliminated, the shrinks, the searched widths and
+    weights and the weights after the 2 fine-tuning steps with their metrics."""
+    _check('prune.ofb', stored, tmp_path)
+
+
 @pytest.mark.parametrize('setting', list(golden.TOKEN_SETTINGS))
 def test_token_fusion_plan(setting, stored, tmp_path):
     """Pins ToMe / MCTF / MCTF-Fast (and MCTF's modes and poolings) on DeiT-nano, distilled

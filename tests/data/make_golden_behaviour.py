@@ -38,6 +38,11 @@ thread, ``torch.manual_seed(0)``, the previous thread count restored afterwards)
   from ``model.safetensors``), the EMA weights when on (``ema.*``), and the numeric columns of
   ``metrics.jsonl`` (``metrics``, epochs x ``metric_names``; losses, learning rate, accuracy,
   mixing statistics; no timings).
+* ``prune.ofb``: ``prune_ofb(OFBConfig(...))`` of a seeded random DeiT-pico (:data:`OFB`: 6 search
+  steps fast enough to eliminate and shrink, PMIM on, a 2-step fine-tune): the searched widths,
+  per trace row the expected width of every module, the MACs and budget fractions and lambda, and
+  the candidates eliminated, the step / shrink / forced counts, the fine-tune's metrics, and the
+  searched and final weights.
 * ``prune.nvit``: ``prune_nvit(NViTConfig(...))`` of a seeded random DeiT-pico (24 classes,
   saved as a run directory) to 0.5 of its GMACs with the committed latency table
   ``deit_pico_patch4_32_b64_t2`` in the ranking (lam 0.02), a linear schedule over 4 steps with an
@@ -124,6 +129,9 @@ NVIT = dict(target_gmacs=0.5, lut='deit_pico_patch4_32_b64_t2', lam=0.02, schedu
             interval=1, batch_size=16, finetune_epochs=1, finetune_steps=2, val_batches=0, measure=False,
             progress=False, seed=0, device='cpu')
 WIDTH_ROWS = ('num_heads', 'qk_dim', 'v_dim', 'mlp_hidden')
+# a search fast enough to eliminate candidates and shrink modules in a few steps, with PMIM
+OFB = dict(target_gmacs=0.5, search_steps=6, arch_lr=0.3, batch_size=16, finetune_epochs=1, finetune_steps=2,
+           measure=False, progress=False, seed=0, device='cpu')
 
 # name: (model, method, r (None: the method's default), options)
 TOKEN_SETTINGS = {
@@ -300,6 +308,38 @@ def compute_prune(workdir: Path) -> Dict[str, np.ndarray]:
     return out
 
 
+def compute_ofb(workdir: Path) -> Dict[str, np.ndarray]:
+    """Searched widths, the trace (expected widths, eliminated candidates) and the weights of a tiny
+    OFB run (prune_ofb on a seeded random DeiT-pico, :data:`OFB`)."""
+    import timm
+    from safetensors.torch import load_file
+    from deitlab.data.glyphs import GLYPH_CLASSES
+    from deitlab.prune.config import OFBConfig
+    from deitlab.prune.ofb_search import prune_ofb
+    from deitlab.rundir import save_run_dir
+    key = 'prune.ofb'
+    workdir = Path(workdir)
+    with deterministic(0):
+        dense = save_run_dir(timm.create_model(PICO, num_classes=len(GLYPH_CLASSES)), workdir / 'ofb_dense',
+                             list(GLYPH_CLASSES))
+        out_dir = workdir / 'ofb'
+        report = prune_ofb(OFBConfig(model=str(dense), data=DATA, out=str(out_dir), **OFB))
+    trace = json.loads((out_dir / 'search_trace.json').read_text())
+    names = sorted(trace[0]['expected'])
+    out = {
+        f'{key}.widths': _widths(report['searched_widths']),
+        f'{key}.embed_dim': np.array(report['searched_widths']['embed_dim'], dtype=np.int64),
+        f'{key}.expected': np.array([[r['expected'][n] for n in names] for r in trace], dtype=np.float64),
+        f'{key}.fractions': np.array([[r['macs_fraction'], r['budget_fraction'], r['lam']] for r in trace]),
+        f'{key}.dropped': np.array([json.dumps(r['dropped'], sort_keys=True) for r in trace]),
+        f'{key}.counts': np.array([report['search_steps'], report['shrinks'], report['forced_modules']], dtype=np.int64),
+    }
+    out[f'{key}.finetune_metric_names'], out[f'{key}.finetune_metrics'] = _rows(out_dir / 'metrics.jsonl')
+    out.update(weight_stats(f'{key}.searched', load_file(str(out_dir / 'searched' / 'model.safetensors'))))
+    out.update(weight_stats(f'{key}.final', load_file(str(out_dir / 'model.safetensors'))))
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # token fusion
 # ---------------------------------------------------------------------------------------------
@@ -369,6 +409,7 @@ def _cases() -> Dict[str, Callable[[Path], Dict[str, np.ndarray]]]:
     for name in TRAIN_CONFIGS:
         cases[f'train.{name}'] = lambda workdir, name=name: compute_train(name, workdir)
     cases['prune.nvit'] = compute_prune
+    cases['prune.ofb'] = compute_ofb
     for name in TOKEN_SETTINGS:
         cases[f'tokens.{name}'] = lambda workdir, name=name: compute_tokens(name)
     cases['tokens.functions'] = lambda workdir: compute_token_functions()
