@@ -240,8 +240,15 @@ def plot(result: dict) -> None:
                     ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], color=c, ls=ls,
                                 marker='o', capsize=3,
                                 label=f"{model}, {'clean' if poison is None else 'CUDA k=3, p_b=0.3'}")
+            for poison, ls in ((None, '-'), (default, '--')):   # within the longest run of seed 0
+                run = next((r for r in result['runs'] if r['data'] == data and r['model'] == model and
+                            r['epochs'] == max(LENGTHS) and r['seed'] == 0 and
+                            (list(r['poison']) if r['poison'] else None) == poison), None)
+                if run:
+                    ax.plot([c['epoch'] for c in run['curve']], [c['val_top1'] for c in run['curve']], color=c,
+                            ls=ls, lw=0.8, alpha=0.4)
         ax.axhline(result['chance_top1'], color='0.5', ls=':', label='chance')
-        ax.set_xlabel('training epochs (each length its own run)')
+        ax.set_xlabel('training epochs (markers: each length its own run; thin: within the 40-epoch run)')
         ax.set_ylabel('clean validation top-1 (%)')
         ax.set_title(data)
         ax.set_ylim(0, 100)
