@@ -35,11 +35,12 @@ def _search(model, seed=0, **kw):
     return s
 
 
-def test_masks_at_one_leave_the_dense_model_unchanged():
+@pytest.mark.parametrize('distilled', [False, True])
+def test_masks_at_one_leave_the_dense_model_unchanged(distilled):
     """lambda = 1 and every score at +inf (sigmoid 1), or lambda = 0 and only the full width left:
     every mask is exactly 1 and the logits are the dense model's. A hook on the wrong tensor, or a
     mask that is not all ones there, changes them."""
-    model = _model()
+    model = _model(distilled=distilled)
     x = _x()
     dense = _logits(model, x)
     s = _search(model)
@@ -156,12 +157,14 @@ def test_sparsity_mask_is_the_probability_of_keeping_each_unit():
     assert float(m.expected_width().detach()) == pytest.approx(float((p * m.widths).sum()))
 
 
-@pytest.mark.parametrize('seed', [0, 1])
-def test_folded_and_densified_models_compute_what_the_masked_search_computed(seed):
+@pytest.mark.parametrize('seed, kind', [(0, 'deit'), (1, 'deit'), (2, 'distilled'), (3, 'layerscale')])
+def test_folded_and_densified_models_compute_what_the_masked_search_computed(seed, kind):
     """At the end of a search (one candidate left per module, lambda at 0.1) the masked model with
     the final masks, the model with the masks folded into its weights, and the densified model at
-    the chosen widths give the same logits (1e-5)."""
-    model = _model(seed=seed)
+    the chosen widths give the same logits (1e-5): a DeiT, a distilled DeiT (its distillation token
+    scaled with the class token) and one with LayerScale."""
+    model = _model(seed=seed, **{'deit': {}, 'distilled': dict(distilled=True),
+                                 'layerscale': dict(init_values=1e-5)}[kind])
     x = _x(seed=seed)
     s = _search(model, seed=seed)
     _choose_randomly(s, seed)
