@@ -26,6 +26,7 @@ label smoothing 0.1, no augmentation or mixing), 1 thread per run.
     python benchmarks/unlearnable_curve.py make             # the folders and poisoned copies, ~1 min
     python benchmarks/unlearnable_curve.py train --jobs 2   # every run not done yet (~4 h on 2 cores)
     python benchmarks/unlearnable_curve.py report           # results/unlearnable_curve.{json,png}
+    python benchmarks/unlearnable_curve.py examples         # results/unlearnable_curve_examples.png
 """
 from __future__ import annotations
 
@@ -277,6 +278,36 @@ def plot(result: dict) -> None:
     fig.savefig(RESULTS / 'unlearnable_curve.png', dpi=100)
 
 
+def cmd_examples(args) -> None:
+    """A few training images of each dataset, clean and as each poisoned copy shows them
+    (``results/unlearnable_curve_examples.png``): how visible each setting is."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from PIL import Image
+    rows = [('fmnist-1500', None)] + [(d, s[1:]) for s in settings() for d in [s[0]] if d == 'fmnist-1500'] + \
+        [('digits', None), ('digits', DEFAULT)]
+    n = 8
+    fig, axes = plt.subplots(len(rows), n, figsize=(n * 1.1, len(rows) * 1.25))
+    for i, (data, poison) in enumerate(rows):
+        clean = clean_dir(data) / 'train'
+        sources = [f for d in sorted(clean.iterdir()) for f in sorted(d.iterdir())]
+        pick = [sorted((clean / c).iterdir())[0] for c in sorted(os.listdir(clean))][:n]
+        by_index = {} if poison is None else {int(q.stem): q for q in
+                                              (poisoned_dir(data, *poison) / 'train').glob('*/*.png')}
+        for j, f in enumerate(pick):
+            path = f if poison is None else by_index[sources.index(f)]
+            axes[i, j].imshow(np.asarray(Image.open(path)), cmap='gray', vmin=0, vmax=255)
+            axes[i, j].set_xticks([])
+            axes[i, j].set_yticks([])
+        label = 'clean' if poison is None else f'k={poison[0]}, p_b={poison[1]:g}'
+        axes[i, 0].set_ylabel(f'{data}\n{label}', fontsize=7)
+    fig.suptitle('CUDA: training images, clean and poisoned (each row one setting)', fontsize=9)
+    fig.tight_layout()
+    fig.savefig(RESULTS / 'unlearnable_curve_examples.png', dpi=100)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest='cmd', required=True)
@@ -285,8 +316,9 @@ def main():
     t.add_argument('--jobs', type=int, default=2)
     t.add_argument('--only', nargs='*', help='run only the runs whose name contains one of these')
     sub.add_parser('report')
+    sub.add_parser('examples')
     args = p.parse_args()
-    {'make': cmd_make, 'train': cmd_train, 'report': cmd_report}[args.cmd](args)
+    {'make': cmd_make, 'train': cmd_train, 'report': cmd_report, 'examples': cmd_examples}[args.cmd](args)
 
 
 if __name__ == '__main__':
