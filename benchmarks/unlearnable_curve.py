@@ -211,8 +211,8 @@ def cmd_report(args) -> None:
         acc = [r['top1'] for r in rs]
         summary.append(dict(data=data, model=model, poison=list(poison) if poison else None, epochs=epochs, n_seeds=len(acc),
                             top1=float(np.mean(acc)), top1_std=float(np.std(acc, ddof=1)) if len(acc) > 1 else None))
-    visibility = {f'k{k}-pb{b:g}': round(psnr('fmnist-1500', k, b), 2) for data, k, b in settings()
-                  if data == 'fmnist-1500' and (poisoned_dir(data, k, b) / 'manifest.json').exists()}
+    visibility = {f'{data}/k{k}-pb{b:g}': round(psnr(data, k, b), 2) for data, k, b in settings()
+                  if (poisoned_dir(data, k, b) / 'manifest.json').exists()}
     result = dict(benchmark='unlearnable_curve', key=KEY, lengths=list(LENGTHS), seeds=list(SEEDS),
                   default=list(DEFAULT), sweep=[list(s) for s in SWEEP], recipe=' '.join(RECIPE), chance_top1=10.0,
                   data={'fmnist-1500': f'{PER_CLASS} train / {VAL_PER_CLASS} val images a class of Fashion-MNIST',
@@ -260,7 +260,7 @@ def plot(result: dict) -> None:
              and s['poison'] is not None and s['epochs'] == max(LENGTHS)]
     for s in sweep:
         k, b = s['poison']
-        db = result['psnr_db'].get(f'k{k}-pb{b:g}')
+        db = result['psnr_db'].get(f'fmnist-1500/k{k}-pb{b:g}')
         ax.scatter(db, s['top1'], color='tab:blue')
         ax.annotate(f'k={k}, p_b={b:g}', (db, s['top1']), fontsize=7, xytext=(3, 3), textcoords='offset points')
     clean = [s['top1'] for s in result['summary'] if s['data'] == 'fmnist-1500' and s['model'] == 'deit-nano'
