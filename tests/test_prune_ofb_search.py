@@ -72,6 +72,7 @@ def test_prune_ofb_end_to_end(tmp_path):
     for f in ('search_trace.png', 'widths.png', 'report.json', 'searched/config.json'):
         assert (out / f).is_file(), f
     assert report['forced_modules'] >= 0 and 0 < report['gmacs_fraction'] <= 1
+    assert report['budget_reached'] == pytest.approx(report['gmacs_fraction'], abs=1e-4)
     saved = json.loads((out / 'report.json').read_text())
     assert saved['target'] == dict(kind='gmacs', value=0.6) and saved['search_forward_passes'] > 0
 
@@ -174,3 +175,11 @@ def test_prune_ofb_to_a_latency_target(tmp_path):
     assert all(0 < r['budget_fraction'] <= 1 for r in trace) and trace[0]['budget_fraction'] != trace[0]['macs_fraction']
     with pytest.raises(Exception, match='exactly one OFB target'):
         OFBConfig(model='m', data='d', out='o', target_latency=0.5, target_gmacs=0.5).validate()
+
+
+def test_a_search_over_its_budget_says_so():
+    from deitlab.prune.ofb_search import budget_warning
+    assert budget_warning('GMACs', 0.5, 0.52) is None
+    line = budget_warning('GMACs', 0.35, 0.515)
+    assert line.startswith('warning: the search ended at 0.515 of the dense GMACs, above the target 0.35')
+    assert '--search-epochs' in line and '\n' not in line

@@ -154,6 +154,20 @@ class OFBHooks(Hooks):
         return row
 
 
+TARGET_TOLERANCE = 0.05   # a search that ends more than 5% above its target says so
+
+
+def budget_warning(kind: str, target: float, reached: float) -> Optional[str]:
+    """A line when the searched model is over its budget by more than ``TARGET_TOLERANCE``: the
+    budget term loses to the task loss when the search is short or the target far below where the
+    candidate logits settle (raise --search-epochs, or prune further with deitlab prune nvit)."""
+    if reached <= target * (1 + TARGET_TOLERANCE):
+        return None
+    return (f'warning: the search ended at {reached:.3f} of the dense {kind}, above the target {target:g}: the '
+            f'budget term did not hold it in this search; a longer search (--search-epochs) or deitlab prune nvit '
+            f'reaches it')
+
+
 def _force_choice(search: OFBSearch) -> int:
     """Leave only the most probable candidate of every module still searching; how many there were."""
     left = 0
@@ -276,6 +290,10 @@ def prune_ofb(cfg: OFBConfig) -> dict:
     model = trainer.model   # narrower than at the start when modules were shrunk
     forced = _force_choice(search)
     hooks.record()
+    reached = float(search.fraction(search.chosen_widths()))
+    warning = budget_warning(kind, target, reached)
+    if warning:
+        _log(warning)
     if pmim is not None:
         pmim.remove()
     search_s = time.perf_counter() - t0
@@ -301,7 +319,7 @@ def prune_ofb(cfg: OFBConfig) -> dict:
     final = create(str(out)).to(device).eval()
     return _report(cfg, out, dense, final, val_loader, device, di, lut,
                    dict(search_steps=hooks.steps, search_time_s=round(search_s, 1), forced_modules=forced,
-                        shrinks=hooks.shrinks,
+                        shrinks=hooks.shrinks, budget_reached=round(reached, 4), warning=warning,
                         search_forward_passes=2 * hooks.steps * cfg.batch_size,
                         masked_vs_cut_max_abs=gap, finetune=finetune, dense_dir=dense_dir,
                         widths_plot=str(plot_widths(widths_of(dense), widths_of(final), out / 'widths.png',
