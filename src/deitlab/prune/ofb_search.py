@@ -291,7 +291,7 @@ def prune_ofb(cfg: OFBConfig) -> dict:
     forced = _force_choice(search)
     hooks.record()
     reached = float(search.fraction(search.chosen_widths()))
-    warning = budget_warning(kind, target, reached)
+    warning = budget_warning({'gmacs': 'GMACs'}.get(kind, kind), target, reached)
     if warning:
         _log(warning)
     if pmim is not None:
