@@ -274,18 +274,23 @@ def _widths(w: dict) -> np.ndarray:
     return np.array([w[k] for k in WIDTH_ROWS], dtype=np.int64)
 
 
+def _glyph_pico_dir(path: Path) -> Path:
+    """A seeded random DeiT-pico for the glyph classes, saved as a run directory (call inside
+    ``deterministic``)."""
+    import timm
+    from deitlab.data.glyphs import GLYPH_CLASSES
+    from deitlab.rundir import save_run_dir
+    return save_run_dir(timm.create_model(PICO, num_classes=len(GLYPH_CLASSES)), path, list(GLYPH_CLASSES))
+
+
 def compute_prune(workdir: Path) -> Dict[str, np.ndarray]:
     """Widths, removed units, estimates and weights of a tiny NViT run (see the module docstring)."""
-    import timm
     from safetensors.torch import load_file
-    from deitlab.data.glyphs import GLYPH_CLASSES
     from deitlab.prune import NViTConfig, prune_nvit
-    from deitlab.rundir import save_run_dir
     key = 'prune.nvit'
     workdir = Path(workdir)
     with deterministic(0):
-        dense = save_run_dir(timm.create_model(PICO, num_classes=len(GLYPH_CLASSES)), workdir / 'nvit_dense',
-                             list(GLYPH_CLASSES))
+        dense = _glyph_pico_dir(workdir / 'nvit_dense')
         out_dir = workdir / 'nvit'
         report = prune_nvit(NViTConfig(model=str(dense), data=DATA, out=str(out_dir), **NVIT))
     log = [json.loads(line) for line in (out_dir / 'prune_log.jsonl').read_text().splitlines() if line.strip()]
@@ -311,17 +316,13 @@ def compute_prune(workdir: Path) -> Dict[str, np.ndarray]:
 def compute_ofb(workdir: Path) -> Dict[str, np.ndarray]:
     """Searched widths, the trace (expected widths, eliminated candidates) and the weights of a tiny
     OFB run (prune_ofb on a seeded random DeiT-pico, :data:`OFB`)."""
-    import timm
     from safetensors.torch import load_file
-    from deitlab.data.glyphs import GLYPH_CLASSES
     from deitlab.prune.config import OFBConfig
     from deitlab.prune.ofb_search import prune_ofb
-    from deitlab.rundir import save_run_dir
     key = 'prune.ofb'
     workdir = Path(workdir)
     with deterministic(0):
-        dense = save_run_dir(timm.create_model(PICO, num_classes=len(GLYPH_CLASSES)), workdir / 'ofb_dense',
-                             list(GLYPH_CLASSES))
+        dense = _glyph_pico_dir(workdir / 'ofb_dense')
         out_dir = workdir / 'ofb'
         report = prune_ofb(OFBConfig(model=str(dense), data=DATA, out=str(out_dir), **OFB))
     trace = json.loads((out_dir / 'search_trace.json').read_text())
