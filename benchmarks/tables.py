@@ -205,6 +205,58 @@ def t_unlearnable() -> str:
                                                      '--jobs 2')])
 
 
+def _uc_rows(data: str, model: str = 'deit-nano', poison=(3, 0.3), epochs: int = 40, train_px: int = 28,
+             poison_px: int = 28) -> dict:
+    """The summary row of ``unlearnable_curve.json`` (``poison`` None for clean data)."""
+    for r in load('unlearnable_curve')['summary']:
+        if (r['data'], r['model'], r['poison'] and tuple(r['poison']), r['epochs'], r['train_px'], r['poison_px']) == \
+                (data, model, poison and tuple(poison), epochs, train_px, poison_px):
+            return r
+    raise MissingResult(f'unlearnable_curve has no {data}/{model}/{poison}/{epochs} ep/{train_px} px row')
+
+
+def _uc_acc(r: dict) -> str:
+    return f"{r['top1']:.1f}" + (f" ± {r['top1_std']:.1f}" if r['top1_std'] is not None else '')
+
+
+def t_unlearnable_curve() -> str:
+    res = load('unlearnable_curve')
+    rows = []
+    for data in res['data']:
+        for model in ('deit-nano', 'resnet18'):
+            for epochs in res['lengths']:
+                try:
+                    clean, cuda = _uc_rows(data, model, None, epochs), _uc_rows(data, model, (3, 0.3), epochs)
+                except MissingResult:
+                    continue
+                rows.append([data, model, str(epochs), str(clean['n_seeds']), _uc_acc(clean), _uc_acc(cuda),
+                             f"{cuda['top1'] - clean['top1']:+.1f}"])
+    return '\n'.join([table(['data', 'model', 'epochs', 'seeds', 'clean data', 'poisoned (k = 3, p_b = 0.3)',
+                             'poisoned − clean'], rows),
+                      source(['unlearnable_curve'], 'python benchmarks/unlearnable_curve.py make && ... train '
+                                                    '--jobs 2 && ... report')])
+
+
+def t_unlearnable_settings() -> str:
+    res = load('unlearnable_curve')
+    longest = max(res['lengths'])
+    clean = _uc_rows('fmnist-1500', 'deit-nano', None, longest)
+    rows = [['clean data', '28 / 28', '', '', _uc_acc(clean)]]
+    for k, b in sorted([tuple(res['default'])] + [tuple(s) for s in res['sweep']]):
+        r = _uc_rows('fmnist-1500', 'deit-nano', (k, b), longest)
+        rows.append([f'k = {k}, p_b = {b:g}', '28 / 28', f"{res['psnr_db'][f'fmnist-1500/k{k}-pb{b:g}']:.1f}",
+                     f"{res['filter_contrast_db'][f'fmnist-1500/k{k}-pb{b:g}']:.1f}", _uc_acc(r)])
+    k, b = res['default']
+    for poison_px in (28, res['resize']):
+        r = _uc_rows('fmnist-1500', 'deit-nano', (k, b), longest, res['resize'], poison_px)
+        key = f'fmnist-1500/k{k}-pb{b:g}' + ('' if poison_px == 28 else f'-at{poison_px}')
+        rows.append([f'k = {k}, p_b = {b:g}', f"{poison_px} / {res['resize']}", f"{res['psnr_db'][key]:.1f}", '',
+                     _uc_acc(r)])
+    return '\n'.join([table(['setting', 'poisoned / trained at (px)', 'PSNR vs clean (dB)',
+                             'PSNR between two classes\' filters (dB)', f'clean top-1 after {longest} epochs'], rows),
+                      source(['unlearnable_curve'], 'python benchmarks/unlearnable_curve.py report')])
+
+
 _ARM = {'dense': 'dense', 'nvit': 'NViT', 'tp_taylor': 'TP Taylor', 'tp_hessian': 'TP Hessian', 'uniform': 'uniform',
         'nvit_taylor': 'NViT, Taylor score', 'nvit_magnitude': 'NViT, magnitude score',
         'nvit_fisher': 'NViT, diagonal Fisher', 'nvit_lam0': 'NViT, no latency penalty'}
@@ -371,7 +423,8 @@ def t_latency_check() -> str:
 TABLES: Dict[str, Callable[[], str]] = {
     'tokens_deit_s': t_tokens_deit_s,
     'demo': t_demo, 'mixpro': t_mixpro, 'tokens_fmnist': t_tokens_fmnist, 'tokens_sweep': t_tokens_sweep,
-    'mixers': t_mixers, 'unlearnable': t_unlearnable, 'nvit': t_nvit, 'nvit_ablation': t_nvit_ablation,
+    'mixers': t_mixers, 'unlearnable': t_unlearnable, 'unlearnable_curve': t_unlearnable_curve,
+    'unlearnable_settings': t_unlearnable_settings, 'nvit': t_nvit, 'nvit_ablation': t_nvit_ablation,
     'nvit_verdict': t_nvit_verdict, 'latency_check': t_latency_check,
 }
 
@@ -464,6 +517,18 @@ VALUES: Dict[str, Callable[[], str]] = {
     'lc.n': lambda: str(len(_lc_rows()) - len(_lc_rows('probe'))),
     'lc.e95': lambda: f"{1 / next(r for r in _lc_rows('probe') if r['name'] == 'dense E=95')['measured'] - 1:.0%}",
     'lc.qk31': lambda: f"{1 / next(r for r in _lc_rows('probe') if r['name'] == 'dense qk=31')['measured'] - 1:.0%}",
+    **{f"uc.{d.split('-')[0]}.{m.split('-')[0]}.{'clean' if p is None else 'cuda'}.{e}":
+       (lambda d=d, m=m, p=p, e=e: f"{_uc_rows(d, m, p, e)['top1']:.1f}")
+       for d in ('fmnist-1500', 'digits') for m in ('deit-nano', 'resnet18') for p in (None, (3, 0.3))
+       for e in (5, 15, 40)},
+    **{f"ucs.k{k}pb{b:g}.{what}": (lambda k=k, b=b, what=what: f"{_uc_rows('fmnist-1500', poison=(k, b))['top1']:.1f}"
+                                   if what == 'top1' else
+                                   f"{load('unlearnable_curve')['psnr_db'][f'fmnist-1500/k{k}-pb{b:g}']:.1f}")
+       for k, b in ((3, 0.1), (3, 0.3), (3, 0.6), (5, 0.3), (7, 0.3), (7, 0.6)) for what in ('top1', 'psnr')},
+    'uc.fmnist.deit.cuda.40.std': lambda: f"{_uc_rows('fmnist-1500')['top1_std']:.1f}",
+    'ucs.digits.psnr': lambda: f"{load('unlearnable_curve')['psnr_db']['digits/k3-pb0.3']:.1f}",
+    **{f'ucs.resize{px}': (lambda px=px: f"{_uc_rows('fmnist-1500', train_px=32, poison_px=px)['top1']:.1f}")
+       for px in (28, 32)},
     'demo.minutes': lambda: f"{load('demo')['total_time_s'] / 60:.1f}",
     'demo.dense_train_min': lambda: f"{load('demo_dense')['train_time_s'] / 60:.1f}",
 }

@@ -48,6 +48,7 @@ LENGTHS = (5, 15, 40)
 SEEDS = (0, 1, 2)
 DEFAULT = (3, 0.3)
 SWEEP = ((3, 0.1), (3, 0.6), (5, 0.3), (7, 0.3), (7, 0.6))
+RESIZE = 32   # the resize test: trained at 32 px, poisoned at 28 px (then resized) or at 32 px
 PER_CLASS, VAL_PER_CLASS = 150, 200
 RECIPE = ['--batch-size', '32', '--lr', '5e-4', '--warmup-epochs', '0.1', '--smoothing', '0.1',
           '--drop-path', '0', '--aug', 'none', '--mix', 'none', '--img-size', '28', '--in-chans', '1',
@@ -58,8 +59,8 @@ def clean_dir(data: str) -> Path:
     return WORK / data
 
 
-def poisoned_dir(data: str, k: int, blur: float) -> Path:
-    return WORK / f'{data}-cuda-k{k}-pb{blur:g}'
+def poisoned_dir(data: str, k: int, blur: float, size: int = 28) -> Path:
+    return WORK / (f'{data}-cuda-k{k}-pb{blur:g}' + ('' if size == 28 else f'-at{size}'))
 
 
 def _write_png(img, path: Path) -> None:
@@ -126,6 +127,11 @@ def cmd_make(args) -> None:
             make_unlearnable(f'folder:{clean_dir(data)}', KEY, out, kernel_size=k, blur=blur, fraction=1.0,
                              overwrite=True, progress=False)
             print('poisoned', out, flush=True)
+    out = poisoned_dir('fmnist-1500', *DEFAULT, RESIZE)
+    if not (out / 'manifest.json').exists():
+        make_unlearnable(f'folder:{clean_dir("fmnist-1500")}', KEY, out, kernel_size=DEFAULT[0], blur=DEFAULT[1],
+                         fraction=1.0, overwrite=True, progress=False, img_size=RESIZE)
+        print('poisoned', out, flush=True)
 
 
 def runs() -> list:
@@ -134,12 +140,14 @@ def runs() -> list:
     longest = max(LENGTHS)
     out = []
 
-    def add(data, model, poison, epochs, seed):
+    def add(data, model, poison, epochs, seed, train_px=28, poison_px=28):
         k, b = poison or (None, None)
         name = f"{data}/{model}/{'clean' if poison is None else f'cuda-k{k}-pb{b:g}'}/e{epochs}/s{seed}"
-        folder = clean_dir(data) if poison is None else poisoned_dir(data, k, b)
+        if train_px != 28:
+            name += f'/train{train_px}-poison{poison_px}'
+        folder = clean_dir(data) if poison is None else poisoned_dir(data, k, b, poison_px)
         out.append(dict(name=name, data=data, model=model, poison=poison, epochs=epochs, seed=seed,
-                        folder=str(folder)))
+                        folder=str(folder), train_px=train_px, poison_px=poison_px))
 
     def both(data, epochs, seed):
         for model in MODELS:
@@ -153,6 +161,8 @@ def runs() -> list:
         both('fmnist-1500', longest, seed)
     for k, b in SWEEP:
         add('fmnist-1500', 'deit-nano', (k, b), longest, 0)
+    for poison_px in (28, RESIZE):
+        add('fmnist-1500', 'deit-nano', DEFAULT, longest, 0, RESIZE, poison_px)
     return out
 
 
@@ -168,27 +178,54 @@ def cmd_train(args) -> None:
             continue
         cmd = [sys.executable, '-m', 'deitlab', 'train', '--out', str(out), '--model', MODELS[run['model']],
                '--data', f"folder:{run['folder']}", '--epochs', str(run['epochs']), '--seed', str(run['seed']),
-               *RECIPE, '--json']
+               *RECIPE, '--img-size', str(run['train_px']), '--json']
         script = f'{" ".join(cmd)} > {out}.log 2>&1 && tail -n 1 {out}.log > {out}/summary.json'
         jobs.append((run['name'], ['bash', '-c', f'rm -rf {out} && mkdir -p {out.parent} && {script}'], f'{out}.out'))
     print(f'{len(jobs)} runs to do', flush=True)
     run_pool(jobs, args.jobs, dict(os.environ, OMP_NUM_THREADS='1'))
 
 
-def psnr(data: str, k: int, blur: float) -> float:
-    """Median PSNR (dB) of the poisoned training images against the clean ones."""
+def psnr(data: str, k: int, blur: float, size: int = 28) -> float:
+    """Median PSNR (dB) of the poisoned training images against the clean ones (resized to ``size``
+    the way ``make_unlearnable`` resizes them when the copy was poisoned at another size)."""
     import numpy as np
+    import torch
     from PIL import Image
-    clean, poisoned = clean_dir(data) / 'train', poisoned_dir(data, k, blur) / 'train'
+    from deitlab.data.transforms import resize_images
+    clean, poisoned = clean_dir(data) / 'train', poisoned_dir(data, k, blur, size) / 'train'
     # a poisoned file is named by the image's position in the source split (ImageFolder order)
     sources = [f for d in sorted(clean.iterdir()) for f in sorted(d.iterdir())]
     out = []
     for f in sorted(poisoned.glob('*/*.png')):
         a = np.asarray(Image.open(f), dtype=np.float64)
-        b = np.asarray(Image.open(sources[int(f.stem)]), dtype=np.float64)
-        mse = float(((a - b) ** 2).mean())
+        b = np.array(Image.open(sources[int(f.stem)]))
+        if b.shape[0] != size:
+            b = resize_images(torch.from_numpy(b)[None, None], size)[0, 0].numpy()
+        mse = float(((a - b.astype(np.float64)) ** 2).mean())
         out.append(99.0 if mse == 0 else 10 * np.log10(255.0 ** 2 / mse))
     return float(np.median(out))
+
+
+def filter_contrast(data: str, k: int, blur: float) -> float:
+    """How far apart two classes' filters put the same image: median PSNR (dB) between an image
+    poisoned with its own class's filter and with each other class's, over the clean training
+    images. High on smooth images (every k x k filter changes them little, so the shortcut the
+    filters offer is faint next to the content); low where the filters leave distinct marks."""
+    import numpy as np
+    import torch
+    from PIL import Image
+    from deitlab.unlearnable import apply_filters, class_filters
+    files = sorted((clean_dir(data) / 'train').glob('*/*.png'))
+    images = torch.from_numpy(np.stack([np.asarray(Image.open(f)) for f in files]))[:, None]
+    labels = torch.tensor([int(f.parent.name) for f in files])
+    filters = class_filters(KEY, 10, k, blur)
+    own = apply_filters(images, labels, filters).double()
+    out = []
+    for shift in range(1, 10):
+        other = apply_filters(images, (labels + shift) % 10, filters).double()
+        mse = (own - other).pow(2).flatten(1).mean(1).clamp_min(1e-12)
+        out.append(10 * torch.log10(255.0 ** 2 / mse))
+    return float(torch.cat(out).median())
 
 
 def cmd_report(args) -> None:
@@ -205,19 +242,24 @@ def cmd_report(args) -> None:
                          curve=[dict(epoch=c['epoch'], val_top1=c['val_top1']) for c in curve if 'val_top1' in c]))
     groups = {}
     for r in rows:
-        groups.setdefault((r['data'], r['model'], r['poison'] and tuple(r['poison']), r['epochs']), []).append(r)
+        groups.setdefault((r['data'], r['model'], r['poison'] and tuple(r['poison']), r['epochs'], r['train_px'],
+                           r['poison_px']), []).append(r)
     summary = []
-    for (data, model, poison, epochs), rs in groups.items():
+    for (data, model, poison, epochs, train_px, poison_px), rs in groups.items():
         acc = [r['top1'] for r in rs]
-        summary.append(dict(data=data, model=model, poison=list(poison) if poison else None, epochs=epochs, n_seeds=len(acc),
-                            top1=float(np.mean(acc)), top1_std=float(np.std(acc, ddof=1)) if len(acc) > 1 else None))
+        summary.append(dict(data=data, model=model, poison=list(poison) if poison else None, epochs=epochs,
+                            train_px=train_px, poison_px=poison_px, n_seeds=len(acc), top1=float(np.mean(acc)),
+                            top1_std=float(np.std(acc, ddof=1)) if len(acc) > 1 else None))
     visibility = {f'{data}/k{k}-pb{b:g}': round(psnr(data, k, b), 2) for data, k, b in settings()
                   if (poisoned_dir(data, k, b) / 'manifest.json').exists()}
+    visibility[f'fmnist-1500/k{DEFAULT[0]}-pb{DEFAULT[1]:g}-at{RESIZE}'] = round(psnr('fmnist-1500', *DEFAULT, RESIZE), 2)
     result = dict(benchmark='unlearnable_curve', key=KEY, lengths=list(LENGTHS), seeds=list(SEEDS),
-                  default=list(DEFAULT), sweep=[list(s) for s in SWEEP], recipe=' '.join(RECIPE), chance_top1=10.0,
+                  default=list(DEFAULT), sweep=[list(s) for s in SWEEP], resize=RESIZE, recipe=' '.join(RECIPE), chance_top1=10.0,
                   data={'fmnist-1500': f'{PER_CLASS} train / {VAL_PER_CLASS} val images a class of Fashion-MNIST',
                         'digits': 'scikit-learn digits, 8 -> 28 px, 1,437 train / 360 val'},
-                  psnr_db=visibility, summary=summary, runs=rows)
+                  psnr_db=visibility, summary=summary, runs=rows,
+                  filter_contrast_db={f'{data}/k{k}-pb{b:g}': round(filter_contrast(data, k, b), 2)
+                                      for data, k, b in settings()})
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / 'unlearnable_curve.json').write_text(json.dumps(result, indent=1))
     plot(result)
@@ -236,20 +278,21 @@ def plot(result: dict) -> None:
         for model, c in colors.items():
             for poison, ls in ((None, '-'), (default, '--')):
                 pts = sorted((s['epochs'], s['top1'], s['top1_std'] or 0.0) for s in result['summary']
-                             if s['data'] == data and s['model'] == model and s['poison'] == poison)
+                             if s['data'] == data and s['model'] == model and s['poison'] == poison
+                             and s['train_px'] == 28)
                 if pts:
                     ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], color=c, ls=ls,
                                 marker='o', capsize=3,
                                 label=f"{model}, {'clean' if poison is None else 'CUDA k=3, p_b=0.3'}")
             for poison, ls in ((None, '-'), (default, '--')):   # within the longest run of seed 0
                 run = next((r for r in result['runs'] if r['data'] == data and r['model'] == model and
-                            r['epochs'] == max(LENGTHS) and r['seed'] == 0 and
+                            r['epochs'] == max(LENGTHS) and r['seed'] == 0 and r['train_px'] == 28 and
                             (list(r['poison']) if r['poison'] else None) == poison), None)
                 if run:
                     ax.plot([c['epoch'] for c in run['curve']], [c['val_top1'] for c in run['curve']], color=c,
                             ls=ls, lw=0.8, alpha=0.4)
         ax.axhline(result['chance_top1'], color='0.5', ls=':', label='chance')
-        ax.set_xlabel('training epochs (markers: each length its own run; thin: within the 40-epoch run)')
+        ax.set_xlabel('training epochs')
         ax.set_ylabel('clean validation top-1 (%)')
         ax.set_title(data)
         ax.set_ylim(0, 100)
@@ -260,11 +303,14 @@ def plot(result: dict) -> None:
              and s['poison'] is not None and s['epochs'] == max(LENGTHS)]
     for s in sweep:
         k, b = s['poison']
-        db = result['psnr_db'].get(f'fmnist-1500/k{k}-pb{b:g}')
-        ax.scatter(db, s['top1'], color='tab:blue')
-        ax.annotate(f'k={k}, p_b={b:g}', (db, s['top1']), fontsize=7, xytext=(3, 3), textcoords='offset points')
+        at = '' if s['poison_px'] == 28 else f"-at{s['poison_px']}"
+        db = result['psnr_db'].get(f'fmnist-1500/k{k}-pb{b:g}' + at)
+        label = f'k={k}, p_b={b:g}' + ('' if s['train_px'] == 28 else
+                                       f", trained at {s['train_px']} px, poisoned at {s['poison_px']}")
+        ax.scatter(db, s['top1'], color='tab:blue' if s['train_px'] == 28 else 'tab:orange')
+        ax.annotate(label, (db, s['top1']), fontsize=7, xytext=(3, 3), textcoords='offset points')
     clean = [s['top1'] for s in result['summary'] if s['data'] == 'fmnist-1500' and s['model'] == 'deit-nano'
-             and s['poison'] is None and s['epochs'] == max(LENGTHS)]
+             and s['poison'] is None and s['epochs'] == max(LENGTHS) and s['train_px'] == 28]
     if clean:
         ax.axhline(clean[0], color='tab:blue', ls='-', label='clean data')
     ax.axhline(result['chance_top1'], color='0.5', ls=':', label='chance')
@@ -273,7 +319,8 @@ def plot(result: dict) -> None:
     ax.set_title('fmnist-1500, DeiT-nano: filter settings')
     ax.grid(alpha=.3)
     ax.legend(fontsize=7)
-    fig.suptitle('CUDA: how long the protection lasts (clean accuracy of models trained on poisoned data)')
+    fig.suptitle('CUDA: how long the protection lasts (clean accuracy of models trained on poisoned data; markers: each '
+                 'length its own run, thin lines: within the 40-epoch run)', fontsize=10)
     fig.tight_layout()
     fig.savefig(RESULTS / 'unlearnable_curve.png', dpi=100)
 
