@@ -8,7 +8,8 @@ import torch
 from deitlab.bench import count_gmacs
 from deitlab.prune import PruneError
 from deitlab.prune.compact import densify
-from deitlab.prune.ofb import OFBSearch, candidate_widths, check_target, lambda_at, onehot_loss, smallest_fraction
+from deitlab.prune.ofb import (FLOPS_WEIGHT, OFBSearch, candidate_widths, check_target, lambda_at, onehot_loss,
+                               smallest_fraction)
 from _prune_helpers import ATOL, _logits, _model, _x
 
 
@@ -313,3 +314,28 @@ def test_shrinking_mid_search_keeps_the_function_and_reindexes_the_optimizer():
     loss = torch.nn.functional.cross_entropy(new(x), y) + sum(s.losses(0.5).values()) + pmim.loss(x)
     loss.backward()
     opt.step()
+
+
+def test_budget_weight_grows_off_the_target_and_falls_back_to_the_papers_on_it():
+    model = _model()
+    s = OFBSearch(model)
+    start = float(s.fraction())
+    assert s.budget_weight == FLOPS_WEIGHT
+    for _ in range(10):
+        s.adapt_budget(start - 0.1, rate=0.5)        # over the target: the weight grows e^0.5 a step
+    assert s.budget_weight == pytest.approx(FLOPS_WEIGHT * math.exp(5.0))
+    over = s.losses(start - 0.1)['flops']
+    assert float(over) == pytest.approx(s.budget_weight * 0.1 ** 2, rel=1e-4)
+    s.adapt_budget(start + 0.1, rate=0.5)            # under it: the two-sided term still grows
+    assert s.budget_weight == pytest.approx(FLOPS_WEIGHT * math.exp(5.5))
+    for _ in range(4):
+        s.adapt_budget(start * 1.01, rate=0.5)       # within 2% of it: back down, never below the paper's 5
+    assert s.budget_weight == pytest.approx(FLOPS_WEIGHT * math.exp(3.5))
+    for _ in range(20):
+        s.adapt_budget(start, rate=0.5)
+    assert s.budget_weight == FLOPS_WEIGHT
+    # the weight is part of the search state a resumed search restores
+    s.budget_weight = 123.0
+    fresh = OFBSearch(_model())
+    fresh.restore(s.search_state())
+    assert fresh.budget_weight == 123.0

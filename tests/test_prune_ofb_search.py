@@ -1,6 +1,7 @@
 """OFB's search on the training loop (prune/ofb_search.py): the optimiser groups, the schedule of
 lambda and eliminations, and ``prune_ofb`` end to end on a tiny DeiT."""
 import json
+import math
 
 import torch
 
@@ -8,8 +9,8 @@ import pytest
 import timm
 
 from deitlab.prune.config import OFBConfig
-from deitlab.prune.ofb import OFBSearch, lambda_at
-from deitlab.prune.ofb_search import MIN_EVENTS, OFBHooks, prune_ofb, search_optimizer
+from deitlab.prune.ofb import BUDGET_BAND, OFBSearch, lambda_at
+from deitlab.prune.ofb_search import MIN_EVENTS, OFBHooks, _force_choice, prune_ofb, search_optimizer
 from deitlab.rundir import save_run_dir
 from _prune_helpers import _model
 
@@ -34,7 +35,7 @@ def test_optimizer_has_the_papers_three_groups():
 def test_hooks_follow_the_warm_up_and_eliminate_on_schedule(monkeypatch):
     model = _model()
     s = OFBSearch(model)
-    cfg = OFBConfig('m', 'd', 'o', warmup=0.25, eliminations_per_epoch=3)
+    cfg = OFBConfig('m', 'd', 'o', target_gmacs=0.5, warmup=0.25, eliminations_per_epoch=3)
     hooks = OFBHooks(s, model, cfg, steps=400, steps_per_epoch=300)
     assert hooks.warmup_steps == 100
     assert hooks.elim_every == min(300 // 3, 400 // MIN_EVENTS) == 10
@@ -183,3 +184,38 @@ def test_a_search_over_its_budget_says_so():
     line = budget_warning('GMACs', 0.35, 0.515)
     assert line.startswith('warning: the search ended at 0.515 of the dense GMACs, above the target 0.35')
     assert '--search-epochs' in line and '\n' not in line
+
+
+def _open_two(s):
+    """Leave two modules open: the embedding between its narrowest and widest candidate (0.6 / 0.4)
+    and block 0's MLP between two widths (0.7 / 0.3); every other module settled on its widest."""
+    with torch.no_grad():
+        for m in s.modules_list():
+            m.active[:-1] = False
+        emb, mlp = s.module('emb'), s.module('mlp', 0)
+        for m, (pa, pb) in ((emb, (0.6, 0.4)), (mlp, (0.3, 0.7))):
+            m.active[0] = m.active[-1] = True
+            m.alpha.fill_(-30.0)
+            m.alpha[0], m.alpha[-1] = math.log(pa), math.log(pb)
+    return emb, mlp
+
+
+def test_a_search_cut_short_settles_the_open_modules_jointly_on_the_budget():
+    s = OFBSearch(_model())
+    emb, mlp = _open_two(s)
+    narrow, wide = int(emb.widths[0]), int(emb.widths[-1])
+    cost = {e: float(s.fraction(s.widths_by(lambda m: e if m is emb else int(m.widths[-1]))))
+            for e in (narrow, wide)}
+    # the most probable combination when it meets the budget
+    assert _force_choice(s, cost[narrow]) == 2
+    assert emb.chosen() == narrow and mlp.chosen() == int(mlp.widths[-1])
+    # a less probable one when only it does: the wide embedding
+    s = OFBSearch(_model())
+    emb, mlp = _open_two(s)
+    narrow_costs = [float(s.fraction(s.widths_by(lambda m: narrow if m is emb else
+                                                 (w if m is mlp else int(m.widths[-1])))))
+                    for w in (int(mlp.widths[0]), int(mlp.widths[-1]))]
+    assert all(abs(c - cost[wide]) > BUDGET_BAND * cost[wide] for c in narrow_costs)
+    assert _force_choice(s, cost[wide]) == 2
+    assert emb.chosen() == wide and not emb.searching() and not mlp.searching()
+    assert _force_choice(s, cost[wide]) == 0

@@ -238,6 +238,9 @@ class OFBConfig(_CutModel):
         'group': 'search', 'help': 'candidate eliminations per epoch'})
     pmim: bool = field(default=True, metadata={
         'group': 'search', 'help': 'progressive masked image modelling during the search (--no-pmim: the ablation)'})
+    adapt_budget: bool = field(default=True, metadata={
+        'group': 'search', 'help': "grow the budget term's weight while the expected cost is off the target "
+                                   "(--no-adapt-budget: the paper's fixed weight 5)"})
     batch_size: int = field(default=32, metadata={'group': 'optimiser', 'help': 'batch size'})
     lr: float = field(default=2e-4, metadata={'group': 'optimiser', 'help': 'learning rate of weights and scores'})
     arch_lr: float = field(default=2e-2, metadata={

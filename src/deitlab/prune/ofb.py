@@ -19,8 +19,14 @@ candidate mixture then decides how many units survive. The losses (paper Sec. 3.
   ``sigma*`` follows ``n`` as candidates are eliminated;
 * score sparsity ``sum sigmoid(S)``, x 4e-4 for the attention modules and x 1e-4 for the MLP and
   embedding; module totals weighted 0.5 each (``w_head = w_mlp = w_embed``);
-* FLOPs ``5 ((F - F_target) / F_dense)^2`` with ``F`` the closed-form MACs (``Layout.cost_model``)
-  at the expected widths ``sum_j p_j r_j``; exact at a one-hot choice.
+* FLOPs ``w_F ((F - F_target) / F_dense)^2`` with ``F`` the closed-form MACs (``Layout.cost_model``)
+  at the expected widths ``sum_j p_j r_j``; exact at a one-hot choice. The paper fixes ``w_F = 5``
+  for a search of about 100 epochs. In a search of a few hundred steps that weight loses to the
+  distillation loss (on the Fashion-MNIST DeiT-nano, 400 steps to 0.35 of the dense GMACs ended at
+  0.515), so by default ``w_F`` adapts (``adapt_budget``): starting at 5 it is multiplied by
+  ``exp(rate)`` after every step that ends with the expected cost more than 3% off the target
+  (either side) and divided by it (not below 5) after every step within, a multiplicative
+  dual-ascent step on the budget constraint; ``adapt_budget=False`` keeps the paper's fixed 5.
 
 Candidates whose probability falls to ``0.2 / n`` or below are eliminated (never the last). Where
 the masks act (forward hooks, installed by ``OFBSearch.install``): the embedding mask on every
@@ -60,6 +66,7 @@ GRIDS = ('ours', 'paper')
 SPARSITY_WEIGHTS = dict(emb=1e-4, head=4e-4, qk=4e-4, v=4e-4, mlp=1e-4)
 MODULE_WEIGHT = 0.5          # w_head = w_mlp = w_embed
 FLOPS_WEIGHT = 5.0
+BUDGET_BAND = 0.03           # the adaptive budget weight grows while the cost is off the target by more
 ELIMINATE_THRESHOLD = 0.2    # a candidate goes when its probability is <= 0.2 / n_active
 LAMBDA_RANGE = (0.99, 0.1)
 
@@ -257,6 +264,7 @@ class OFBSearch(nn.Module):
         dev = next(model.parameters()).device
         self.mods = nn.ModuleDict({m.name.replace('.', '_'): m for m in mods}).to(dev)
         self.lam = LAMBDA_RANGE[0]
+        self.budget_weight = FLOPS_WEIGHT
         self.final = False
         self.lut = None
         self._dense_ms = None
@@ -393,8 +401,18 @@ class OFBSearch(nn.Module):
         zero = mods[0].alpha.new_zeros(())
         onehot = sum((m.onehot() for m in mods if m.searching()), zero) * MODULE_WEIGHT
         sparsity = sum((torch.sigmoid(m.score).sum() * SPARSITY_WEIGHTS[m.kind] for m in mods), zero) * MODULE_WEIGHT
-        flops = FLOPS_WEIGHT * (self.fraction() - target_fraction) ** 2
+        flops = self.budget_weight * (self.fraction() - target_fraction) ** 2
         return dict(onehot=onehot, sparsity=sparsity, flops=flops)
+
+    @torch.no_grad()
+    def adapt_budget(self, target_fraction: float, rate: float) -> float:
+        """One dual-ascent step on the budget weight ``w_F`` (module docstring): ``x exp(rate)`` while
+        the expected cost is off ``target_fraction`` by more than ``BUDGET_BAND`` of it (either side:
+        the term is two-sided), ``/ exp(rate)`` (not below ``FLOPS_WEIGHT``) while within. Returns the
+        new weight."""
+        off = abs(float(self.fraction()) - target_fraction) > BUDGET_BAND * target_fraction
+        self.budget_weight = max(FLOPS_WEIGHT, self.budget_weight * math.exp(rate if off else -rate))
+        return self.budget_weight
 
     def eliminate(self, threshold: float = ELIMINATE_THRESHOLD) -> Dict[str, List[int]]:
         """Eliminate candidates in every module (``SearchModule.eliminate``); the widths dropped."""
@@ -444,7 +462,7 @@ class OFBSearch(nn.Module):
     def search_state(self) -> dict:
         """What a checkpoint needs to rebuild the search: ``lam`` and per module its candidate
         widths, which are active, its scores and candidate logits (the shapes change as it shrinks)."""
-        return dict(lam=float(self.lam), modules={k: dict(widths=m.widths.cpu(), active=m.active.cpu(),
+        return dict(lam=float(self.lam), budget_weight=float(self.budget_weight), modules={k: dict(widths=m.widths.cpu(), active=m.active.cpu(),
                                                          score=m.score.detach().cpu(), alpha=m.alpha.detach().cpu())
                                                   for k, m in self.mods.items()})
 
@@ -452,6 +470,7 @@ class OFBSearch(nn.Module):
     def restore(self, state: dict) -> None:
         """Back to ``search_state()`` (on a search built from the dense model, not installed yet)."""
         self.lam = float(state['lam'])
+        self.budget_weight = float(state.get('budget_weight', FLOPS_WEIGHT))
         for k, m in self.mods.items():
             saved = state['modules'][k]
             dev = m.score.device
