@@ -74,6 +74,17 @@ CASES = [
     ('train-mixup-prob', TRAIN_O + ['--mixup-prob', '1.5'], r'mixup_prob must be in \[0, 1\]'),
     ('train-warmup-negative', TRAIN_O + ['--warmup-epochs', '-1'], r'warmup_epochs must be >= 0'),
     ('train-lr-not-a-number', TRAIN_O + ['--lr', 'fast'], r"argument --lr: invalid float value"),
+    # train: multi-level V-cycles
+    ('train-multilevel-budget', TRAIN_O + ['--multilevel', 'levels=2,down=1,small=1,up=1'],
+     r'--multilevel budgets add up to 3 epochs .* but --epochs is 1'),
+    ('train-multilevel-alpha', TRAIN_O + ['--epochs', '3', '--multilevel', 'levels=2,down=1,small=1,up=1,alpha=2'],
+     r'--multilevel alpha must be in \[0, 1\], got 2.0'),
+    ('train-multilevel-key', TRAIN_O + ['--multilevel', 'levels=2,smal=1'], r"--multilevel: unknown key 'smal'"),
+    ('train-multilevel-halve', TRAIN_O + ['--epochs', '5', '--multilevel', 'levels=3,down=1,small=1,up=1'],
+     r'level 3 halves the level-2 model, but block 0 has 1 head, which cannot be halved'),
+    ('train-multilevel-odd-depth', TRAIN_O + ['--epochs', '3', '--multilevel', 'levels=2,down=1,small=1,up=1',
+                                              '--model-kwargs', 'depth=3'],
+     r'depth 3 cannot be halved'),
     # train: devices, models, model arguments
     ('train-device-banana', TRAIN_O + ['--device', 'banana'], r"unknown device 'banana'"),
     ('train-device-missing', TRAIN_O + ['--device', 'cuda:7'],

@@ -25,6 +25,7 @@ GROUPS = {
     'augmentation': 'augmentation and mixing',
     'distillation': 'distillation',
     'token fusion': 'token fusion',
+    'multi-level': 'multi-level training (V-cycle)',
     'pruning': 'pruning',
     'pruning schedule': 'pruning schedule',
     'search': 'width search',

@@ -143,6 +143,11 @@ class TrainConfig:
         group='token fusion', help='MCTF consistency: lambda of the class-token MSE'))
     consistency_gate: float = field(default=0.4, metadata=dict(
         group='token fusion', help='MCTF consistency: only samples whose true-class probability exceeds this'))
+    multilevel: Optional[str] = field(default=None, metadata=dict(
+        group='multi-level', help='train with a V-cycle of coalesced models (Zou et al., ICLR 2024): '
+                                  'levels=K,down=E,small=E,up=E[,alpha=0.25,lr_scale=1,pairing=adjacent|half,'
+                                  'width=1,depth=1]; epochs (K-1) x down + small + (K-1) x up = --epochs '
+                                  '(deitlab.train.multilevel)'))
 
     @classmethod
     def from_recipe(cls, recipe: str = 'deit', **values) -> 'TrainConfig':
@@ -194,12 +199,27 @@ class TrainConfig:
             raise ConfigError(str(e)) from None
         if self.mask_size is not None and self.mask_size < 1:
             raise ConfigError(f'mask_size must be >= 1, got {self.mask_size}')
+        if self.multilevel is not None:
+            self._check_multilevel()
         if self.warmup_epochs < 0:
             raise ConfigError(f'warmup_epochs must be >= 0, got {self.warmup_epochs}')
         if self.warmup_epochs >= self.epochs:
             # A short run with the recipe's 5 warm-up epochs: warm up for a tenth of it instead.
             self.warmup_epochs = self.epochs * 0.1
         return self
+
+    def _check_multilevel(self) -> None:
+        plan = parse_multilevel(self.multilevel)
+        if plan.total_epochs != self.epochs:
+            raise ConfigError(f'--multilevel budgets add up to {plan.total_epochs} epochs ({plan.levels - 1} x down '
+                              f'{plan.down} + small {plan.small} + {plan.levels - 1} x up {plan.up}) but --epochs is '
+                              f'{self.epochs}; make them agree')
+        if self.token_fusion != 'none':
+            raise ConfigError(f'--multilevel swaps the model at each stage; it does not compose with --token-fusion '
+                              f'{self.token_fusion} (fuse the trained model afterwards: deitlab fuse)')
+        if MIX_MODES.get(self.mix, ConfigError)['attention']:
+            raise ConfigError(f'--multilevel swaps the model at each stage; --mix {self.mix} reads the attention of '
+                              f'the model it was built with: use mixup-cutmix, maskmix or none')
 
     def _check_ranges(self) -> None:
         """Every number in its range, named with the limit (``ConfigError``)."""
@@ -233,6 +253,93 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of a V-cycle: ``epochs`` epochs from ``start`` at ``level`` (1: the model as given)."""
+    level: int
+    start: int
+    epochs: int
+
+
+@dataclass(frozen=True)
+class MultilevelPlan:
+    """A V-cycle (Zou et al., ICLR 2024, Algorithm 1): ``down`` epochs at each of levels 1..K-1 going
+    down, ``small`` epochs at level K, ``up`` epochs at each of levels K-1..1 going up. Level k+1 is
+    level k coalesced (half the width and/or depth); its learning rate is ``lr x lr_scale^(k-1)``."""
+    levels: int = 2
+    down: int = 1
+    small: int = 1
+    up: int = 1
+    alpha: float = 0.25
+    lr_scale: float = 1.0
+    pairing: str = 'adjacent'
+    width: bool = True
+    depth: bool = True
+
+    @property
+    def total_epochs(self) -> int:
+        return (self.levels - 1) * (self.down + self.up) + self.small
+
+    def stages(self) -> list:
+        levels = list(range(1, self.levels)) + [self.levels] + list(range(self.levels - 1, 0, -1))
+        out, start = [], 0
+        for i, level in enumerate(levels):
+            epochs = self.down if i < self.levels - 1 else self.small if level == self.levels else self.up
+            out.append(Stage(level, start, epochs))
+            start += epochs
+        return out
+
+    def stage_index(self, epoch: int) -> int:
+        """The stage that epoch ``epoch`` (0-based) belongs to (the last one past the end)."""
+        stages = self.stages()
+        return next((i for i, s in enumerate(stages) if s.start <= epoch < s.start + s.epochs), len(stages) - 1)
+
+
+PAIRINGS = ('adjacent', 'half')
+_PLAN_TYPES = dict(levels=int, down=int, small=int, up=int, alpha=float, lr_scale=float, pairing=str, width=bool,
+                   depth=bool)
+
+
+def parse_multilevel(spec) -> MultilevelPlan:
+    """``'levels=2,down=2,small=6,up=4,alpha=0.25'`` (or a mapping, from a YAML block) as a plan;
+    ``ConfigError`` naming the key for an unknown key or a value out of range."""
+    if isinstance(spec, dict):
+        items = [(str(k), v) for k, v in spec.items()]
+    else:
+        items = []
+        for part in str(spec).split(','):
+            if not part.strip():
+                continue
+            if '=' not in part:
+                raise ConfigError(f'--multilevel takes key=value pairs separated by commas, got {part.strip()!r} '
+                                  f'(keys: {", ".join(_PLAN_TYPES)})')
+            k, v = part.split('=', 1)
+            items.append((k.strip(), v.strip()))
+    values = {}
+    for k, v in items:
+        key = k.replace('-', '_')
+        if key not in _PLAN_TYPES:
+            close = difflib.get_close_matches(key, list(_PLAN_TYPES), n=1)
+            raise ConfigError(f'--multilevel: unknown key {k!r}' + (f' (did you mean {close[0]!r}?)' if close else '')
+                              + f'; keys: {", ".join(_PLAN_TYPES)}')
+        values[key] = coerce_value(v, _PLAN_TYPES[key], f'--multilevel {key}')
+    plan = MultilevelPlan(**values)
+    if plan.levels < 2:
+        raise ConfigError(f'--multilevel levels must be >= 2 (level 1 is the model itself), got {plan.levels}')
+    for key in ('down', 'small', 'up'):
+        if getattr(plan, key) < 1:
+            raise ConfigError(f'--multilevel {key} must be >= 1 epoch, got {getattr(plan, key)}')
+    if not 0.0 <= plan.alpha <= 1.0:
+        raise ConfigError(f'--multilevel alpha must be in [0, 1], got {plan.alpha}')
+    if plan.lr_scale <= 0:
+        raise ConfigError(f'--multilevel lr_scale must be > 0, got {plan.lr_scale}')
+    if plan.pairing not in PAIRINGS:
+        raise ConfigError(f'--multilevel pairing must be one of {", ".join(PAIRINGS)}, got {plan.pairing!r}')
+    if not (plan.width or plan.depth):
+        raise ConfigError('--multilevel with width=0 and depth=0 coalesces nothing; keep one of them')
+    return plan
 
 
 RECIPE_KEYS = ('batch_size', 'lr', 'warmup_epochs', 'weight_decay', 'smoothing', 'mix', 'mixup', 'cutmix',
@@ -357,6 +464,8 @@ def load_yaml_defaults(path: str | Path, known: Optional[Iterable[str]] = None) 
             close = difflib.get_close_matches(key, known, n=1)
             hint = f" (did you mean {close[0].replace('_', '-')!r}?)" if close else ''
             raise ConfigError(f'{yaml_place(path, key)}: unknown option {k!r}{hint}')
+        if key == 'multilevel' and isinstance(v, dict):   # a YAML block: the flag's key=value string
+            v = ','.join(f'{mk}={mv}' for mk, mv in v.items())
         out[key] = v
     return out
 

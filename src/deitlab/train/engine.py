@@ -39,8 +39,9 @@ from ..distributed import DistInfo, barrier, init_distributed, seed_all
 from ..evaluate import evaluate
 from ..registry import TOKEN_FUSION
 from ..rundir import atomic_torch_save, create, is_run_dir, save_run_dir
-from .config import ConfigError, TrainConfig, short_run_warning
+from .config import ConfigError, TrainConfig, parse_multilevel, short_run_warning
 from .distill import DistillationLoss
+from .flops import TrainFlops
 from ..unlearnable.defences import build_defence
 from .loop import Hooks, Trainer, TrainingDiverged
 from .mixing import BatchMixer, MixLoss
@@ -55,7 +56,7 @@ _OWN_FILES = {METRICS_NAME, RUN_CONFIG_NAME, 'tb'}
 _RESUME_KEYS = ('model', 'data', 'batch_size', 'seed', 'img_size', 'in_chans', 'distill', 'teacher', 'epochs', 'lr',
                 'base_lr', 'min_lr', 'warmup_lr', 'warmup_epochs', 'weight_decay', 'opt', 'grad_clip', 'smoothing',
                 'mix', 'mixup', 'cutmix', 'mixup_prob', 'drop_path', 'drop', 'ema', 'ema_decay', 'distill_alpha',
-                'distill_tau', 'aug', 'token_fusion', 'r', 'defence')
+                'distill_tau', 'aug', 'token_fusion', 'r', 'defence', 'multilevel')
 
 
 def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
@@ -230,9 +231,10 @@ class _RunDirEpochs(Hooks):
     run directory and an atomic checkpoint; a NaN loss names the last good checkpoint."""
 
     def __init__(self, cfg: TrainConfig, out: Path, val_loader, writer: '_Writer', classes, start_epoch: int,
-                 best: float):
+                 best: float, extras: Optional[dict] = None):
         self.cfg, self.out, self.val_loader, self.writer, self.classes = cfg, out, val_loader, writer, classes
         self.last_saved, self.best = start_epoch, best   # epochs finished and checkpointed
+        self.extras = extras or {}   # name -> a hook whose state_dict() goes into the checkpoint
         self.last_eval: dict = {}
 
     def evaluate(self, model: nn.Module) -> dict:
@@ -266,14 +268,16 @@ class _RunDirEpochs(Hooks):
             save_run_dir(model, self.out, label_names=list(self.classes))
             if ema is not None:
                 save_run_dir(ema.module, self.out / 'ema', label_names=list(self.classes))
-            atomic_torch_save(dict(t.state_dict(), epoch=epoch, best_top1=self.best, config=cfg.to_dict()),
+            atomic_torch_save(dict(t.state_dict(), epoch=epoch, best_top1=self.best, config=cfg.to_dict(),
+                                   **{k: h.state_dict() for k, h in self.extras.items()}),
                               self.out / CHECKPOINT_NAME)
         self.last_saved = epoch + 1
         barrier()
 
 
-def _resume(cfg: TrainConfig, trainer: Trainer, out: Path, main: bool) -> tuple:
-    """(first epoch, best top-1 so far): from the checkpoint with ``--resume``, else (0, 0.0)."""
+def _resume(cfg: TrainConfig, trainer: Trainer, out: Path, main: bool, extras: dict) -> tuple:
+    """(first epoch, best top-1 so far): from the checkpoint with ``--resume``, else (0, 0.0). The
+    ``extras`` hooks get their state first (a V-cycle rebuilds the model at the checkpoint's level)."""
     ckpt_path = out / CHECKPOINT_NAME
     if cfg.resume and ckpt_path.exists():
         try:
@@ -282,6 +286,8 @@ def _resume(cfg: TrainConfig, trainer: Trainer, out: Path, main: bool) -> tuple:
             raise ConfigError(f'{ckpt_path} is damaged ({type(e).__name__}: {str(e)[:120]}); the run cannot be '
                               f'resumed from it: train again into a new --out') from None
         _check_resume(ckpt, cfg, ckpt_path)
+        for name, hook in extras.items():
+            hook.load_state_dict(ckpt.get(name))
         trainer.load_state_dict(ckpt)
         start_epoch, best = int(ckpt['epoch']) + 1, float(ckpt.get('best_top1', 0.0))
         if main:
@@ -356,24 +362,39 @@ def train(cfg: TrainConfig) -> dict:
     lr = cfg.resolved_lr()
     total_steps = cfg.epochs * steps_per_epoch
     warmup_steps = int(cfg.warmup_epochs * steps_per_epoch)
-    trainer = Trainer(
-        model, dict(opt=cfg.opt, lr=lr, weight_decay=cfg.weight_decay), device=device, amp=cfg.amp,
-        scheduler=lambda opt: CosineLRScheduler(opt, t_initial=total_steps, lr_min=cfg.min_lr, warmup_t=warmup_steps,
-                                                warmup_lr_init=cfg.warmup_lr, t_in_epochs=False),
-        ema_decay=cfg.ema_decay if cfg.ema else None, grad_clip=cfg.grad_clip, dist=di, progress=cfg.progress,
-        postfix_every=20)
+
+    def schedule(opt, steps=total_steps, warm_up=True):
+        return CosineLRScheduler(opt, t_initial=steps, lr_min=cfg.min_lr, warmup_t=warmup_steps if warm_up else 0,
+                                 warmup_lr_init=cfg.warmup_lr, t_in_epochs=False)
+
+    opt_spec = dict(opt=cfg.opt, lr=lr, weight_decay=cfg.weight_decay)
     mixer = _mixer(cfg, model, info.num_classes, size)
     defence = build_defence(cfg.defence, mean, std)
     base_loss, criterion = _criterion(cfg, mixer, info.num_classes, device)
-    trainer.add_hooks(_DeiTBatches(cfg, di.rank, loader.sampler, defence, mixer, base_loss, criterion))
-    start_epoch, best = _resume(cfg, trainer, out, main)
+    flops = TrainFlops(di.world_size, getattr(criterion, 'teacher', None))
+    extras = dict(train_flops=flops)
+    vcycle = None
+    if cfg.multilevel:
+        from .multilevel import VCycle, check_plan
+        plan = parse_multilevel(cfg.multilevel)
+        check_plan(model, plan)
+        vcycle = VCycle(plan, steps_per_epoch, lr, schedule, opt_spec,
+                        lambda m: evaluate(m, val_loader, device, cfg.amp and device.type == 'cuda', False, main),
+                        flops, out)
+        extras['multilevel'] = vcycle
+    trainer = Trainer(
+        model, opt_spec, device=device, amp=cfg.amp, scheduler=schedule if vcycle is None else vcycle.scheduler,
+        ema_decay=cfg.ema_decay if cfg.ema else None, grad_clip=cfg.grad_clip, dist=di, progress=cfg.progress,
+        postfix_every=20)
+    trainer.add_hooks(_DeiTBatches(cfg, di.rank, loader.sampler, defence, mixer, base_loss, criterion), *extras.values())
+    start_epoch, best = _resume(cfg, trainer, out, main, extras)
 
     resolved = dict(cfg.to_dict(), lr_resolved=lr, world_size=di.world_size, device=str(device),
                     steps_per_epoch=steps_per_epoch, input=[chans, size, size], num_classes=info.num_classes)
     if main:
         (out / RUN_CONFIG_NAME).write_text(json.dumps(resolved, indent=2))
     writer = _Writer(out, cfg.tensorboard, main)
-    epochs = _RunDirEpochs(cfg, out, val_loader, writer, info.classes, start_epoch, best)
+    epochs = _RunDirEpochs(cfg, out, val_loader, writer, info.classes, start_epoch, best, extras)
     trainer.add_hooks(epochs)
     n_params = count_params(model)
     _log(f'{cfg.model}: {n_params / 1e6:.2f}M params, input {chans}x{size}x{size}, {len(train_set)} train / '
@@ -387,10 +408,15 @@ def train(cfg: TrainConfig) -> dict:
     t_start = time.perf_counter()
     trainer.fit(loader, cfg.epochs, start_epoch, steps_per_epoch)
     writer.close()
+    model = trainer.model
     last_eval = epochs.last_eval or epochs.evaluate(model)
     summary = dict(run_dir=str(out), model=cfg.model, data=cfg.data, epochs=cfg.epochs,
                    val_top1=last_eval['top1'], val_top5=last_eval['top5'], best_top1=max(epochs.best, last_eval['top1']),
-                   params=n_params, train_time_s=time.perf_counter() - t_start, world_size=di.world_size)
+                   params=n_params, train_time_s=time.perf_counter() - t_start, world_size=di.world_size,
+                   train_gflops=round(flops.total_gflops, 3))
+    if vcycle is not None:
+        vcycle.finish(last_eval['top1'])
+        summary.update(multilevel=str(out / 'multilevel.json'), gflops_by_level=vcycle.gflops_by_level())
     if is_distilled:
         model.set_distilled_training(False)
     return summary
