@@ -419,6 +419,8 @@ def measure(args) -> None:
             for sd in sds:
                 run = RUNS / _run_name(arm, b, sd)
                 info = json.loads((run / 'arm.json').read_text())
+                rep = json.loads((run / 'report.json').read_text()) if (run / 'report.json').exists() else {}
+                info.update({k: rep[k] for k in COST_KEYS if k in rep})   # the search / pruning cost
                 m = create(str(run)).eval()
                 sp = speed[f'{arm}_s{sd}']
                 per_seed.append(dict(seed=sd, top1=_accuracy(str(run)), params_m=count_params(m) / 1e6,
@@ -456,6 +458,9 @@ def measure(args) -> None:
         print(f"{r['arm']:>10} {r['budget']:>5} top1 {r['top1']:6.2f} ± {r.get('top1_std', 0):.2f}  "
               f"GMACs {r['gmacs']:.4f}  params {r['params_m']:.3f}M  thr x{r.get('throughput_ratio', 1):.2f}  "
               f"lat x{r.get('latency_speedup', 1):.2f}  pred x{r.get('predicted_speedup', 1):.2f}")
+
+
+COST_KEYS = ('prune_time_s', 'events', 'search_time_s', 'search_forward_passes', 'budget_reached', 'forced_modules')
 
 
 def _speed_in_fresh_process(budget: float, names: list, args) -> dict:

@@ -19,69 +19,16 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import json
-import re
 import sys
-from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-RESULTS = HERE / 'results'
-DOCS = [ROOT / 'README.md', HERE / 'README.md']
+sys.path.insert(0, str(Path(__file__).resolve().parent))   # the sibling table modules, also when imported by path
 
-BLOCK = re.compile(r'(<!-- gen:(?P<name>[\w.-]+) -->\n)(?P<body>.*?)(<!-- /gen:(?P=name) -->)', re.S)
-INLINE = re.compile(r'(<!--v:(?P<name>[\w.-]+)-->)(?P<body>.*?)(<!--/v-->)')
-
-
-class MissingResult(KeyError):
-    """A README quotes a result that no JSON holds."""
-
-
-@lru_cache(maxsize=None)
-def load(name: str) -> dict:
-    path = RESULTS / f'{name}.json'
-    if not path.exists():
-        raise MissingResult(f'{path.relative_to(ROOT)} does not exist: run the benchmark that writes it')
-    return json.loads(path.read_text())
-
-
-# ---------------------------------------------------------------- formatting
-
-def f(v: Optional[float], nd: int = 2) -> str:
-    return '' if v is None else f'{v:.{nd}f}'
-
-
-def table(header: Sequence[str], rows: List[Sequence[str]], bold: Sequence[int] = (), lower: Sequence[int] = ()) -> str:
-    """A Markdown table; the best value of each column in ``bold`` (highest) / ``lower`` (lowest) in bold."""
-    rows = [list(r) for r in rows]
-    for col, pick in [(c, max) for c in bold] + [(c, min) for c in lower]:
-        vals = [_num(r[col]) for r in rows]
-        got = [v for v in vals if v is not None]
-        if got:
-            best = pick(got)
-            for r, v in zip(rows, vals):
-                if v == best:
-                    r[col] = f'**{r[col]}**'
-    out = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
-    out += ['| ' + ' | '.join(r) + ' |' for r in rows]
-    return '\n'.join(out)
-
-
-def _num(s: str) -> Optional[float]:
-    m = re.match(r'\s*(-?\d+(?:\.\d+)?)', s)
-    return float(m.group(1)) if m else None
-
-
-def source(json_names: Sequence[str], command: str) -> str:
-    files = ', '.join(f'`benchmarks/results/{n}.json`' for n in json_names)
-    return f'<sub>Generated from {files} by `python benchmarks/tables.py`; re-measure with `{command}`.</sub>'
-
-
-def mean_std(d: dict, nd: int = 2) -> str:
-    return f"{d['mean']:.{nd}f} ± {d['std']:.{nd}f}"
-
+from _tables_base import (BLOCK, DOCS, INLINE, ROOT, MissingResult, f, f2, load, mean_std, source,  # noqa: E402
+                          table)
+from tables_prune import (_lc_mean, _lc_rows, _nvit_row, t_latency_check, t_nvit, t_nvit_ablation,  # noqa: E402
+                          t_nvit_verdict, t_ofb, t_ofb_verdict)
 
 # ---------------------------------------------------------------- tables
 
@@ -151,10 +98,6 @@ def t_tokens_sweep() -> str:
                         f2(r['top1']), f(r['throughput_ratio']), f(r['latency_speedup'])])
     return '\n'.join([table(['model', 'setting', 'GMACs', 'x dense', 'top-1', 'throughput', 'batch-1 latency'], out),
                       source(['tokens_fmnist'], 'python benchmarks/tokens_fmnist.py offshelf && ... speed')])
-
-
-def f2(v):
-    return f(v, 2)
 
 
 def t_mixers() -> str:
@@ -257,93 +200,6 @@ def t_unlearnable_settings() -> str:
                       source(['unlearnable_curve'], 'python benchmarks/unlearnable_curve.py report')])
 
 
-_ARM = {'dense': 'dense', 'nvit': 'NViT', 'tp_taylor': 'TP Taylor', 'tp_hessian': 'TP Hessian', 'uniform': 'uniform',
-        'nvit_taylor': 'NViT, Taylor score', 'nvit_magnitude': 'NViT, magnitude score',
-        'nvit_fisher': 'NViT, diagonal Fisher', 'nvit_lam0': 'NViT, no latency penalty'}
-
-
-def _pm(r: dict, key: str, fmt: str = '{:.2f}') -> str:
-    """``mean ± std`` over seeds (the std only when the row has several seeds)."""
-    if r.get(key) is None:
-        return ''
-    if r.get('n_seeds', 1) > 1 and f'{key}_std' in r:
-        return f"{fmt.format(r[key])} ± {fmt.format(r[key + '_std'])}"
-    return fmt.format(r[key])
-
-
-def _nvit_table(rows: List[dict]) -> List[List[str]]:
-    return [[f"{r['budget']:g}", _ARM.get(r['arm'], r['arm']), _pm(r, 'top1'), f"{r['gmacs']:.4f}",
-             f"{r['params_m']:.3f} M", _pm(r, 'throughput_ratio'), _pm(r, 'latency_speedup'),
-             _pm(r, 'predicted_speedup')] for r in rows]
-
-
-def _top1(r: dict) -> str:
-    if 'top1_std' in r:
-        return _pm(r, 'top1')
-    return f2(r['top1'])
-
-
-def _nvit_source(extra: str = '') -> str:
-    st = load('nvit_fmnist')['settings']
-    seeds = st.get('seeds', [0])
-    return source(['nvit_fmnist'], 'python benchmarks/nvit_fmnist.py all --jobs 2' + extra)[:-len('</sub>')] + \
-        f" Mean ± sample std over {len(seeds)} seed(s); speed-ups over the dense model, measured interleaved " \
-        f"(batch 64 throughput and batch-1 latency, {st['threads']} threads, median of {st['rounds']} rounds) and " \
-        f"predicted by the latency table.</sub>"
-
-
-def t_nvit() -> str:
-    rows = [r for r in load('nvit_fmnist')['rows'] if r['arm'] in ('dense', 'nvit', 'tp_taylor', 'tp_hessian',
-                                                                     'uniform')]
-    header = ['budget', 'arm', 'top-1 (%)', 'GMACs', 'params', 'measured throughput speed-up',
-              'measured batch-1 speed-up', 'predicted']
-    return '\n'.join([table(header, _nvit_table(rows)), _nvit_source()])
-
-
-def verdict(a: dict, b: dict, key: str = 'top1') -> str:
-    """``a`` against ``b`` on ``key``: 'ahead' / 'behind' when the gap of the means exceeds the sum of
-    their standard deviations over seeds, else 'within the spread' (one seed: no verdict)."""
-    if min(a.get('n_seeds', 1), b.get('n_seeds', 1)) < 2:
-        return 'one seed: no verdict'
-    gap, spread = a[key] - b[key], a.get(f'{key}_std', 0.0) + b.get(f'{key}_std', 0.0)
-    if gap > spread:
-        return 'ahead'
-    if gap < -spread:
-        return 'behind'
-    return 'within the spread'
-
-
-def t_nvit_verdict() -> str:
-    """NViT against each peer at each budget: accuracy gap and measured speed, with the verdict."""
-    rows = load('nvit_fmnist')['rows']
-    out = []
-    for b in sorted({r['budget'] for r in rows if r['arm'] == 'nvit'}, reverse=True):
-        ours = _nvit_row('nvit', b)
-        for peer in ('tp_taylor', 'tp_hessian', 'uniform'):
-            try:
-                other = _nvit_row(peer, b)
-            except MissingResult:
-                continue
-            gap = ours['top1'] - other['top1']
-            spread = ours.get('top1_std', 0.0) + other.get('top1_std', 0.0)
-            out.append([f'{b:g}', _ARM[peer], f'{gap:+.2f} (spread {spread:.2f})', verdict(ours, other),
-                        f"{f(ours.get('throughput_ratio'))} vs {f(other.get('throughput_ratio'))}",
-                        verdict(ours, other, 'throughput_ratio') if ours.get('throughput_ratio') else ''])
-    return '\n'.join([table(['budget', 'NViT against', 'top-1 gap (pt)', 'accuracy', 'measured throughput speed-up',
-                             'speed'], out),
-                      "'ahead' / 'behind': the gap of the means exceeds the sum of the two standard deviations over "
-                      "seeds; otherwise 'within the spread'."])
-
-
-def t_nvit_ablation() -> str:
-    rows = [r for r in load('nvit_fmnist_ablation')['rows'] if r['arm'].startswith('nvit') and r['budget'] == 0.5]
-    out = [[_ARM.get(r['arm'], r['arm']), _top1(r), f"{r['gmacs']:.4f}"] for r in rows]
-    return '\n'.join([table(['arm (budget 0.5)', 'top-1', 'GMACs'], out, bold=(1,)),
-                      source(['nvit_fmnist_ablation'], 'python benchmarks/nvit_fmnist.py all --arms nvit nvit_lam0 '
-                                                       'nvit_taylor nvit_magnitude nvit_fisher --budgets 0.5 --seeds 0 '
-                                                       '--result benchmarks/results/nvit_fmnist_ablation.json')])
-
-
 def t_demo() -> str:
     res = load('demo')
     try:
@@ -392,40 +248,12 @@ def t_tokens_deit_s() -> str:
     return '\n'.join(lines)
 
 
-def _lc_rows(arm: Optional[str] = None) -> List[dict]:
-    return [r for r in load('latency_check')['rows'] if arm is None or r['arm'] == arm]
-
-
-def _lc_mean(table: str, arm: Optional[str] = None, stat=max) -> float:
-    """Mean (``stat=None``) or largest |predicted / measured - 1| of a table in latency_check."""
-    errs = [abs(r[f'error_{table}']) for r in _lc_rows(arm)]
-    return sum(errs) / len(errs) if stat is None else stat(errs)
-
-
-def t_latency_check() -> str:
-    """Predicted against measured speed-up of every model of the NViT benchmark, per arm and table."""
-    out = []
-    for arm in dict.fromkeys(r['arm'] for r in _lc_rows()):
-        rows = _lc_rows(arm)
-        out.append([_ARM.get(arm, arm if arm != 'probe' else 'probes (dense, one width moved)'), str(len(rows)),
-                    f"{min(r['measured'] for r in rows):.2f}-{max(r['measured'] for r in rows):.2f}",
-                    *(f"{_lc_mean(t, arm, None):.1%} ({_lc_mean(t, arm):.1%})" for t in ('paired', 'plain', 'fastest'))])
-    st = load('latency_check')['settings']
-    return '\n'.join([
-        table(['models', 'n', 'measured speed-up', 'paired + alignment (default)', 'paired, no alignment',
-               'fastest round (before)'], out),
-        source(['latency_check'], 'python benchmarks/latency_check.py')[:-len('</sub>')] +
-        f" |predicted / measured - 1|: mean (largest). Measured: whole models timed paired against the dense "
-        f"DeiT-nano, median of {st['rounds']} rounds, batch {st['batch']}, {st['threads']} threads; tables timed in "
-        f"the same process.</sub>"])
-
-
 TABLES: Dict[str, Callable[[], str]] = {
     'tokens_deit_s': t_tokens_deit_s,
     'demo': t_demo, 'mixpro': t_mixpro, 'tokens_fmnist': t_tokens_fmnist, 'tokens_sweep': t_tokens_sweep,
     'mixers': t_mixers, 'unlearnable': t_unlearnable, 'unlearnable_curve': t_unlearnable_curve,
     'unlearnable_settings': t_unlearnable_settings, 'nvit': t_nvit, 'nvit_ablation': t_nvit_ablation,
-    'nvit_verdict': t_nvit_verdict, 'latency_check': t_latency_check,
+    'nvit_verdict': t_nvit_verdict, 'latency_check': t_latency_check, 'ofb': t_ofb, 'ofb_verdict': t_ofb_verdict,
 }
 
 
@@ -459,13 +287,6 @@ def _unl(name: str, budget: str, key: str = 'top1', control: Optional[str] = Non
                 return f"{(r['controls'][control] if control else r[key]):.2f}"
         raise MissingResult(f'unlearnable run {name} ({budget})')
     return get
-
-
-def _nvit_row(arm: str, budget: float) -> dict:
-    for r in load('nvit_fmnist')['rows']:
-        if r['arm'] == arm and r['budget'] == budget:
-            return r
-    raise MissingResult(f'nvit_fmnist has no {arm} row at budget {budget}')
 
 
 def _tt(key: str) -> Callable[[], str]:
