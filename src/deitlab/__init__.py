@@ -32,7 +32,7 @@ def register_models() -> None:
         return
     _registered = True   # first: the imports below pass through the hook again
     try:
-        from . import models  # noqa: F401  (registers deitlab_deit_*, _stvit_*, _poolformer_*, _spectformer_*)
+        from . import models  # noqa: F401  (registers deitlab_deit_*, _stvit_*, _poolformer_*, _spectformer_*, _vitres_*)
     except BaseException:
         _registered = False
         raise

@@ -4,6 +4,7 @@ from . import spectformer  # noqa: F401
 from . import poolformer  # noqa: F401
 from . import spectformer_h  # noqa: F401
 from . import stvit  # noqa: F401
+from . import vitres  # noqa: F401
 from ..layers import WidthAttention, WidthBlock
 from .deit import DeiT, DeiTDistilled, resolve_widths
 
