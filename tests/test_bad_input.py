@@ -22,7 +22,7 @@ OFB = ['prune', 'ofb', '--model', '{root}/run', '--data', 'folder:{root}/folder'
 @pytest.fixture(scope='module')
 def files(tmp_path_factory):
     """A run directory with label names, an image folder with two classes and one with one class,
-    a pruning output directory, a plain file and YAML files."""
+    a pruning output directory, a plain file, an image file and YAML files."""
     import timm
     root = tmp_path_factory.mktemp('bad')
     torch.manual_seed(0)
@@ -39,6 +39,7 @@ def files(tmp_path_factory):
     save_run_dir(timm.create_model(PICO, num_classes=2), root / 'pruned-out')   # e.g. what prune/fuse wrote
     save_run_dir(timm.create_model('deitlab_poolformer_pico_32', num_classes=2), root / 'pool')
     (root / 'a-file').write_text('not a directory\n')
+    Image.new('RGB', (40, 24), (90, 160, 30)).save(root / 'picture.png')
     save_run_dir(timm.create_model(PICO, num_classes=24), root / 'truncated')   # cut in half, as a failed copy
     w = root / 'truncated' / 'model.safetensors'
     w.write_bytes(w.read_bytes()[:w.stat().st_size // 2])
@@ -157,6 +158,17 @@ CASES = [
      r"argument --split: invalid choice: 'banana'"),
     ('eval-device-banana', ['eval', '--model', '{root}/run', '--data', GLYPHS, '--device', 'banana'],
      r"unknown device 'banana'"),
+    # explain
+    ('explain-image-missing', ['explain', '--model', '{root}/run', '--image', '{root}/nothing.png'],
+     r'image file does not exist: .*nothing.png'),
+    ('explain-image-unreadable', ['explain', '--model', '{root}/run', '--image', '{root}/a-file'],
+     r'cannot read .*a-file as an image'),
+    ('explain-poolformer', ['explain', '--model', '{root}/pool', '--image', '{root}/picture.png'],
+     r'pool: PoolFormer has no self-attention blocks'),
+    ('explain-start-layer', ['explain', '--model', '{root}/run', '--image', '{root}/picture.png', '--start-layer', '4'],
+     r'start layer 4 is out of range: the model has 4 blocks \(0..3\)'),
+    ('explain-head-fusion', ['explain', '--model', '{root}/run', '--image', '{root}/picture.png', '--head-fusion',
+                             'median'], r"argument --head-fusion: invalid choice: 'median'"),
     # bench
     ('bench-img-size-zero', ['bench', '--model', PICO, '--img-size', '0'], r'argument --img-size: must be at least 1'),
     ('bench-batch-zero', ['bench', '--model', PICO, '--batch-size', '0'], r'argument --batch-size: must be at least 1'),

@@ -41,7 +41,7 @@ def test_top_level_help_lists_every_command_without_torch():
         assert name in r.stdout and text.replace('%%', '%')[:30] in ' '.join(r.stdout.split())
 
 
-@pytest.mark.parametrize('command', [['train'], ['unlearnable', 'eval'], ['eval'], ['bench'], ['models'],
+@pytest.mark.parametrize('command', [['train'], ['unlearnable', 'eval'], ['eval'], ['explain'], ['bench'], ['models'],
                                      ['demo'], ['unlearnable', 'make'], ['prune', 'nvit'], ['fuse', 'tome'],
                                      ['fuse', 'mctf-fast']])
 def test_subcommand_help_without_torch(command):
@@ -80,7 +80,8 @@ def test_every_flag_has_a_help_line_in_a_named_section():
         leaves += 1
         for group in p._action_groups:   # a subcommand that runs: every option in one of the sections
             assert group.title in titles or not group._group_actions, (path, group.title)
-    assert leaves == 12   # train eval bench models demo, prune nvit|ofb, fuse tome|mctf|mctf-fast, unlearnable make|eval
+    assert leaves == 13   # train eval explain bench models demo, prune nvit|ofb, fuse tome|mctf|mctf-fast,
+    #                       unlearnable make|eval
 
 
 def test_config_dataclass_fields_carry_their_help_and_section():

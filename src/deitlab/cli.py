@@ -56,6 +56,12 @@ def cmd_eval(args) -> dict:
                           device=args.device, workers=args.workers)
 
 
+def cmd_explain(args) -> dict:
+    from .explain import explain_image
+    return explain_image(args.model, args.image, out=args.out, head_fusion=args.head_fusion,
+                         start_layer=args.start_layer, device=args.device)
+
+
 def cmd_bench(args) -> dict:
     from .bench import benchmark_model
     from .rundir import create
@@ -231,6 +237,21 @@ def _eval_parser(p, groups) -> None:
     p.set_defaults(func=cmd_eval)
 
 
+def _explain_parser(p, groups) -> None:
+    model = groups['model']
+    model.add_argument('--model', required=True, help=_MODEL_HELP)
+    model.add_argument('--head-fusion', default='mean', choices=['mean', 'max'],
+                       help='how the heads of a block are fused into one map (default: mean)')
+    model.add_argument('--start-layer', type=_count, default=0,
+                       help='the first block rolled out, counted from 0 (default: 0)')
+    groups['data'].add_argument('--image', required=True, help='the image file (read with PIL)')
+    groups['run'].add_argument('--out', default=None,
+                               help='the PNG to write (default: IMAGE-STEM_rollout.png in the current directory)')
+    groups['run'].add_argument('--device', default=None, help=_DEVICE_HELP)
+    add_output_flags(groups)
+    p.set_defaults(func=cmd_explain)
+
+
 def _bench_parser(p, groups) -> None:
     model = groups['model']
     model.add_argument('--model', required=True, help=_MODEL_HELP)
@@ -327,6 +348,7 @@ def _demo_parser(p, groups) -> None:
 COMMANDS = {
     'train': ('train a model with the DeiT recipe', _train_parser),
     'eval': ('top-1/top-5 of a model on a dataset split', _eval_parser),
+    'explain': ('attention rollout of a ViT on one image, as a PNG heat-map', _explain_parser),
     'bench': ('params, GMACs, latency, throughput, peak memory', _bench_parser),
     'prune': ('structural pruning into a smaller, faster model', _prune_parser),
     'fuse': ('token reduction (ToMe, MCTF): evaluate and benchmark the fused model', _fuse_parser),

@@ -1,10 +1,12 @@
 """The error types that mean bad input (reported to the user as a message, not a traceback)."""
 from .data import DataError
 from .distributed import DeviceError
+from .explain import ExplainError
 from .prune.base import PruneError
 from .rundir import ModelLoadError
 from .tokens.config import TokenFusionError
 from .train.config import ConfigError
 from .train.loop import TrainingDiverged
 
-USER_ERRORS = (DataError, ModelLoadError, ConfigError, TrainingDiverged, PruneError, TokenFusionError, DeviceError)
+USER_ERRORS = (DataError, ModelLoadError, ConfigError, TrainingDiverged, PruneError, TokenFusionError, DeviceError,
+               ExplainError)

@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import use_fused_attn
 
-__all__ = ['fused_attention', 'WidthAttention', 'head_dims', 'project', 'project_cross', 'attention_logits',
+__all__ = ['fused_attention', 'WidthAttention', 'head_dims', 'self_attention_types', 'project', 'project_cross', 'attention_logits',
            'attention_probs', 'attend', 'attention_output', 'cross_attention']
 
 
@@ -184,3 +184,10 @@ class WidthAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         return attention_output(self, attend(self, *project(self, x), attn_mask), x)
+
+
+def self_attention_types() -> tuple:
+    """The attention modules the step functions here (and class-token capture, rollout) take: timm's
+    ``Attention`` and deitlab's ``WidthAttention``."""
+    from timm.models.vision_transformer import Attention
+    return Attention, WidthAttention

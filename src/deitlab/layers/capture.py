@@ -16,7 +16,7 @@ from typing import Iterator, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from .attention import WidthAttention, attention_logits, project
+from .attention import attention_logits, project, self_attention_types
 
 __all__ = ['CapturedAttention', 'cls_attention_row', 'find_cls_attention', 'capture_cls_attention']
 
@@ -39,8 +39,6 @@ def find_cls_attention(model: nn.Module) -> Tuple[nn.Module, int]:
     """The last block's self-attention module and the number of prefix tokens, or a ValueError that
     says why the model has no class-token attention (no class token, no blocks, or a last block
     that is not timm ``Attention`` / deitlab ``WidthAttention``, e.g. PoolFormer or SpectFormer)."""
-    from timm.models.vision_transformer import Attention
-
     name = type(model).__name__
     if getattr(model, 'cls_token', None) is None:
         raise ValueError(f'{name} has no class-token attention: it has no class token')
@@ -49,7 +47,7 @@ def find_cls_attention(model: nn.Module) -> Tuple[nn.Module, int]:
         raise ValueError(f'{name} has no class-token attention: no transformer blocks found')
     last = blocks[-1]
     attn_module = getattr(last, 'attn', None)
-    if not isinstance(attn_module, (Attention, WidthAttention)):
+    if not isinstance(attn_module, self_attention_types()):
         raise ValueError(f'{name} has no class-token attention in its last block: {type(last).__name__} is not a '
                          f'self-attention block (needs timm Attention or deitlab WidthAttention)')
     return attn_module, int(getattr(model, 'num_prefix_tokens', 1))
