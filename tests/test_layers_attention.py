@@ -31,13 +31,14 @@ def test_partial_projections_equal_the_full_one():
     q, k, v = project(attn, x)
     assert q.shape == (2, 2, 7, 4) and v.shape == (2, 2, 7, 6) and head_dims(attn) == (2, 4, 6)
     q2, k2 = project(attn, x, 'qk')
-    for a, b in ((q, q2), (k, k2), (v, project(attn, x, 'v'))):
+    k3, v3 = project(attn, x, 'kv')
+    for a, b in ((q, q2), (k, k2), (v, project(attn, x, 'v')), (k, k3), (v, v3)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     qc, kc, vc = project_cross(attn, x[:, :3], x)
     torch.testing.assert_close(qc, q[:, :, :3], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close((kc, vc), (k, v), rtol=1e-5, atol=1e-6)
-    with pytest.raises(ValueError, match="parts must be 'qkv', 'qk' or 'v'"):
-        project(attn, x, 'kv')
+    with pytest.raises(ValueError, match="parts must be 'qkv', 'qk', 'kv' or 'v'"):
+        project(attn, x, 'q')
 
 
 @pytest.mark.parametrize('qk_norm', [False, True])
@@ -45,8 +46,10 @@ def test_the_steps_compose_to_timm_attention(qk_norm):
     torch.manual_seed(0)
     attn = Attention(24, num_heads=4, qkv_bias=True, qk_norm=qk_norm, norm_layer=torch.nn.LayerNorm).eval()
     x = _x()
-    out = attention_output(attn, attend(attn, *project(attn, x)), x)
+    q, k, v = project(attn, x)
+    out = attention_output(attn, attend(attn, q, k, v), x)
     torch.testing.assert_close(out, attn(x), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(project(attn, x, 'kv'), (k, v), rtol=1e-5, atol=1e-6)   # k_norm applied
 
 
 def test_fused_and_explicit_attention_agree_with_a_bias_and_unequal_widths():

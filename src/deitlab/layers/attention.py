@@ -10,7 +10,7 @@ below take an attention module (``WidthAttention`` or timm's ``Attention``, whos
 gate they honour) and split its forward into steps, so that methods can step in between without a
 copy of the q/k/v projection and the softmax:
 
-* ``project``         ``h -> (q, k, v)``, or only q/k or only v (the rows of ``qkv`` needed),
+* ``project``         ``h -> (q, k, v)``, or only q/k, k/v or v (the rows of ``qkv`` needed),
 * ``project_cross``   q from one token set, k/v from another (STViT's refinement, DCAL),
 * ``attention_probs`` ``softmax(scale q k^T + bias)``, the map token fusion and capture read,
 * ``attend``          the context ``A V`` (fused SDPA when the module uses it),
@@ -73,8 +73,9 @@ def _rows(attn: nn.Module, h: torch.Tensor, start: int, stop: Optional[int] = No
 
 
 def project(attn: nn.Module, h: torch.Tensor, parts: str = 'qkv'):
-    """Per-head projections of tokens ``h`` (B, N, D): 'qkv' -> (q, k, v), 'qk' -> (q, k), 'v' -> v,
-    each (B, H, N, width); only the rows of ``attn.qkv`` that are needed are multiplied. The qkv
+    """Per-head projections of tokens ``h`` (B, N, D): 'qkv' -> (q, k, v), 'qk' -> (q, k), 'kv' -> (k, v)
+    (DCAL's pair-wise keys), 'v' -> v, each (B, H, N, width); only the rows of ``attn.qkv`` that are
+    needed are multiplied. The qkv
     rows are ``[Q (H x qk_dim), K (H x qk_dim), V (H x v_dim)]``, each head contiguous."""
     H, dq, dv = head_dims(attn)
     if parts == 'qkv':
@@ -85,7 +86,11 @@ def project(attn: nn.Module, h: torch.Tensor, parts: str = 'qkv'):
         return _qk_norm(attn, q, k)
     if parts == 'v':
         return _heads(_rows(attn, h, 2 * H * dq), H)
-    raise ValueError(f"parts must be 'qkv', 'qk' or 'v', got {parts!r}")
+    if parts == 'kv':
+        k, v = (_heads(t, H) for t in _rows(attn, h, H * dq).split([H * dq, H * dv], dim=-1))
+        k_norm = getattr(attn, 'k_norm', None)
+        return (k if k_norm is None else k_norm(k)), v
+    raise ValueError(f"parts must be 'qkv', 'qk', 'kv' or 'v', got {parts!r}")
 
 
 def project_cross(attn: nn.Module, q_in: torch.Tensor, kv_in: torch.Tensor):
