@@ -16,6 +16,8 @@ GLYPHS = 'glyphs:train=64,val=32,size=32'
 TRAIN = ['train', '--model', PICO, '--data', GLYPHS, '--epochs', '1', '--batch-size', '16', '--no-progress',
          '--no-tensorboard', '--max-steps-per-epoch', '1']
 TRAIN_O = TRAIN + ['--out', '{root}/o']   # a training run into a new directory under the fixture
+NAS = ['nas', 'train-supernet', '--data', GLYPHS, '--out', '{root}/n', '--batch-size', '8', '--ex-per-arch', '2',
+       '--holdout', '1', '--epochs', '1', '--no-progress']
 OFB = ['prune', 'ofb', '--model', '{root}/run', '--data', 'folder:{root}/folder', '--out', '{root}/p']
 
 
@@ -47,6 +49,8 @@ def files(tmp_path_factory):
         (root / name).mkdir()
     (root / 'damaged-train' / 'checkpoint.pt').write_bytes(b'PK\x03\x04 not a checkpoint')
     (root / 'damaged-prune' / 'prune_checkpoint.pt').write_bytes(b'\x80\x02 cut short')
+    (root / 'nas-other').mkdir()   # a supernet checkpoint of another search space
+    torch.save({'space': 'mu_distilled', 'epoch': 0}, root / 'nas-other' / 'supernet_checkpoint.pt')
     (root / 'types.yaml').write_text('# a learning rate\nlr: fast\n')
     (root / 'bool.yaml').write_text('drop_path: true\n')
     (root / 'syntax.yaml').write_text('lr: [1,\n')
@@ -231,6 +235,12 @@ CASES = [
                               'a long enough key', '--fraction', '1.5'], r'fraction must be a number in \[0, 1\]'),
     ('unlearnable-img-size-zero', ['unlearnable', 'make', '--data', GLYPHS, '--out', '{root}/u', '--key',
                                    'a long enough key', '--img-size', '0'], r'argument --img-size: must be at least 1'),
+    # nas
+    ('nas-unknown-space', NAS + ['--space', 'huge'], r"unknown search space 'huge'; known spaces: mu, mu_distilled"),
+    ('nas-batch-not-divisible', NAS + ['--batch-size', '20', '--ex-per-arch', '8'],
+     r'batch_size 20 is not divisible by ex_per_arch 8'),
+    ('nas-resume-other-space', NAS + ['--out', '{root}/nas-other', '--resume'],
+     r"nas-other/supernet_checkpoint.pt: it holds a supernet of search space 'mu_distilled', but --space is 'mu'"),
     # demo
     ('demo-out-file', ['demo', '--out', '{root}/a-file'], r'Not a directory: .*a-file/'),
 ]
@@ -240,7 +250,7 @@ CASES = [
 def test_bad_input_is_one_clear_line(files, argv, pattern, capsys):
     argv = [a.replace('{root}', str(files)) for a in argv]
     outs = [files / name for name in ('pruned-out', 'run', 'folder', 'truncated', 'damaged-train', 'damaged-prune',
-                                      'resumable', 'pool')]
+                                      'resumable', 'pool', 'nas-other')]
     before = [_digest(p) for p in outs]
     try:
         code = main(argv)

@@ -4,7 +4,8 @@ With ``--json`` a subcommand prints one JSON object on the last line of stdout; 
 to stderr. Errors from bad input print ``deitlab: error: ...`` and exit with status 2.
 
 ``--help`` is the documentation. Every flag has a help line and sits in a section
-(:data:`deitlab.cli_flags.GROUPS`); the flags of the configuration dataclasses (``TrainConfig``, ``NViTConfig``, ``FuseConfig``) are
+(:data:`deitlab.cli_flags.GROUPS`); the flags of the configuration dataclasses (``TrainConfig``, ``NViTConfig``,
+``FuseConfig``, ``SupernetConfig``) are
 their fields, with the ``help`` and ``group`` of each field's metadata. Each subcommand that makes
 such a configuration also takes ``--config FILE.yaml``; precedence, lowest first: the dataclass
 defaults (for ``train`` and ``unlearnable eval``: the named recipe's), the file's values, explicit
@@ -128,6 +129,12 @@ def cmd_prune_ofb(args) -> dict:
               f'search trace {report["run_dir"]}/search_trace.png')
         return {}
     return report
+
+
+def cmd_nas_train_supernet(args) -> dict:
+    from .nas.config import SupernetConfig
+    from .nas.train import train_supernet
+    return train_supernet(SupernetConfig(**config_values(args)).validate())
 
 
 def cmd_fuse(args) -> dict:
@@ -279,6 +286,16 @@ def _prune_parser(p, groups) -> None:
     q.set_defaults(func=cmd_prune_ofb)
 
 
+def _nas_parser(p, groups) -> None:
+    actions = p.add_subparsers(dest='action', required=True)   # to come: search, export
+    from .nas.config import SupernetConfig
+    q, g = subcommand(actions, 'train-supernet', 'ViT-ResNAS: train the weight-sharing supernet of a search space, '
+                                                 'several sub-networks per batch')
+    add_config_args(q, g, SupernetConfig, required=('data', 'out'))
+    add_output_flags(g)
+    q.set_defaults(func=cmd_nas_train_supernet)
+
+
 def _fuse_parser(p, groups) -> None:
     methods = p.add_subparsers(dest='method', required=True)
     from .tokens.config import FuseConfig
@@ -351,12 +368,13 @@ COMMANDS = {
     'explain': ('attention rollout of a ViT on one image, as a PNG heat-map', _explain_parser),
     'bench': ('params, GMACs, latency, throughput, peak memory', _bench_parser),
     'prune': ('structural pruning into a smaller, faster model', _prune_parser),
+    'nas': ('neural architecture search (ViT-ResNAS): train a weight-sharing supernet', _nas_parser),
     'fuse': ('token reduction (ToMe, MCTF): evaluate and benchmark the fused model', _fuse_parser),
     'unlearnable': ('unlearnable datasets (CUDA: class-wise convolution filters)', _unlearnable_parser),
     'models': ('registered deitlab architectures', _models_parser),
     'demo': ('the main job: train a small DeiT on glyphs and report', _demo_parser),
 }
-_NESTED = ('prune', 'fuse', 'unlearnable')   # a method or action follows; the options are on it
+_NESTED = ('prune', 'nas', 'fuse', 'unlearnable')   # a method or action follows; the options are on it
 
 
 def make_parser(commands: Optional[Iterable[str]] = None) -> argparse.ArgumentParser:
@@ -385,7 +403,8 @@ def _command_in(argv: list) -> Optional[str]:
 
 def _resume_hint(args) -> str:
     out = getattr(args, 'out', None)
-    for name, what in (('checkpoint.pt', 'the last finished epoch'), ('prune_checkpoint.pt', 'the last pruning event')):
+    for name, what in (('checkpoint.pt', 'the last finished epoch'), ('prune_checkpoint.pt', 'the last pruning event'),
+                       ('supernet_checkpoint.pt', 'the last finished epoch')):
         if out and (Path(out) / name).is_file():
             return f'; {Path(out) / name} holds {what}: continue with the same command and --resume'
     return '; nothing was saved yet'

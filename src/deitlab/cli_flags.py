@@ -1,6 +1,7 @@
 """Flags from configuration dataclasses, and the sections of a subcommand's ``--help``.
 
-Each field of a configuration dataclass (``TrainConfig``, ``NViTConfig``, ``FuseConfig``) becomes
+Each field of a configuration dataclass (``TrainConfig``, ``NViTConfig``, ``FuseConfig``,
+``SupernetConfig``) becomes
 one flag, with the ``help`` and ``group`` of the field's metadata; :func:`config_values` merges a
 ``--config FILE.yaml`` under the flags given. Imports no torch: ``deitlab --help`` stays fast.
 """
@@ -29,6 +30,7 @@ GROUPS = {
     'pruning': 'pruning',
     'pruning schedule': 'pruning schedule',
     'search': 'width search',
+    'nas': 'architecture search',
     'latency table': 'latency table',
     'fine-tuning': 'fine-tuning of the pruned model',
     'poisoning': 'poisoning',

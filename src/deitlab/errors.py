@@ -2,6 +2,7 @@
 from .data import DataError
 from .distributed import DeviceError
 from .explain import ExplainError
+from .nas.space import SearchSpaceError
 from .prune.base import PruneError
 from .rundir import ModelLoadError
 from .tokens.config import TokenFusionError
@@ -9,4 +10,4 @@ from .train.config import ConfigError
 from .train.loop import TrainingDiverged
 
 USER_ERRORS = (DataError, ModelLoadError, ConfigError, TrainingDiverged, PruneError, TokenFusionError, DeviceError,
-               ExplainError)
+               ExplainError, SearchSpaceError)

@@ -144,6 +144,28 @@ class SearchSpace:
         raise SearchSpaceError(f'{name} has {len(values)} lists of choices; give one per stage ({len(self.depths)}) '
                                f'or one per block ({self.num_blocks})')
 
+    # ------------------------------------------------------------------ definition
+
+    _FIELDS = ('widths', 'depths', 'heads', 'mlp_hidden', 'skippable', 'head_dim', 'img_size', 'patch_size',
+               'in_chans', 'num_classes', 'distilled', 'model_name')
+
+    def to_dict(self) -> dict:
+        """The definition as plain JSON values (per-block ``heads`` / ``mlp_hidden``); equal
+        definitions give equal dicts, and ``SearchSpace.from_dict(d)`` rebuilds the space."""
+        out = {k: getattr(self, k) for k in self._FIELDS}
+        for k in ('widths', 'heads', 'mlp_hidden'):
+            out[k] = [list(v) for v in out[k]]
+        out.update(depths=list(self.depths), skippable=list(self.skippable), distilled=bool(self.distilled))
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict) -> 'SearchSpace':
+        unknown = set(d) - set(cls._FIELDS)
+        if unknown:
+            raise SearchSpaceError(f'unknown search space keys {", ".join(sorted(unknown))}; a space has '
+                                   f'{", ".join(cls._FIELDS)}')
+        return cls(**d)
+
     # ------------------------------------------------------------------ structure
 
     @property

@@ -143,6 +143,11 @@ class Supernet(nn.Module):
     def set_distilled_training(self, enable: bool = True) -> None:
         self.model.set_distilled_training(enable)
 
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set:
+        """The ViTRes's parameters without weight decay (position embeddings, tokens), by their names here."""
+        return {f'model.{name}' for name in self.model.no_weight_decay()}
+
     # ------------------------------------------------------------------ masked forward
 
     def _masks(self, archs: List[Arch], batch: int, device, dtype) -> _Masks:

@@ -77,10 +77,9 @@ class Hooks:
     sparsity and distillation terms, ``after_optimizer_step`` projects the scores, ``after_step``
     advances the sparsity schedule and ``should_stop`` ends the search at the target.
 
-    *ViT-ResNAS supernet training*: ``forward_context`` samples a sub-network for the step and
-    activates it (``with supernet.sampled(arch)``). Several sub-networks per batch (the sandwich
-    rule): ``forward`` runs each and returns their outputs, ``loss`` sums their losses, so one
-    backward carries all their gradients.
+    *ViT-ResNAS supernet training* (``nas/train.py``): ``forward`` draws one sub-network per
+    sub-batch and runs them all in one masked pass, ``supernet(x, archs)``, so one backward
+    carries all their gradients; ``after_epoch`` rewires the units during the warm-up.
 
     *Multi-level V-cycle*: ``after_epoch`` (or ``after_step``) coarsens or refines the model at
     the cycle's turning points and hands the new one to :meth:`Trainer.replace_model`, which builds
