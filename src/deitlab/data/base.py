@@ -7,7 +7,7 @@ from typing import Callable, Optional, Sequence, Tuple
 import torch
 from torch.utils.data import Dataset
 
-__all__ = ['DataError', 'DatasetInfo', 'TensorImageDataset']
+__all__ = ['DataError', 'DatasetInfo', 'TensorImageDataset', 'ReidImageDataset']
 
 
 class DataError(ValueError):
@@ -19,7 +19,7 @@ class DatasetInfo:
     """What a dataset spec describes, known without loading the images.
 
     Attributes:
-        name: Dataset name (``glyphs``, ``fashion-mnist``, ``folder``).
+        name: Dataset name (``glyphs``, ``glyphs-fine``, ``glyphs-reid``, ``fashion-mnist``, ``folder``).
         spec: The spec string the info was made from.
         num_classes: Number of classes.
         classes: Class names, index ``i`` is label ``i``.
@@ -87,6 +87,37 @@ class TensorImageDataset(Dataset):
     def __repr__(self) -> str:
         n, c, h, w = self.images.shape
         return f'{type(self).__name__}(n={n}, stored={c}x{h}x{w}, classes={self.num_classes})'
+
+
+
+class ReidImageDataset(TensorImageDataset):
+    """A :class:`TensorImageDataset` of a re-identification split, with each image's identity and view.
+
+    Args:
+        images, targets, classes, transform: As :class:`TensorImageDataset` (``targets`` index
+            ``classes``, the identities of this split).
+        identities: Identity of each image ``(N,)``, global over the splits (disjoint test identities
+            have numbers of their own).
+        views: View (camera) of each image ``(N,)``.
+        with_views: Items are ``(image, identity, view)`` (query and gallery sets) instead of
+            ``(image, label)`` (training and classification).
+    """
+
+    def __init__(self, images: torch.Tensor, targets: torch.Tensor, classes: Sequence[str],
+                 transform: Callable[[torch.Tensor], torch.Tensor], identities: torch.Tensor, views: torch.Tensor,
+                 with_views: bool):
+        super().__init__(images, targets, classes, transform)
+        self.identities = torch.as_tensor(identities, dtype=torch.long)
+        self.views = torch.as_tensor(views, dtype=torch.long)
+        if not len(self.identities) == len(self.views) == len(self.targets):
+            raise DataError(f'{len(self.targets)} images but {len(self.identities)} identities and '
+                            f'{len(self.views)} views')
+        self.with_views = bool(with_views)
+
+    def __getitem__(self, index: int):
+        if self.with_views:
+            return self.transform(self.images[index]), int(self.identities[index]), int(self.views[index])
+        return super().__getitem__(index)
 
 
 def check_split(split: str, allowed: Optional[Sequence[str]] = ('train', 'val')) -> str:

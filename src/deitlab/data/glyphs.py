@@ -23,9 +23,11 @@ How an image is made, in batches with torch ops:
 
 Randomness comes from one ``torch.Generator`` per split, seeded from ``(seed, split)``, so the same
 options give bitwise-identical tensors, and train and val never share a stream.
-The building blocks (:func:`glyph_atlas`, :func:`glyph_masks`, :func:`papyrus_texture`,
-:func:`ink_on_texture`, :func:`render_glyph`) work at any size so that whole papyrus pages can be
-composed from them.
+The building blocks (:func:`glyph_atlas`, :func:`glyph_masks`, :func:`random_poses`,
+:func:`papyrus_tones`, :func:`papyrus_texture`, :func:`ink_on_texture`, :func:`neighbour_masks`,
+:func:`finish_patches`, :func:`compose_glyphs`, :func:`render_glyph`) work at any size so that whole
+papyrus pages can be composed from them; the fine-grained (:mod:`.glyphs_fine`) and
+re-identification (:mod:`.glyphs_reid`) datasets are made from them too.
 """
 from __future__ import annotations
 
@@ -44,7 +46,8 @@ from .base import DataError
 
 __all__ = [
     'GREEK_CAPITALS', 'GLYPH_CLASSES', 'find_fonts', 'glyph_atlas', 'glyph_masks', 'random_poses',
-    'papyrus_texture', 'ink_on_texture', 'render_glyph', 'generate_glyphs', 'split_seed',
+    'papyrus_tones', 'papyrus_texture', 'ink_on_texture', 'neighbour_masks', 'finish_patches', 'compose_glyphs',
+    'render_glyph', 'generate_glyphs', 'split_seed', 'derive_seed',
 ]
 
 GREEK_CAPITALS = 'ΑΒΓΔΕΖΗΘΙΚΛΜΝΞΟΠΡΣΤΥΦΧΨΩ'
@@ -216,17 +219,23 @@ def _fibres(n: int, h: int, w: int, along: float, across: float, g: torch.Genera
     return F.interpolate(z, size=(h, w), mode='bilinear', align_corners=True)
 
 
+def papyrus_tones(n: int, g: torch.Generator) -> torch.Tensor:
+    """Random offsets ``(n, 3)`` of the papyrus base colour: lighter or darker, warmer or cooler."""
+    warm = torch.tensor([0.04, 0.0, -0.05]).view(1, 3) * _uniform(n, -1, 1, g).view(n, 1)
+    return _uniform(n, -0.10, 0.06, g).view(n, 1) + warm + torch.randn(n, 3, generator=g) * 0.008
+
+
 def papyrus_texture(n: int, height: int, width: int, g: torch.Generator, *,
-                    fibre_px: float = 1.0) -> torch.Tensor:
+                    fibre_px: float = 1.0, tone: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Papyrus-like backgrounds, float RGB ``(n, 3, height, width)`` in [0, 1].
 
     Light-brown base colour (per sample), horizontal fibres and fainter vertical ones (the
     crossed layers of a papyrus sheet), and low-frequency blotches. ``fibre_px`` is the fibre
-    thickness in pixels; texture features scale with it, so pages use a larger value.
+    thickness in pixels; texture features scale with it, so pages use a larger value. ``tone``:
+    the base-colour offsets ``(n, 3)`` instead of random ones (:func:`papyrus_tones`).
     """
     base = torch.tensor([0.80, 0.68, 0.49]).view(1, 3, 1, 1)
-    warm = torch.tensor([0.04, 0.0, -0.05]).view(1, 3, 1, 1) * _uniform(n, -1, 1, g).view(n, 1, 1, 1)
-    tone = _uniform(n, -0.10, 0.06, g).view(n, 1, 1, 1) + warm + torch.randn(n, 3, 1, 1, generator=g) * 0.008
+    tone = (papyrus_tones(n, g) if tone is None else tone).view(n, 3, 1, 1)
     horiz = _fibres(n, height, width, 10 * fibre_px, fibre_px, g)
     vert = _fibres(n, width, height, 12 * fibre_px, 1.5 * fibre_px, g).transpose(2, 3)
     blotch = _value_noise(n, height, width, 14 * fibre_px, g) - 0.5
@@ -238,20 +247,25 @@ def papyrus_texture(n: int, height: int, width: int, g: torch.Generator, *,
 
 
 def ink_on_texture(texture: torch.Tensor, mask: torch.Tensor, g: torch.Generator, *,
-                   opacity: Tuple[float, float] = (0.6, 0.95), fibre_px: float = 1.0) -> torch.Tensor:
+                   opacity: Tuple[float, float] = (0.6, 0.95), fibre_px: float = 1.0,
+                   ink: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Ink ``mask`` ``(n, 1, h, w)`` onto ``texture`` ``(n, 3, h, w)`` with a random dark-brown ink.
 
     Opacity is drawn per sample in ``opacity`` and fades in low-frequency patches (worn ink).
+    ``ink``: the ink colour per sample ``(n, 3)`` instead of a random dark brown (e.g. a writer's).
     """
     n, _, h, w = texture.shape
-    ink = torch.tensor([0.13, 0.09, 0.06]).view(1, 3, 1, 1) * _uniform(n, 0.4, 1.4, g).view(n, 1, 1, 1)
+    if ink is None:
+        ink = torch.tensor([0.13, 0.09, 0.06]).view(1, 3, 1, 1) * _uniform(n, 0.4, 1.4, g).view(n, 1, 1, 1)
+    else:
+        ink = ink.view(n, 3, 1, 1)
     alpha = _uniform(n, *opacity, g).view(n, 1, 1, 1)
     fade = 1 - 0.45 * _value_noise(n, h, w, 8 * fibre_px, g) ** 2
     a = (mask * alpha * fade).clamp_(0, 1)
     return texture * (1 - a) + ink * a
 
 
-def _finish(img: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+def finish_patches(img: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     """Random slight blur (blend with a [1, 2, 1] blur) and pixel noise."""
     n = len(img)
     p = F.pad(img, (1, 1, 1, 1), mode='replicate')  # separable [1, 2, 1] / 4 filter
@@ -287,14 +301,23 @@ def render_glyph(letter: str, size: int, *, font: Optional[str] = None, seed: in
 
 
 # ------------------------------------------------------------------------------------ generation
+def derive_seed(seed: int, *words: int) -> int:
+    """A 64-bit generator seed from the user seed and some integer words (a stream's name)."""
+    state = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, *map(int, words)])
+    return int(state.generate_state(1, np.uint64)[0])
+
+
 def split_seed(seed: int, split: str) -> int:
     """The generator seed of one split, derived from the user seed so splits never share a stream."""
-    salt = {'train': 1, 'val': 2}[split]
-    return int(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, salt, 0x61F2]).generate_state(1, np.uint64)[0])
+    return derive_seed(seed, {'train': 1, 'val': 2}[split], 0x61F2)
 
 
-def _neighbours(atlas, font, weight, poses, size, g, prob, axis, gap):
-    """Masks of letters beside (axis 0: left/right) or above/below (axis 1) the main glyph."""
+def neighbour_masks(atlas: torch.Tensor, font: torch.Tensor, weight: torch.Tensor, poses: torch.Tensor,
+                    size: int, g: torch.Generator, prob: float, axis: int,
+                    gap: Tuple[float, float]) -> torch.Tensor:
+    """Masks of random letters beside (axis 0: left/right) or above/below (axis 1) the main glyph,
+    in the same font, weight and pose, for a fraction ``prob`` of the samples (zero elsewhere);
+    ``gap`` is the range of their offset in glyph-frame units."""
     n = len(font)
     on = torch.rand(n, generator=g) < prob
     letter = torch.randint(len(GREEK_CAPITALS), (n,), generator=g)
@@ -318,19 +341,29 @@ def generate_glyphs(n: int, size: int = 32, seed: int = 0, split: str = 'train',
     g = torch.Generator().manual_seed(split_seed(seed, split))
     labels = (torch.arange(n) % len(GREEK_CAPITALS))[torch.randperm(n, generator=g)]
     images = torch.empty(n, 3, size, size, dtype=torch.uint8)
-    fibre = max(1.0, size / 32)
     for start in range(0, n, _CHUNK):
         lab = labels[start:start + _CHUNK]
         b = len(lab)
         font = torch.randint(len(font_paths), (b,), generator=g)
         weight = _uniform(b, 0.3, 2.2, g)
-        poses = random_poses(b, g)
-        mask = glyph_masks(atlas, font, lab, weight, poses, size)
-        mask = torch.maximum(mask, _neighbours(atlas, font, weight, poses, size, g, 0.4, 0, (1.1, 1.45)))
-        mask = torch.maximum(mask, _neighbours(atlas, font, weight, poses, size, g, 0.15, 1, (1.2, 1.5)))
-        img = ink_on_texture(papyrus_texture(b, size, size, g, fibre_px=fibre), mask, g, fibre_px=fibre)
-        images[start:start + b] = _finish(img, g).mul_(255).round_().to(torch.uint8)
+        images[start:start + b] = compose_glyphs(atlas, font, lab, weight, random_poses(b, g), size, g)
     return images, labels
+
+
+def compose_glyphs(atlas: torch.Tensor, font: torch.Tensor, letter: torch.Tensor, weight: torch.Tensor,
+                   poses: torch.Tensor, size: int, g: torch.Generator) -> torch.Tensor:
+    """The ``glyphs`` look for given letters, fonts, weights and poses: uint8 RGB ``(n, 3, size, size)``.
+
+    Glyph masks (:func:`glyph_masks`) with fragments of neighbours left/right (40 %) and above/below
+    (15 %) (:func:`neighbour_masks`), inked onto papyrus (:func:`papyrus_texture`,
+    :func:`ink_on_texture`), then :func:`finish_patches`; all randomness from ``g``.
+    """
+    b, fibre = len(font), max(1.0, size / 32)
+    mask = glyph_masks(atlas, font, letter, weight, poses, size)
+    mask = torch.maximum(mask, neighbour_masks(atlas, font, weight, poses, size, g, 0.4, 0, (1.1, 1.45)))
+    mask = torch.maximum(mask, neighbour_masks(atlas, font, weight, poses, size, g, 0.15, 1, (1.2, 1.5)))
+    img = ink_on_texture(papyrus_texture(b, size, size, g, fibre_px=fibre), mask, g, fibre_px=fibre)
+    return finish_patches(img, g).mul_(255).round_().to(torch.uint8)
 
 
 @functools.lru_cache(maxsize=6)
