@@ -13,6 +13,7 @@ from deitlab.layers.rollout import (attention_maps, attention_rollout, cls_rollo
                                     rollout_maps, top_tokens)
 from deitlab.models import DeiT  # importing deitlab.models registers the deitlab_* names
 from deitlab.rundir import save_run_dir
+from _nn_helpers import sharpen_attention
 
 PICO = 'deitlab_deit_pico_patch4_32'
 
@@ -24,16 +25,6 @@ def _model(name=PICO, **kwargs):
 
 def _x(batch=2, size=32):
     return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(1))
-
-
-def _sharpen(model, factor=8.):
-    """Scale the q/k rows of every qkv so that the heads' maps are far from uniform and differ."""
-    with torch.no_grad():
-        for block in model.blocks:
-            attn = block.attn
-            n = 2 * attn.num_heads * getattr(attn, 'qk_dim', getattr(attn, 'head_dim', None))
-            attn.qkv.weight[:n] *= factor
-    return model
 
 
 def test_rows_sum_to_one_and_the_class_row_drops_the_prefix(one_thread):
@@ -105,7 +96,7 @@ def test_hooks_are_removed_on_an_error():
 
 
 def test_max_fusion_differs_from_mean(one_thread):
-    model = _sharpen(_model())
+    model = sharpen_attention(_model())
     x = _x()
     mean, mx = attention_rollout(model, x), attention_rollout(model, x, head_fusion='max')
     assert torch.allclose(mx.sum(-1), torch.ones(2, 65), atol=1e-5)
@@ -136,7 +127,7 @@ def test_top_tokens():
 
 
 def test_distilled_deit_has_two_prefix_tokens(one_thread):
-    model = _sharpen(_model('deitlab_deit_pico_distilled_patch4_32'))
+    model = sharpen_attention(_model('deitlab_deit_pico_distilled_patch4_32'))
     x = _x()
     R = attention_rollout(model, x)
     assert R.shape == (2, 66, 66) and torch.allclose(R.sum(-1), torch.ones(2, 66), atol=1e-5)

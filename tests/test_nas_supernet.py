@@ -14,21 +14,13 @@ from deitlab.bench import count_gmacs
 from deitlab.models.vitres import ViTRes, vitres_macs
 from deitlab.nas import SPACES, Arch, SearchSpace, SearchSpaceError, Supernet, masked_layer_norm
 from deitlab.rundir import create, save_run_dir
-
-
-def _perturb(model, seed=1):
-    """Move every parameter off its init (zero biases, unit LayerNorm weights), so slices matter."""
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model
+from _nn_helpers import perturb
 
 
 @pytest.fixture(scope='module')
 def supernet():
     torch.manual_seed(0)
-    return _perturb(Supernet(SPACES['mu'])).eval()
+    return perturb(Supernet(SPACES['mu'])).eval()
 
 
 @pytest.fixture(scope='module')
@@ -48,7 +40,7 @@ def _x(n, seed=0):
 
 def test_masked_layer_norm_equals_layer_norm_on_the_active_slice():
     torch.manual_seed(0)
-    norm = _perturb(nn.LayerNorm(8))
+    norm = perturb(nn.LayerNorm(8))
     x = torch.randn(3, 5, 8)
     widths = [8, 5, 2]
     mask = (torch.arange(8)[None, :] < torch.tensor(widths)[:, None]).float()[:, None, :]   # (B, 1, C)
@@ -104,7 +96,7 @@ def test_batch_not_divisible(supernet, archs):
 
 def test_gradients_reach_active_slices_only():
     torch.manual_seed(0)
-    net = _perturb(Supernet(SPACES['mu']))
+    net = perturb(Supernet(SPACES['mu']))
     space = net.space
     arch = dataclasses.replace(space.largest(), widths=(48, 96, 192), heads=(1,) + space.largest().heads[1:],
                                mlp_hidden=(128,) + space.largest().mlp_hidden[1:],
@@ -222,7 +214,7 @@ def test_bad_spaces(kwargs, match):
 
 def test_distilled_supernet(tmp_path):
     torch.manual_seed(0)
-    net = _perturb(Supernet(SPACES['mu_distilled'])).eval()
+    net = perturb(Supernet(SPACES['mu_distilled'])).eval()
     assert net.model.distilled and net.model.num_prefix_tokens == 2
     arch = SPACES['mu_distilled'].sample(random.Random(5))
     x = _x(2)

@@ -14,6 +14,7 @@ from deitlab.nas.train import CHECKPOINT_NAME, SupernetSampling, holdout_indices
 from deitlab.nas.warmup import allowed_count, allowed_counts, allowed_space, head_importance, mlp_importance, rewire
 from deitlab.train.config import ConfigError
 from deitlab.train.loop import Hooks
+from _nn_helpers import perturb
 
 DATA = 'glyphs:train=96,val=32,size=32,seed=1'   # 24 classes, 4 training images each
 
@@ -54,14 +55,6 @@ class _Record(Hooks):
         self.train_indices = list(s.sampler.dataset.indices)
 
 
-def _perturb(model, seed=1):
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model
-
-
 # ----------------------------------------------------------------------------- width warm-up
 
 def test_allowed_choices_grow_from_the_largest_to_all():
@@ -89,7 +82,7 @@ def test_allowed_choices_grow_from_the_largest_to_all():
 
 def test_rewiring_keeps_the_largest_network_and_sorts_units_by_l1(tiny):
     torch.manual_seed(0)
-    sn = _perturb(Supernet(tiny)).eval()
+    sn = perturb(Supernet(tiny)).eval()
     x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     small = tiny.smallest()
     opt = torch.optim.AdamW(sn.parameters(), lr=1e-3)

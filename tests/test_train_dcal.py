@@ -14,6 +14,7 @@ from deitlab.layers.rollout import cls_rollout, top_tokens
 from deitlab.models import DeiT  # importing deitlab.models registers the deitlab_* names
 from deitlab.train import dcal as dcal_module
 from deitlab.train.dcal import DCAL, dcal_inference_gmacs
+from _nn_helpers import sharpen_attention
 
 PICO = 'deitlab_deit_pico_patch4_32'
 PICO_DIST = 'deitlab_deit_pico_distilled_patch4_32'
@@ -30,16 +31,6 @@ def _backbone(name=PICO, **kwargs):
 
 def _x(batch=3, size=32, seed=1):
     return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
-
-
-def _sharpen(model, factor=6.):
-    """Scale the q/k rows so that the rollout is far from uniform (well-separated top patches)."""
-    with torch.no_grad():
-        for block in model.blocks:
-            attn = block.attn
-            n = 2 * attn.num_heads * getattr(attn, 'qk_dim', getattr(attn, 'head_dim', None))
-            attn.qkv.weight[:n] *= factor
-    return model
 
 
 @pytest.mark.parametrize('name', BACKBONES)
@@ -90,7 +81,7 @@ def test_fresh_glca_weights_differ_from_the_last_block():
 @pytest.mark.parametrize('name', [PICO, PICO_DIST])
 @pytest.mark.parametrize('fusion', ['mean', 'max'])
 def test_glca_queries_are_the_top_rollout_patches_and_never_a_prefix_token(one_thread, name, fusion):
-    backbone = _sharpen(_backbone(name))
+    backbone = sharpen_attention(_backbone(name), 6.)
     model = DCAL(backbone, ratio=0.1, head_fusion=fusion, start_layer=1).train()
     shapes = []
     model.glca_block.register_forward_hook(lambda m, i, o: shapes.append(o.shape))

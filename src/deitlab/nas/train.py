@@ -47,7 +47,7 @@ from ..data.for_model import eval_loader, model_datasets, train_loader
 from ..distributed import init_distributed, seed_all
 from ..evaluate import evaluate
 from ..rundir import atomic_torch_save, atomic_write_bytes
-from ..train.config import ConfigError
+from ..train.config import ConfigError, check_resume_settings
 from ..train.loop import Hooks, Trainer
 from .config import SupernetConfig
 from .space import SPACES, Arch, SearchSpace, SearchSpaceError
@@ -227,12 +227,8 @@ def check_checkpoint(ckpt: dict, cfg: SupernetConfig, space: SearchSpace, path: 
     if saved != cfg.space:
         raise SearchSpaceError(f'cannot resume {path}: it holds a supernet of search space {saved!r}, but --space is '
                                f'{cfg.space!r}; resume with --space {saved}, or train {cfg.space!r} into a new --out')
-    config = ckpt.get('config', {})
-    diff = [k for k in _RESUME_KEYS if config.get(k) != getattr(cfg, k)]
-    if diff:
-        detail = ', '.join(f'{k}: saved {config.get(k)!r} vs now {getattr(cfg, k)!r}' for k in diff)
-        raise ConfigError(f'cannot resume {path}: the run was started with other settings ({detail}); resume with '
-                          f'its settings or train into a new --out')
+    check_resume_settings(ckpt.get('config', {}), cfg, _RESUME_KEYS, path,
+                          'resume with its settings or train into a new --out')
     before, now = ckpt.get('space_def') or {}, space.to_dict()
     if before != now:
         keys = [k for k in now if before.get(k) != now[k]]

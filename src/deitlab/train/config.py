@@ -255,6 +255,15 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+def check_resume_settings(saved: dict, cfg, keys: Iterable[str], path, hint: str) -> None:
+    """``ConfigError`` when a checkpoint at ``path`` was written with other values of ``keys`` than
+    ``cfg`` has (each listed, saved vs now); ``hint`` ends the message (what to do instead)."""
+    diff = [k for k in keys if saved.get(k) != getattr(cfg, k)]
+    if diff:
+        detail = ', '.join(f'{k}: saved {saved.get(k)!r} vs now {getattr(cfg, k)!r}' for k in diff)
+        raise ConfigError(f'cannot resume {path}: the run was started with other settings ({detail}); {hint}')
+
+
 @dataclass(frozen=True)
 class Stage:
     """One stage of a V-cycle: ``epochs`` epochs from ``start`` at ``level`` (1: the model as given)."""

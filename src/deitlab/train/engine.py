@@ -39,7 +39,7 @@ from ..distributed import DistInfo, barrier, init_distributed, seed_all
 from ..evaluate import evaluate
 from ..registry import TOKEN_FUSION
 from ..rundir import atomic_torch_save, create, is_run_dir, save_run_dir
-from .config import ConfigError, TrainConfig, parse_multilevel, short_run_warning
+from .config import ConfigError, TrainConfig, check_resume_settings, parse_multilevel, short_run_warning
 from .distill import DistillationLoss
 from .flops import TrainFlops
 from ..unlearnable.defences import build_defence
@@ -162,12 +162,9 @@ def _load_teacher(cfg: TrainConfig, num_classes: int, device: torch.device) -> O
 
 
 def _check_resume(ckpt: dict, cfg: TrainConfig, path: Path) -> None:
-    saved = ckpt.get('config', {})
-    diff = [k for k in _RESUME_KEYS if saved.get(k) != getattr(cfg, k)]
-    if diff:
-        detail = ', '.join(f'{k}: saved {saved.get(k)!r} vs now {getattr(cfg, k)!r}' for k in diff)
-        raise ConfigError(f'cannot resume {path}: the run was started with other settings ({detail}); resume with '
-                          f'its settings, or start a new run from its weights (--model {path.parent} --out NEW)')
+    check_resume_settings(ckpt.get('config', {}), cfg, _RESUME_KEYS, path,
+                          f'resume with its settings, or start a new run from its weights (--model {path.parent} '
+                          f'--out NEW)')
 
 
 def _mixer(cfg: TrainConfig, model: nn.Module, num_classes: int, size: int) -> BatchMixer:
