@@ -19,6 +19,9 @@ TRAIN_O = TRAIN + ['--out', '{root}/o']   # a training run into a new directory 
 NAS = ['nas', 'train-supernet', '--data', GLYPHS, '--out', '{root}/n', '--batch-size', '8', '--ex-per-arch', '2',
        '--holdout', '1', '--epochs', '1', '--no-progress']
 OFB = ['prune', 'ofb', '--model', '{root}/run', '--data', 'folder:{root}/folder', '--out', '{root}/p']
+SEARCH = ['nas', 'search', '--supernet', '{root}/supernet', '--out', '{root}/s']
+NO_PYMOO = pytest.mark.skipif(__import__('importlib').util.find_spec('pymoo') is not None,
+                              reason='pymoo is installed: NSGA-II runs')
 
 
 @pytest.fixture(scope='module')
@@ -51,6 +54,15 @@ def files(tmp_path_factory):
     (root / 'damaged-prune' / 'prune_checkpoint.pt').write_bytes(b'\x80\x02 cut short')
     (root / 'nas-other').mkdir()   # a supernet checkpoint of another search space
     torch.save({'space': 'mu_distilled', 'epoch': 0}, root / 'nas-other' / 'supernet_checkpoint.pt')
+    from deitlab.nas import SPACES, Supernet   # a supernet directory as train-supernet writes it (untrained)
+    from deitlab.nas.train import save_weights
+    (root / 'supernet').mkdir()
+    save_weights(Supernet(SPACES['mu']), root / 'supernet' / 'supernet.safetensors')
+    (root / 'supernet' / 'space.json').write_text(json.dumps(dict(name='mu', space=SPACES['mu'].to_dict())))
+    (root / 'supernet' / 'holdout.json').write_text(json.dumps(dict(data=GLYPHS, split='train', indices=[])))
+    (root / 'other-space-arch.json').write_text(json.dumps(dict(
+        widths=[40, 128, 256], heads=[2] * 9, mlp_hidden=[128, 384, 768] * 3, keep=[True] * 9)))
+    (root / 'mu-arch.json').write_text(json.dumps(SPACES['mu'].smallest().to_dict()))
     (root / 'types.yaml').write_text('# a learning rate\nlr: fast\n')
     (root / 'bool.yaml').write_text('drop_path: true\n')
     (root / 'syntax.yaml').write_text('lr: [1,\n')
@@ -241,16 +253,28 @@ CASES = [
      r'batch_size 20 is not divisible by ex_per_arch 8'),
     ('nas-resume-other-space', NAS + ['--out', '{root}/nas-other', '--resume'],
      r"nas-other/supernet_checkpoint.pt: it holds a supernet of search space 'mu_distilled', but --space is 'mu'"),
+    ('nas-search-budget-below-smallest', SEARCH + ['--macs', '1e6'],
+     r"the smallest network of space 'mu' has 5.739M MACs \(5739328\), above the budget of 1.000M MACs"),
+    ('nas-search-no-budget', SEARCH, r'give a budget: --macs C \(MACs per image\) and / or --latency L'),
+    ('nas-search-not-a-supernet', SEARCH + ['--supernet', '{root}/run', '--macs', '2e7'],
+     r'run is not a supernet directory \(no space.json\); give a directory written by deitlab nas train-supernet'),
+    ('nas-search-nsga2-without-pymoo', SEARCH + ['--macs', '2e7', '--nsga2'],
+     r'NSGA-II needs pymoo, which is not installed: pip install pymoo', NO_PYMOO),
+    ('nas-export-other-space', ['nas', 'export', '--arch', '{root}/other-space-arch.json', '--out', '{root}/x'],
+     r'stage 0 width 40 is not in the search space; choices: \[48, 56, 64\]'),
+    ('nas-export-over-a-model', ['nas', 'export', '--arch', '{root}/mu-arch.json', '--out', '{root}/run'],
+     r'run already holds a model \(config.json, model.safetensors\); pass --overwrite'),
     # demo
     ('demo-out-file', ['demo', '--out', '{root}/a-file'], r'Not a directory: .*a-file/'),
 ]
 
 
-@pytest.mark.parametrize('argv, pattern', [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+@pytest.mark.parametrize('argv, pattern', [pytest.param(*c[1:3], marks=c[3:]) for c in CASES],
+                         ids=[c[0] for c in CASES])
 def test_bad_input_is_one_clear_line(files, argv, pattern, capsys):
     argv = [a.replace('{root}', str(files)) for a in argv]
     outs = [files / name for name in ('pruned-out', 'run', 'folder', 'truncated', 'damaged-train', 'damaged-prune',
-                                      'resumable', 'pool', 'nas-other')]
+                                      'resumable', 'pool', 'nas-other', 'supernet')]
     before = [_digest(p) for p in outs]
     try:
         code = main(argv)

@@ -5,7 +5,7 @@ to stderr. Errors from bad input print ``deitlab: error: ...`` and exit with sta
 
 ``--help`` is the documentation. Every flag has a help line and sits in a section
 (:data:`deitlab.cli_flags.GROUPS`); the flags of the configuration dataclasses (``TrainConfig``, ``NViTConfig``,
-``FuseConfig``, ``SupernetConfig``) are
+``FuseConfig``, ``SupernetConfig``, ``SearchConfig``, ``ExportConfig``) are
 their fields, with the ``help`` and ``group`` of each field's metadata. Each subcommand that makes
 such a configuration also takes ``--config FILE.yaml``; precedence, lowest first: the dataclass
 defaults (for ``train`` and ``unlearnable eval``: the named recipe's), the file's values, explicit
@@ -135,6 +135,37 @@ def cmd_nas_train_supernet(args) -> dict:
     from .nas.config import SupernetConfig
     from .nas.train import train_supernet
     return train_supernet(SupernetConfig(**config_values(args)).validate())
+
+
+def cmd_nas_search(args) -> dict:
+    from .bench.speed import fix_malloc_thresholds
+    from .nas.config import SearchConfig
+    from .nas.search import search
+    cfg = SearchConfig(**config_values(args)).validate()
+    if cfg.latency is not None or cfg.lut is not None:
+        fix_malloc_thresholds()   # a latency table timed now sees the allocation pattern of later measurements
+    result = search(cfg)
+    if args.json:
+        return result
+    lat = f', {result["best_latency_ms"]:.3f} ms predicted' if result['best_latency_ms'] is not None else ''
+    rows = {'best': f'top-1 {result["best_fitness"]:.2f} on the held-out images, {result["best_macs"] / 1e6:.3f}M '
+                    f'MACs{lat}', 'evaluated': f'{result["evaluated"]} networks ({result["method"]})'}
+    if result['random_best_fitness'] is not None:
+        rows['random baseline'] = f'top-1 {result["random_best_fitness"]:.2f}'
+    rows.update(best_arch=result['best_arch_json'], search=result['search_json'], plot=result['plot'],
+                export=f'deitlab nas export --arch {result["best_arch_json"]} --out RUN_DIR [--supernet SUPERNET]')
+    return rows
+
+
+def cmd_nas_export(args) -> dict:
+    from .nas.config import ExportConfig
+    from .nas.export import export_arch
+    result = export_arch(ExportConfig(**config_values(args)).validate())
+    if args.json:
+        return result
+    return {'run_dir': result['run_dir'], 'widths': result['widths'], 'depths': result['depths'],
+            'GMACs': round(result['macs'] / 1e9, 4), 'params_m': round(result['params'] / 1e6, 3),
+            'weights': result['weights'], 'train': f'deitlab train --model {result["run_dir"]} --data DATA ...'}
 
 
 def cmd_fuse(args) -> dict:
@@ -287,13 +318,23 @@ def _prune_parser(p, groups) -> None:
 
 
 def _nas_parser(p, groups) -> None:
-    actions = p.add_subparsers(dest='action', required=True)   # to come: search, export
-    from .nas.config import SupernetConfig
+    actions = p.add_subparsers(dest='action', required=True)
+    from .nas.config import ExportConfig, SearchConfig, SupernetConfig
     q, g = subcommand(actions, 'train-supernet', 'ViT-ResNAS: train the weight-sharing supernet of a search space, '
                                                  'several sub-networks per batch')
     add_config_args(q, g, SupernetConfig, required=('data', 'out'))
     add_output_flags(g)
     q.set_defaults(func=cmd_nas_train_supernet)
+    q, g = subcommand(actions, 'search', 'ViT-ResNAS: search a trained supernet for the fittest sub-network under a '
+                                         'MACs and / or latency budget (evolution, or NSGA-II)')
+    add_config_args(q, g, SearchConfig, required=('supernet', 'out'))
+    add_output_flags(g)
+    q.set_defaults(func=cmd_nas_search)
+    q, g = subcommand(actions, 'export', 'ViT-ResNAS: write a searched architecture as a ViT-Res run directory '
+                                         '(fresh weights, or inherited from the supernet)')
+    add_config_args(q, g, ExportConfig, required=('arch', 'out'))
+    add_output_flags(g)
+    q.set_defaults(func=cmd_nas_export)
 
 
 def _fuse_parser(p, groups) -> None:
@@ -368,7 +409,8 @@ COMMANDS = {
     'explain': ('attention rollout of a ViT on one image, as a PNG heat-map', _explain_parser),
     'bench': ('params, GMACs, latency, throughput, peak memory', _bench_parser),
     'prune': ('structural pruning into a smaller, faster model', _prune_parser),
-    'nas': ('neural architecture search (ViT-ResNAS): train a weight-sharing supernet', _nas_parser),
+    'nas': ('neural architecture search (ViT-ResNAS): train a weight-sharing supernet, search it, export',
+            _nas_parser),
     'fuse': ('token reduction (ToMe, MCTF): evaluate and benchmark the fused model', _fuse_parser),
     'unlearnable': ('unlearnable datasets (CUDA: class-wise convolution filters)', _unlearnable_parser),
     'models': ('registered deitlab architectures', _models_parser),

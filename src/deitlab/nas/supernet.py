@@ -228,8 +228,14 @@ class Supernet(nn.Module):
         args = self.space.model_args(arch)
         m = self.model
         p = next(m.parameters())
-        sub = _build(self.space, args, **{k: v for k, v in m.arch_kwargs.items() if k != 'distilled'})
-        sub = sub.to(device=p.device, dtype=p.dtype)
+        kwargs = {k: v for k, v in m.arch_kwargs.items() if k != 'distilled'}
+        with torch.device('meta'):   # no initialisation: every tensor is loaded from the supernet below
+            sub = _build(self.space, args, **kwargs)
+        if set(sub.state_dict()) == {name for name, _ in sub.named_parameters()} | \
+                {name for name, _ in sub.named_buffers()}:
+            sub = sub.to_empty(device=p.device).to(dtype=p.dtype)
+        else:   # a tensor the state dict does not hold (a non-persistent buffer) needs the real constructor
+            sub = _build(self.space, args, **kwargs).to(device=p.device, dtype=p.dtype)
         kept = [i for i, k in enumerate(arch.keep) if k]   # sub-network block j is supernet block kept[j]
         src = m.state_dict()
         state = {}
@@ -244,7 +250,7 @@ class Supernet(nn.Module):
                     a = m.blocks[kept[j]].attn
                     full = full.index_select(0, _qkv_rows(a.num_heads, sub.blocks[j].attn.num_heads, a.qk_dim,
                                                           full.device))
-                state[name] = full[tuple(slice(0, n) for n in t.shape)].clone()
+                state[name] = full[tuple(slice(0, n) for n in t.shape)]   # copied by load_state_dict
         sub.load_state_dict(state)
         return sub.train(self.training)
 
