@@ -102,6 +102,14 @@ CASES = [
     ('train-multilevel-odd-depth', TRAIN_O + ['--epochs', '3', '--multilevel', 'levels=2,down=1,small=1,up=1',
                                               '--model-kwargs', 'depth=3'],
      r'depth 3 cannot be halved'),
+    # train: DCAL, P x K batches
+    ('train-dcal-ratio', TRAIN_O + ['--dcal', '--mix', 'none', '--dcal-ratio', '1.5'],
+     r'dcal_ratio \(--dcal-ratio\) is a fraction of the patch tokens in \(0, 1\], got 1.5'),
+    ('train-dcal-poolformer', TRAIN_O + ['--dcal', '--mix', 'none', '--model', 'deitlab_poolformer_pico_32'],
+     r'--dcal: deitlab_poolformer_pico_32: PoolFormer has no self-attention blocks'),
+    ('train-dcal-mixing', TRAIN_O + ['--dcal'], r'--dcal with batch mixing \(--mix mixup-cutmix\) is not supported'),
+    ('train-dcal-option-alone', TRAIN_O + ['--dcal-triplet'], r'--dcal-triplet is an option of DCAL training: add --dcal'),
+    ('train-pk-batch', TRAIN_O + ['--pk', '4,2'], r'--pk 4,2 makes batches of 4 x 2 = 8 images but --batch-size is 16'),
     # train: devices, models, model arguments
     ('train-device-banana', TRAIN_O + ['--device', 'banana'], r"unknown device 'banana'"),
     ('train-device-missing', TRAIN_O + ['--device', 'cuda:7'],
@@ -172,6 +180,8 @@ CASES = [
      r'model path does not exist: .*nothing'),
     ('eval-split-unknown', ['eval', '--model', '{root}/run', '--data', GLYPHS, '--split', 'banana'],
      r"argument --split: invalid choice: 'banana'"),
+    ('eval-retrieval-no-query', ['eval', '--model', '{root}/run', '--data', GLYPHS, '--retrieval'],
+     r'--retrieval ranks a gallery for each query: .* no query and gallery; use a re-ID spec'),
     ('eval-device-banana', ['eval', '--model', '{root}/run', '--data', GLYPHS, '--device', 'banana'],
      r"unknown device 'banana'"),
     # explain

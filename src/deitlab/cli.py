@@ -52,6 +52,10 @@ def cmd_train(args) -> dict:
 
 
 def cmd_eval(args) -> dict:
+    if args.retrieval:
+        from .retrieval import evaluate_retrieval
+        return evaluate_retrieval(args.model, args.data, batch_size=args.batch_size, device=args.device,
+                                  workers=args.workers)
     from .evaluate import evaluate_model
     return evaluate_model(args.model, args.data, split=args.split, batch_size=args.batch_size,
                           device=args.device, workers=args.workers)
@@ -268,6 +272,10 @@ def _eval_parser(p, groups) -> None:
     data = groups['data']
     data.add_argument('--data', required=True, help='dataset spec: glyphs, fashion-mnist[:PATH], folder:PATH')
     data.add_argument('--split', default='val', choices=['train', 'val'], help='the split to evaluate (default: val)')
+    data.add_argument('--retrieval', action='store_true',
+                      help="retrieval instead of accuracy: rank the data's gallery split for each image of its query "
+                           "split (a re-ID spec such as glyphs-reid) by the cosine distance of the model's features; "
+                           "mAP and CMC Rank-1/5, Market-1501 protocol (deitlab.retrieval)")
     data.add_argument('--batch-size', type=_positive_int, default=256, help='evaluation batch size (default: 256)')
     data.add_argument('--workers', type=_count, default=0, help='data loader worker processes (default: 0)')
     groups['run'].add_argument('--device', default=None, help=_DEVICE_HELP)
@@ -405,7 +413,7 @@ def _demo_parser(p, groups) -> None:
 #: name -> (its line of help, the function that adds its options)
 COMMANDS = {
     'train': ('train a model with the DeiT recipe', _train_parser),
-    'eval': ('top-1/top-5 of a model on a dataset split', _eval_parser),
+    'eval': ('top-1/top-5 of a model on a dataset split, or retrieval mAP / CMC (--retrieval)', _eval_parser),
     'explain': ('attention rollout of a ViT on one image, as a PNG heat-map', _explain_parser),
     'bench': ('params, GMACs, latency, throughput, peak memory', _bench_parser),
     'prune': ('structural pruning into a smaller, faster model', _prune_parser),

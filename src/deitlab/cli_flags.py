@@ -26,6 +26,7 @@ GROUPS = {
     'distillation': 'distillation',
     'token fusion': 'token fusion',
     'multi-level': 'multi-level training (V-cycle)',
+    'dcal': 'DCAL (dual cross-attention)',
     'pruning': 'pruning',
     'pruning schedule': 'pruning schedule',
     'search': 'width search',

@@ -21,9 +21,12 @@ __all__ = ['evaluate', 'evaluate_model']
 def evaluate(model: nn.Module, loader, device: torch.device, amp: bool = False,
              progress: Optional[bool] = None, is_main: bool = True, max_batches: Optional[int] = None) -> dict:
     """Top-1/top-5 accuracy (%) and mean cross-entropy over a loader (summed over processes), or over
-    its first ``max_batches`` batches."""
+    its first ``max_batches`` batches. A model whose ``output_is_probability`` is true (DCAL's
+    softmax(SA) + softmax(GLCA)) outputs sums of class distributions: its loss is the negative
+    log-likelihood of their normalised sum."""
     was_training = model.training
     model.eval()
+    probabilities = bool(getattr(model, 'output_is_probability', False))
     sums = torch.zeros(4, dtype=torch.float64)  # correct1, correct5, loss, count
     autocast = torch.autocast('cuda', dtype=torch.bfloat16) if amp and device.type == 'cuda' \
         else contextlib.nullcontext()
@@ -37,7 +40,10 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp: bool = False,
         k = min(5, out.shape[1])
         top1, top5 = accuracy(out, y, topk=(1, k))
         n = y.shape[0]
-        loss = nn.functional.cross_entropy(out, y, reduction='sum')
+        if probabilities:   # a sum of class distributions (DCAL's SA + GLCA): the NLL of their mean
+            loss = nn.functional.nll_loss((out / out.sum(1, keepdim=True)).clamp_min(1e-12).log(), y, reduction='sum')
+        else:
+            loss = nn.functional.cross_entropy(out, y, reduction='sum')
         sums += torch.tensor([top1.item() * n / 100, top5.item() * n / 100, loss.item(), n], dtype=torch.float64)
     sums = all_reduce_sum(sums.to(device)).cpu()
     model.train(was_training)

@@ -11,6 +11,9 @@ Loaders come in three kinds, each with its own order of batches:
 * :func:`stream_loader`: step-driven training (NViT pruning). One generator seeded once shuffles
   every pass, so iterating the loader again continues one stream of orders. Drops the last
   partial batch.
+* :func:`pk_loader`: epoch-driven training in batches of P labels x K images
+  (:class:`.pk_sampler.PKBatchSampler`, drawn per ``(seed, epoch)``: call
+  ``loader.batch_sampler.set_epoch(epoch)``), for metric losses (re-ID's triplet loss).
 * :func:`eval_loader`: in order, no shuffling; under ``torchrun`` each process takes every
   ``world_size``-th image (the evaluation sums its counts over processes).
 """
@@ -27,8 +30,9 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampl
 from ..bench.common import resolve_input_size
 from ..console import log
 from . import DatasetInfo, build_dataset, dataset_info, parse_spec
+from .pk_sampler import PKBatchSampler
 
-__all__ = ['model_input', 'norm_stats', 'model_datasets', 'train_loader', 'stream_loader', 'eval_loader']
+__all__ = ['model_input', 'norm_stats', 'model_datasets', 'train_loader', 'pk_loader', 'stream_loader', 'eval_loader']
 
 
 def model_input(model: nn.Module) -> tuple[int, int]:
@@ -100,6 +104,14 @@ def train_loader(dataset: Dataset, batch_size: int, seed: int, *, rank: int = 0,
                                  drop_last=True)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True, num_workers=workers,
                       pin_memory=pin)
+
+
+def pk_loader(dataset: Dataset, p: int, k: int, seed: int, *, rank: int = 0, world_size: int = 1, workers: int = 0,
+              pin: bool = False) -> DataLoader:
+    """Batches of ``p`` labels x ``k`` images (the global batch; each process takes its slice) for
+    epoch-driven training; see the module doc."""
+    sampler = PKBatchSampler(dataset.targets, p, k, seed, rank=rank, world_size=world_size)
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, pin_memory=pin)
 
 
 class _RankSlice(Sampler):

@@ -22,6 +22,7 @@ from typing import Iterable, Optional
 import yaml
 
 from ..registry import MIX_MODES, TOKEN_FUSION
+from .dcal_config import DCALSettings
 
 MIN_MIXING_STEPS = 1000   # fewer optimizer steps than this with batch mixing on: warn
 
@@ -36,9 +37,9 @@ def _recipe_help() -> str:
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(DCALSettings):
     """Settings of ``train`` (one field per ``deitlab train`` flag; the ``help`` and ``group`` of each
-    field are its ``--help`` line and section)."""
+    field are its ``--help`` line and section); DCAL's and ``--pk`` come from :class:`DCALSettings`."""
     recipe: str = field(default='deit', metadata=dict(group='config', help=_recipe_help))
     model: str = field(default='deitlab_deit_nano_patch4_32', metadata=dict(
         group='model', help='timm or deitlab model name, or a run directory to go on training'))
@@ -201,6 +202,7 @@ class TrainConfig:
             raise ConfigError(f'mask_size must be >= 1, got {self.mask_size}')
         if self.multilevel is not None:
             self._check_multilevel()
+        self._check_dcal()
         if self.warmup_epochs < 0:
             raise ConfigError(f'warmup_epochs must be >= 0, got {self.warmup_epochs}')
         if self.warmup_epochs >= self.epochs:

@@ -43,6 +43,17 @@ Choices where the paper leaves room (each an option with this default):
 * ``features(x)``: the backbone's pre-logits feature (the class token; for a distilled DeiT the mean
   of class and distillation tokens) concatenated with GLCA's normalised class token (re-ID).
 * The GLCA head does not use the backbone's ``fc_norm`` (an Identity for class-token pooling).
+* ``forward(x, features=True)`` in training adds ``'features'``: each branch's pre-logits feature
+  (as ``features(x)`` takes them), for a metric loss; ``loss(..., feature_loss=f)`` adds
+  ``f(features_k, y)`` to each branch's loss before the weighting (re-ID's triplet loss).
+
+A model on disk: the wrapper is the registered architecture :data:`DCAL_ARCH` (``deitlab_dcal``,
+``models/dcal.py``; its entry point :func:`create_dcal`), its ``model_args`` the backbone's
+architecture name and arguments and the options above, its ``pretrained_cfg`` the backbone's input
+and normalisation, so ``rundir.save_run_dir`` / ``rundir.create`` and timm's ``local-dir:`` save and
+rebuild it with its weights (the w_k included). ``no_weight_decay()`` keeps the w_k (and the
+backbone's tokens and position embedding) out of weight decay; ``training_gmacs()`` counts the
+training forward (with PWCA) for the training FLOPs.
 
 Costs: the rollout hooks recompute every block's q/k and q k^T in float32 and multiply L-k-1
 T x T maps (T tokens), so the eval-mode count of :func:`dcal_inference_gmacs` is the backbone, that
@@ -58,6 +69,7 @@ from typing import Callable, Dict, Optional, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 from timm.models.vision_transformer import Block, VisionTransformer, init_weights_vit_timm
 
 from ..bench import count_gmacs
@@ -66,15 +78,25 @@ from ..layers.block import CrossBlock, WidthBlock
 from ..layers.rollout import (HEAD_FUSIONS, check_start_layer, cls_row, record_attention_maps, rollout_maps,
                               self_attention_modules, top_tokens)
 from ..models.inputs import resolve_input_size
+from ..rundir import architecture_of, create, model_args_of
 
-__all__ = ['DCAL', 'dcal_inference_gmacs', 'pair_attention_block', 'BRANCHES', 'GLCA_INITS', 'PWCA_KV',
-           'INFERENCE']
+__all__ = ['DCAL', 'dcal_inference_gmacs', 'create_dcal', 'pair_attention_block', 'BRANCHES', 'GLCA_INITS',
+           'PWCA_KV', 'INFERENCE', 'DCAL_ARCH', 'DEFAULT_BACKBONE']
 
 BRANCHES = ('sa', 'glca', 'pwca')
 GLCA_INITS = ('fresh', 'copy')
 PWCA_KV = ('sa', 'pwca')
 INFERENCE = ('sa+glca', 'sa')
 _BLOCK_FORWARDS = (Block.forward, WidthBlock.forward)
+DCAL_ARCH = 'deitlab_dcal'   # the registered architecture of a saved wrapper (models/dcal.py)
+DEFAULT_BACKBONE = 'deitlab_deit_pico_patch4_32'
+_OPTIONS = ('ratio', 'glca_cls', 'glca_init', 'head_fusion', 'start_layer', 'pwca', 'glca', 'pwca_kv', 'pwca_detach',
+            'inference')
+# timm's arguments of an entry point that are not the architecture's
+_FACTORY_KEYS = ('pretrained_cfg', 'pretrained_cfg_overlay', 'cache_dir', 'pretrained_model_args')
+# create_model arguments of a plain timm backbone that only shape its training or its classifier
+_NOT_ARCH = ('num_classes', 'drop_rate', 'drop_path_rate', 'proj_drop_rate', 'attn_drop_rate', 'pos_drop_rate',
+             'patch_drop_rate', 'device', 'dtype') + _FACTORY_KEYS
 
 
 def _choice(name: str, value, choices: Sequence[str]) -> None:
@@ -119,6 +141,34 @@ def pair_attention_block(block: nn.Module, h: torch.Tensor, k2: torch.Tensor, v2
     ctx = attend(attn, q, torch.cat([k, k2], dim=2), torch.cat([v, v2], dim=2))
     h = h + block.drop_path1(block.ls1(attention_output(attn, ctx, hn)))
     return h + block.drop_path2(block.ls2(block.mlp(block.norm2(h))))
+
+
+def _backbone_args(backbone: nn.Module) -> dict:
+    """The arguments that rebuild ``backbone`` by its architecture name: a deitlab model's
+    ``model_args``; for a timm model its input shape and the JSON-able architecture arguments it
+    was created with (timm keeps them in ``_model_args``)."""
+    args = model_args_of(backbone)
+    if args:
+        return args
+    chans, h, w = resolve_input_size(backbone)
+    args = {k: v for k, v in (getattr(backbone, '_model_args', None) or {}).items()
+            if k not in _NOT_ARCH and isinstance(v, (int, float, str, bool, list, tuple))}
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in args.items()} | dict(
+        in_chans=chans, img_size=h if h == w else [h, w])
+
+
+def _wrapper_cfg(backbone: nn.Module, num_classes: int) -> dict:
+    """The wrapper's ``pretrained_cfg``: the backbone's (input size, normalisation) under the name
+    :data:`DCAL_ARCH`, its first convolution and classifiers named from the wrapper."""
+    cfg = dict(getattr(backbone, 'pretrained_cfg', None) or {})
+    for key in ('hf_hub_id', 'url', 'file', 'state_dict', 'source', 'tag'):
+        cfg.pop(key, None)
+    first = cfg.get('first_conv')
+    cfg.update(architecture=DCAL_ARCH, num_classes=num_classes, input_size=list(resolve_input_size(backbone)),
+               classifier=('backbone.head', 'glca_head'))
+    if isinstance(first, str):
+        cfg['first_conv'] = f'backbone.{first}'
+    return cfg
 
 
 def _logits(out) -> torch.Tensor:
@@ -191,6 +241,8 @@ class DCAL(nn.Module):
         self.loss_weights = nn.ParameterDict(
             {b: nn.Parameter(torch.tensor(float(uncertainty_init))) for b in self.branches})
         self.last_losses: Dict[str, torch.Tensor] = {}
+        self.last_feature_losses: Dict[str, torch.Tensor] = {}
+        self.pretrained_cfg = _wrapper_cfg(backbone, num_classes)
 
     # ------------------------------------------------------------------ branches
 
@@ -229,7 +281,11 @@ class DCAL(nn.Module):
     def _glca_logits(self, z: torch.Tensor) -> torch.Tensor:
         return self.glca_head(self.backbone.head_drop(self._glca_feature(z)))
 
-    def _pwca_logits(self, states, perm: torch.Tensor) -> torch.Tensor:
+    def _sa_feature(self, tokens: torch.Tensor) -> torch.Tensor:
+        bb = self.backbone
+        return bb.forward_head(bb.norm(tokens), pre_logits=True)
+
+    def _pwca_tokens(self, states, perm: torch.Tensor) -> torch.Tensor:
         h = states[0]
         for l, blk in enumerate(self.backbone.blocks):
             source = states[l] if self.pwca_kv == 'sa' else h
@@ -237,7 +293,7 @@ class DCAL(nn.Module):
             if self.pwca_detach:
                 k2, v2 = k2.detach(), v2.detach()
             h = pair_attention_block(blk, h, k2, v2)
-        return self._sa_logits(h)
+        return h
 
     def _distractor(self, B: int, device, distractor, generator) -> torch.Tensor:
         if distractor is None:
@@ -253,17 +309,32 @@ class DCAL(nn.Module):
     # ------------------------------------------------------------------ API
 
     def forward(self, x: torch.Tensor, distractor: Optional[torch.Tensor] = None,
-                generator: Optional[torch.Generator] = None):
+                generator: Optional[torch.Generator] = None, features: bool = False):
         if not self.training:
             return self.predict(x)
+        return self.branch_outputs(x, distractor, generator, features)
+
+    def branch_outputs(self, x: torch.Tensor, distractor: Optional[torch.Tensor] = None,
+                       generator: Optional[torch.Generator] = None, features: bool = False) -> dict:
+        """What the training-mode forward returns, in the module's current mode; ``features=True``
+        adds ``'features'``: each branch's pre-logits feature (SA and PWCA: the backbone's, GLCA:
+        its normalised class token), for a metric loss (re-ID's triplet loss)."""
         tokens, states, maps = self._sa(x, rollout=self.glca, keep_states=self.pwca)
         out = {'sa': self._sa_logits(tokens)}
+        feats = {'sa': self._sa_feature(tokens)} if features else None
         if self.glca:
             z, idx = self._glca(states[-1], maps)
             out['glca'], out['glca_index'] = self._glca_logits(z), idx
+            if features:
+                feats['glca'] = self._glca_feature(z)
         if self.pwca:
             perm = self._distractor(x.shape[0], x.device, distractor, generator)
-            out['pwca'], out['distractor'] = self._pwca_logits(states, perm), perm
+            h = self._pwca_tokens(states, perm)
+            out['pwca'], out['distractor'] = self._sa_logits(h), perm
+            if features:
+                feats['pwca'] = self._sa_feature(h)
+        if features:
+            out['features'] = feats
         return out
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
@@ -280,32 +351,120 @@ class DCAL(nn.Module):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Retrieval features (B, 2D): the backbone's pre-logits feature and GLCA's normalised class
         token, concatenated ((B, D), the SA feature only, with ``glca=False``)."""
-        bb = self.backbone
         tokens, states, maps = self._sa(x, rollout=self.glca, keep_states=False)
-        sa = bb.forward_head(bb.norm(tokens), pre_logits=True)
+        sa = self._sa_feature(tokens)
         if not self.glca:
             return sa
         z, _ = self._glca(states[-1], maps)
         return torch.cat([sa, self._glca_feature(z)], dim=-1)
 
     def loss(self, outputs: Dict[str, torch.Tensor], y: torch.Tensor,
-             criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy) -> torch.Tensor:
+             criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
+             feature_loss: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
         """``1/2 sum_k (exp(-w_k) L_k + w_k)`` over the branches in ``outputs`` (the training-mode
-        dict), ``L_k = criterion(logits_k, y)``; the L_k (detached) are kept in ``last_losses``."""
+        dict), ``L_k = criterion(logits_k, y)`` plus ``feature_loss(features_k, y)`` when given (the
+        forward's ``features=True`` output; re-ID's triplet loss); the L_k (detached) are kept in
+        ``last_losses``, their feature-loss parts in ``last_feature_losses``."""
         if not isinstance(outputs, dict) or 'sa' not in outputs:
             raise ValueError('DCAL.loss takes the dict of branch logits the training-mode forward returns '
                              '(in eval mode the forward returns the classification output)')
+        if feature_loss is not None and 'features' not in outputs:
+            raise ValueError('DCAL.loss: a feature_loss needs the branch features: run the forward with '
+                             'features=True')
         total = None
-        self.last_losses = {}
+        self.last_losses, self.last_feature_losses = {}, {}
         for name in self.branches:
             if name not in outputs:
                 continue
             value = criterion(outputs[name], y)
+            if feature_loss is not None:
+                extra = feature_loss(outputs['features'][name], y)
+                value = value + extra
+                self.last_feature_losses[name] = extra.detach()
             w = self.loss_weights[name]
             term = 0.5 * (torch.exp(-w) * value + w)
             total = term if total is None else total + term
             self.last_losses[name] = value.detach()
         return total
+
+    # ------------------------------------------------------------------ as a model of its own
+
+    @property
+    def output_is_probability(self) -> bool:
+        """Whether the eval output sums class distributions (``inference='sa+glca'``) rather than
+        being logits; ``deitlab.evaluate`` computes its loss accordingly."""
+        return self.inference == 'sa+glca'
+
+    @property
+    def model_args(self) -> dict:
+        """The arguments of :data:`DCAL_ARCH` that rebuild this wrapper (a run directory's
+        ``model_args``): the backbone's architecture name and arguments, and the options."""
+        return dict(backbone=architecture_of(self.backbone), backbone_args=_backbone_args(self.backbone),
+                    **{k: getattr(self, k) for k in _OPTIONS})
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """New classifiers (the backbone's and GLCA's) for ``num_classes`` classes."""
+        self.backbone.reset_classifier(num_classes)
+        if self.glca_head is not None:
+            old = self.glca_head
+            self.glca_head = nn.Linear(old.in_features, num_classes).to(device=old.weight.device,
+                                                                         dtype=old.weight.dtype)
+            init_weights_vit_timm(self.glca_head)
+        self.num_classes = num_classes
+        self.pretrained_cfg = dict(self.pretrained_cfg, num_classes=num_classes)
+
+    def set_distilled_training(self, enable: bool = True) -> None:
+        """A distilled backbone's two heads in training: averaged by the SA and PWCA branches."""
+        inner = getattr(self.backbone, 'set_distilled_training', None)
+        if inner is not None:
+            inner(enable)
+
+    def no_weight_decay(self) -> set:
+        """Parameter names kept out of weight decay (timm's optimizer factory asks): the backbone's
+        (position embedding, class / distillation tokens) and the loss weights w_k."""
+        inner = getattr(self.backbone, 'no_weight_decay', None)
+        names = {f'backbone.{n}' for n in (inner() if callable(inner) else ())}
+        return names | {f'loss_weights.{b}' for b in self.branches}
+
+    def training_gmacs(self) -> float:
+        """MACs per image (1e9) of the training forward (SA, rollout, GLCA and PWCA, the branches
+        enabled), counted as :func:`deitlab.bench.count_gmacs` counts (eval mode, no dropout, the
+        global RNG untouched)."""
+        from ..bench.common import eval_mode, fused_attention, model_device, model_dtype, random_input
+        x = random_input(resolve_input_size(self.backbone), 1, model_device(self), model_dtype(self))
+        counter = FlopCounterMode(display=False)
+        with fused_attention(self, False), eval_mode(self), torch.no_grad(), counter:
+            self.branch_outputs(x, distractor=torch.zeros(1, dtype=torch.long))
+        return counter.get_total_flops() / 2 / 1e9
+
+
+def create_dcal(name: str = DCAL_ARCH, pretrained: bool = False, *, backbone: str = DEFAULT_BACKBONE,
+                backbone_args: Optional[dict] = None, num_classes: Optional[int] = None, **kwargs) -> DCAL:
+    """timm's entry point of :data:`DCAL_ARCH` (registered by ``deitlab.models``): the backbone
+    ``backbone`` (a timm / deitlab architecture name) built with ``backbone_args`` and
+    ``num_classes``, wrapped with the DCAL options in ``kwargs`` (other keyword arguments, e.g.
+    ``drop_path_rate``, go to the backbone). ``pretrained=True`` loads the file of a run
+    directory's configuration (``timm.create_model('local-dir:RUN', pretrained=True)``); the
+    backbone's released weights are the business of whoever builds the backbone by its name."""
+    cfg = kwargs.pop('pretrained_cfg', None)
+    cfg = cfg.to_dict() if hasattr(cfg, 'to_dict') else dict(cfg) if isinstance(cfg, dict) else {}
+    for key in _FACTORY_KEYS:
+        kwargs.pop(key, None)
+    options = {k: kwargs.pop(k) for k in list(kwargs) if k in _OPTIONS + ('uncertainty_init',)}
+    args = dict(backbone_args or {}, **kwargs)
+    if num_classes is None:   # timm's local-dir: passes the classes in the configuration, as for its own models
+        num_classes = cfg.get('num_classes')
+    if num_classes is not None:
+        args['num_classes'] = num_classes
+    model = DCAL(create(backbone, **args), **options)
+    if pretrained:
+        from timm.models import load_pretrained
+        if not (cfg.get('file') or cfg.get('state_dict')):
+            raise ValueError(f'{name}: pretrained=True loads the weights of a run directory '
+                             f"(timm.create_model('local-dir:RUN', pretrained=True)); there are no released ones")
+        load_pretrained(model, pretrained_cfg=dict(model.pretrained_cfg, **cfg), num_classes=model.num_classes,
+                        strict=True)
+    return model
 
 
 def dcal_inference_gmacs(model: DCAL, input_size: Optional[Sequence[int]] = None, batch_size: int = 1) -> float:

@@ -7,7 +7,8 @@ DeiT distillation (and MCTF's consistency loss) -> NaN check -> backward -> opti
 AdamW -> per-step cosine schedule (timm) -> optional EMA (timm). Per epoch (``_RunDirEpochs``):
 top-1/top-5 on the validation split, one line of ``metrics.jsonl``, TensorBoard scalars, an atomic
 ``checkpoint.pt`` (model, optimizer, schedule, EMA) and the run directory's ``config.json`` +
-``model.safetensors``.
+``model.safetensors``. ``--dcal`` wraps the student in DCAL and weighs its branches' losses
+(``train/dcal_train.py``); ``--pk P,K`` draws batches of P labels x K images.
 
 Determinism: every epoch reseeds Python/NumPy/torch from ``(seed, epoch, rank)`` and the sampler
 from ``(seed, epoch)``, so ``--resume`` from an epoch checkpoint continues to the same weights as an
@@ -34,12 +35,14 @@ from timm.scheduler import CosineLRScheduler
 from ..bench import count_params
 from ..console import log as _log
 from ..data import dataset_info
-from ..data.for_model import eval_loader, model_datasets, model_input, norm_stats, train_loader
+from ..data.for_model import eval_loader, model_datasets, model_input, norm_stats, pk_loader, train_loader
 from ..distributed import DistInfo, barrier, init_distributed, seed_all
 from ..evaluate import evaluate
 from ..registry import TOKEN_FUSION
 from ..rundir import atomic_torch_save, create, is_run_dir, save_run_dir
-from .config import ConfigError, TrainConfig, check_resume_settings, parse_multilevel, short_run_warning
+from . import dcal_train
+from .config import ConfigError, TrainConfig, check_resume_settings, config_fields, parse_multilevel, short_run_warning
+from .dcal_config import DCAL_RESUME_KEYS
 from .distill import DistillationLoss
 from .flops import TrainFlops
 from ..unlearnable.defences import build_defence
@@ -56,7 +59,7 @@ _OWN_FILES = {METRICS_NAME, RUN_CONFIG_NAME, 'tb'}
 _RESUME_KEYS = ('model', 'data', 'batch_size', 'seed', 'img_size', 'in_chans', 'distill', 'teacher', 'epochs', 'lr',
                 'base_lr', 'min_lr', 'warmup_lr', 'warmup_epochs', 'weight_decay', 'opt', 'grad_clip', 'smoothing',
                 'mix', 'mixup', 'cutmix', 'mixup_prob', 'drop_path', 'drop', 'ema', 'ema_decay', 'distill_alpha',
-                'distill_tau', 'aug', 'token_fusion', 'r', 'defence', 'multilevel')
+                'distill_tau', 'aug', 'token_fusion', 'r', 'defence', 'multilevel') + DCAL_RESUME_KEYS
 
 
 def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
@@ -162,7 +165,9 @@ def _load_teacher(cfg: TrainConfig, num_classes: int, device: torch.device) -> O
 
 
 def _check_resume(ckpt: dict, cfg: TrainConfig, path: Path) -> None:
-    check_resume_settings(ckpt.get('config', {}), cfg, _RESUME_KEYS, path,
+    fields = config_fields()
+    saved = {k: fields[k].default for k in DCAL_RESUME_KEYS} | ckpt.get('config', {})   # a run from before DCAL
+    check_resume_settings(saved, cfg, _RESUME_KEYS, path,
                           f'resume with its settings, or start a new run from its weights (--model {path.parent} '
                           f'--out NEW)')
 
@@ -335,6 +340,8 @@ def train(cfg: TrainConfig) -> dict:
     seed_all(cfg.seed)
     info = dataset_info(cfg.data)
     model = build_student(cfg, info.num_classes, info.in_chans, info.img_size)
+    if cfg.dcal or isinstance(model, dcal_train.DCAL):
+        model = dcal_train.dcal_student(model, cfg, main)
     chans, size = model_input(model)
     mean, std = norm_stats(model, chans)
     train_set, val_set = model_datasets(model, cfg.data, aug=cfg.aug, hflip=cfg.hflip, info=info, is_main=main)
@@ -342,7 +349,8 @@ def train(cfg: TrainConfig) -> dict:
         raise ConfigError(f'the training split has {len(train_set)} images, fewer than one batch of '
                           f'{cfg.batch_size}')
     shard = dict(rank=di.rank, world_size=di.world_size, workers=cfg.workers, pin=device.type == 'cuda')
-    loader = train_loader(train_set, local_bs, cfg.seed, **shard)
+    loader = pk_loader(train_set, *cfg.pk_shape(), cfg.seed, **shard) if cfg.pk else \
+        train_loader(train_set, local_bs, cfg.seed, **shard)
     val_loader = eval_loader(val_set, cfg.eval_batch_size or local_bs * 2, **shard)
     steps_per_epoch = len(loader)
     if cfg.max_steps_per_epoch:
@@ -368,6 +376,8 @@ def train(cfg: TrainConfig) -> dict:
     mixer = _mixer(cfg, model, info.num_classes, size)
     defence = build_defence(cfg.defence, mean, std)
     base_loss, criterion = _criterion(cfg, mixer, info.num_classes, device)
+    if cfg.dcal:   # each branch's loss is the label loss (+ the triplet loss)
+        criterion = dcal_train.DCALCriterion(model, base_loss, cfg.triplet_margin if cfg.dcal_triplet else None)
     flops = TrainFlops(di.world_size, getattr(criterion, 'teacher', None))
     extras = dict(train_flops=flops)
     vcycle = None
@@ -383,7 +393,9 @@ def train(cfg: TrainConfig) -> dict:
         model, opt_spec, device=device, amp=cfg.amp, scheduler=schedule if vcycle is None else vcycle.scheduler,
         ema_decay=cfg.ema_decay if cfg.ema else None, grad_clip=cfg.grad_clip, dist=di, progress=cfg.progress,
         postfix_every=20)
-    trainer.add_hooks(_DeiTBatches(cfg, di.rank, loader.sampler, defence, mixer, base_loss, criterion), *extras.values())
+    sampler = loader.batch_sampler if cfg.pk else loader.sampler
+    trainer.add_hooks(_DeiTBatches(cfg, di.rank, sampler, defence, mixer, base_loss, criterion), *extras.values(),
+                      *([dcal_train.DCALHooks(cfg.dcal_triplet)] if cfg.dcal else []))
     start_epoch, best = _resume(cfg, trainer, out, main, extras)
 
     resolved = dict(cfg.to_dict(), lr_resolved=lr, world_size=di.world_size, device=str(device),
@@ -414,6 +426,8 @@ def train(cfg: TrainConfig) -> dict:
     if vcycle is not None:
         vcycle.finish(last_eval['top1'])
         summary.update(multilevel=str(out / 'multilevel.json'), gflops_by_level=vcycle.gflops_by_level())
+    if cfg.dcal:
+        summary.update(dcal_train.dcal_summary(model))
     if is_distilled:
         model.set_distilled_training(False)
     return summary

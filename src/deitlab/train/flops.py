@@ -5,8 +5,10 @@ computes the gradients of the activations and of the weights, each about one for
 plus one forward of the distillation teacher when there is one; two FLOPs per MAC. The forward's
 MACs come from the GMACs counter (``deitlab.bench.count_gmacs``: one counted forward of the
 model as it is, so a coarser level of a multi-level V-cycle or a token-fused model is priced as
-it runs), recounted whenever the trainer's model changes. Element-wise work (norms, softmax,
-activations, the optimizer update) is left out, as in the GMACs the rest of the tool reports.
+it runs; a model whose training forward does more than its inference, DCAL with its pair-wise
+branch, counts it itself with ``training_gmacs()``), recounted whenever the trainer's model
+changes. Element-wise work (norms, softmax, activations, the optimizer update) is left out, as in
+the GMACs the rest of the tool reports.
 """
 from __future__ import annotations
 
@@ -38,7 +40,9 @@ class TrainFlops(Hooks):
         model = self.trainer.model
         if id(model) != self._model_id:
             self._model_id = id(model)
-            self._per_image = BACKWARD_FACTOR * 2.0 * count_gmacs(model) + self.teacher_gflops
+            own = getattr(model, 'training_gmacs', None)   # a forward that trains otherwise than it infers (DCAL)
+            gmacs = own() if callable(own) else count_gmacs(model)
+            self._per_image = BACKWARD_FACTOR * 2.0 * gmacs + self.teacher_gflops
         return self._per_image
 
     def on_batch(self, x, y):

@@ -86,9 +86,12 @@ class Hooks:
     its optimizer, scheduler (at the current update), EMA and DDP wrapper; ``should_stop`` ends a
     level early.
 
-    *DCAL* (dual cross-attention learning): ``on_batch`` draws each image's partner for the
-    pair-wise branch, ``forward`` returns the self-, global-local- and pair-wise-attention
-    outputs, ``loss`` weighs them (learnable loss weights go into the optimizer as for OFB).
+    *DCAL* (dual cross-attention learning, ``train/dcal_train.py``): the model is the DCAL wrapper,
+    whose training forward draws each image's partner for the pair-wise branch and returns the
+    self-, global-local- and pair-wise-attention logits (``forward`` asks for the branch features
+    too when the re-ID triplet loss needs them), ``loss`` weighs the branches' losses with the
+    wrapper's learnable loss weights (parameters of the model, so in its optimizer and
+    checkpoints), ``after_step`` / ``after_epoch`` report each branch's loss and weight.
 
     *SimCLR*: ``on_batch`` makes two augmented views of every image (a 2B batch), ``forward``
     returns the projections, ``loss`` is NT-Xent over the 2B views (labels unused), and
