@@ -215,3 +215,17 @@ class ExportConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def read_json_file(path, what: str, error=ValueError):
+    """The JSON in the file ``path``, or ``error`` naming ``what`` the file should be (missing file,
+    not JSON)."""
+    import json
+    from pathlib import Path
+    path = Path(path)
+    if not path.is_file():
+        raise error(f'{what} {path} does not exist')
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f'{path} is not a {what} (not JSON: {e})') from None

@@ -22,7 +22,7 @@ from ..console import log as _log
 from ..data import DataError, dataset_info
 from ..rundir import CONFIG_NAME, WEIGHTS_NAME, ModelLoadError, atomic_write_bytes, save_run_dir
 from ..train.config import ConfigError
-from .config import ExportConfig
+from .config import ExportConfig, read_json_file
 from .cost import arch_macs
 from .search import load_supernet, read_supernet_dir
 from .space import SPACES, Arch, SearchSpace, SearchSpaceError
@@ -37,12 +37,7 @@ def read_arch_file(path) -> Tuple[Arch, dict]:
     """``(arch, record)``: the architecture of a ``best_arch.json`` (``record`` holds its space's
     name and definition, data, MACs, fitness) or of a bare architecture dict (``record`` empty)."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f'architecture file {path} does not exist')
-    try:
-        d = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f'{path} is not an architecture file (not JSON: {e})') from None
+    d = read_json_file(path, 'architecture file', ConfigError)
     if not isinstance(d, dict):
         raise SearchSpaceError(f'{path} holds a {type(d).__name__}, not an architecture')
     record = d if isinstance(d.get('arch'), dict) else {}

@@ -47,6 +47,7 @@ from ..bench.common import device_name, load_average, num_threads, synchronize
 from ..layers import WidthBlock
 from ..models.vitres import ResidualSpatialReduction, ViTRes
 from ..rundir import atomic_write_bytes
+from .config import read_json_file
 from .cost import stage_grids, stage_tokens
 from .space import Arch, SearchSpace, SearchSpaceError
 
@@ -280,14 +281,7 @@ class LatencyTable:
 
     @classmethod
     def load(cls, path) -> 'LatencyTable':
-        path = Path(path)
-        if not path.is_file():
-            raise LatencyTableError(f'latency table {path} does not exist')
-        try:
-            d = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise LatencyTableError(f'{path} is not a latency table (not JSON: {e})') from None
-        return cls.from_dict(d)
+        return cls.from_dict(read_json_file(path, 'latency table', LatencyTableError))
 
 
 def _spread_pick(values: Sequence[int], n: Optional[int]) -> List[int]:
