@@ -1,6 +1,7 @@
 """Process-group set-up for ``torchrun`` (DDP: NCCL on CUDA, gloo on CPU) and seeding."""
 from __future__ import annotations
 
+import atexit
 import os
 import random
 from dataclasses import dataclass
@@ -61,7 +62,15 @@ def init_distributed(device: Optional[str] = None) -> DistInfo:
         if dev.type == 'cuda':
             torch.cuda.set_device(dev)
         dist.init_process_group(backend=backend)
+        # leave the group before the interpreter exits: a process that exits with it still up can
+        # abort in the backend's teardown ("terminate called without an active exception")
+        atexit.register(_leave_group)
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=dev)
+
+
+def _leave_group() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def seed_all(seed: int) -> None:
