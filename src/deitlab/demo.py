@@ -141,10 +141,9 @@ def committed_dense_matches(cfg) -> bool:
         return False
     saved = json.loads(path.read_text())
     now = json.loads(json.dumps(cfg.to_dict()))   # tuples as lists, as in the file
-    # an option added after the run was trained: it ran with that option's default
-    defaults = json.loads(json.dumps(type(cfg)().to_dict()))
-    return all(saved.get(k, defaults.get(k)) == v for k, v in now.items()
-               if k not in ('out', 'progress', 'device', 'workers'))
+    from .train.config import with_defaults
+    saved = json.loads(json.dumps(with_defaults(saved)))   # an option added since: its default
+    return all(saved.get(k) == v for k, v in now.items() if k not in ('out', 'progress', 'device', 'workers'))
 
 
 def run_demo(out: str = 'demo-out', quick: bool = False, progress: bool = True, train_dense: bool = False) -> dict:

@@ -257,6 +257,13 @@ class TrainConfig(DCALSettings):
         return dataclasses.asdict(self)
 
 
+def with_defaults(saved: dict) -> dict:
+    """A saved configuration with every option it lacks at that option's default: a run written
+    before the option existed ran with its default."""
+    defaults = dataclasses.asdict(TrainConfig())
+    return {**{k: v for k, v in defaults.items() if k not in saved}, **saved}
+
+
 def check_resume_settings(saved: dict, cfg, keys: Iterable[str], path, hint: str) -> None:
     """``ConfigError`` when a checkpoint at ``path`` was written with other values of ``keys`` than
     ``cfg`` has (each listed, saved vs now); ``hint`` ends the message (what to do instead)."""

@@ -41,7 +41,8 @@ from ..evaluate import evaluate
 from ..registry import TOKEN_FUSION
 from ..rundir import atomic_torch_save, create, is_run_dir, save_run_dir
 from . import dcal_train
-from .config import ConfigError, TrainConfig, check_resume_settings, config_fields, parse_multilevel, short_run_warning
+from .config import (ConfigError, TrainConfig, check_resume_settings, parse_multilevel, short_run_warning,
+                     with_defaults)
 from .dcal_config import DCAL_RESUME_KEYS
 from .distill import DistillationLoss
 from .flops import TrainFlops
@@ -165,9 +166,7 @@ def _load_teacher(cfg: TrainConfig, num_classes: int, device: torch.device) -> O
 
 
 def _check_resume(ckpt: dict, cfg: TrainConfig, path: Path) -> None:
-    fields = config_fields()
-    saved = {k: fields[k].default for k in DCAL_RESUME_KEYS} | ckpt.get('config', {})   # a run from before DCAL
-    check_resume_settings(saved, cfg, _RESUME_KEYS, path,
+    check_resume_settings(with_defaults(ckpt.get('config', {})), cfg, _RESUME_KEYS, path,
                           f'resume with its settings, or start a new run from its weights (--model {path.parent} '
                           f'--out NEW)')
 
