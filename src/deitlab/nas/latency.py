@@ -51,7 +51,8 @@ from .config import read_json_file
 from .cost import stage_grids, stage_tokens
 from .space import Arch, SearchSpace, SearchSpaceError
 
-__all__ = ['LatencyTable', 'LatencyTableError', 'build_latency_table', 'check_predictions', 'paired_times']
+__all__ = ['LatencyTable', 'LatencyTableError', 'build_latency_table', 'check_predictions', 'paired_times',
+           'time_models']
 
 TABLE_FORMAT = 'deitlab-nas-latency/1'
 # what a table's timings depend on: a space that differs here needs its own table
@@ -381,28 +382,42 @@ def _calibration_archs(space: SearchSpace, n: int, seed: int) -> List[Arch]:
     return out
 
 
+def time_models(space: SearchSpace, models: Dict[object, nn.Module], *, batch_size: int = 1, rounds: int = 3,
+                threads: Optional[int] = None, device=None, seed: int = 0, target_ms: float = 2.0) -> Tuple[dict, dict]:
+    """Milliseconds per forward of every model in ``models`` (key -> module taking ``space``'s
+    images, a ViT-Res sub-network or any other network of that input), with the paired timing of
+    the latency tables (the same reference block), so the times compare with ``space``'s table
+    predictions. Returns the times and the timing's settings (threads, batch, load average)."""
+    device = torch.device(device or 'cpu')
+    x = _inputs(batch_size, device, torch.Generator().manual_seed(seed))
+    items = {k: (m.to(device), x((space.in_chans, space.img_size, space.img_size))) for k, m in models.items()}
+    with torch.random.fork_rng():   # seeded weights, the caller's random state untouched
+        torch.manual_seed(seed)
+        ref, shape = _reference(space)
+    with num_threads(threads) as n_threads:
+        times, summary = paired_times(items, (ref.to(device), x(shape)), rounds=rounds, seed=seed,
+                                      target_ms=target_ms, device=device)
+    return times, dict(summary, threads=n_threads, batch_size=int(batch_size), device=str(device),
+                       load_avg=load_average())
+
+
 def check_predictions(space: SearchSpace, table: LatencyTable, archs: Sequence[Arch], *, supernet=None,
                       rounds: int = 3, threads: Optional[int] = None, device=None, seed: int = 0,
                       target_ms: float = 2.0) -> dict:
     """Predicted against measured milliseconds of the stand-alone sub-networks ``archs``
     (``supernet.subnet(arch)`` when a supernet is given, else freshly built ViT-Res), measured with
-    the table's batch size and the same paired timing. Returns ``rows`` (arch, predicted_ms,
-    measured_ms, ratio = predicted / measured), ``mean_abs_rel_error``, ``spearman`` (rank
-    correlation, None for fewer than 3 archs) and ``settings``. Reports; asserts nothing."""
+    the table's batch size and threads and the same paired timing (:func:`time_models`). Returns
+    ``rows`` (arch, predicted_ms, measured_ms, ratio = predicted / measured), ``mean_abs_rel_error``,
+    ``spearman`` (rank correlation, None for fewer than 3 archs) and ``settings``. Reports; asserts
+    nothing."""
     table.check_space(space)
-    device = torch.device(device or 'cpu')
-    batch = int(table.meta.get('batch_size', 1))
-    x = _inputs(batch, device, torch.Generator().manual_seed(seed))
-    items = {}
     with torch.random.fork_rng():   # seeded weights, the caller's random state untouched
         torch.manual_seed(seed)
-        for j, arch in enumerate(archs):
-            model = supernet.subnet(arch) if supernet is not None else ViTRes(**space.model_args(arch))
-            items[j] = (model.to(device), x((space.in_chans, space.img_size, space.img_size)))
-        ref, shape = _reference(space)
-    with num_threads(threads if threads is not None else table.meta.get('threads')) as n_threads:
-        measured, summary = paired_times(items, (ref.to(device), x(shape)), rounds=rounds, seed=seed,
-                                         target_ms=target_ms, device=device)
+        models = {j: supernet.subnet(arch) if supernet is not None else ViTRes(**space.model_args(arch))
+                  for j, arch in enumerate(archs)}
+    measured, settings = time_models(
+        space, models, batch_size=int(table.meta.get('batch_size', 1)), rounds=rounds, device=device, seed=seed,
+        threads=threads if threads is not None else table.meta.get('threads'), target_ms=target_ms)
     rows = []
     for j, arch in enumerate(archs):
         pred = table.predict(space, arch)
@@ -418,5 +433,4 @@ def check_predictions(space: SearchSpace, table: LatencyTable, archs: Sequence[A
             rho = float(spearmanr([r['predicted_ms'] for r in rows], [r['measured_ms'] for r in rows])[0])
         spearman = None if rho != rho else rho
     return dict(rows=rows, mean_abs_rel_error=float(np.mean(errors)) if errors else None, spearman=spearman,
-                settings=dict(summary, threads=n_threads, batch_size=batch, device=str(device),
-                              table_threads=table.meta.get('threads'), load_avg=load_average()))
+                settings=dict(settings, table_threads=table.meta.get('threads')))

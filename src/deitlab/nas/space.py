@@ -311,5 +311,18 @@ def _mu(distilled: bool) -> SearchSpace:
         model_name=f'deitlab_vitres_mu{"_distilled" if distilled else ""}_patch4_32')
 
 
+def _nano(distilled: bool) -> SearchSpace:
+    """The ``mu`` layout with DeiT-nano's cost inside it (32 px: DeiT-nano is 48.3M MACs; this
+    space spans 9.9M to 79.2M): widths up to ViT-Res-nano's 96 / 192 / 384, heads of width 32
+    up to 3 / 6 / 12, MLP hidden 2x / 3x / 4x the stage's largest width."""
+    widths = [[64, 80, 96], [128, 160, 192], [256, 320, 384]]
+    return SearchSpace(
+        widths=widths, depths=[3, 3, 3], heads=[[1, 2, 3], [2, 4, 6], [4, 8, 12]],
+        mlp_hidden=[[r * w[-1] for r in (2, 3, 4)] for w in widths], skippable=[1, 2, 4, 5, 7, 8], head_dim=32,
+        img_size=32, patch_size=4, in_chans=3, num_classes=10, distilled=distilled,
+        model_name=f'deitlab_vitres_nano{"_distilled" if distilled else ""}_patch4_32')
+
+
 # name -> space (the MACs cache a space keeps is a pure function of the architecture, so sharing it is safe)
-SPACES: Dict[str, SearchSpace] = {'mu': _mu(False), 'mu_distilled': _mu(True)}
+SPACES: Dict[str, SearchSpace] = {'mu': _mu(False), 'mu_distilled': _mu(True), 'nano': _nano(False),
+                                  'nano_distilled': _nano(True)}
