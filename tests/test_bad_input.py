@@ -108,7 +108,10 @@ CASES = [
     ('train-dcal-poolformer', TRAIN_O + ['--dcal', '--mix', 'none', '--model', 'deitlab_poolformer_pico_32'],
      r'--dcal: deitlab_poolformer_pico_32: PoolFormer has no self-attention blocks'),
     ('train-dcal-mixing', TRAIN_O + ['--dcal'], r'--dcal with batch mixing \(--mix mixup-cutmix\) is not supported'),
-    ('train-dcal-option-alone', TRAIN_O + ['--dcal-triplet'], r'--dcal-triplet is an option of DCAL training: add --dcal'),
+    ('train-dcal-option-alone', TRAIN_O + ['--dcal-no-pwca'], r'--dcal-no-pwca is an option of DCAL training: add --dcal'),
+    ('train-triplet-mixing', TRAIN_O + ['--triplet'], r'--triplet with batch mixing \(--mix mixup-cutmix\).*--mix none'),
+    ('train-triplet-distilled', TRAIN_O + ['--triplet', '--mix', 'none', '--model', 'deitlab_deit_pico_distilled_patch4_32'],
+     r'--triplet needs a model with one head.*is a distilled architecture'),
     ('train-pk-batch', TRAIN_O + ['--pk', '4,2'], r'--pk 4,2 makes batches of 4 x 2 = 8 images but --batch-size is 16'),
     # train: devices, models, model arguments
     ('train-device-banana', TRAIN_O + ['--device', 'banana'], r"unknown device 'banana'"),

@@ -17,7 +17,7 @@ from deitlab.rundir import create
 from deitlab.train import ConfigError, TrainConfig, train
 from deitlab.train import engine
 from deitlab.train.dcal import DCAL
-from deitlab.train.dcal_train import batch_hard_triplet
+from deitlab.train.triplet import batch_hard_triplet
 
 FINE = 'glyphs-fine:train=64,val=32,letters=2'
 REID = 'glyphs-reid:ids=8,test_ids=4,per_id=6,views=2,val_per_id=2'
@@ -141,7 +141,7 @@ def test_triplet_loss_with_pk_batches(one_thread, tmp_path, monkeypatch):
         return original(self, x, y)
     monkeypatch.setattr(engine._DeiTBatches, 'on_batch', spy)
     out = tmp_path / 't'
-    train(tiny_cfg(out, data=REID, batch_size=8, pk='4,2', dcal_triplet=True, dcal_ratio=0.3, epochs=1))
+    train(tiny_cfg(out, data=REID, batch_size=8, pk='4,2', triplet=True, dcal_ratio=0.3, epochs=1))
     assert len(seen) == 2
     for y in seen:
         labels, counts = y.unique(return_counts=True)
@@ -208,7 +208,7 @@ def test_retrieval_metrics_market_protocol():
 
 def test_eval_retrieval_cli(one_thread, tmp_path, capsys):
     out = tmp_path / 'reid'
-    train(tiny_cfg(out, data=REID, batch_size=8, pk='4,2', dcal_triplet=True, epochs=1, max_steps_per_epoch=1))
+    train(tiny_cfg(out, data=REID, batch_size=8, pk='4,2', triplet=True, epochs=1, max_steps_per_epoch=1))
     for model in (str(out), PICO):   # DCAL's features, and a plain model's pre-logits
         assert main(['eval', '--model', model, '--data', REID, '--retrieval', '--json']) == 0
         res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -224,12 +224,13 @@ def test_eval_retrieval_cli(one_thread, tmp_path, capsys):
     (dict(mix='mixup-cutmix', mixup=0.8), r'--dcal with batch mixing \(--mix mixup-cutmix\) is not supported.*--mix none'),
     (dict(mix='transmix', mixup=0.0, cutmix=0.0), r'--mix transmix\) is not supported'),
     (dict(distill='soft', teacher=PICO), r'--dcal does not compose with --distill soft yet'),
-    (dict(dcal=False, dcal_triplet=True), r'--dcal-triplet is an option of DCAL training: add --dcal'),
+    (dict(dcal=False, dcal_no_pwca=True), r'--dcal-no-pwca is an option of DCAL training: add --dcal'),
+    (dict(dcal=False, triplet=True, distill='soft', teacher=PICO), r'--triplet does not compose with --distill soft'),
     (dict(dcal_no_glca=True), r'--dcal-no-glca: the inference sa\+glca needs the GLCA branch'),
     (dict(dcal_no_glca=True, dcal_no_pwca=True, dcal_inference='sa'), r'leave only the backbone'),
     (dict(pk='4,2'), r'--pk 4,2 makes batches of 4 x 2 = 8 images but --batch-size is 16'),
     (dict(pk='4'), r'--pk takes P,K'),
-    (dict(pk='16,1', dcal_triplet=True), r'triplet loss needs at least 2 identities \(P\) of at least 2 images'),
+    (dict(pk='16,1', triplet=True), r'triplet loss needs at least 2 identities \(P\) of at least 2 images'),
     (dict(dcal_inference='glca'), r"dcal_inference must be one of sa\+glca, sa; got 'glca'"),
     (dict(token_fusion='tome'), r'--dcal does not compose with --token-fusion'),
 ])

@@ -27,6 +27,7 @@ GROUPS = {
     'token fusion': 'token fusion',
     'multi-level': 'multi-level training (V-cycle)',
     'dcal': 'DCAL (dual cross-attention)',
+    're-identification': 're-identification loss',
     'pruning': 'pruning',
     'pruning schedule': 'pruning schedule',
     'search': 'width search',

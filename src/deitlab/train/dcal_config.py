@@ -1,6 +1,7 @@
 """The settings of ``deitlab train --dcal`` (DCAL on the training loop, ``train/dcal_train.py``), its
 re-ID loss and the P x K identity sampler: a base of :class:`~deitlab.train.config.TrainConfig`
-(one field per flag, in the ``dcal`` section of ``--help``; ``--pk`` in ``data``). Torch-free, as
+(one field per flag, in the ``dcal`` section of ``--help``; ``--pk`` in ``data``, ``--triplet`` in
+``re-identification``: it applies to plain training too, :mod:`deitlab.train.triplet`). Torch-free, as
 the rest of the configuration.
 
 The choices are the wrapper's (``train/dcal.py`` checks them again when it is built).
@@ -53,11 +54,12 @@ class DCALSettings:
         group='dcal', help='the first block of the rollout, counted from 0'))
     dcal_glca_init: str = field(default='fresh', metadata=dict(
         group='dcal', help="the GLCA block's start: fresh (timm's ViT init) or copy (the last block's weights)"))
-    dcal_triplet: bool = field(default=False, metadata=dict(
-        group='dcal', help="re-ID loss: each branch's loss is the label loss plus a batch-hard triplet loss on its "
-                           "features (use with --pk P,K)"))
+    triplet: bool = field(default=False, metadata=dict(
+        group='re-identification', help="add the batch-hard triplet loss (deitlab.train.triplet) on the model's "
+                                        "features (with --dcal: on each branch's features) to the label loss; "
+                                        "use with --pk P,K"))
     triplet_margin: float = field(default=0.3, metadata=dict(
-        group='dcal', help='margin of the batch-hard triplet loss (--dcal-triplet)'))
+        group='re-identification', help='margin of the batch-hard triplet loss (--triplet)'))
     pk: Optional[str] = field(default=None, metadata=dict(
         group='data', help='P,K: every training batch holds P labels (identities) x K images of each, drawn per '
                            '(seed, epoch); --batch-size must be P x K. Any labelled data'))
@@ -90,9 +92,15 @@ class DCALSettings:
             if p * k != self.batch_size:
                 raise _error(f'--pk {self.pk} makes batches of {p} x {k} = {p * k} images but --batch-size is '
                              f'{self.batch_size}; make them agree')
-            if self.dcal_triplet and (p < 2 or k < 2):
+            if self.triplet and (p < 2 or k < 2):
                 raise _error(f'--pk {self.pk}: the batch-hard triplet loss needs at least 2 identities (P) of at '
                              f'least 2 images (K) each')
+        if self.triplet and self.distill != 'none':
+            raise _error(f'--triplet does not compose with --distill {self.distill} yet (the triplet loss needs the '
+                         f'features of the one head); train with --distill none')
+        if self.triplet and (self.mixing_active or MIX_MODES.get(self.mix, ValueError)['attention']):
+            raise _error(f'--triplet with batch mixing (--mix {self.mix}): a mixed image has no one identity to be '
+                         f'near or far from; add --mix none')
         if not self.dcal:
             given = [f.name for f in fields(DCALSettings)
                      if f.name.startswith('dcal_') and getattr(self, f.name) != f.default]

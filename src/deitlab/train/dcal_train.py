@@ -4,8 +4,8 @@ The engine wraps the student in :class:`~deitlab.train.dcal.DCAL` (:func:`dcal_s
 two pieces of this module:
 
 * :class:`DCALCriterion`, the run's criterion: ``DCAL.loss`` over the branches, each branch's loss
-  the run's label loss (cross-entropy with label smoothing) plus, with ``--dcal-triplet``, the
-  batch-hard triplet loss on the branch's features (:func:`batch_hard_triplet`); the learnable
+  the run's label loss (cross-entropy with label smoothing) plus, with ``--triplet``, the
+  batch-hard triplet loss on the branch's features (:func:`deitlab.train.triplet.batch_hard_triplet`); the learnable
   loss weights w_k are parameters of the wrapper (kept out of weight decay by its
   ``no_weight_decay``, saved in every checkpoint and run directory);
 * :class:`DCALHooks`: ``forward`` asks the wrapper for the branch features when the triplet loss
@@ -23,22 +23,18 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 
-from ..console import log
 from ..distributed import all_reduce_sum
 from .config import ConfigError, TrainConfig
 from .dcal import DCAL, dcal_inference_gmacs
 from .loop import Hooks
+from .triplet import batch_hard_triplet
 
-__all__ = ['dcal_student', 'batch_hard_triplet', 'DCALCriterion', 'DCALHooks', 'dcal_summary']
+__all__ = ['dcal_student', 'DCALCriterion', 'DCALHooks', 'dcal_summary']
 
 
-def dcal_student(model: nn.Module, cfg: TrainConfig, is_main: bool = True) -> DCAL:
+def dcal_student(model: nn.Module, cfg: TrainConfig) -> DCAL:
     """The model to train wrapped in DCAL with the run's options; a DCAL run directory (going on
     training) is kept as it is and must have the same options."""
-    if cfg.dcal_triplet and not cfg.pk:
-        log('warning: --dcal-triplet without --pk: a shuffled batch may hold one image of most labels, and an '
-            'anchor without another image of its label adds no triplet term; --pk P,K makes batches of P labels '
-            'x K images', is_main)
     if isinstance(model, DCAL):
         if not cfg.dcal:
             raise ConfigError(f'{cfg.model} is a DCAL model (architecture deitlab_dcal): go on training it with --dcal')
@@ -52,25 +48,6 @@ def dcal_student(model: nn.Module, cfg: TrainConfig, is_main: bool = True) -> DC
         return DCAL(model, **cfg.dcal_options())
     except ValueError as e:
         raise ConfigError(f'--dcal: {cfg.model}: {e}') from None
-
-
-def batch_hard_triplet(features: torch.Tensor, labels: torch.Tensor, margin: float = 0.3) -> torch.Tensor:
-    """Batch-hard triplet loss (Hermans et al. 2017): for each anchor the farthest image of its label
-    and the nearest of another label in the batch (Euclidean distances of ``features`` (B, D)),
-    ``mean relu(d_ap - d_an + margin)`` over the anchors that have both; 0 (with a gradient path)
-    when none has."""
-    f = features.float()
-    sq = (f * f).sum(dim=1)
-    dist = (sq[:, None] + sq[None, :] - 2 * f @ f.t()).clamp_min(1e-12).sqrt()
-    same = labels[:, None] == labels[None, :]
-    eye = torch.eye(len(labels), dtype=torch.bool, device=labels.device)
-    pos, neg = same & ~eye, ~same
-    valid = pos.any(dim=1) & neg.any(dim=1)
-    if not bool(valid.any()):
-        return f.sum() * 0.0
-    d_ap = dist.masked_fill(~pos, float('-inf')).amax(dim=1)
-    d_an = dist.masked_fill(~neg, float('inf')).amin(dim=1)
-    return torch.relu(d_ap[valid] - d_an[valid] + margin).mean()
 
 
 class DCALCriterion:

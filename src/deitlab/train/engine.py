@@ -40,7 +40,7 @@ from ..distributed import DistInfo, barrier, init_distributed, seed_all
 from ..evaluate import evaluate
 from ..registry import TOKEN_FUSION
 from ..rundir import atomic_torch_save, create, is_run_dir, save_run_dir
-from . import dcal_train
+from . import dcal_train, triplet
 from .config import (ConfigError, TrainConfig, check_resume_settings, parse_multilevel, short_run_warning,
                      with_defaults)
 from .dcal_config import DCAL_RESUME_KEYS
@@ -340,7 +340,11 @@ def train(cfg: TrainConfig) -> dict:
     info = dataset_info(cfg.data)
     model = build_student(cfg, info.num_classes, info.in_chans, info.img_size)
     if cfg.dcal or isinstance(model, dcal_train.DCAL):
-        model = dcal_train.dcal_student(model, cfg, main)
+        model = dcal_train.dcal_student(model, cfg)
+    if cfg.triplet and not cfg.pk:
+        _log('warning: --triplet without --pk: a shuffled batch may hold one image of most labels, and an anchor '
+             'without another image of its label adds no triplet term; --pk P,K makes batches of P labels x K '
+             'images', main)
     chans, size = model_input(model)
     mean, std = norm_stats(model, chans)
     train_set, val_set = model_datasets(model, cfg.data, aug=cfg.aug, hflip=cfg.hflip, info=info, is_main=main)
@@ -361,6 +365,9 @@ def train(cfg: TrainConfig) -> dict:
         options = dict(r_teacher_max=cfg.r_teacher_max) if TOKEN_FUSION[cfg.token_fusion]['consistency'] else {}
         apply_token_fusion(model, cfg.token_fusion, None if cfg.r is None else parse_r_arg(cfg.r), **options)
     is_distilled = hasattr(model, 'set_distilled_training')
+    if cfg.triplet and not cfg.dcal and (is_distilled or not hasattr(model, 'forward_head')):
+        raise ConfigError(f'--triplet needs a model with one head and pre-logits features (forward_head); '
+                          f'{cfg.model} is {"a distilled architecture" if is_distilled else "not one"}')
     if is_distilled:
         model.set_distilled_training(True)
     lr = cfg.resolved_lr()
@@ -375,8 +382,13 @@ def train(cfg: TrainConfig) -> dict:
     mixer = _mixer(cfg, model, info.num_classes, size)
     defence = build_defence(cfg.defence, mean, std)
     base_loss, criterion = _criterion(cfg, mixer, info.num_classes, device)
+    extra_hooks = []
     if cfg.dcal:   # each branch's loss is the label loss (+ the triplet loss)
-        criterion = dcal_train.DCALCriterion(model, base_loss, cfg.triplet_margin if cfg.dcal_triplet else None)
+        criterion = dcal_train.DCALCriterion(model, base_loss, cfg.triplet_margin if cfg.triplet else None)
+        extra_hooks.append(dcal_train.DCALHooks(cfg.triplet))
+    elif cfg.triplet:   # the label loss + the triplet loss on the pre-logits features
+        criterion = triplet.TripletCriterion(criterion, cfg.triplet_margin)
+        extra_hooks.append(triplet.TripletHooks(criterion))
     flops = TrainFlops(di.world_size, getattr(criterion, 'teacher', None))
     extras = dict(train_flops=flops)
     vcycle = None
@@ -394,7 +406,7 @@ def train(cfg: TrainConfig) -> dict:
         postfix_every=20)
     sampler = loader.batch_sampler if cfg.pk else loader.sampler
     trainer.add_hooks(_DeiTBatches(cfg, di.rank, sampler, defence, mixer, base_loss, criterion), *extras.values(),
-                      *([dcal_train.DCALHooks(cfg.dcal_triplet)] if cfg.dcal else []))
+                      *extra_hooks)
     start_epoch, best = _resume(cfg, trainer, out, main, extras)
 
     resolved = dict(cfg.to_dict(), lr_resolved=lr, world_size=di.world_size, device=str(device),
