@@ -1,0 +1,216 @@
+"""DCAL (Zhu et al., CVPR 2022) against its backbone on three tasks, with each cross-attention branch
+alone: the same small DeiT (``deitlab_deit_pico_patch4_32``), recipe and steps for every arm, 3 seeds.
+
+Arms: ``baseline`` (the backbone), ``dcal`` (SA + GLCA + PWCA, inference softmax(SA) + softmax(GLCA)),
+``glca`` (``--dcal-no-pwca``) and ``pwca`` (``--dcal-no-glca --dcal-inference sa``: PWCA only
+regularises training, the SA head answers).
+
+Tasks (``TASKS``):
+
+* ``fine``    ``glyphs-fine`` (128 classes = 8 letters x 16 fonts, 15 training images per class):
+  top-1; GLCA ratio 0.1 (the paper's for fine-grained data);
+* ``fmnist``  Fashion-MNIST at 32 px: top-1 and the confusions among T-shirt, pullover, coat and
+  shirt (the classes that differ in local detail); ratio 0.1;
+* ``reid``    ``glyphs-reid`` (writers as identities, views as cameras, disjoint test writers): mAP
+  and Rank-1 of ``deitlab eval --retrieval``; every arm, the baseline included, with ``--triplet``
+  and P x K batches (``--pk 8,4``); ratio 0.3 (the paper's for re-ID).
+
+The training cost of each arm is its training GFLOPs (``train_gflops``) and training time (two runs
+at a time, 1 thread each; the ratio to the baseline of the same task and seed). The paper's anchors:
++2.5 pt top-1 on CUB with DeiT-Tiny, +2.8 mAP on MSMT17, training 3.8 h against 2.1 h.
+
+    DEITLAB_BENCH_RUNS=/work/dcal-runs python benchmarks/dcal.py train --jobs 2   # 36 runs
+    DEITLAB_BENCH_RUNS=/work/dcal-runs python benchmarks/dcal.py report            # JSON + plot
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from _common import run_pool
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / 'results'
+WORK = Path(os.environ.get('DEITLAB_BENCH_RUNS', '/tmp/deitlab-dcal-bench'))
+MODEL = 'deitlab_deit_pico_patch4_32'
+SEEDS = (0, 1, 2)
+ARMS = {'baseline': [], 'dcal': ['--dcal'], 'glca': ['--dcal', '--dcal-no-pwca'],
+        'pwca': ['--dcal', '--dcal-no-glca', '--dcal-inference', 'sa']}
+COMMON = ['--recipe', 'short', '--img-size', '32', '--workers', '0', '--no-tensorboard', '--no-progress']
+TASKS = {
+    'fine': dict(data='glyphs-fine', ratio=0.1, flags=['--epochs', '40']),
+    'fmnist': dict(data='fashion-mnist', ratio=0.1, flags=['--epochs', '10', '--max-steps-per-epoch', '300']),
+    'reid': dict(data='glyphs-reid', ratio=0.3, flags=['--epochs', '40', '--triplet', '--pk', '8,4',
+                                                        '--batch-size', '32']),
+}
+# Fashion-MNIST's upper-body garments: T-shirt/top, pullover, coat, shirt
+GARMENTS = {0: 'T-shirt/top', 2: 'pullover', 4: 'coat', 6: 'shirt'}
+if os.environ.get('DCAL_SMOKE'):   # the whole pipeline in minutes, to check the script (numbers meaningless)
+    SEEDS = (0,)
+    for _t in TASKS.values():
+        _t['flags'] = [*_t['flags'][2:], '--epochs', '1', '--max-steps-per-epoch', '3']
+
+
+def run_dir(task: str, arm: str, seed: int) -> Path:
+    return WORK / f'{task}_{arm}_s{seed}'
+
+
+def cmd_train(args) -> None:
+    jobs = []
+    for seed in args.seeds:
+        for task in args.tasks:
+            t = TASKS[task]
+            for arm in args.arms:
+                out = run_dir(task, arm, seed)
+                if (out / 'summary.json').exists():
+                    continue
+                dcal = [*ARMS[arm], '--dcal-ratio', str(t['ratio'])] if ARMS[arm] else []
+                cmd = [sys.executable, '-m', 'deitlab', 'train', '--model', MODEL, '--data', t['data'], '--out',
+                       str(out), '--seed', str(seed), *COMMON, *t['flags'], *dcal, '--json']
+                script = f'{" ".join(cmd)} > {out}.log 2>&1 && tail -n 1 {out}.log > {out}/summary.json'
+                jobs.append((out.name, ['bash', '-c', f'rm -rf {out} && {script}'], f'{out}.out'))
+    print(f'{len(jobs)} runs to do', flush=True)
+    run_pool(jobs, args.jobs, dict(os.environ, OMP_NUM_THREADS='1'))
+
+
+def _retrieval(out: Path) -> dict:
+    """``deitlab eval --retrieval`` of a re-ID run, cached in the run directory."""
+    cached = out / 'retrieval.json'
+    if not cached.exists():
+        res = subprocess.run([sys.executable, '-m', 'deitlab', 'eval', '--model', str(out), '--data',
+                              TASKS['reid']['data'], '--retrieval', '--json', '--quiet'],
+                             check=True, capture_output=True, text=True)
+        cached.write_text(res.stdout.strip().splitlines()[-1])
+    return json.loads(cached.read_text())
+
+
+def _garment_confusions(out: Path) -> dict:
+    """On the Fashion-MNIST test images: for each pair of upper-body garments (a, b), how many images
+    of a are predicted b; cached in the run directory."""
+    cached = out / 'confusions.json'
+    if not cached.exists():
+        import torch
+        from deitlab.data.for_model import eval_loader, model_datasets
+        from deitlab.rundir import create
+        torch.set_num_threads(1)
+        model = create(str(out)).eval()
+        val, = model_datasets(model, TASKS['fmnist']['data'], ('val',))
+        counts = torch.zeros(10, 10, dtype=torch.long)
+        with torch.no_grad():
+            for x, y in eval_loader(val, 256):
+                pred = model(x).argmax(-1)
+                counts.index_put_((y, pred), torch.ones_like(y), accumulate=True)
+        pairs = {f'{GARMENTS[a]} -> {GARMENTS[b]}': int(counts[a, b]) for a in GARMENTS for b in GARMENTS if a != b}
+        per_class = {GARMENTS[a]: 100.0 * float(counts[a, a]) / max(int(counts[a].sum()), 1) for a in GARMENTS}
+        cached.write_text(json.dumps(dict(pairs=pairs, total=sum(pairs.values()), recall=per_class)))
+    return json.loads(cached.read_text())
+
+
+def _mean_std(xs: list) -> dict:
+    import numpy as np
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return dict(mean=None, std=None, n=0)
+    return dict(mean=float(np.mean(xs)), std=float(np.std(xs, ddof=1)) if len(xs) > 1 else None, n=len(xs))
+
+
+def cmd_report(args) -> None:
+    runs = []
+    for task in TASKS:
+        for arm in ARMS:
+            for seed in SEEDS:
+                out = run_dir(task, arm, seed)
+                if not (out / 'summary.json').exists():
+                    print('missing', out.name, flush=True)
+                    continue
+                s = json.loads((out / 'summary.json').read_text())
+                r = dict(task=task, arm=arm, seed=seed, top1=s['val_top1'], train_gflops=s['train_gflops'],
+                         train_time_s=s['train_time_s'], gmacs_sa=s.get('gmacs_sa'), gmacs_sa_glca=s.get('gmacs_sa_glca'),
+                         dcal_w=s.get('dcal_w'))
+                if task == 'reid':
+                    ret = _retrieval(out)
+                    r.update(mAP=ret['mAP'], rank1=ret['rank1'])
+                if task == 'fmnist':
+                    r['garments'] = _garment_confusions(out)
+                runs.append(r)
+    summary = {}
+    for task in TASKS:
+        summary[task] = {}
+        base = {r['seed']: r for r in runs if r['task'] == task and r['arm'] == 'baseline'}
+        for arm in ARMS:
+            rs = [r for r in runs if r['task'] == task and r['arm'] == arm]
+            if not rs:
+                continue
+            s = dict(top1=_mean_std([r['top1'] for r in rs]), train_gflops=_mean_std([r['train_gflops'] for r in rs]),
+                     time_ratio=_mean_std([r['train_time_s'] / base[r['seed']]['train_time_s'] for r in rs
+                                           if r['seed'] in base]),
+                     gflops_ratio=_mean_std([r['train_gflops'] / base[r['seed']]['train_gflops'] for r in rs
+                                             if r['seed'] in base]))
+            if task == 'reid':
+                s.update(mAP=_mean_std([r['mAP'] for r in rs]), rank1=_mean_std([r['rank1'] for r in rs]))
+            if task == 'fmnist':
+                s['garment_confusions'] = _mean_std([r['garments']['total'] for r in rs])
+            summary[task][arm] = s
+    verdict = {}
+    for task, key in (('fine', 'top1'), ('fmnist', 'top1'), ('reid', 'mAP')):
+        b, d = summary[task].get('baseline'), summary[task].get('dcal')
+        if b and d and b[key]['mean'] is not None and d[key]['mean'] is not None:
+            spread = max(b[key]['std'] or 0.0, d[key]['std'] or 0.0)
+            gap = d[key]['mean'] - b[key]['mean']
+            verdict[task] = dict(metric=key, gap=gap, spread=spread, beats=gap > spread)
+    result = dict(benchmark='dcal', model=MODEL, seeds=list(SEEDS), arms={k: ' '.join(v) for k, v in ARMS.items()},
+                  tasks={k: dict(data=v['data'], ratio=v['ratio'], flags=' '.join(v['flags'])) for k, v in TASKS.items()},
+                  common=' '.join(COMMON), summary=summary, verdict=verdict, runs=runs)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / 'dcal.json').write_text(json.dumps(result, indent=1))
+    plot(result)
+    print(json.dumps(dict(verdict=verdict, summary={t: {a: {k: v for k, v in s.items() if k in ('top1', 'mAP')}
+                                                        for a, s in arms.items()} for t, arms in summary.items()}),
+                     indent=1))
+
+
+def plot(result: dict) -> None:
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    panels = [('fine', 'top1', 'glyphs-fine: test top-1 (%)'), ('fmnist', 'top1', 'Fashion-MNIST: test top-1 (%)'),
+              ('reid', 'mAP', 'glyphs-reid: mAP (%)'), ('reid', 'rank1', 'glyphs-reid: Rank-1 (%)')]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.8))
+    colors = dict(baseline='0.4', dcal='tab:red', glca='tab:blue', pwca='tab:green')
+    for ax, (task, key, title) in zip(axes, panels):
+        arms = [a for a in ARMS if a in result['summary'].get(task, {})]
+        for i, arm in enumerate(arms):
+            s = result['summary'][task][arm][key]
+            ax.bar(i, s['mean'], yerr=s['std'] or 0, color=colors[arm], capsize=3)
+            xs = [r[key] for r in result['runs'] if r['task'] == task and r['arm'] == arm]
+            ax.scatter([i] * len(xs), xs, color='k', s=8, zorder=3)
+        ax.set_xticks(range(len(arms)), arms)
+        vals = [r[key] for r in result['runs'] if r['task'] == task]
+        if vals:
+            ax.set_ylim(min(vals) - 3, max(vals) + 2)
+        ax.set_title(title, fontsize=10)
+        ax.grid(axis='y', alpha=0.3)
+    fig.suptitle(f"DCAL vs its backbone ({result['model']}), mean and std over {len(result['seeds'])} seeds")
+    fig.tight_layout()
+    fig.savefig(RESULTS / 'dcal.png', dpi=100)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest='cmd', required=True)
+    t = sub.add_parser('train')
+    t.add_argument('--jobs', type=int, default=2)
+    t.add_argument('--tasks', nargs='*', default=list(TASKS), choices=list(TASKS))
+    t.add_argument('--arms', nargs='*', default=list(ARMS), choices=list(ARMS))
+    t.add_argument('--seeds', nargs='*', type=int, default=list(SEEDS))
+    sub.add_parser('report')
+    args = p.parse_args()
+    {'train': cmd_train, 'report': cmd_report}[args.cmd](args)
+
+
+if __name__ == '__main__':
+    main()
