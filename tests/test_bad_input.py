@@ -20,6 +20,7 @@ NAS = ['nas', 'train-supernet', '--data', GLYPHS, '--out', '{root}/n', '--batch-
        '--holdout', '1', '--epochs', '1', '--no-progress']
 OFB = ['prune', 'ofb', '--model', '{root}/run', '--data', 'folder:{root}/folder', '--out', '{root}/p']
 SEARCH = ['nas', 'search', '--supernet', '{root}/supernet', '--out', '{root}/s']
+PAPYRI = ['papyri', 'evaluate', '--gt', '{root}/papyri-gt.json']
 NO_PYMOO = pytest.mark.skipif(__import__('importlib').util.find_spec('pymoo') is not None,
                               reason='pymoo is installed: NSGA-II runs')
 
@@ -67,6 +68,11 @@ def files(tmp_path_factory):
     (root / 'bool.yaml').write_text('drop_path: true\n')
     (root / 'syntax.yaml').write_text('lr: [1,\n')
     (root / 'unknown.yaml').write_text('banana: 1\n')
+    (root / 'papyri-gt.json').write_text(json.dumps(dict(   # competition-schema ground truth, one glyph
+        images=[dict(id=1, file_name='page.jpg')], categories=[dict(id=8, name='A')],
+        annotations=[dict(id=1, image_id=1, category_id=8, bbox=[10, 10, 20, 30], tags=dict(BaseType=['bt1']))])))
+    (root / 'papyri-pred-image-99.json').write_text(json.dumps([dict(image_id=99, category_id=8, bbox=[10, 10, 20, 30],
+                                                                      score=0.9)]))
     assert main(TRAIN + ['--out', str(root / 'resumable'), '--recipe', 'short']) == 0   # has checkpoint.pt
     return root
 
@@ -277,6 +283,18 @@ CASES = [
      r'stage 0 width 40 is not in the search space; choices: \[48, 56, 64\]'),
     ('nas-export-over-a-model', ['nas', 'export', '--arch', '{root}/mu-arch.json', '--out', '{root}/run'],
      r'run already holds a model \(config.json, model.safetensors\); pass --overwrite'),
+    # papyri evaluate
+    ('papyri-evaluate-missing-file', PAPYRI + ['--pred', '{root}/nothing.json'],
+     r'predictions file does not exist: .*nothing.json'),
+    ('papyri-evaluate-unknown-image', PAPYRI + ['--pred', '{root}/papyri-pred-image-99.json'],
+     r'prediction 0 names image_id 99, which is not an image of the ground truth'),
+    ('papyri-evaluate-not-json', PAPYRI + ['--pred', '{root}/a-file'],
+     r'predictions file .*a-file is not JSON \(Expecting value: line 1, column 1\)'),
+    ('papyri-evaluate-gt-not-coco', ['papyri', 'evaluate', '--gt', '{root}/papyri-pred-image-99.json', '--pred',
+                                     '{root}/papyri-pred-image-99.json'],
+     r'ground truth must be a COCO object with images, annotations and categories, got a JSON list'),
+    ('papyri-evaluate-max-dets', PAPYRI + ['--pred', '{root}/papyri-pred-image-99.json', '--max-dets', '0'],
+     r'max_dets must be >= 1, got 0'),
     # demo
     ('demo-out-file', ['demo', '--out', '{root}/a-file'], r'Not a directory: .*a-file/'),
 ]

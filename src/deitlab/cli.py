@@ -5,7 +5,7 @@ to stderr. Errors from bad input print ``deitlab: error: ...`` and exit with sta
 
 ``--help`` is the documentation. Every flag has a help line and sits in a section
 (:data:`deitlab.cli_flags.GROUPS`); the flags of the configuration dataclasses (``TrainConfig``, ``NViTConfig``,
-``FuseConfig``, ``SupernetConfig``, ``SearchConfig``, ``ExportConfig``) are
+``FuseConfig``, ``SupernetConfig``, ``SearchConfig``, ``ExportConfig``, ``EvaluateConfig``) are
 their fields, with the ``help`` and ``group`` of each field's metadata. Each subcommand that makes
 such a configuration also takes ``--config FILE.yaml``; precedence, lowest first: the dataclass
 defaults (for ``train`` and ``unlearnable eval``: the named recipe's), the file's values, explicit
@@ -237,6 +237,12 @@ def cmd_unlearnable_eval(args) -> dict:
                                 clean=not args.no_clean)
 
 
+def cmd_papyri_evaluate(args) -> dict:
+    from .papyri.metric import EvaluateConfig, evaluate_files, summary_lines
+    result = evaluate_files(EvaluateConfig(**config_values(args)))
+    return result if args.json else summary_lines(result)
+
+
 # --- the subcommands' parsers: each adds its options to the parser it is given ---
 
 _MODEL_HELP = 'timm/deitlab name or run directory'
@@ -395,6 +401,21 @@ def _unlearnable_parser(p, groups) -> None:
     q.set_defaults(func=cmd_unlearnable_eval)
 
 
+def _papyri_evaluate_parser(actions) -> None:
+    from .papyri.metric import EvaluateConfig
+    q, g = subcommand(actions, 'evaluate', "the organisers' metric of the ICDAR 2023 papyri competition: mAP@[.5:.95], "
+                                           "mAP@.5, mAP@.75, mAR of COCO predictions, recognition (class-aware) and "
+                                           "detection (class-agnostic), bt3 ground truth removed, maxDets 10000")
+    add_config_args(q, g, EvaluateConfig, required=('pred', 'gt'))
+    add_output_flags(g)
+    q.set_defaults(func=cmd_papyri_evaluate)
+
+
+def _papyri_parser(p, groups) -> None:
+    actions = p.add_subparsers(dest='action', required=True)
+    _papyri_evaluate_parser(actions)
+
+
 def _models_parser(p, groups) -> None:
     add_output_flags(groups)
     p.set_defaults(func=cmd_models)
@@ -421,10 +442,11 @@ COMMANDS = {
             _nas_parser),
     'fuse': ('token reduction (ToMe, MCTF): evaluate and benchmark the fused model', _fuse_parser),
     'unlearnable': ('unlearnable datasets (CUDA: class-wise convolution filters)', _unlearnable_parser),
+    'papyri': ('Greek letters on papyri (ICDAR 2023 competition): the organisers\' metric', _papyri_parser),
     'models': ('registered deitlab architectures', _models_parser),
     'demo': ('the main job: train a small DeiT on glyphs and report', _demo_parser),
 }
-_NESTED = ('prune', 'nas', 'fuse', 'unlearnable')   # a method or action follows; the options are on it
+_NESTED = ('prune', 'nas', 'fuse', 'unlearnable', 'papyri')   # a method or action follows; the options are on it
 
 
 def make_parser(commands: Optional[Iterable[str]] = None) -> argparse.ArgumentParser:
