@@ -1,6 +1,5 @@
-"""The papyri competition's metric (papyri/metric.py), box fusion (papyri/fusion.py) and tiling
-(papyri/tiling.py): exact properties on small hand-made cases, and the metric equal to pycocotools
-on a random one."""
+"""The papyri competition's metric (papyri/metric.py) and box fusion (papyri/fusion.py): exact
+properties on small hand-made cases, and the metric equal to pycocotools on a random one."""
 import contextlib
 import copy
 import io
@@ -12,6 +11,7 @@ import numpy as np
 import pytest
 
 from deitlab.cli import main
+from deitlab.papyri.fusion import Detections, FusionConfig, FusionError, fuse
 from deitlab.papyri.metric import (EvaluateConfig, EvaluationError, check_predictions, evaluate, evaluate_files,
                                    prepare_ground_truth, read_out)
 
@@ -223,3 +223,80 @@ def test_cli_evaluate(tmp_path, capsys):
     assert main(argv) == 0
     text = capsys.readouterr().out
     assert 'recognition: mAP@[.5:.95] 1.0000  mAP@.5 1.0000' in text and 'AP per category: 7: 1.0000' in text
+
+
+# --- box fusion ---
+
+needs_fusion = pytest.mark.skipif(find_spec('ensemble_boxes') is None,
+                                  reason="ensemble-boxes is not installed (pip install 'deitlab[papyri]')")
+BOX = [100, 50, 140, 110]
+PAGE = (200, 300)   # height, width
+
+
+def _dets(*rows):
+    """Detections from (box, score, label) rows."""
+    return Detections([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows])
+
+
+@needs_fusion
+def test_wbf_of_identical_boxes_returns_the_box_with_the_conf_type_score():
+    two = [_dets((BOX, 0.9, 3)), _dets((BOX, 0.7, 3))]
+    for config, score in ((FusionConfig(), 0.8), (FusionConfig(conf_type='max'), 0.9),
+                          (FusionConfig(weights=(2, 1)), (2 * 0.9 + 0.7) / 3)):   # the weighted mean
+        out = fuse(two, PAGE, config)
+        assert len(out) == 1 and out.labels.tolist() == [3]
+        np.testing.assert_allclose(out.boxes, [BOX], atol=1e-4)   # float32 inside ensemble-boxes
+        assert out.scores[0] == pytest.approx(score, abs=1e-6), config
+
+
+@needs_fusion
+def test_wbf_passes_disjoint_boxes_through():
+    """Each box found by one of two detectors: coordinates unchanged, score halved (WBF's ``avg``)."""
+    out = fuse([_dets((BOX, 0.9, 3)), _dets(([10, 10, 30, 30], 0.8, 5))], PAGE)
+    np.testing.assert_allclose(out.boxes, [BOX, [10, 10, 30, 30]], atol=1e-4)
+    np.testing.assert_allclose(out.scores, [0.45, 0.4])
+    assert out.labels.tolist() == [3, 5]
+
+
+@needs_fusion
+def test_class_aware_and_agnostic_fusion_differ_as_designed():
+    """Detectors disagreeing on the letter: class-aware keeps one box per label; agnostic fuses one
+    box and picks the label by the score-weighted vote (``vote``) or the best box (``top``)."""
+    dets = [_dets((BOX, 0.9, 3)), _dets((BOX, 0.6, 5)), _dets(([101, 50, 140, 111], 0.5, 5))]
+    aware = fuse(dets, PAGE)
+    assert sorted(aware.labels.tolist()) == [3, 5] and len(aware) == 2
+    vote = fuse(dets, PAGE, FusionConfig(class_aware=False))
+    top = fuse(dets, PAGE, FusionConfig(class_aware=False, label_rule='top'))
+    assert len(vote) == len(top) == 1
+    assert vote.labels.tolist() == [5] and top.labels.tolist() == [3]   # 0.6 + 0.5 > 0.9 > 0.6, 0.5
+    assert fuse(dets[:2], PAGE, FusionConfig(class_aware=False)).labels.tolist() == [3]   # 0.9 > 0.6
+
+
+@needs_fusion
+def test_nms_keeps_the_higher_score_box_and_soft_nms_keeps_both():
+    other = [104, 50, 144, 110]   # IoU 36/44 with BOX
+    dets = [_dets((BOX, 0.6, 3), (other, 0.8, 3))]
+    out = fuse(dets, PAGE, FusionConfig(method='nms'))
+    np.testing.assert_allclose(out.boxes, [other], atol=1e-9)
+    assert out.scores.tolist() == [0.8] and out.labels.tolist() == [3]
+    soft = fuse(dets, PAGE, FusionConfig(method='soft-nms'))
+    np.testing.assert_allclose(soft.boxes, [other, BOX], atol=1e-9)
+
+
+@needs_fusion
+def test_fusion_clips_to_the_image_and_checks_its_input():
+    out = fuse([_dets(([-10, 190, 40, 230], 0.9, 1), ([400, 0, 420, 10], 0.9, 1))], PAGE)
+    np.testing.assert_allclose(out.boxes, [[0, 190, 40, 200]], atol=1e-4)   # the second lies outside
+    assert len(fuse([Detections.empty(), Detections.empty()], PAGE)) == 0
+    with pytest.raises(FusionError, match=r'3 weights for 2 detectors'):
+        fuse([_dets((BOX, 0.9, 3))] * 2, PAGE, FusionConfig(weights=(1, 1, 1)))
+    with pytest.raises(FusionError, match=r"method must be one of wbf, nms, soft-nms; got 'mean'"):
+        fuse([_dets((BOX, 0.9, 3))], PAGE, FusionConfig(method='mean'))
+    with pytest.raises(FusionError, match=r'x1 <= x2 and y1 <= y2'):
+        fuse([_dets(([50, 10, 40, 20], 0.9, 3))], PAGE)
+    with pytest.raises(FusionError, match=r'2 boxes, 1 scores and 2 labels'):
+        Detections([BOX, BOX], [0.9], [1, 2])
+    import torch
+    from_tensors = Detections(torch.tensor([BOX]), torch.tensor([0.9]), torch.tensor([3.0]))
+    assert from_tensors.boxes.dtype == np.float64 and from_tensors.labels.tolist() == [3]
+
