@@ -1,5 +1,6 @@
-"""The papyri competition's metric (papyri/metric.py) and box fusion (papyri/fusion.py): exact
-properties on small hand-made cases, and the metric equal to pycocotools on a random one."""
+"""The papyri competition's metric (papyri/metric.py), box fusion (papyri/fusion.py) and tiling
+(papyri/tiling.py): exact properties on small hand-made cases, and the metric equal to pycocotools
+on a random one."""
 import contextlib
 import copy
 import io
@@ -14,6 +15,7 @@ from deitlab.cli import main
 from deitlab.papyri.fusion import Detections, FusionConfig, FusionError, fuse
 from deitlab.papyri.metric import (EvaluateConfig, EvaluationError, check_predictions, evaluate, evaluate_files,
                                    prepare_ground_truth, read_out)
+from deitlab.papyri.tiling import MERGE, Tile, drop_cut_boxes, tile_grid, tile_predict, to_page
 
 needs_metric = pytest.mark.skipif(find_spec('faster_coco_eval') is None,
                                   reason="faster-coco-eval is not installed (pip install 'deitlab[papyri]')")
@@ -300,3 +302,70 @@ def test_fusion_clips_to_the_image_and_checks_its_input():
     from_tensors = Detections(torch.tensor([BOX]), torch.tensor([0.9]), torch.tensor([3.0]))
     assert from_tensors.boxes.dtype == np.float64 and from_tensors.labels.tolist() == [3]
 
+
+# --- tiling ---
+
+@pytest.mark.parametrize('height, width, tile, overlap', [(200, 200, 120, 40), (1000, 700, 256, 64),
+                                                          (50, 300, 128, 32), (128, 128, 128, 0), (129, 257, 128, 16)])
+def test_tiles_cover_the_page(height, width, tile, overlap):
+    tiles = tile_grid(height, width, tile, overlap)
+    covered = np.zeros((height, width), dtype=int)
+    for t in tiles:
+        assert 0 <= t.x0 < t.x1 <= width and 0 <= t.y0 < t.y1 <= height
+        assert (t.x1 - t.x0, t.y1 - t.y0) == (min(tile, width), min(tile, height))
+        covered[t.y0:t.y1, t.x0:t.x1] += 1
+    assert covered.min() >= 1
+    xs = sorted({t.x0 for t in tiles})
+    assert all(a + min(tile, width) - b >= overlap for a, b in zip(xs, xs[1:]))   # neighbours overlap enough
+    with pytest.raises(ValueError, match=r'overlap in \[0, tile\)'):
+        tile_grid(height, width, tile, tile)
+
+
+def test_tile_boxes_map_back_to_the_page_exactly():
+    dets = Detections([[1.5, 2.25, 10, 20], [30, 40, 200, 60]], [0.9, 0.8], [1, 2])
+    page = to_page(dets, Tile(80, 40, 200, 160))   # a 120 x 120 tile
+    assert page.boxes.tolist() == [[81.5, 42.25, 90.0, 60.0], [110.0, 80.0, 200.0, 100.0]]   # the second clipped
+    assert page.scores.tolist() == [0.9, 0.8] and page.labels.tolist() == [1, 2]
+
+
+# glyphs as (x0, y0, x1, y1) on a 200 x 200 page cut in 120 px tiles overlapping by 40 (borders at 80 and 120)
+GLYPH_BOXES = [(115, 10, 135, 40),    # crosses x = 120: a 5 px sliver in the left tiles, whole in the right ones
+               (85, 150, 110, 180),   # whole in the overlap: seen whole by two tiles
+               (20, 20, 50, 50),      # in one tile only
+               (110, 105, 135, 135),  # crosses both borders at a corner: whole only in the bottom-right tile
+               (180, 60, 200, 90)]    # on the page's right edge, crossing y = 80
+
+
+def _page():
+    page = np.zeros((1, 200, 200), dtype=np.int64)
+    for n, (x0, y0, x1, y1) in enumerate(GLYPH_BOXES):
+        page[0, y0:y1, x0:x1] = n + 1
+    return page
+
+
+def _glyph_detector(crop):
+    """A detector that sees the visible part of every glyph in a tile (pixel value = glyph number)."""
+    crop = np.asarray(crop)[0]
+    ids = [v for v in np.unique(crop) if v > 0]
+    boxes = []
+    for v in ids:
+        ys, xs = np.nonzero(crop == v)
+        boxes.append([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
+    return Detections(np.array(boxes, dtype=float).reshape(-1, 4), [0.9] * len(ids), [v - 1 for v in ids])
+
+
+@needs_fusion
+def test_a_glyph_cut_by_a_tile_border_is_recovered_once():
+    import torch
+    for page in (_page(), torch.from_numpy(_page())):
+        out = tile_predict(page, _glyph_detector, tile=120, overlap=40)
+        order = np.argsort(out.labels)
+        assert out.labels[order].tolist() == list(range(len(GLYPH_BOXES)))
+        np.testing.assert_allclose(out.boxes[order], GLYPH_BOXES, atol=1e-9)
+    # without dropping the cut boxes the sliver of glyph 0 (IoU 0.25 with the whole) survives the NMS
+    tiles = tile_grid(200, 200, 120, 40)
+    found = [to_page(_glyph_detector(_page()[:, t.y0:t.y1, t.x0:t.x1]), t) for t in tiles]
+    merged = fuse([Detections.concat(found)], (200, 200), MERGE)
+    assert len(merged) > len(GLYPH_BOXES)
+    kept = drop_cut_boxes(tiles, found, (200, 200))
+    assert sum(len(k) for k in kept) == len(GLYPH_BOXES) + 1   # glyph 1, whole in two tiles, until the NMS
