@@ -106,8 +106,8 @@ def _random_case(seed=0):
                 label = cat if rng.random() < 0.8 else int(rng.choice([7, 8, 9, 14]))
                 preds.append(_pred(image, label, [float(v) for v in jittered], float(rng.random())))
         for _ in range(8):   # false positives
-            preds.append(_pred(image, int(rng.choice([7, 8, 9, 14])),
-                               [float(v) for v in (*rng.uniform(0, 200, 2), *rng.uniform(6, 40, 2))], float(rng.random())))
+            box = [float(v) for v in (*rng.uniform(0, 200, 2), *rng.uniform(6, 40, 2))]
+            preds.append(_pred(image, int(rng.choice([7, 8, 9, 14])), box, float(rng.random())))
     return _gt(glyphs, images=(1, 2, 3), categories=(7, 8, 9, 14)), preds
 
 
@@ -301,6 +301,14 @@ def test_fusion_clips_to_the_image_and_checks_its_input():
     import torch
     from_tensors = Detections(torch.tensor([BOX]), torch.tensor([0.9]), torch.tensor([3.0]))
     assert from_tensors.boxes.dtype == np.float64 and from_tensors.labels.tolist() == [3]
+
+
+
+def test_fusion_without_ensemble_boxes_is_one_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, 'ensemble_boxes', None)   # as if not installed
+    with pytest.raises(FusionError, match=r"needs ensemble-boxes, which is not installed: "
+                                          r"pip install 'deitlab\[papyri\]'"):
+        fuse([_dets((BOX, 0.9, 3))], PAGE)
 
 
 # --- tiling ---

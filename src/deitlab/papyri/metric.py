@@ -329,7 +329,8 @@ def summary_lines(result: dict) -> dict:
             lines[task] = (f'mAP@[.5:.95] {_fmt(m["mAP"])}  mAP@.5 {_fmt(m["mAP50"])}  mAP@.75 {_fmt(m["mAP75"])}  '
                            f'mAR {_fmt(m["mAR"])}  AR@.5 {_fmt(m["AR50"])}')
     if 'recognition' in result:
-        lines['AP per category'] = ', '.join(f'{c}: {_fmt(v)}' for c, v in result['recognition']['per_class_AP'].items())
+        per_class = result['recognition']['per_class_AP']
+        lines['AP per category'] = ', '.join(f'{c}: {_fmt(v)}' for c, v in per_class.items())
     removed = f' ({result["removed"]} of base type {"/".join(result["ignore_base_types"])} removed)' \
         if result['ignore_base_types'] else ''
     lines['scored'] = (f'{result["ground_truth"]} ground-truth boxes{removed} on {result["images"]} images, '
