@@ -14,10 +14,10 @@ Inputs are pixel ``xyxy`` boxes with scores and labels (0..23 for the letters), 
 and scores below ``skip_box_thr``, and normalises by the image size (ensemble-boxes works on
 ``[0, 1]`` coordinates); the result is in pixels again, sorted by score (best first).
 
-* ``wbf``: ``conf_type`` sets the fused score (ensemble-boxes' four rules): ``avg``, the weighted
-  mean score of the cluster scaled by ``min(detectors, boxes in the cluster) / sum of weights``, so
-  a box found by one of two equally weighted detectors keeps half its score; ``max``;
-  ``box_and_model_avg``; ``absent_model_aware_avg``. Fused coordinates are float32 inside the
+* ``wbf``: ``conf_type`` sets the fused score (ensemble-boxes' four rules): ``avg``, for a cluster
+  of at most one box per detector the sum of ``weight * score`` over the cluster divided by the sum
+  of all detectors' weights, so a box found by one of two equally weighted detectors keeps half its
+  score; ``max``; ``box_and_model_avg``; ``absent_model_aware_avg``. Fused coordinates are float32 inside the
   package (well under a thousandth of a pixel on a page).
 * ``nms``: per label, the highest-scoring box suppresses the boxes overlapping it by more than
   ``iou_thr``; kept boxes are unchanged.
