@@ -45,8 +45,8 @@ from PIL import Image, ImageDraw, ImageFont
 from .base import DataError
 
 __all__ = [
-    'GREEK_CAPITALS', 'GLYPH_CLASSES', 'find_fonts', 'glyph_atlas', 'glyph_masks', 'random_poses',
-    'papyrus_tones', 'papyrus_texture', 'ink_on_texture', 'neighbour_masks', 'finish_patches', 'compose_glyphs',
+    'GREEK_CAPITALS', 'GLYPH_CLASSES', 'find_fonts', 'drawn_glyphs', 'glyph_atlas', 'glyph_masks', 'random_poses',
+    'affine_poses', 'value_noise', 'papyrus_tones', 'papyrus_texture', 'ink_on_texture', 'neighbour_masks', 'finish_patches', 'compose_glyphs',
     'render_glyph', 'generate_glyphs', 'split_seed', 'derive_seed',
 ]
 
@@ -68,27 +68,39 @@ def _draw(font: ImageFont.FreeTypeFont, ch: str, side: int) -> np.ndarray:
     return np.asarray(img)
 
 
-def _draws_greek(path: str) -> bool:
-    """True if the font at ``path`` draws 24 distinct, real Greek capitals."""
+def _font_cmap(path: str) -> Optional[frozenset]:
+    """The code points in the font's character map, or None when fontTools is missing or cannot read
+    the file (then only rendering decides what the font draws)."""
     try:
         from fontTools.ttLib import TTFont
         with TTFont(path, lazy=True, fontNumber=0) as tt:
-            cmap = tt.getBestCmap() or {}
-        if any(ord(ch) not in cmap for ch in GREEK_CAPITALS):
-            return False
-    except ImportError:
-        pass  # fontTools not installed: the rendering check below decides
-    except Exception:
-        pass  # unreadable by fontTools: the rendering check below decides
+            return frozenset(tt.getBestCmap() or {})
+    except Exception:   # ImportError included: the rendering check decides
+        return None
+
+
+def drawn_glyphs(path: str, chars: str) -> Tuple[Optional[np.ndarray], ...]:
+    """What the font at ``path`` really draws of ``chars``: per character its rendered mask, or None
+    when the font lacks it (not in its character map, no ink, or the ``.notdef`` box). All None when
+    PIL cannot load the font. Comparing the masks tells whether two characters render alike."""
+    cmap = _font_cmap(path)
     try:
         font = ImageFont.truetype(path, 32)
-        masks = [_draw(font, ch, 96) for ch in GREEK_CAPITALS]
-        notdef = _draw(font, '\U0010FFFD', 96)
+        notdef = _draw(font, '\U0010FFFD', 96).tobytes()
+        masks = [_draw(font, ch, 96) for ch in chars]
     except Exception:
-        return False
-    keys = {m.tobytes() for m in masks}
-    return (len(keys) == len(masks) and all(m.any() for m in masks)
-            and notdef.tobytes() not in keys)
+        return (None,) * len(chars)
+    return tuple(m if (cmap is None or ord(ch) in cmap) and m.any() and m.tobytes() != notdef else None
+                 for ch, m in zip(chars, masks))
+
+
+def _draws_greek(path: str) -> bool:
+    """True if the font at ``path`` draws 24 distinct, real Greek capitals."""
+    cmap = _font_cmap(path)
+    if cmap is not None and any(ord(ch) not in cmap for ch in GREEK_CAPITALS):
+        return False   # cheap early exit before rendering
+    masks = drawn_glyphs(path, GREEK_CAPITALS)
+    return all(m is not None for m in masks) and len({m.tobytes() for m in masks}) == len(masks)
 
 
 @functools.lru_cache(maxsize=None)
@@ -126,18 +138,24 @@ def find_fonts(fonts: str = 'bundled') -> Tuple[str, ...]:
 
 # ----------------------------------------------------------------------------------------- atlas
 @functools.lru_cache(maxsize=8)
-def glyph_atlas(fonts: Tuple[str, ...], res: int = 64) -> torch.Tensor:
-    """Every font x letter drawn centred at the same cap height: float ``(F, 24, NUM_WEIGHTS, res, res)``.
+def glyph_atlas(fonts: Tuple[str, ...], res: int = 64, chars: Optional[Tuple[str, ...]] = None) -> torch.Tensor:
+    """Every font x letter drawn centred at the same cap height: float ``(F, L, NUM_WEIGHTS, res, res)``.
 
     Weights are: eroded, regular, dilated, twice dilated, by ``max(1, res // 64)`` pixels each.
+    ``chars``: per font, the string of characters to draw (``L`` of them, the same count for every
+    font); default :data:`GREEK_CAPITALS` for each. A font may draw a letter with another code point
+    than its neighbours (e.g. lunate sigma where the font has it, ``deitlab.papyri.alphabet``).
     """
+    chars = (GREEK_CAPITALS,) * len(fonts) if chars is None else chars
+    if len(chars) != len(fonts) or len({len(c) for c in chars}) > 1:
+        raise ValueError('glyph_atlas: give one string of characters per font, all of the same length')
     masks = []
-    for path in fonts:
+    for path, letters in zip(fonts, chars):
         probe = ImageFont.truetype(path, 100)
         cap = -probe.getbbox('Η', anchor='ls')[1]  # cap height at size 100
         font = ImageFont.truetype(path, max(4, round(100 * CAP_FRACTION * res / cap)))
         cap = -font.getbbox('Η', anchor='ls')[1]
-        for ch in GREEK_CAPITALS:
+        for ch in letters:
             x0, _, x1, _ = font.getbbox(ch, anchor='ls')
             img = Image.new('L', (res, res), 0)
             ImageDraw.Draw(img).text((res / 2 - (x0 + x1) / 2, res / 2 + cap / 2), ch, fill=255,
@@ -147,7 +165,7 @@ def glyph_atlas(fonts: Tuple[str, ...], res: int = 64) -> torch.Tensor:
     r = max(1, res // 64)
     grow = functools.partial(F.max_pool2d, kernel_size=2 * r + 1, stride=1, padding=r)
     weights = [-grow(-base), base, grow(base), grow(grow(base))]
-    return torch.cat(weights, 1).reshape(len(fonts), len(GREEK_CAPITALS), NUM_WEIGHTS, res, res)
+    return torch.cat(weights, 1).reshape(len(fonts), len(chars[0]), NUM_WEIGHTS, res, res)
 
 
 def _uniform(n: int, lo: float, hi: float, g: torch.Generator) -> torch.Tensor:
@@ -165,11 +183,22 @@ def random_poses(n: int, g: torch.Generator, *, scale: Tuple[float, float] = (0.
     rot = _uniform(n, -max_rot_deg, max_rot_deg, g) * (math.pi / 180)
     shear = _uniform(n, -max_shear, max_shear, g)
     shift = _uniform(2 * n, -max_shift, max_shift, g).view(n, 2)
+    return affine_poses(s, aspect, rot, shear, shift)
+
+
+def affine_poses(scale: torch.Tensor, aspect: torch.Tensor, rot: torch.Tensor, shear: torch.Tensor,
+                 shift: torch.Tensor) -> torch.Tensor:
+    """Forward affine maps ``(n, 2, 3)`` atlas -> patch in normalised ``[-1, 1]`` coordinates (y down):
+    ``scale * R(rot) @ [[1, shear], [0, 1]] @ diag(aspect, 1 / aspect)``, then ``shift`` ``(n, 2)``.
+
+    ``rot`` in radians, positive clockwise on the image; ``shear`` > 0 moves a glyph's bottom to the
+    right (a back-slant), < 0 its top (a forward slant). Inputs are ``(n,)`` tensors.
+    """
+    n = len(scale)
     c, si = torch.cos(rot), torch.sin(rot)
-    # M = s * R(rot) @ [[1, shear], [0, 1]] @ diag(aspect, 1 / aspect)
     a, b = c * aspect, (c * shear - si) / aspect
     cc, d = si * aspect, (si * shear + c) / aspect
-    m = torch.stack([torch.stack([a, b], 1), torch.stack([cc, d], 1)], 1) * s.view(n, 1, 1)
+    m = torch.stack([torch.stack([a, b], 1), torch.stack([cc, d], 1)], 1) * scale.view(n, 1, 1)
     return torch.cat([m, shift.unsqueeze(-1)], 2)
 
 
@@ -207,8 +236,9 @@ def glyph_masks(atlas: torch.Tensor, font_idx: torch.Tensor, letter_idx: torch.T
 
 
 # --------------------------------------------------------------------------------------- texture
-def _value_noise(n: int, h: int, w: int, cell: float, g: torch.Generator) -> torch.Tensor:
-    """Smooth noise in [0, 1], ``(n, 1, h, w)``, with features about ``cell`` pixels apart."""
+def value_noise(n: int, h: int, w: int, cell: float, g: torch.Generator) -> torch.Tensor:
+    """Smooth noise in [0, 1], ``(n, 1, h, w)``, with features about ``cell`` pixels apart (random
+    values on a grid, bilinearly interpolated): blotches, fading, and thresholded, holes."""
     z = torch.rand(n, 1, max(2, round(h / cell) + 1), max(2, round(w / cell) + 1), generator=g)
     return F.interpolate(z, size=(h, w), mode='bilinear', align_corners=True)
 
@@ -238,8 +268,8 @@ def papyrus_texture(n: int, height: int, width: int, g: torch.Generator, *,
     tone = (papyrus_tones(n, g) if tone is None else tone).view(n, 3, 1, 1)
     horiz = _fibres(n, height, width, 10 * fibre_px, fibre_px, g)
     vert = _fibres(n, width, height, 12 * fibre_px, 1.5 * fibre_px, g).transpose(2, 3)
-    blotch = _value_noise(n, height, width, 14 * fibre_px, g) - 0.5
-    large = _value_noise(n, height, width, 40 * fibre_px, g) - 0.5
+    blotch = value_noise(n, height, width, 14 * fibre_px, g) - 0.5
+    large = value_noise(n, height, width, 40 * fibre_px, g) - 0.5
     light = 1 + 0.05 * horiz + 0.025 * vert + 0.12 * blotch + 0.12 * large
     tex = (base + tone) * light
     tex[:, 2:] -= 0.04 * blotch.clamp(min=0)  # darker patches are also browner
@@ -260,7 +290,7 @@ def ink_on_texture(texture: torch.Tensor, mask: torch.Tensor, g: torch.Generator
     else:
         ink = ink.view(n, 3, 1, 1)
     alpha = _uniform(n, *opacity, g).view(n, 1, 1, 1)
-    fade = 1 - 0.45 * _value_noise(n, h, w, 8 * fibre_px, g) ** 2
+    fade = 1 - 0.45 * value_noise(n, h, w, 8 * fibre_px, g) ** 2
     a = (mask * alpha * fade).clamp_(0, 1)
     return texture * (1 - a) + ink * a
 
