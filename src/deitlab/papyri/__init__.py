@@ -1,0 +1,24 @@
+"""Greek papyri: the pipeline of Turnbull & Mannix, "Detecting and recognizing characters in Greek
+papyri with YOLOv8, DeiT and SimCLR" (IJDAR 2024), on the data of the ICDAR 2023 competition on
+detection and recognition of Greek letters on papyri.
+
+``alphabet.py``: the 24 letters (sigma lunate), their competition category ids, the code points a
+font draws them with; ``coco.py``: the competition's COCO-style annotation files (read, check,
+write); ``config.py`` (torch-free): the commands' settings and :class:`PapyriError`; ``synth.py``:
+synthetic papyrus pages with boxed, labelled glyphs (``deitlab papyri synth``).
+
+The names below are imported from their modules on first use, so that importing the package stays
+light.
+"""
+from ..lazy import lazy_exports
+
+_HOME = {
+    'PapyriError': 'config', 'SynthConfig': 'config',
+    'LETTERS': 'alphabet', 'NAMES': 'alphabet', 'CATEGORY_IDS': 'alphabet', 'category_id': 'alphabet',
+    'class_of': 'alphabet', 'is_letter': 'alphabet', 'font_code_points': 'alphabet',
+    'CocoError': 'coco', 'CocoDataset': 'coco', 'CocoImage': 'coco', 'CocoAnnotation': 'coco',
+    'read_coco': 'coco', 'parse_coco': 'coco', 'write_coco': 'coco', 'check_coco': 'coco',
+    'make_page': 'synth', 'synthesize': 'synth', 'base_type': 'synth', 'resolve_fonts': 'synth',
+}
+__all__ = sorted(_HOME)
+__getattr__, __dir__ = lazy_exports(__name__, _HOME)
