@@ -5,7 +5,8 @@ to stderr. Errors from bad input print ``deitlab: error: ...`` and exit with sta
 
 ``--help`` is the documentation. Every flag has a help line and sits in a section
 (:data:`deitlab.cli_flags.GROUPS`); the flags of the configuration dataclasses (``TrainConfig``, ``NViTConfig``,
-``FuseConfig``, ``SupernetConfig``, ``SearchConfig``, ``ExportConfig``, ``EvaluateConfig``) are
+``FuseConfig``, ``SupernetConfig``, ``SearchConfig``, ``ExportConfig``, ``SynthConfig``,
+``EvaluateConfig``) are
 their fields, with the ``help`` and ``group`` of each field's metadata. Each subcommand that makes
 such a configuration also takes ``--config FILE.yaml``; precedence, lowest first: the dataclass
 defaults (for ``train`` and ``unlearnable eval``: the named recipe's), the file's values, explicit
@@ -194,6 +195,21 @@ def cmd_fuse(args) -> dict:
             print(line)
         return {}
     return report
+
+
+def cmd_papyri_synth(args) -> dict:
+    from .papyri.config import SynthConfig
+    from .papyri.synth import synthesize
+    values = config_values(args)
+    if args.json:
+        values.setdefault('progress', False)   # the last line is the JSON object
+    result = synthesize(SynthConfig(**values).validate())
+    if args.json:
+        return result
+    bt = result['base_types']
+    return {'out': result['out'], 'pages': f'{result["pages"]} of {result["size"]} px',
+            'glyphs': f'{result["glyphs"]} (bt1 {bt["bt1"]}, bt2 {bt["bt2"]}, bt3 {bt["bt3"]})',
+            'annotations': result['annotations']}
 
 
 def cmd_demo(args) -> dict:
@@ -413,6 +429,12 @@ def _papyri_evaluate_parser(actions) -> None:
 
 def _papyri_parser(p, groups) -> None:
     actions = p.add_subparsers(dest='action', required=True)
+    from .papyri.config import SynthConfig
+    q, g = subcommand(actions, 'synth', 'synthetic papyrus pages of Greek capitals, every glyph boxed and labelled '
+                                        '(letter, BaseType) in the competition\'s COCO schema')
+    add_config_args(q, g, SynthConfig, required=('pages', 'out'))
+    add_output_flags(g)
+    q.set_defaults(func=cmd_papyri_synth)
     _papyri_evaluate_parser(actions)
 
 
@@ -442,7 +464,8 @@ COMMANDS = {
             _nas_parser),
     'fuse': ('token reduction (ToMe, MCTF): evaluate and benchmark the fused model', _fuse_parser),
     'unlearnable': ('unlearnable datasets (CUDA: class-wise convolution filters)', _unlearnable_parser),
-    'papyri': ('Greek letters on papyri (ICDAR 2023 competition): the organisers\' metric', _papyri_parser),
+    'papyri': ('Greek letters on papyri (ICDAR 2023 competition): synthetic annotated pages, the organisers\' '
+               'metric', _papyri_parser),
     'models': ('registered deitlab architectures', _models_parser),
     'demo': ('the main job: train a small DeiT on glyphs and report', _demo_parser),
 }

@@ -1,7 +1,7 @@
 """Flags from configuration dataclasses, and the sections of a subcommand's ``--help``.
 
 Each field of a configuration dataclass (``TrainConfig``, ``NViTConfig``, ``FuseConfig``,
-``SupernetConfig``, ``SearchConfig``, ``ExportConfig``) becomes one flag, with the ``help`` and ``group`` of the field's metadata; :func:`config_values` merges a
+``SupernetConfig``, ``SearchConfig``, ``ExportConfig``, ``SynthConfig``) becomes one flag, with the ``help`` and ``group`` of the field's metadata; :func:`config_values` merges a
 ``--config FILE.yaml`` under the flags given. Imports no torch: ``deitlab --help`` stays fast.
 """
 from __future__ import annotations
@@ -35,6 +35,7 @@ GROUPS = {
     'latency table': 'latency table',
     'fine-tuning': 'fine-tuning of the pruned model',
     'poisoning': 'poisoning',
+    'pages': 'synthetic pages',
     'measurement': 'measurement',
     'run': 'run and output',
 }
