@@ -21,6 +21,7 @@ NAS = ['nas', 'train-supernet', '--data', GLYPHS, '--out', '{root}/n', '--batch-
 OFB = ['prune', 'ofb', '--model', '{root}/run', '--data', 'folder:{root}/folder', '--out', '{root}/p']
 SEARCH = ['nas', 'search', '--supernet', '{root}/supernet', '--out', '{root}/s']
 PAPYRI = ['papyri', 'evaluate', '--gt', '{root}/papyri-gt.json']
+SYNTH = ['papyri', 'synth', '--pages', '1', '--out', '{root}/pages', '--size', '128x96', '--lines', '3', '--letters', '8']
 NO_PYMOO = pytest.mark.skipif(__import__('importlib').util.find_spec('pymoo') is not None,
                               reason='pymoo is installed: NSGA-II runs')
 
@@ -295,6 +296,22 @@ CASES = [
      r'ground truth must be a COCO object with images, annotations and categories, got a JSON list'),
     ('papyri-evaluate-max-dets', PAPYRI + ['--pred', '{root}/papyri-pred-image-99.json', '--max-dets', '0'],
      r'max_dets must be >= 1, got 0'),
+    # papyri synth
+    ('papyri-synth-pages-zero', SYNTH + ['--pages', '0'], r'pages must be >= 1, got 0'),
+    ('papyri-synth-fonts-unknown', SYNTH + ['--fonts', 'fancy'],
+     r"fonts must be 'bundled' or 'system' or font files; 'fancy' is neither \(no such file\)"),
+    ('papyri-synth-font-missing', SYNTH + ['--fonts', '{root}/nothing.ttf'], r'font file does not exist: .*nothing.ttf'),
+    ('papyri-synth-font-not-a-font', SYNTH + ['--fonts', '{root}/a-file'], r'a-file is not a font file that can be read'),
+    ('papyri-synth-size-malformed', SYNTH + ['--size', '512'],
+     r"size must be WIDTHxHEIGHT in pixels, e.g. 512x384; got '512'"),
+    ('papyri-synth-size-tiny', SYNTH + ['--size', '16x16'], r'size 16x16: each side must be in \[32, 8192\] pixels'),
+    ('papyri-synth-letters-too-many', SYNTH + ['--letters', '100'],
+     r'3 lines of 100 letters on a 128x96 page leave letters 1.4 px high \(at least 6\)'),
+    ('papyri-synth-damage', SYNTH + ['--damage', '5'], r'damage must be in \[0, 3\], got 5.0'),
+    ('papyri-synth-no-out', ['papyri', 'synth', '--pages', '1'], r'the following arguments are required: --out'),
+    ('papyri-synth-out-foreign', SYNTH + ['--out', '{root}/pruned-out'],
+     r'pruned-out is not empty \(config.json, model.safetensors\) and holds no pages written by deitlab papyri synth'),
+    ('papyri-synth-out-file', SYNTH + ['--out', '{root}/a-file'], r'a-file is a file, not a directory'),
     # demo
     ('demo-out-file', ['demo', '--out', '{root}/a-file'], r'Not a directory: .*a-file/'),
 ]
