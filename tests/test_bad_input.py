@@ -21,7 +21,8 @@ NAS = ['nas', 'train-supernet', '--data', GLYPHS, '--out', '{root}/n', '--batch-
 OFB = ['prune', 'ofb', '--model', '{root}/run', '--data', 'folder:{root}/folder', '--out', '{root}/p']
 SEARCH = ['nas', 'search', '--supernet', '{root}/supernet', '--out', '{root}/s']
 PAPYRI = ['papyri', 'evaluate', '--gt', '{root}/papyri-gt.json']
-SYNTH = ['papyri', 'synth', '--pages', '1', '--out', '{root}/pages', '--size', '128x96', '--lines', '3', '--letters', '8']
+SYNTH = ['papyri', 'synth', '--pages', '1', '--out', '{root}/pages', '--size', '128x96', '--lines', '3',
+         '--letters', '8']
 NO_PYMOO = pytest.mark.skipif(__import__('importlib').util.find_spec('pymoo') is not None,
                               reason='pymoo is installed: NSGA-II runs')
 
@@ -300,8 +301,10 @@ CASES = [
     ('papyri-synth-pages-zero', SYNTH + ['--pages', '0'], r'pages must be >= 1, got 0'),
     ('papyri-synth-fonts-unknown', SYNTH + ['--fonts', 'fancy'],
      r"fonts must be 'bundled' or 'system' or font files; 'fancy' is neither \(no such file\)"),
-    ('papyri-synth-font-missing', SYNTH + ['--fonts', '{root}/nothing.ttf'], r'font file does not exist: .*nothing.ttf'),
-    ('papyri-synth-font-not-a-font', SYNTH + ['--fonts', '{root}/a-file'], r'a-file is not a font file that can be read'),
+    ('papyri-synth-font-missing', SYNTH + ['--fonts', '{root}/nothing.ttf'],
+     r'font file does not exist: .*nothing.ttf'),
+    ('papyri-synth-font-not-a-font', SYNTH + ['--fonts', '{root}/a-file'],
+     r'a-file is not a font file that can be read'),
     ('papyri-synth-size-malformed', SYNTH + ['--size', '512'],
      r"size must be WIDTHxHEIGHT in pixels, e.g. 512x384; got '512'"),
     ('papyri-synth-size-tiny', SYNTH + ['--size', '16x16'], r'size 16x16: each side must be in \[32, 8192\] pixels'),

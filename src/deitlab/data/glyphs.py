@@ -46,8 +46,8 @@ from .base import DataError
 
 __all__ = [
     'GREEK_CAPITALS', 'GLYPH_CLASSES', 'find_fonts', 'drawn_glyphs', 'glyph_atlas', 'glyph_masks', 'random_poses',
-    'affine_poses', 'value_noise', 'papyrus_tones', 'papyrus_texture', 'ink_on_texture', 'neighbour_masks', 'finish_patches', 'compose_glyphs',
-    'render_glyph', 'generate_glyphs', 'split_seed', 'derive_seed',
+    'affine_poses', 'value_noise', 'papyrus_tones', 'papyrus_texture', 'ink_on_texture', 'neighbour_masks',
+    'finish_patches', 'compose_glyphs', 'render_glyph', 'generate_glyphs', 'split_seed', 'derive_seed',
 ]
 
 GREEK_CAPITALS = 'ΑΒΓΔΕΖΗΘΙΚΛΜΝΞΟΠΡΣΤΥΦΧΨΩ'

@@ -283,10 +283,9 @@ def make_page(seed: int, index: int, fonts: Tuple[str, ...], *, size: Tuple[int,
         if left < MIN_SURVIVING:
             dropped += 1
             continue
-        hand = page_hands[lay['hand'][k]]
-        glyphs.append(Glyph(int(lay['cls'][k]), chars[font_slot[hand.font]][lay['cls'][k]], fonts[hand.font],
-                            int(lay['hand'][k]),
-                            (int(xs + cols[0]), int(ys + rows[0]), int(cols[-1] - cols[0] + 1), int(rows[-1] - rows[0] + 1)),
+        hand, cls = page_hands[lay['hand'][k]], int(lay['cls'][k])
+        box = (int(xs + cols[0]), int(ys + rows[0]), int(cols[-1] - cols[0] + 1), int(rows[-1] - rows[0] + 1))
+        glyphs.append(Glyph(cls, chars[font_slot[hand.font]][cls], fonts[hand.font], int(lay['hand'][k]), box,
                             (int(xs), int(ys)), np.ascontiguousarray(m), left, base_type(left)))
 
     # compose: papyrus, its edges darkened next to losses, ink per hand, the mount in the losses
