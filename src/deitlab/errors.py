@@ -4,7 +4,6 @@ from .distributed import DeviceError
 from .explain import ExplainError
 from .nas.space import SearchSpaceError
 from .papyri.config import PapyriError
-from .papyri.metric import EvaluationError
 from .prune.base import PruneError
 from .rundir import ModelLoadError
 from .tokens.config import TokenFusionError
@@ -12,4 +11,4 @@ from .train.config import ConfigError
 from .train.loop import TrainingDiverged
 
 USER_ERRORS = (DataError, ModelLoadError, ConfigError, TrainingDiverged, PruneError, TokenFusionError, DeviceError,
-               ExplainError, SearchSpaceError, EvaluationError, PapyriError)
+               ExplainError, SearchSpaceError, PapyriError)

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
 from ..train.config import ConfigError
+from .config import PapyriError
 
 __all__ = ['EvaluationError', 'TASKS', 'EvaluateConfig', 'load_json', 'prepare_ground_truth', 'check_predictions',
            'read_out', 'evaluate', 'evaluate_files', 'summary_lines']
@@ -49,7 +50,7 @@ TASKS = ('recognition', 'detection')
 INSTALL_HINT = "pip install 'deitlab[papyri]'"
 
 
-class EvaluationError(ValueError):
+class EvaluationError(PapyriError):
     """Bad input to the metric: a missing or non-JSON file, malformed ground truth or predictions."""
 
 
