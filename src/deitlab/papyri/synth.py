@@ -35,11 +35,7 @@ its ``info`` so that a rerun into the same directory is recognised.
 """
 from __future__ import annotations
 
-import json
 import math
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Tuple
@@ -56,6 +52,7 @@ from ..data.glyphs import (CAP_FRACTION, affine_poses, derive_seed, find_fonts, 
 from .alphabet import FREQUENCIES, NUM_CLASSES, category_id, font_code_points
 from .coco import CocoAnnotation, CocoDataset, CocoImage, letter_categories, write_coco
 from .config import PapyriError, SynthConfig, nominal_cap_px, parse_fonts
+from .outdir import entries, generator_of, shown, staged
 
 __all__ = ['INK_LEVEL', 'MIN_SURVIVING', 'Glyph', 'Page', 'base_type', 'resolve_fonts', 'make_page', 'synthesize']
 
@@ -316,38 +313,18 @@ def _settings(cfg: SynthConfig, fonts: Tuple[str, ...]) -> dict:
 def _check_out(out: Path, settings: dict, overwrite: bool) -> None:
     """Refuse an output directory that holds something else, or pages of other settings without
     ``overwrite`` (a rerun with the same settings rewrites the same files)."""
-    if not out.exists():
+    names = entries(out)
+    if not names:
         return
-    if not out.is_dir():
-        raise PapyriError(f'{out} is a file, not a directory')
-    entries = sorted(os.listdir(out))
-    if not entries:
-        return
-    try:
-        info = json.loads((out / 'annotations.json').read_text(encoding='utf-8')).get('info')
-    except (OSError, ValueError, AttributeError):
-        info = None
-    info = info if isinstance(info, dict) else {}
-    if not (set(entries) <= {'images', 'annotations.json'} and info.get('generator') == GENERATOR):
-        shown = ', '.join(entries[:4]) + (', ...' if len(entries) > 4 else '')
-        raise PapyriError(f'{out} is not empty ({shown}) and holds no pages written by {GENERATOR}; choose '
+    info = generator_of(out / 'annotations.json') or {}
+    if not (set(names) <= {'images', 'annotations.json'} and info.get('generator') == GENERATOR):
+        raise PapyriError(f'{out} is not empty ({shown(names)}) and holds no pages written by {GENERATOR}; choose '
                           f'another --out (--overwrite replaces only such pages)')
     old = info.get('settings', {})
     diff = [f'{k} {old.get(k)!r} vs now {v!r}' for k, v in settings.items() if old.get(k) != v]
     if diff and not overwrite:
         raise PapyriError(f'{out} already holds pages made with other settings ({"; ".join(diff)}); pass '
                           f'--overwrite to replace them, or choose another --out')
-
-
-def _move_into_place(tmp: Path, out: Path) -> None:
-    """Put the finished directory ``tmp`` at ``out`` (replacing an old dataset or an empty directory)."""
-    if out.exists():
-        trash = Path(tempfile.mkdtemp(prefix=f'.{out.name}.old-', dir=out.parent))
-        os.replace(out, trash / 'old')
-        os.replace(tmp, out)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
 
 
 def synthesize(cfg: SynthConfig) -> dict:
@@ -362,12 +339,7 @@ def synthesize(cfg: SynthConfig) -> dict:
     out = Path(cfg.out)
     settings = _settings(cfg, fonts)
     _check_out(out, settings, cfg.overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f'.{out.name}.partial-', dir=out.parent))
-    try:
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o777 & ~mask)   # mkdtemp's 0700 would make the dataset private
+    with staged(out) as tmp:
         (tmp / 'images').mkdir()
         images, anns = [], []
         counts = {'bt1': 0, 'bt2': 0, 'bt3': 0}
@@ -385,10 +357,6 @@ def synthesize(cfg: SynthConfig) -> dict:
                                'detection and recognition of Greek letters on papyri',
                 'generator': GENERATOR, 'settings': settings}
         write_coco(CocoDataset(images, anns, letter_categories(), info), tmp / 'annotations.json')
-        _move_into_place(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return {'out': str(out), 'pages': cfg.pages, 'glyphs': len(anns), 'base_types': counts,
             'size': f'{width}x{height}', 'seed': cfg.seed, 'fonts': settings['fonts'],
             'annotations': str(out / 'annotations.json'), 'images': str(out / 'images')}
