@@ -95,6 +95,10 @@ def _shown_default(f: dataclasses.Field, base, required: bool) -> str:
     return f' (default: {f.default})'
 
 
+def _comma_separated(text: str) -> tuple:
+    return tuple(x for x in text.split(',') if x)
+
+
 def add_dataclass_args(groups: dict, cls, required=(), exclude=()) -> dict:
     """One flag per dataclass field, in the section its metadata names, with its help line: bools as
     --x/--no-x, dicts as K=V pairs, tuples comma-separated. Flags not given are left out of the
@@ -116,15 +120,15 @@ def add_dataclass_args(groups: dict, cls, required=(), exclude=()) -> dict:
         text = text.replace('%', '%%') + _shown_default(f, base, f.name in required)
         default = argparse.SUPPRESS
         if f.name in required:
-            g.add_argument(flag, type=base, default=default, help=f'{text} (required: here or in --config)')
+            g.add_argument(flag, type=_comma_separated if base is tuple else base, default=default,
+                           help=f'{text}{"; comma-separated" if base is tuple else ""} (required: here or in --config)')
         elif base is dict:
             g.add_argument(flag, nargs='*', default=default, metavar='K=V',
                            help=f'{text}; key=value pairs (values parsed as JSON when possible)')
         elif base is bool:
             g.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=text)
         elif base is tuple:
-            g.add_argument(flag, type=lambda v: tuple(x for x in v.split(',') if x), default=default,
-                           help=f'{text}; comma-separated')
+            g.add_argument(flag, type=_comma_separated, default=default, help=f'{text}; comma-separated')
         else:
             g.add_argument(flag, type=base, default=default, help=text)
     return names
