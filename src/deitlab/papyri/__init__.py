@@ -5,7 +5,11 @@ detection and recognition of Greek letters on papyri.
 ``alphabet.py``: the 24 letters (sigma lunate), their competition category ids, the code points a
 font draws them with; ``coco.py``: the competition's COCO-style annotation files (read, check,
 write); ``config.py`` (torch-free): the commands' settings and :class:`PapyriError`; ``synth.py``:
-synthetic papyrus pages with boxed, labelled glyphs (``deitlab papyri synth``).
+synthetic papyrus pages with boxed, labelled glyphs (``deitlab papyri synth``); ``metric.py``: the
+organisers' metric (``deitlab papyri evaluate``); ``fusion.py`` and ``tiling.py``: boxes of several
+detectors or tiles merged; ``predict.py``: detectors' letters on page images, fused and written as
+COCO, CSV, overlays and reading-order text (``deitlab papyri predict``); ``outdir.py``: output
+directories written whole.
 
 The names below are imported from their modules on first use, so that importing the package stays
 light.
@@ -13,12 +17,14 @@ light.
 from ..lazy import lazy_exports
 
 _HOME = {
-    'PapyriError': 'config', 'SynthConfig': 'config',
+    'PapyriError': 'config', 'SynthConfig': 'config', 'PredictConfig': 'config',
     'LETTERS': 'alphabet', 'NAMES': 'alphabet', 'CATEGORY_IDS': 'alphabet', 'category_id': 'alphabet',
     'class_of': 'alphabet', 'is_letter': 'alphabet', 'font_code_points': 'alphabet',
     'CocoError': 'coco', 'CocoDataset': 'coco', 'CocoImage': 'coco', 'CocoAnnotation': 'coco',
     'read_coco': 'coco', 'parse_coco': 'coco', 'write_coco': 'coco', 'check_coco': 'coco',
     'make_page': 'synth', 'synthesize': 'synth', 'base_type': 'synth', 'resolve_fonts': 'synth',
+    'PagePrediction': 'predict', 'predict_pages': 'predict', 'write_outputs': 'predict',
+    'reading_lines': 'predict', 'page_text': 'predict', 'predict_files': 'predict',
 }
 __all__ = sorted(_HOME)
 __getattr__, __dir__ = lazy_exports(__name__, _HOME)

@@ -3,7 +3,9 @@
 
 ``SynthConfig`` is ``deitlab papyri synth`` (:func:`deitlab.papyri.synth.synthesize`): synthetic
 papyrus pages in the annotation schema of the ICDAR 2023 competition on detection and recognition
-of Greek letters on papyri, the data of Turnbull & Mannix (IJDAR 2024).
+of Greek letters on papyri, the data of Turnbull & Mannix (IJDAR 2024). ``PredictConfig`` is
+``deitlab papyri predict`` (:func:`deitlab.papyri.predict.predict_files`): one or several trained
+detectors on page images, their boxes fused, written in several formats.
 """
 from __future__ import annotations
 
@@ -12,7 +14,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
-__all__ = ['PapyriError', 'SynthConfig', 'parse_size', 'parse_fonts', 'nominal_cap_px', 'MIN_CAP_PX', 'FONT_SETS']
+__all__ = ['PapyriError', 'SynthConfig', 'PredictConfig', 'parse_size', 'parse_fonts', 'nominal_cap_px', 'MIN_CAP_PX',
+           'FONT_SETS']
 
 FONT_SETS = ('bundled', 'system')
 MIN_CAP_PX = 6          # smaller letters are specks, not glyphs: the settings are refused
@@ -114,3 +117,70 @@ def parse_fonts(text: str) -> Optional[Tuple[str, ...]]:
                                   f"{p!r} is neither (no such file)")
             raise PapyriError(f'font file does not exist: {p}')
     return paths
+
+
+@dataclass
+class PredictConfig:
+    """Settings of :func:`deitlab.papyri.predict.predict_files` (one field per ``deitlab papyri
+    predict`` flag; ``images`` are the command's positional arguments)."""
+    detector: tuple = field(metadata={
+        'group': 'model', 'help': 'detector run directories; with several, their boxes on each page '
+                                  'are fused (--fusion)'})
+    out: str = field(metadata={
+        'group': 'run', 'help': 'output directory: predictions.json (COCO), results.json (the COCO results list that '
+                                'deitlab papyri evaluate --pred reads), predictions.csv, overlays/, text/'})
+    images: tuple = field(default=(), metadata={
+        'group': 'data', 'help': 'page images, or directories whose image files are all read'})
+    ids_from: Optional[str] = field(default=None, metadata={
+        'group': 'data', 'help': 'a COCO file (e.g. the ground truth) that numbers the pages: each image takes the id '
+                                 'and file_name of its entry there (matched by path, then by file name), so that '
+                                 'the predictions can be scored against that file; unset: ids 1, 2, ... in order'})
+    fusion: str = field(default='wbf', metadata={
+        'group': 'fusion', 'help': 'how several detectors\' boxes become one set per page: wbf (weighted boxes '
+                                   'fusion), nms or soft-nms'})
+    weights: Optional[tuple] = field(default=None, metadata={
+        'group': 'fusion', 'help': 'one weight per detector, in --detector order (unset: equal weights)'})
+    iou_thr: float = field(default=0.55, metadata={
+        'group': 'fusion', 'help': 'boxes of different detectors overlapping by more than this IoU are one glyph'})
+    class_aware: bool = field(default=True, metadata={
+        'group': 'fusion', 'help': 'fuse each letter on its own (off: fuse boxes whatever their letter, then choose '
+                                   'the letter by a score-weighted vote)'})
+    score_thr: float = field(default=0.3, metadata={
+        'group': 'run', 'help': 'boxes scored below this stay out of text/ and get no letter on the overlays (every '
+                                'box is kept in the JSON and CSV files, which the metric ranks by score)'})
+    overlays: bool = field(default=True, metadata={
+        'group': 'run', 'help': 'draw each page with its boxes and letters in overlays/'})
+    overwrite: bool = field(default=False, metadata={
+        'group': 'run', 'help': 'replace the predictions this command wrote earlier in --out (a directory holding '
+                                'anything else is always refused)'})
+    progress: Optional[bool] = field(default=None, metadata={
+        'group': 'run', 'help': 'progress bar; unset: when attached to a terminal'})
+
+    def validate(self) -> 'PredictConfig':
+        self.detector = tuple(str(d).strip() for d in self.detector if str(d).strip())
+        if not self.detector:
+            raise PapyriError('detector is empty: give one or more detector run directories, comma-separated')
+        self.images = tuple(str(p) for p in self.images)
+        if not self.images:
+            raise PapyriError('no images given: name page images or directories of images')
+        if not str(self.out).strip():
+            raise PapyriError('out is empty: give an output directory')
+        try:
+            self.weights = None if self.weights is None else tuple(float(w) for w in self.weights)
+        except (TypeError, ValueError):
+            raise PapyriError(f'weights must be numbers, one per detector; got {",".join(map(str, self.weights))}') \
+                from None
+        if not 0 <= self.score_thr <= 1:
+            raise PapyriError(f'score_thr must be in [0, 1], got {self.score_thr}')
+        self.fusion_config()
+        return self
+
+    def fusion_config(self):
+        """The :class:`~deitlab.papyri.fusion.FusionConfig` of these settings, checked against the number
+        of detectors (imports numpy: not for ``--help``)."""
+        from .fusion import FusionConfig, FusionError
+        try:
+            return FusionConfig(method=self.fusion, iou_thr=self.iou_thr, weights=self.weights or None,
+                                class_aware=self.class_aware).validate(len(self.detector))
+        except FusionError as e:
+            raise PapyriError(f'fusion: {e}') from None
