@@ -23,6 +23,7 @@ SEARCH = ['nas', 'search', '--supernet', '{root}/supernet', '--out', '{root}/s']
 PAPYRI = ['papyri', 'evaluate', '--gt', '{root}/papyri-gt.json']
 SYNTH = ['papyri', 'synth', '--pages', '1', '--out', '{root}/pages', '--size', '128x96', '--lines', '3',
          '--letters', '8']
+PREDICT = ['papyri', 'predict', '--detector', '{root}/run', '--out', '{root}/predicted', '{root}/picture.png']
 NO_PYMOO = pytest.mark.skipif(__import__('importlib').util.find_spec('pymoo') is not None,
                               reason='pymoo is installed: NSGA-II runs')
 
@@ -47,6 +48,8 @@ def files(tmp_path_factory):
     save_run_dir(timm.create_model(PICO, num_classes=2), root / 'pruned-out')   # e.g. what prune/fuse wrote
     save_run_dir(timm.create_model('deitlab_poolformer_pico_32', num_classes=2), root / 'pool')
     (root / 'a-file').write_text('not a directory\n')
+    (root / 'plain').mkdir()   # a directory, not a run directory
+    (root / 'plain' / 'notes.txt').write_text('nothing here\n')
     Image.new('RGB', (40, 24), (90, 160, 30)).save(root / 'picture.png')
     save_run_dir(timm.create_model(PICO, num_classes=24), root / 'truncated')   # cut in half, as a failed copy
     w = root / 'truncated' / 'model.safetensors'
@@ -315,6 +318,21 @@ CASES = [
     ('papyri-synth-out-foreign', SYNTH + ['--out', '{root}/pruned-out'],
      r'pruned-out is not empty \(config.json, model.safetensors\) and holds no pages written by deitlab papyri synth'),
     ('papyri-synth-out-file', SYNTH + ['--out', '{root}/a-file'], r'a-file is a file, not a directory'),
+    # papyri predict
+    ('papyri-predict-not-an-image', PREDICT + ['{root}/a-file'],
+     r'a-file is not an image \(the image library cannot read it\)'),
+    ('papyri-predict-image-missing', PREDICT + ['{root}/nothing.png'], r'image file does not exist: .*nothing.png'),
+    ('papyri-predict-out-foreign', PREDICT + ['--out', '{root}/pruned-out'],
+     r'pruned-out is not empty \(config.json, model.safetensors\) and holds no predictions written by deitlab papyri '
+     r'predict; choose another --out'),
+    ('papyri-predict-out-foreign-overwrite', PREDICT + ['--out', '{root}/pruned-out', '--overwrite'],
+     r'pruned-out is not empty .* \(--overwrite replaces only such predictions\)'),
+    ('papyri-predict-detector-plain-dir', PREDICT + ['--detector', '{root}/plain'],
+     r'plain is not a detector run directory \(no config.json\)'),
+    ('papyri-predict-weights', PREDICT + ['--detector', '{root}/run,{root}/run', '--weights', '1'],
+     r'fusion: 1 weights for 2 detectors: one weight per detector'),
+    ('papyri-predict-fusion', PREDICT + ['--fusion', 'vote'],
+     r"fusion: method must be one of wbf, nms, soft-nms; got 'vote'"),
     # demo
     ('demo-out-file', ['demo', '--out', '{root}/a-file'], r'Not a directory: .*a-file/'),
 ]
@@ -324,8 +342,8 @@ CASES = [
                          ids=[c[0] for c in CASES])
 def test_bad_input_is_one_clear_line(files, argv, pattern, capsys):
     argv = [a.replace('{root}', str(files)) for a in argv]
-    outs = [files / name for name in ('pruned-out', 'run', 'folder', 'truncated', 'damaged-train', 'damaged-prune',
-                                      'resumable', 'pool', 'nas-other', 'supernet')]
+    outs = [files / name for name in ('pruned-out', 'run', 'folder', 'plain', 'truncated', 'damaged-train',
+                                      'damaged-prune', 'resumable', 'pool', 'nas-other', 'supernet')]
     before = [_digest(p) for p in outs]
     try:
         code = main(argv)

@@ -6,7 +6,7 @@ to stderr. Errors from bad input print ``deitlab: error: ...`` and exit with sta
 ``--help`` is the documentation. Every flag has a help line and sits in a section
 (:data:`deitlab.cli_flags.GROUPS`); the flags of the configuration dataclasses (``TrainConfig``, ``NViTConfig``,
 ``FuseConfig``, ``SupernetConfig``, ``SearchConfig``, ``ExportConfig``, ``SynthConfig``,
-``EvaluateConfig``) are
+``EvaluateConfig``, ``PredictConfig``) are
 their fields, with the ``help`` and ``group`` of each field's metadata. Each subcommand that makes
 such a configuration also takes ``--config FILE.yaml``; precedence, lowest first: the dataclass
 defaults (for ``train`` and ``unlearnable eval``: the named recipe's), the file's values, explicit
@@ -259,6 +259,23 @@ def cmd_papyri_evaluate(args) -> dict:
     return result if args.json else summary_lines(result)
 
 
+def cmd_papyri_predict(args) -> dict:
+    from .papyri.config import PredictConfig
+    from .papyri.predict import predict_files
+    values = {**config_values(args), 'images': tuple(args.images)}
+    if args.json:
+        values.setdefault('progress', False)   # the last line is the JSON object
+    result = predict_files(PredictConfig(**values))
+    if args.json:
+        return result
+    blank = f' ({len(result["blank"])} blank: {", ".join(result["blank"])})' if result['blank'] else ''
+    fused = f', fused by {result["fusion"]}' if result['fusion'] else ''
+    return {'out': result['out'], 'pages': f'{result["pages"]}{blank}',
+            'boxes': f'{result["boxes"]} from {len(result["detectors"])} detector(s){fused}; '
+                     f'{result["in_text"]} letters in text/',
+            'files': ', '.join(Path(f).name for f in result['files'].values())}
+
+
 # --- the subcommands' parsers: each adds its options to the parser it is given ---
 
 _MODEL_HELP = 'timm/deitlab name or run directory'
@@ -427,6 +444,16 @@ def _papyri_evaluate_parser(actions) -> None:
     q.set_defaults(func=cmd_papyri_evaluate)
 
 
+def _papyri_predict_parser(actions) -> None:
+    from .papyri.config import PredictConfig
+    q, g = subcommand(actions, 'predict', 'letters on page images by one or several trained detectors (boxes fused by '
+                                          'WBF): COCO JSON, a COCO results list, CSV, overlays and reading-order text')
+    g['data'].add_argument('images', nargs='+', metavar='IMAGES', help='page images, or directories of images')
+    add_config_args(q, g, PredictConfig, required=('detector', 'out'), exclude=('images',))
+    add_output_flags(g)
+    q.set_defaults(func=cmd_papyri_predict)
+
+
 def _papyri_parser(p, groups) -> None:
     actions = p.add_subparsers(dest='action', required=True)
     from .papyri.config import SynthConfig
@@ -436,6 +463,7 @@ def _papyri_parser(p, groups) -> None:
     add_output_flags(g)
     q.set_defaults(func=cmd_papyri_synth)
     _papyri_evaluate_parser(actions)
+    _papyri_predict_parser(actions)
 
 
 def _models_parser(p, groups) -> None:
@@ -465,7 +493,7 @@ COMMANDS = {
     'fuse': ('token reduction (ToMe, MCTF): evaluate and benchmark the fused model', _fuse_parser),
     'unlearnable': ('unlearnable datasets (CUDA: class-wise convolution filters)', _unlearnable_parser),
     'papyri': ('Greek letters on papyri (ICDAR 2023 competition): synthetic annotated pages, the organisers\' '
-               'metric', _papyri_parser),
+               'metric, predictions of trained detectors', _papyri_parser),
     'models': ('registered deitlab architectures', _models_parser),
     'demo': ('the main job: train a small DeiT on glyphs and report', _demo_parser),
 }

@@ -36,6 +36,7 @@ GROUPS = {
     'fine-tuning': 'fine-tuning of the pruned model',
     'poisoning': 'poisoning',
     'pages': 'synthetic pages',
+    'fusion': 'box fusion (several detectors)',
     'measurement': 'measurement',
     'run': 'run and output',
 }
