@@ -173,8 +173,10 @@ def test_bad_predictions_and_ground_truth():
         _bad([_pred(1, 7, [10, 10, 20, 30], 0.9), {'image_id': 1, 'category_id': 7, 'score': 0.5}])
     with pytest.raises(EvaluationError, match=r'prediction 0 must be an object'):
         _bad([[1, 7, 10, 10, 20, 30, 0.9]])
-    with pytest.raises(EvaluationError, match=r'must be a COCO results list .* got a JSON object \(a COCO dataset\?\)'):
-        _bad(_gt(GLYPHS))
+    with pytest.raises(EvaluationError, match=r'predicted annotation 0 has no score: a COCO dataset of predictions'):
+        _bad(_gt(GLYPHS))   # a ground-truth file given as the predictions
+    with pytest.raises(EvaluationError, match=r'must be a COCO results list .* got a JSON object without annotations'):
+        _bad({'images': []})
     bad_gt = _gt([(1, 5, [10, 10, 20, 30], 'bt1')])
     with pytest.raises(EvaluationError, match=r'ground truth annotation 0 \(id 0\): category_id 5 is not a category'):
         _bad(gt=bad_gt)

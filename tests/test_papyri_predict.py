@@ -349,6 +349,11 @@ def test_cli_two_detectors_then_evaluate(page, tmp_path, monkeypatch, capsys):
                  '--json']) == 0
     scored = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert scored['recognition']['mAP'] == scored['detection']['mAP'] == 1.0
+    # predictions.json (a COCO dataset with scores) scores the same; its pages meet the truth by file name
+    assert main(['papyri', 'evaluate', '--pred', str(out / 'predictions.json'), '--gt', str(root / 'annotations.json'),
+                 '--json']) == 0
+    again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert again['recognition'] == scored['recognition'] and again['detection'] == scored['detection']
 
     assert main(argv) == 2   # the same command again: the earlier predictions are not replaced silently
     assert 'already holds predictions; pass --overwrite' in capsys.readouterr().err

@@ -178,21 +178,46 @@ def prepare_ground_truth(ground_truth: dict, ignore_base_types: Iterable[str] = 
             continue
         scored.append({'id': len(scored) + 1, 'image_id': int(ann['image_id']),
                        'category_id': int(ann['category_id']), 'bbox': box, 'area': box[2] * box[3], 'iscrowd': 0})
-    return {'images': [{'id': i} for i in image_ids],
+    return {'images': [{'id': i, 'file_name': str(img.get('file_name', ''))} for i, img in zip(image_ids, images)],
             'categories': [{'id': c, 'name': str(cat.get('name', c))} for c, cat in zip(category_ids, categories)],
             'annotations': scored}, removed
 
 
+def _results_of_dataset(dataset: dict, ground_truth: dict) -> list:
+    """The results list of a COCO dataset of predictions (``deitlab papyri predict``'s
+    ``predictions.json``: annotations with a ``score``), its image ids mapped to the ground truth's
+    by file name (the base name), so that pages numbered in another order still meet their truth."""
+    by_name = {Path(str(img.get('file_name', ''))).name: img['id'] for img in ground_truth['images']}
+    ids = {}
+    for img in dataset.get('images') or []:
+        if isinstance(img, dict) and 'id' in img:
+            name = Path(str(img.get('file_name', ''))).name
+            if name not in by_name:
+                raise EvaluationError(f'predicted image {img.get("file_name")!r} is not an image of the ground truth '
+                                      f'(matched by file name)')
+            ids[img['id']] = by_name[name]
+    out = []
+    for i, ann in enumerate(dataset['annotations']):
+        if not isinstance(ann, dict) or 'score' not in ann:
+            raise EvaluationError(f'predicted annotation {i} has no score: a COCO dataset of predictions needs a score '
+                                  f'per annotation')
+        out.append(dict(ann, image_id=ids.get(ann.get('image_id'), ann.get('image_id'))))
+    return out
+
+
 def check_predictions(predictions, ground_truth: dict, categories: bool = True) -> list:
-    """Fresh, checked copies ``{image_id, category_id, bbox, score}`` of a COCO results list.
+    """Fresh, checked copies ``{image_id, category_id, bbox, score}`` of a COCO results list (or of
+    the annotations of a COCO dataset of scored predictions, :func:`_results_of_dataset`).
 
     ``ground_truth`` is a dict from :func:`prepare_ground_truth`. Each entry must name an image of
     the ground truth, a finite score, a bbox ``[x, y, w, h]`` of four finite numbers with a
     positive size and, when ``categories``, a category of the ground truth. Without
     ``categories`` (the detection task alone) ``category_id`` is not read and every copy carries
     the first category of the ground truth."""
+    if isinstance(predictions, dict) and isinstance(predictions.get('annotations'), list):
+        predictions = _results_of_dataset(predictions, ground_truth)
     if not isinstance(predictions, list):
-        kind = 'a JSON object (a COCO dataset?)' if isinstance(predictions, dict) else \
+        kind = 'a JSON object without annotations' if isinstance(predictions, dict) else \
             f'a JSON {type(predictions).__name__}'
         raise EvaluationError(f'predictions must be a COCO results list [{{image_id, category_id, bbox, score}}, '
                               f'...], got {kind}')
