@@ -27,8 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))   # the sibling table m
 
 from _tables_base import (BLOCK, DOCS, INLINE, ROOT, MissingResult, f, f2, load, mean_std, source,  # noqa: E402
                           table)
-from tables_prune import (_lc_mean, _lc_rows, _nvit_row, t_latency_check, t_nvit, t_nvit_ablation,  # noqa: E402
-                          t_nvit_verdict, t_ofb, t_ofb_verdict)
+from tables_prune import (_lc_mean, _lc_rows, _nvit_row, ofb_forced_max, ofb_nvit_gap, ofb_seed0, t_latency_check, t_nvit,  # noqa: E402
+                          t_nvit_ablation, t_nvit_verdict, t_ofb, t_ofb_verdict)
 
 # ---------------------------------------------------------------- tables
 
@@ -350,6 +350,9 @@ VALUES: Dict[str, Callable[[], str]] = {
     'ucs.digits.psnr': lambda: f"{load('unlearnable_curve')['psnr_db']['digits/k3-pb0.3']:.1f}",
     **{f'ucs.resize{px}': (lambda px=px: f"{_uc_rows('fmnist-1500', train_px=32, poison_px=px)['top1']:.1f}")
        for px in (28, 32)},
+    'ofb.forced.max': ofb_forced_max, 'ofb.nvit_gap.min': lambda: ofb_nvit_gap(min), 'ofb.nvit_gap.max': lambda: ofb_nvit_gap(max),
+    **{f'ofb.s0.{arm}.{key}': (lambda arm=arm, key=key: ofb_seed0(arm, key))
+       for arm in ('ofb', 'ofb_nopmim', 'ofb_paper') for key in ('top1', 'gmacs')},
     'demo.minutes': lambda: f"{load('demo')['total_time_s'] / 60:.1f}",
     'demo.dense_train_min': lambda: f"{load('demo_dense')['train_time_s'] / 60:.1f}",
 }

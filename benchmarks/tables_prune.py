@@ -163,3 +163,28 @@ def _nvit_row(arm: str, budget: float) -> dict:
         if r['arm'] == arm and r['budget'] == budget:
             return r
     raise MissingResult(f'nvit_fmnist has no {arm} row at budget {budget}')
+
+
+def _ofb_rows() -> list:
+    return load('ofb_fmnist')['rows']
+
+
+def ofb_nvit_gap(pick) -> str:
+    """``pick`` (min / max) over the budgets of NViT's top-1 minus OFB's (points)."""
+    rows = _ofb_rows()
+    gaps = [next(r for r in rows if r['arm'] == 'nvit' and r['budget'] == o['budget'])['top1'] - o['top1']
+            for o in rows if o['arm'] == 'ofb']
+    return f'{pick(gaps):.1f}'
+
+
+def ofb_seed0(arm: str, key: str, budget: float = 0.35) -> str:
+    """Seed 0's top-1 (%) or GMACs / dense of ``arm`` at ``budget`` (the ablations ran seed 0 only)."""
+    rows = _ofb_rows()
+    dense = next(r for r in rows if r['arm'] == 'dense')
+    s = next(s for r in rows if r['arm'] == arm and r['budget'] == budget for s in r['seeds'] if s['seed'] == 0)
+    return f"{s['top1']:.2f}" if key == 'top1' else f"{s['gmacs'] / dense['gmacs']:.3f}"
+
+
+def ofb_forced_max() -> str:
+    """The most modules any OFB run of the benchmark had to settle when its step budget ended."""
+    return str(max(s['detail'].get('forced_modules', 0) for r in _ofb_rows() if r['arm'] == 'ofb' for s in r['seeds']))
