@@ -516,6 +516,13 @@ def plot(rows) -> None:
         if rs:
             axes[0].plot([r['throughput_ratio'] for r in rs], [r['top1'] for r in rs], marker, color='0.35', label=arm)
             axes[1].plot([r['gmacs'] for r in rs], [r['top1'] for r in rs], marker, color='0.35', label=arm)
+    ofb = RESULTS / 'ofb_fmnist.json'   # OFB's runs (GMACs budgets, benchmarks/ofb_fmnist.py) on the same axes
+    rs = sorted((r for r in json.loads(ofb.read_text())['rows'] if r['arm'] == 'ofb') if ofb.exists() else [],
+                key=lambda r: r['budget'])
+    if rs:
+        axes[0].plot([r['throughput_ratio'] for r in rs], [r['top1'] for r in rs], 'o-', color='tab:purple',
+                     label='ofb (GMACs budget)')
+        axes[1].plot([r['gmacs'] for r in rs], [r['top1'] for r in rs], 'o-', color='tab:purple', label='ofb (GMACs budget)')
     axes[0].axhline(dense['top1'], color='0.6', lw=1, label='dense')
     axes[1].axhline(dense['top1'], color='0.6', lw=1)
     axes[0].set_xlabel('measured throughput speed-up (batch 64, CPU)')
