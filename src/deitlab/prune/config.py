@@ -44,7 +44,28 @@ class _CutModel:
 
 
 @dataclass
-class NViTConfig(_CutModel):
+class _LatencyTableSettings:
+    """The latency table fields ``NViTConfig`` and ``OFBConfig`` share (``lut``: a path, a committed
+    table's name, or None / ``'measure'`` to time one on this device)."""
+    lut: Optional[str] = field(default=None, metadata={'group': 'latency table', 'help': _LUT_HELP})
+    lut_batch: int = field(default=64, metadata={'group': 'latency table', 'help': 'batch size the table is timed at'})
+    lut_passes: int = field(default=5, metadata={
+        'group': 'latency table',
+        'help': 'interleaved timing rounds (each call between two reference calls, the median per node; timing.py)'})
+    lut_grid: Dict[str, list] = field(default_factory=dict, metadata={
+        'group': 'latency table', 'help': 'widths timed, per axis (emb, heads, qk, v, mlp; PoolFormer etc.: mlp), '
+                                          'each a JSON list'})
+
+    def _check_lut(self) -> None:
+        """A missing table file or a bad timing setting fails here, before the model and data are loaded."""
+        lut_path(self.lut)
+        for k in ('lut_batch', 'lut_passes'):
+            if getattr(self, k) < 1:
+                raise PruneError(f'{k} must be >= 1, got {getattr(self, k)}')
+
+
+@dataclass
+class NViTConfig(_LatencyTableSettings, _CutModel):
     """Settings of ``prune_nvit`` (one field per ``deitlab prune nvit`` flag).
 
     Schedule (schedule.py). ``schedule='linear'`` lowers the budget goal linearly to the target
@@ -117,15 +138,6 @@ class NViTConfig(_CutModel):
     distill: str = field(default='none', metadata={
         'group': 'distillation', 'help': 'none | soft | hard: distillation from --teacher'})
     aug: str = field(default='none', metadata={'group': 'augmentation', 'help': 'none | light | deit'})
-    # latency table
-    lut: Optional[str] = field(default=None, metadata={'group': 'latency table', 'help': _LUT_HELP})
-    lut_batch: int = field(default=64, metadata={'group': 'latency table', 'help': 'batch size the table is timed at'})
-    lut_passes: int = field(default=5, metadata={
-        'group': 'latency table',
-        'help': 'interleaved timing rounds (each call between two reference calls, the median per node; timing.py)'})
-    lut_grid: Dict[str, list] = field(default_factory=dict, metadata={
-        'group': 'latency table', 'help': 'widths timed, per axis (emb, heads, qk, v, mlp; PoolFormer etc.: mlp), '
-                                          'each a JSON list'})
     # run
     val_batches: int = field(default=20, metadata={
         'group': 'run', 'help': 'validation batches per pruning event (0: none)'})
@@ -157,8 +169,7 @@ class NViTConfig(_CutModel):
         if isinstance(self.schedule, str):
             self.schedule = self.schedule.strip().lower() or None
         check_schedule(self)
-        for k in ('interval', 'groups_per_event', 'prune_steps', 'total_steps', 'batch_size', 'max_prune_steps',
-                  'lut_batch', 'lut_passes'):
+        for k in ('interval', 'groups_per_event', 'prune_steps', 'total_steps', 'batch_size', 'max_prune_steps'):
             if getattr(self, k) is not None and getattr(self, k) < 1:
                 raise PruneError(f'{k} must be >= 1, got {getattr(self, k)}')
         interval = self.interval or NVIT_INTERVAL
@@ -167,7 +178,7 @@ class NViTConfig(_CutModel):
                              f'lower --interval')
         if self.total_steps is not None and self.prune_steps is not None and self.total_steps <= self.prune_steps:
             raise PruneError(f'total_steps ({self.total_steps}) must exceed prune_steps ({self.prune_steps})')
-        lut_path(self.lut)   # a missing table file fails here, before the model and data are loaded
+        self._check_lut()
         if self.finetune_epochs < 0:
             raise PruneError(f'finetune_epochs must be >= 0, got {self.finetune_epochs}')
         bad = [t for t in self.prune_types if t not in GROUP_TYPES]
@@ -202,7 +213,7 @@ class NViTConfig(_CutModel):
 
 
 @dataclass
-class OFBConfig(_CutModel):
+class OFBConfig(_LatencyTableSettings, _CutModel):
     """Settings of ``prune_ofb`` (one field per ``deitlab prune ofb`` flag; ofb.py, ofb_search.py).
 
     The search trains the model with its masks for ``search_epochs`` epochs of the training split
@@ -221,11 +232,6 @@ class OFBConfig(_CutModel):
     target_latency: Optional[float] = field(default=None, metadata={
         'group': 'search', 'help': "target latency by the latency table, a fraction of the dense model's "
                                    "(instead of --target-gmacs)"})
-    lut: Optional[str] = field(default=None, metadata={'group': 'latency table', 'help': _LUT_HELP})
-    lut_batch: int = field(default=64, metadata={'group': 'latency table', 'help': 'batch size the table is timed at'})
-    lut_passes: int = field(default=5, metadata={'group': 'latency table', 'help': 'interleaved timing rounds'})
-    lut_grid: Dict[str, list] = field(default_factory=dict, metadata={
-        'group': 'latency table', 'help': 'widths timed, per axis (emb, heads, qk, v, mlp), each a JSON list'})
     grid: str = field(default='ours', metadata={
         'group': 'search', 'help': "candidate widths: ours (heads 1..H) or paper (even head counts)"})
     search_epochs: float = field(default=2.0, metadata={
@@ -280,10 +286,7 @@ class OFBConfig(_CutModel):
         if not 0.0 < value < 1.0:
             raise PruneError(f'the OFB target is a fraction of the dense model, strictly between 0 and 1; '
                              f'got --target-{kind} {value}')
-        lut_path(self.lut)
-        for k in ('lut_batch', 'lut_passes'):
-            if getattr(self, k) < 1:
-                raise PruneError(f'{k} must be >= 1, got {getattr(self, k)}')
+        self._check_lut()
         if self.grid not in ('ours', 'paper'):
             raise PruneError(f'--grid must be ours or paper, got {self.grid!r}')
         if not self.search_epochs > 0:
