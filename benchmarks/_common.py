@@ -45,3 +45,17 @@ def run_pool(jobs: list, n: int, env: dict) -> None:
             if item[1].poll() is not None:
                 running.remove(item)
                 print('finished', item[0], 'rc', item[1].returncode, flush=True)
+
+
+def run_cli(doc: str, commands: dict, flags=None) -> None:
+    """A benchmark's command line: one subcommand per ``commands`` entry (name -> handler taking
+    the parsed arguments); ``flags(name, parser)`` adds a subcommand's options."""
+    import argparse
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    sub = p.add_subparsers(dest='cmd', required=True)
+    for name in commands:
+        q = sub.add_parser(name)
+        if flags is not None:
+            flags(name, q)
+    args = p.parse_args()
+    commands[args.cmd](args)

@@ -24,14 +24,13 @@ at a time, 1 thread each; the ratio to the baseline of the same task and seed). 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-from _common import run_pool
+from _common import run_cli, run_pool
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / 'results'
@@ -199,17 +198,16 @@ def plot(result: dict) -> None:
     fig.savefig(RESULTS / 'dcal.png', dpi=100)
 
 
+def _flags(name: str, q) -> None:
+    if name == 'train':
+        q.add_argument('--jobs', type=int, default=2)
+        q.add_argument('--tasks', nargs='*', default=list(TASKS), choices=list(TASKS))
+        q.add_argument('--arms', nargs='*', default=list(ARMS), choices=list(ARMS))
+        q.add_argument('--seeds', nargs='*', type=int, default=list(SEEDS))
+
+
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest='cmd', required=True)
-    t = sub.add_parser('train')
-    t.add_argument('--jobs', type=int, default=2)
-    t.add_argument('--tasks', nargs='*', default=list(TASKS), choices=list(TASKS))
-    t.add_argument('--arms', nargs='*', default=list(ARMS), choices=list(ARMS))
-    t.add_argument('--seeds', nargs='*', type=int, default=list(SEEDS))
-    sub.add_parser('report')
-    args = p.parse_args()
-    {'train': cmd_train, 'report': cmd_report}[args.cmd](args)
+    run_cli(__doc__, {'train': cmd_train, 'report': cmd_report}, _flags)
 
 
 if __name__ == '__main__':

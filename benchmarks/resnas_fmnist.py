@@ -24,7 +24,6 @@ Phases (each skips the work already on disk under ``DEITLAB_BENCH_RUNS``):
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
@@ -33,7 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-from _common import run_pool
+from _common import run_cli, run_pool
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / 'results'
@@ -323,16 +322,15 @@ def cmd_all(args) -> None:
         fn(args)
 
 
+def _flags(name: str, q) -> None:
+    q.add_argument('--jobs', type=int, default=2)
+    q.add_argument('--seeds', nargs='*', type=int, default=list(SEEDS))
+
+
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest='cmd', required=True)
-    for name in ('supernet', 'latency', 'search', 'train', 'measure', 'report', 'all'):
-        s = sub.add_parser(name)
-        s.add_argument('--jobs', type=int, default=2)
-        s.add_argument('--seeds', nargs='*', type=int, default=list(SEEDS))
-    args = p.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
-    globals()[f'cmd_{args.cmd}'](args)
+    run_cli(__doc__, {name: globals()[f'cmd_{name}'] for name in
+                      ('supernet', 'latency', 'search', 'train', 'measure', 'report', 'all')}, _flags)
 
 
 if __name__ == '__main__':
