@@ -10,7 +10,10 @@ Recipe ``short`` (AdamW, batch 32, lr 5e-4, no mixing or augmentation), an "epoc
 * ``plain``    ``EPOCHS`` epochs of the large model;
 * ``2-level``  ``--multilevel levels=2,down=2,small=6,up=4`` (methods notes: 2 large, 6 small,
   4 large), alpha 0.25;
-* ``3-level``  ``--multilevel levels=3,down=1,small=4,up=3``.
+* ``3-level``  ``--multilevel levels=3,down=1,small=4,up=3``;
+* two variants of the 2-level cycle on seed 0: ``alpha=1`` (the large model takes all of the small
+  one's weights) and ``lr x4`` (the small model at 4x the learning rate, the ratio of the method's
+  GPT-2 example).
 
 Per run: final top-1, training GFLOPs (``train_gflops``: forward + backward as three forwards,
 deitlab.train.flops), training wall time (the epochs' ``epoch_time_s``, evaluation left out), and
@@ -19,17 +22,17 @@ when it is not reached). ``results/multilevel_fmnist.json`` and ``.png`` (accura
 GFLOPs and against wall time).
 
     python benchmarks/multilevel_fmnist.py train --jobs 2      # 9 runs, ~45 min on 2 cores
+    python benchmarks/multilevel_fmnist.py train --arms '2-level alpha=1' '2-level lr x4' --seeds 0
     python benchmarks/multilevel_fmnist.py report              # the JSON and the plot
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 from pathlib import Path
 
-from _common import run_pool
+from _common import run_cli, run_pool
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / 'results'
@@ -37,13 +40,19 @@ WORK = Path(os.environ.get('DEITLAB_BENCH_RUNS', '/tmp/deitlab-multilevel-bench'
 MODEL = 'deitlab_deit_micro_patch4_32'
 EPOCHS, STEPS_PER_EPOCH = 12, 300
 SEEDS = (0, 1, 2)
-ARMS = {'plain': None, '2-level': 'levels=2,down=2,small=6,up=4', '3-level': 'levels=3,down=1,small=4,up=3'}
+ARMS = {'plain': None, '2-level': 'levels=2,down=2,small=6,up=4', '3-level': 'levels=3,down=1,small=4,up=3',
+        # variants of the 2-level cycle, seed 0 only (``train --arms NAME --seeds 0``): all of the small model's
+        # weights (alpha 1), and the small model at 4x the learning rate (the GPT-2 example's ratio)
+        '2-level alpha=1': 'levels=2,down=2,small=6,up=4,alpha=1.0',
+        '2-level lr x4': 'levels=2,down=2,small=6,up=4,lr_scale=4.0'}
+MAIN_ARMS = ('plain', '2-level', '3-level')
 RECIPE = ['--recipe', 'short', '--img-size', '28', '--in-chans', '1', '--epochs', str(EPOCHS),
           '--max-steps-per-epoch', str(STEPS_PER_EPOCH), '--workers', '0', '--no-tensorboard', '--no-progress']
 
 
 def run_dir(arm: str, seed: int) -> Path:
-    return WORK / f'{arm}_s{seed}'
+    slug = arm.replace(' ', '_').replace('=', '').replace('.', '')
+    return WORK / f'{slug}_s{seed}'
 
 
 def cmd_train(args) -> None:
@@ -57,8 +66,9 @@ def cmd_train(args) -> None:
                    str(out), '--seed', str(seed), *RECIPE, '--json']
             if ARMS[arm]:
                 cmd += ['--multilevel', ARMS[arm]]
-            script = f'{" ".join(cmd)} > {out}.log 2>&1 && tail -n 1 {out}.log > {out}/summary.json'
-            jobs.append((f'{arm}_s{seed}', ['bash', '-c', f'rm -rf {out} && {script}'], f'{out}.out'))
+            cmd = [f"'{c}'" if ' ' in c else c for c in cmd]
+            script = f'{" ".join(cmd)} > "{out}.log" 2>&1 && tail -n 1 "{out}.log" > "{out}/summary.json"'
+            jobs.append((f'{arm}_s{seed}', ['bash', '-c', f'rm -rf "{out}" && {script}'], f'{out}.out'))
     print(f'{len(jobs)} runs to do', flush=True)
     run_pool(jobs, args.jobs, dict(os.environ, OMP_NUM_THREADS='1'))
 
@@ -80,6 +90,12 @@ def _reach(curve: list, target: float):
         if c['val_top1'] >= target:
             return c['gflops'], c['wall_s']
     return None, None
+
+
+def _at(curve: list, gflops: float) -> float:
+    """Test top-1 of a run's curve at ``gflops`` training GFLOPs, linear between its evaluations."""
+    import numpy as np
+    return float(np.interp(gflops, [0.0] + [c['gflops'] for c in curve], [0.0] + [c['val_top1'] for c in curve]))
 
 
 def _mean_std(xs: list) -> dict:
@@ -115,10 +131,14 @@ def cmd_report(args) -> None:
                             reached=sum(r['reach_gflops'] is not None for r in rs))
     if 'plain' in summary:
         base = summary['plain']
+        plain_curves = [r['curve'] for r in runs if r['arm'] == 'plain']
         for arm, s in summary.items():
             s['gflops_saving'] = 1 - s['gflops']['mean'] / base['gflops']['mean']
             s['wall_saving'] = 1 - s['wall_s']['mean'] / base['wall_s']['mean']
+            # plain training's test top-1 after the same training GFLOPs (its evaluations interpolated)
+            s['plain_top1_same_gflops'] = _mean_std([_at(c, s['gflops']['mean']) for c in plain_curves])
     result = dict(benchmark='multilevel_fmnist', model=MODEL, epochs=EPOCHS, steps_per_epoch=STEPS_PER_EPOCH,
+                  main_arms=list(MAIN_ARMS),
                   batch_size=32, seeds=list(SEEDS), arms=ARMS, recipe=' '.join(RECIPE), target_top1=target,
                   summary=summary, runs=runs)
     RESULTS.mkdir(exist_ok=True)
@@ -132,7 +152,8 @@ def plot(result: dict) -> None:
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.4), sharey=True)
-    colors = {'plain': 'k', '2-level': 'tab:blue', '3-level': 'tab:red'}
+    colors = {'plain': 'k', '2-level': 'tab:blue', '3-level': 'tab:red', '2-level alpha=1': 'tab:cyan',
+              '2-level lr x4': 'tab:purple'}
     for ax, key, label in ((axes[0], 'gflops', 'training GFLOPs (forward + backward)'),
                            (axes[1], 'wall_s', 'training wall time (s, 1 thread)')):
         for r in result['runs']:
@@ -150,16 +171,15 @@ def plot(result: dict) -> None:
     fig.savefig(RESULTS / 'multilevel_fmnist.png', dpi=100)
 
 
+def _flags(name: str, q) -> None:
+    if name == 'train':
+        q.add_argument('--jobs', type=int, default=2)
+        q.add_argument('--arms', nargs='*', default=list(MAIN_ARMS), choices=list(ARMS))
+        q.add_argument('--seeds', nargs='*', type=int, default=list(SEEDS))
+
+
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest='cmd', required=True)
-    t = sub.add_parser('train')
-    t.add_argument('--jobs', type=int, default=2)
-    t.add_argument('--arms', nargs='*', default=list(ARMS))
-    t.add_argument('--seeds', nargs='*', type=int, default=list(SEEDS))
-    sub.add_parser('report')
-    args = p.parse_args()
-    {'train': cmd_train, 'report': cmd_report}[args.cmd](args)
+    run_cli(__doc__, {'train': cmd_train, 'report': cmd_report}, _flags)
 
 
 if __name__ == '__main__':

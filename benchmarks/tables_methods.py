@@ -1,0 +1,134 @@
+"""README tables of the training methods' benchmarks: multi-level training (``multilevel_fmnist.json``)."""
+from __future__ import annotations
+
+from _tables_base import load, source, table
+
+
+def _pct(x: float) -> str:
+    return f'{100 * x:+.0f}%'
+
+
+def _ms(d: dict, nd: int = 2) -> str:
+    """``mean ± std`` (the mean alone for one seed)."""
+    if d.get('mean') is None:
+        return ''
+    return f"{d['mean']:.{nd}f}" + (f" ± {d['std']:.{nd}f}" if d.get('std') is not None else '')
+
+
+def t_multilevel() -> str:
+    res = load('multilevel_fmnist')
+    s = res['summary']
+    plain = s['plain']
+    rows = []
+    for arm, a in s.items():
+        minutes = {k: (v / 60 if v is not None else None) for k, v in a['wall_s'].items() if k in ('mean', 'std')}
+        rows.append([arm + (' (seed 0)' if a['top1']['n'] == 1 else ''), _ms(a['top1']),
+                     f"{a['top1']['mean'] - plain['top1']['mean']:+.2f}",
+                     f"{a['gflops']['mean'] / 1e3:.1f}", _pct(-a['gflops_saving']) if arm != 'plain' else '',
+                     _ms(minutes, 1),
+                     _pct(-a['wall_saving']) if arm != 'plain' else '', f"{a['reached']}/{a['top1']['n']}",
+                     _ms(a['plain_top1_same_gflops']) if arm != 'plain' else ''])
+    n = plain['top1']['n']
+    bar = []
+    for arm, a in s.items():
+        if arm not in res.get('main_arms', ('2-level', '3-level')) or arm == 'plain':
+            continue
+        gap = a['top1']['mean'] - plain['top1']['mean']
+        checks = [('training FLOPs', a['gflops_saving'] >= 0.25, f"{100 * a['gflops_saving']:.0f}% fewer (bar 25%)"),
+                  ('wall time', a['wall_saving'] >= 0.15, f"{100 * a['wall_saving']:.0f}% less (bar 15%)"),
+                  ('top-1', abs(gap) <= 0.5 or gap > 0, f'{gap:+.2f} pt (bar: within 0.5 pt)')]
+        bar.append(f'{arm}: ' + '; '.join(f"{what} {text}, {'met' if ok else 'missed'}" for what, ok, text in checks))
+    return '\n'.join([
+        table(['schedule', 'top-1 (%)', 'vs plain', 'training TFLOPs', 'FLOPs vs plain', 'training time (min)',
+               'time vs plain', 'runs reaching plain top-1', 'plain top-1 at the same FLOPs'], rows),
+        '',
+        'Against the bar: ' + '. '.join(bar) + '.',
+        '',
+        f"{res['model']} on Fashion-MNIST, {res['epochs']} epochs of {res['steps_per_epoch']} steps (batch "
+        f"{res['batch_size']}), mean ± std over {n} seeds; training FLOPs count forward and backward, the time "
+        f"leaves evaluation out (1 thread per run, two runs at a time). 'Runs reaching plain top-1' counts the runs "
+        f"whose test top-1 reached the plain runs' mean final top-1 ({res['target_top1']:.2f}%) at some evaluation; "
+        f"'plain top-1 at the same FLOPs' is the plain runs' test top-1 after as many training FLOPs (their "
+        f"evaluations interpolated).",
+        source(['multilevel_fmnist'], 'python benchmarks/multilevel_fmnist.py train --jobs 2 && '
+                                      'python benchmarks/multilevel_fmnist.py report')])
+
+
+def t_dcal() -> str:
+    res = load('dcal')
+    s = res['summary']
+    rows = []
+    for arm in res['arms']:
+        fine, fm, reid = s['fine'].get(arm), s['fmnist'].get(arm), s['reid'].get(arm)
+        rows.append([arm, _ms(fine['top1']), _ms(fm['top1']), _ms(fm['garment_confusions'], 0),
+                     _ms(reid['mAP']), _ms(reid['rank1']), f"{fine['gflops_ratio']['mean']:.2f}",
+                     f"{fine['time_ratio']['mean']:.2f}"])
+    verdict = []
+    for task, v in res['verdict'].items():
+        word = 'beats' if v['beats'] else 'does not beat'
+        verdict.append(f"{task}: DCAL {word} the baseline ({v['metric']} {v['gap']:+.2f}, seed spread "
+                       f"{v['spread']:.2f})")
+    return '\n'.join([
+        table(['arm', 'glyphs-fine top-1', 'FMNIST top-1', 'FMNIST garment confusions', 'glyphs-reid mAP',
+               'glyphs-reid Rank-1', 'training FLOPs (x baseline)', 'training time (x baseline)'], rows,
+              bold=(1, 2, 4, 5), lower=(3,)),
+        '',
+        f"{res['model']}, the same recipe and steps for every arm, mean ± std over {len(res['seeds'])} seeds. "
+        f"Garment confusions: Fashion-MNIST test images of T-shirt, pullover, coat or shirt predicted as another "
+        f"of the four. Cost ratios on glyphs-fine. " + '; '.join(verdict) + '.',
+        source(['dcal'], 'python benchmarks/dcal.py train --jobs 2 && python benchmarks/dcal.py report')])
+
+
+def t_resnas() -> str:
+    res = load('resnas_fmnist')
+    names = {'deit_nano': 'DeiT-nano', 'macs': 'searched at DeiT-nano MACs', 'latency': 'searched at DeiT-nano latency'}
+    rows = []
+    for arm, t in res['trained'].items():
+        pred = '' if t.get('predicted_ms') is None else f"{t['predicted_ms']:.2f}"
+        rows.append([names.get(arm, arm), _ms(t['top1']), f"{t['macs'] / 1e6:.1f}",
+                     f"{t['params'] / 1e6:.2f}" if t.get('params') else '', f"{t['measured_ms']:.2f}", pred])
+    s, tau, lat, bar = res['search'], res['kendall_tau'], res['latency_check'], res['bar']
+    sn = res['supernet']['cost']
+    lines = [
+        table(['network', 'top-1 (%)', 'MACs (M)', 'params (M)', 'measured ms', 'predicted ms'], rows,
+              bold=(1,), lower=(4,)),
+        '',
+        f"Fashion-MNIST at {res['img_size']} px, every network trained from scratch with the same recipe "
+        f"({res['train_recipe']}), mean ± std over {len(res['seeds'])} seeds; latency at batch 1 on 1 thread of "
+        f"this CPU, measured in one paired run. Supernet: {sn['cpu_min']:.0f} CPU-minutes; searches: "
+        f"{s['macs']['cpu_min']:.0f} (MACs, {s['macs']['evaluated']} networks) and {s['latency']['cpu_min']:.0f} "
+        f"(latency) CPU-minutes. Evolution's best held-out top-1 {s['macs']['best']['fitness']:.2f} vs the best of "
+        f"{s['macs']['random_evaluated']} random networks in the same window {s['macs']['random_best']['fitness']:.2f}. "
+        f"Supernet ranking of {tau['n']} stand-alone networks: Kendall tau {tau['tau']:.2f}. Latency table: "
+        f"largest error {100 * lat['max_abs_rel_error']:.0f}% over {len(lat['rows'])} networks.",
+        '',
+        'Bar: ' + '; '.join(f"{k.replace('_', ' ')}: {'yes' if v else 'no'}" for k, v in bar.items()) + '.',
+        source(['resnas_fmnist'], 'DEITLAB_BENCH_RUNS=DIR python benchmarks/resnas_fmnist.py all --jobs 2')]
+    return '\n'.join(lines)
+
+
+def t_multilevel_stages() -> str:
+    """What each stage of the V-cycles costs and gives: means over the seeds of the main arms."""
+    res = load('multilevel_fmnist')
+    rows = []
+    for arm in res.get('main_arms', ('plain', '2-level', '3-level')):
+        runs = [r for r in res['runs'] if r['arm'] == arm and r.get('stages')]
+        if not runs:
+            continue
+        for i, st in enumerate(runs[0]['stages']):
+            per = [r['stages'][i] for r in runs]
+            mean = lambda key: sum(p.get(key) or 0.0 for p in per) / len(per)   # noqa: E731
+            spent = mean('gflops_end') - mean('gflops_start')
+            mapped = '' if st.get('val_top1_mapped') is None else f"{mean('val_top1_mapped'):.1f}"
+            # time_s is the training wall time at the stage's end, cumulative
+            minutes = sum(r['stages'][i]['time_s'] - (r['stages'][i - 1]['time_s'] if i else 0.0)
+                          for r in runs) / len(runs) / 60
+            rows.append([arm, str(i + 1), str(st['level']), str(st['epochs']), f'{spent / 1e3:.1f}',
+                         f'{minutes:.1f}', mapped, f"{mean('val_top1_end'):.1f}"])
+    return '\n'.join([
+        table(['schedule', 'stage', 'level', 'epochs', 'TFLOPs', 'minutes', 'top-1 after the mapping',
+               'top-1 at the end'], rows),
+        '',
+        f"Means over {len(res['seeds'])} seeds. Level 1 is the full model; 'top-1 after the mapping' is the "
+        f"test top-1 right after coalescing (going down) or after de-coalescing and interpolating (going up).",
+        source(['multilevel_fmnist'], 'python benchmarks/multilevel_fmnist.py report')])
