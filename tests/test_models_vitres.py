@@ -7,7 +7,9 @@ import torch
 
 import deitlab  # noqa: F401  (registers the deitlab_* names with timm)
 from deitlab.bench import analytic_gmacs, analytic_macs, count_gmacs, count_params
+from deitlab.models.inputs import resolve_input_size
 from deitlab.models.vitres import ResidualSpatialReduction, ViTRes
+from deitlab.models.vitres_stems import ConvStem, stem_macs
 from deitlab.rundir import create, save_run_dir
 
 NAMES = {
@@ -21,11 +23,16 @@ IRREGULAR = dict(img_size=16, patch_size=4, in_chans=1, num_classes=3, widths=[8
 
 
 def _perturb(model):
-    """Move every parameter off its init (zeros / ones), so that all weights matter."""
+    """Move every parameter off its init (zeros / ones), so that all weights matter; BatchNorm running
+    statistics (the conv stem's) too."""
     torch.manual_seed(1)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
     return model
 
 
@@ -166,6 +173,8 @@ def test_reset_classifier():
 @pytest.mark.parametrize('name,kwargs', [
     ('deitlab_vitres_mu_patch4_32', dict(num_heads=[2, 1, 4, 3, 8, 5], mlp_hidden=[256, 100, 512, 64, 1024, 7])),
     ('deitlab_vitres_mu_distilled_patch4_32', dict(in_chans=1, num_classes=5)),
+    ('deitlab_vitres_mu_patch4_32', dict(stem='conv', in_chans=1)),
+    ('deitlab_vitres_mu_distilled_patch4_32', dict(stem='conv', stem_width=12, num_classes=5)),
 ])
 def test_run_dir_round_trip(tmp_path, name, kwargs):
     torch.manual_seed(0)
@@ -176,7 +185,7 @@ def test_run_dir_round_trip(tmp_path, name, kwargs):
         assert type(loaded) is ViTRes
         assert loaded.model_args == model.model_args
         assert loaded.pretrained_cfg['architecture'] == name
-        x = torch.randn(2, model.patch_embed.proj.in_channels, 32, 32)
+        x = torch.randn(2, model.in_chans, 32, 32)
         with torch.no_grad():
             assert torch.equal(loaded(x), model(x))
 
@@ -188,7 +197,10 @@ def test_run_dir_round_trip(tmp_path, name, kwargs):
     (dict(num_heads=[2, 2, 4]), r'num_heads has 3 entries but the model has 6 blocks'),
     (dict(mlp_hidden=[8] * 7), r'mlp_hidden has 7 entries but the model has 6 blocks'),
     (dict(head_dim=[32, 32]), r'head_dim has 2 entries'),
-    (dict(stem='conv'), r"unknown ViT-Res stem 'conv'"),
+    (dict(stem='patchify'), r"unknown ViT-Res stem 'patchify'; supported: linear, conv"),
+    (dict(stem='conv', img_size=24, patch_size=3), r'conv stem needs an even patch size.*got patch_size 3x3'),
+    (dict(stem='conv', img_size=(32, 24), patch_size=(4, 3)), r'conv stem needs an even patch size.*4x3'),
+    (dict(stem='conv', stem_width=0), r'stem_width must be positive'),
     (dict(widths=[64, 128], depths=[2, 2, 2]), r'one entry per stage'),
 ])
 def test_bad_arguments(kwargs, match):
@@ -213,6 +225,9 @@ def test_reduction_rejects_narrowing_and_odd_grids():
     ('deitlab_vitres_mu_distilled_patch4_32', {}),
     ('deitlab_vitres_nano_patch4_32', dict(num_heads=[1, 5, 2, 7, 3, 12], head_dim=[16, 8, 40, 32, 24, 32],
                                            mlp_hidden=[10, 384, 99, 768, 1536, 3])),
+    ('deitlab_vitres_mu_patch4_32', dict(stem='conv')),
+    ('deitlab_vitres_nano_distilled_patch4_32', dict(stem='conv', stem_width=20, in_chans=1, mlp_hidden=[10, 384, 99, 768, 1536, 3])),
+    ('deitlab_vitres_tiny_patch14_224', dict(stem='conv')),
 ])
 def test_closed_form_equals_counter(name, kwargs):
     with torch.device('meta'):
@@ -245,3 +260,58 @@ def test_hand_count_equals_counter():
     total = patch + blocks + reductions + heads
     assert round(count_gmacs(model) * 1e9) == total
     assert analytic_macs(model)['total'] == total
+
+
+# ----------------------------------------------------------------------------- the conv stem
+
+def test_conv_stem_shapes_and_grid():
+    torch.manual_seed(0)
+    model = timm.create_model('deitlab_vitres_mu_patch4_32', stem='conv', in_chans=1).eval()
+    stem = model.patch_embed
+    assert isinstance(stem, ConvStem)
+    assert (stem.img_size, stem.patch_size, stem.grid_size, stem.num_patches) == ((32, 32), (4, 4), (8, 8), 64)
+    assert stem.conv1[0].stride == (2, 2) and stem.proj.kernel_size == stem.proj.stride == (2, 2)
+    assert stem.proj.in_channels == 32 and stem.in_chans == 1   # the hidden width is not the input's channels
+    assert resolve_input_size(model) == (1, 32, 32)
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        assert stem(x).shape == (2, 64, 64)
+        assert model(x).shape == (2, 10)
+    # 224 px, patch 14: the release's shapes, a 7x7 stride-7 projection onto the 16x16 grid
+    with torch.device('meta'):
+        big = timm.create_model('deitlab_vitres_tiny_patch14_224', stem='conv')
+    assert big.patch_embed.proj.kernel_size == (7, 7) and big.patch_embed.grid_size == (16, 16)
+    with pytest.raises(ValueError, match=r'takes \(1, 32, 32\) images, got \(3, 32, 32\)'):
+        stem(torch.randn(1, 3, 32, 32))
+
+
+def test_conv_stem_is_the_documented_network():
+    """The stem's output by hand: conv-BN-ReLU stride 2, residual pair, strided projection."""
+    torch.manual_seed(0)
+    stem = _perturb(ConvStem(16, 4, 2, 6, width=5)).eval()
+    x = torch.randn(3, 2, 16, 16)
+
+    def cbr(seq, t, stride):
+        conv, bn = seq[0], seq[1]
+        t = torch.nn.functional.conv2d(t, conv.weight, None, stride, 1)
+        t = (t - bn.running_mean[:, None, None]) / torch.sqrt(bn.running_var[:, None, None] + bn.eps)
+        return torch.relu(t * bn.weight[:, None, None] + bn.bias[:, None, None])
+
+    with torch.no_grad():
+        y = cbr(stem.conv1, x, 2)
+        y = y + cbr(stem.conv3, cbr(stem.conv2, y, 1), 1)
+        ref = torch.nn.functional.conv2d(y, stem.proj.weight, stem.proj.bias, 2).flatten(2).transpose(1, 2)
+        assert torch.allclose(stem(x), ref, atol=1e-5)
+
+
+def test_conv_stem_hand_count_equals_counter():
+    """The conv stem's MACs term by term, 16 px, patch 4, 1 channel, hidden width 5, stage-1 width 8."""
+    model = ViTRes(**IRREGULAR, stem='conv', stem_width=5).eval()
+    stem = (8 * 8 * 9 * 1 * 5             # 3x3 stride-2 conv onto 8x8
+            + 2 * 8 * 8 * 9 * 5 * 5       # the residual pair of 3x3 convs
+            + 4 * 4 * 5 * 2 * 2 * 8)      # 2x2 stride-2 projection onto the 4x4 grid
+    assert stem_macs('conv', 16, 4, 1, 8, 5) == stem
+    linear = ViTRes(**IRREGULAR).eval()
+    assert round(count_gmacs(model) * 1e9) - round(count_gmacs(linear) * 1e9) == stem - 4 * 4 * (1 * 4 * 4) * 8
+    assert analytic_macs(model)['patch_embed'] == stem
+    assert analytic_macs(model)['total'] == round(count_gmacs(model) * 1e9)

@@ -112,7 +112,7 @@ def _input_cfg(model: nn.Module) -> dict:
         cfg['num_classes'] = model.num_classes
     pe = getattr(model, 'patch_embed', None)
     if pe is not None and hasattr(pe, 'img_size') and hasattr(pe, 'proj'):
-        chans = pe.proj.in_channels
+        chans = getattr(pe, 'in_chans', None) or pe.proj.in_channels   # a conv stem's proj reads its hidden width
         cfg['input_size'] = [chans, *pe.img_size]
         for key in ('mean', 'std'):
             if key in cfg and len(cfg[key]) != chans:

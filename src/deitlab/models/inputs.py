@@ -36,7 +36,8 @@ def resolve_input_size(model: nn.Module, input_size: Optional[Sequence[int]] = N
     """The (C, H, W) input a model takes.
 
     An explicit ``input_size`` wins. Otherwise the model's own patch embedding decides
-    (``patch_embed.img_size`` and the input channels of ``patch_embed.proj``), because
+    (``patch_embed.img_size`` and ``patch_embed.in_chans``, else the input channels of
+    ``patch_embed.proj``), because
     ``pretrained_cfg['input_size']`` is the registered default and goes stale when a model is
     built with other ``img_size`` / ``in_chans``. Models without a patch embedding use
     ``pretrained_cfg['input_size']`` with the channels of ``pretrained_cfg['first_conv']``.
@@ -48,8 +49,8 @@ def resolve_input_size(model: nn.Module, input_size: Optional[Sequence[int]] = N
     pe = getattr(model, 'patch_embed', None)
     if pe is not None:
         img = getattr(pe, 'img_size', None)
-        proj = getattr(pe, 'proj', None)
-        chans = getattr(proj, 'in_channels', None)
+        proj = getattr(pe, 'proj', None)   # a stem with convolutions before ``proj`` names its input: in_chans
+        chans = getattr(pe, 'in_chans', None) or getattr(proj, 'in_channels', None)
         if chans is None and cfg_size is not None:
             chans = cfg_size[0]
         if img is not None and chans is not None:

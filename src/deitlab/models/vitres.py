@@ -4,8 +4,10 @@ ViT-Res is the multi-stage search space of ViT-ResNAS (Liao, Karaman, Sze, "Sear
 Multi-Stage Vision Transformers", arXiv 2109.00642). This module is the model family only (no
 search). The network:
 
-* a patch embedding ``Conv2d(in_chans, C_1, kernel=patch, stride=patch)`` (``stem='linear'``), a
-  class token, optionally a distillation token (``distilled=True``: tokens ``[CLS, DIST, patches]``)
+* a patch stem (:mod:`deitlab.models.vitres_stems`): the patch embedding ``Conv2d(in_chans, C_1,
+  kernel=patch, stride=patch)`` (``stem='linear'``) or the release's convolutional stem
+  (``stem='conv'``: 3x3 conv-BN-ReLU stride 2, a residual pair of 3x3 conv-BN-ReLU, a projection
+  with kernel = stride = patch / 2; hidden width ``stem_width``), a class token, optionally a distillation token (``distilled=True``: tokens ``[CLS, DIST, patches]``)
   and a learned position embedding over all tokens of stage 1's grid, as timm's ViT;
 * S stages; stage s has width ``C_s`` and ``depths[s]`` pre-LN transformer blocks (deitlab's
   ``WidthBlock``), every block with its own heads, head width (``qk_dim = v_dim = head_dim``) and MLP
@@ -32,7 +34,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import PatchEmbed, to_2tuple, trunc_normal_
+from timm.layers import to_2tuple, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs
 from timm.models.vision_transformer import init_weights_vit_timm
 
@@ -41,11 +43,11 @@ from ..layers.block import block_macs
 from .deit import _DIST, WidthMixin, _cfg, _small_cfg
 from .inputs import resolve_input_size
 from .registry import register_closed_form, register_variant
+from .vitres_stems import DEFAULT_STEM_WIDTH, build_stem, check_stem, stem_macs
 
 __all__ = ['ViTRes', 'ResidualSpatialReduction', 'VITRES_CONFIGS', 'vitres_macs']
 
 IntOrList = Union[int, Sequence[int], None]
-STEMS = ('linear',)
 
 
 def _per_block(name: str, value: IntOrList, depths: List[int]) -> Optional[List[int]]:
@@ -117,7 +119,8 @@ class ViTRes(WidthMixin, nn.Module):
     and ``mlp_hidden`` are one int for every block or one value per block (stages in order). Unset,
     ``num_heads`` is ``C_s // head_dim``, ``head_dim`` is ``C_s // num_heads`` (32 when both are
     unset) and ``mlp_hidden`` is ``mlp_ratio * C_s``. The patch grid ``img_size // patch_size`` must
-    halve exactly at each of the S - 1 reductions.
+    halve exactly at each of the S - 1 reductions. ``stem`` is 'linear' or 'conv' (the conv stem
+    needs an even patch size; ``stem_width`` is its hidden width, see ``vitres_stems``).
     """
 
     def __init__(
@@ -136,11 +139,10 @@ class ViTRes(WidthMixin, nn.Module):
             drop_path_rate: float = 0.,
             qkv_bias: bool = True,
             stem: str = 'linear',
+            stem_width: int = DEFAULT_STEM_WIDTH,
     ):
         super().__init__()
-        if stem not in STEMS:
-            raise ValueError(f'unknown ViT-Res stem {stem!r}; supported: {", ".join(STEMS)} '
-                             f'(the patch embedding Conv2d with kernel = stride = patch_size)')
+        check_stem(stem)
         widths, depths = [int(c) for c in widths], [int(d) for d in depths]
         if not widths or len(widths) != len(depths):
             raise ValueError(f'widths {widths} and depths {depths} must have one entry per stage (at least one)')
@@ -176,7 +178,8 @@ class ViTRes(WidthMixin, nn.Module):
         self.num_features = self.head_hidden_size = widths[-1]
         self.grid_sizes = [(grid[0] // 2 ** s, grid[1] // 2 ** s) for s in range(len(widths))]
         self.distilled_training = False
-        self.patch_embed = PatchEmbed(img, patch, in_chans, widths[0])
+        self.in_chans = int(in_chans)
+        self.patch_embed = build_stem(stem, img, patch, self.in_chans, widths[0], stem_width)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, widths[0]))
         self.dist_token = nn.Parameter(torch.zeros(1, 1, widths[0])) if self.distilled else None
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_prefix_tokens + grid[0] * grid[1], widths[0]))
@@ -193,6 +196,8 @@ class ViTRes(WidthMixin, nn.Module):
         self.head_dist = self._new_head() if self.distilled else None
         self.arch_kwargs = dict(distilled=self.distilled, drop_path_rate=float(drop_path_rate),
                                 qkv_bias=bool(qkv_bias), stem=stem)
+        if stem == 'conv':
+            self.arch_kwargs['stem_width'] = int(stem_width)
         self._init_weights()
 
     def _new_head(self) -> nn.Module:
@@ -219,7 +224,7 @@ class ViTRes(WidthMixin, nn.Module):
             raise ValueError(f'ViT-Res stores one head_dim per block, but qk_dim {w["qk_dim"]} differs from '
                              f'v_dim {w["v_dim"]}')
         pe = self.patch_embed
-        return dict(img_size=list(pe.img_size), patch_size=list(pe.patch_size), in_chans=pe.proj.in_channels,
+        return dict(img_size=list(pe.img_size), patch_size=list(pe.patch_size), in_chans=self.in_chans,
                     widths=list(self.widths), depths=list(self.depths), num_heads=w['num_heads'],
                     head_dim=w['qk_dim'], mlp_hidden=w['mlp_hidden'], **self.arch_kwargs)
 
@@ -288,7 +293,8 @@ def vitres_macs(model: ViTRes, input_size: Optional[Sequence[int]] = None) -> di
     (N_s = h_s w_s + P tokens), for each block H heads of width d and MLP hidden width M, k x k
     patches of an image with c channels, and K classes::
 
-        patch_embed       h_1 w_1 * c k k * C_1
+        patch_embed       the stem (``vitres_stems.stem_macs``): h_1 w_1 * c k k * C_1 for the
+                          linear stem; the conv stem adds its 3x3 convolutions at H/2 x W/2
         qkv               per block  N_s * C_s * 3 H d
         attn_qk, attn_av  per block  H * N_s^2 * d   (each)
         proj              per block  N_s * H d * C_s
@@ -298,21 +304,22 @@ def vitres_macs(model: ViTRes, input_size: Optional[Sequence[int]] = None) -> di
         head              C_S * K per head (two with distillation)
 
     ``total`` is their sum, what ``count_gmacs`` counts; LayerNorms, softmax, GELU, the 2x2 average
-    pooling, the zero padding and all adds are free. Also returned: ``blocks`` (MACs per block),
+    pooling, the zero padding and all adds are free, and so are the conv stem's BatchNorms (folded
+    into its convolutions at inference) and ReLUs. Also returned: ``blocks`` (MACs per block),
     ``tokens`` (N_s per stage), ``grids`` and ``input_size``. The position embeddings are sized for
     one input, so another input size raises ``ValueError``.
     """
     if not isinstance(model, ViTRes):
         raise ValueError(f'vitres_macs takes a ViTRes, not {type(model).__name__}')
     size = resolve_input_size(model, input_size)
-    pe = model.patch_embed
-    if tuple(size) != (pe.proj.in_channels, *pe.img_size):
-        raise ValueError(f'input {tuple(size)} does not fit the model ({pe.proj.in_channels}, {pe.img_size[0]}, '
-                         f'{pe.img_size[1]}): its position embeddings are sized for that input')
+    pe, c = model.patch_embed, model.in_chans
+    if tuple(size) != (c, *pe.img_size):
+        raise ValueError(f'input {tuple(size)} does not fit the model ({c}, {pe.img_size[0]}, {pe.img_size[1]}): its '
+                         f'position embeddings are sized for that input')
     P = model.num_prefix_tokens
-    kh, kw = pe.proj.kernel_size
-    (h, w), C0 = model.grid_sizes[0], model.widths[0]
-    parts = dict(patch_embed=h * w * size[0] * kh * kw * C0, qkv=0, attn_qk=0, attn_av=0, proj=0, mlp=0,
+    stem = stem_macs(model.arch_kwargs['stem'], pe.img_size, pe.patch_size, c, model.widths[0],
+                     model.arch_kwargs.get('stem_width', DEFAULT_STEM_WIDTH))
+    parts = dict(patch_embed=stem, qkv=0, attn_qk=0, attn_av=0, proj=0, mlp=0,
                  reduction_conv=0, reduction_tokens=0, head=0)
     per_block, tokens = [], []
     for s, C in enumerate(model.widths):
