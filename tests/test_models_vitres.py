@@ -197,7 +197,7 @@ def test_run_dir_round_trip(tmp_path, name, kwargs):
     (dict(num_heads=[2, 2, 4]), r'num_heads has 3 entries but the model has 6 blocks'),
     (dict(mlp_hidden=[8] * 7), r'mlp_hidden has 7 entries but the model has 6 blocks'),
     (dict(head_dim=[32, 32]), r'head_dim has 2 entries'),
-    (dict(stem='patchify'), r"unknown ViT-Res stem 'patchify'; supported: linear, conv"),
+    (dict(stem='patchify'), r"unknown ViT-Res stem 'patchify'; supported: linear \(.*; conv \(ViT-ResNAS's release: 3x3 conv"),
     (dict(stem='conv', img_size=24, patch_size=3), r'conv stem needs an even patch size.*got patch_size 3x3'),
     (dict(stem='conv', img_size=(32, 24), patch_size=(4, 3)), r'conv stem needs an even patch size.*4x3'),
     (dict(stem='conv', stem_width=0), r'stem_width must be positive'),

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from deitlab.cli import main
+from deitlab.models.vitres import ViTRes
 from deitlab.nas import SPACES, Arch, SearchSpace, SearchSpaceError
 from deitlab.nas.config import SupernetConfig
 from deitlab.nas.cost import arch_macs
@@ -60,7 +61,7 @@ def _toy_fitness(a: Arch) -> float:
 # ----------------------------------------------------------------------------- genes, MACs, budget
 
 def test_closed_form_macs_and_genes_round_trip():
-    for space in (SPACES['mu'], SPACES['mu_distilled'], _tiny()):
+    for space in (SPACES['mu'], SPACES['mu_distilled'], SPACES['mu_conv'], _tiny(), _tiny(stem='conv')):
         rng = random.Random(0)
         for a in [space.smallest(), space.largest()] + [space.sample(rng) for _ in range(6)]:
             assert arch_macs(space, a) == space.macs(a)
@@ -189,6 +190,31 @@ def test_latency_table_predicts_interpolates_and_reports(tmp_path, one_thread):
     res = evolve(space, _toy_fitness, Budget(latency=limit, table=table), population=4, iterations=1, parents=2,
                  mutations=2, crossovers=2, seed=0, log=False)
     assert all(e['latency_ms'] <= limit for e in res.history)
+
+
+def test_latency_table_times_the_spaces_stem(one_thread):
+    """A conv-stem space's table times the conv stem its networks are built with, and a table of the
+    linear stem does not fit it (nor the other way round); tables written before the stem option
+    are the linear stem's."""
+    from deitlab.models.vitres_stems import ConvStem
+    from deitlab.nas.latency import _parts
+    space = _tiny(stem='conv', widths=[[16], [32]], heads=[[1], [2]], mlp_hidden=[[16], [32]], skippable=[])
+    items, _ = _parts(space, 1, 'cpu', None, 0, 0)
+    stem = items[('stem', 16)][0].patch_embed
+    net = ViTRes(**space.model_args(space.largest()))
+    assert isinstance(stem, ConvStem)
+    assert {k: v.shape for k, v in stem.state_dict().items()} == \
+        {k: v.shape for k, v in net.patch_embed.state_dict().items()}
+    table = build_latency_table(space, rounds=1, calibrate=0, target_ms=0.05)
+    assert table.space['stem'] == 'conv' and set(table.stems) == {16}
+    table.check_space(space)
+    linear = dataclasses.replace(space, stem='linear')
+    with pytest.raises(LatencyTableError, match=r"timed for another search space \(stem 'conv' vs 'linear'\)"):
+        table.check_space(linear)
+    old = dict(table.to_dict(), space={k: v for k, v in linear.to_dict().items() if k != 'stem'})
+    LatencyTable.from_dict(old).check_space(linear)
+    with pytest.raises(LatencyTableError, match=r"stem 'linear' vs 'conv'"):
+        LatencyTable.from_dict(old).check_space(space)
 
 
 # ----------------------------------------------------------------------------- the fitness

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from deitlab.bench import count_gmacs
 from deitlab.models.vitres import ViTRes, vitres_macs
+from deitlab.models.vitres_stems import ConvStem
 from deitlab.nas import SPACES, Arch, SearchSpace, SearchSpaceError, Supernet, masked_layer_norm
 from deitlab.rundir import create, save_run_dir
 from _nn_helpers import perturb
@@ -229,3 +230,71 @@ def test_distilled_supernet(tmp_path):
     save_run_dir(sub.eval(), tmp_path)
     with torch.no_grad():
         assert torch.equal(create(str(tmp_path)).eval()(x), sub(x))
+
+
+# ----------------------------------------------------------------------------- the conv stem
+
+@pytest.fixture(scope='module')
+def conv_supernet():
+    """The mu_conv supernet, weights and the stem's BatchNorm running statistics off their init."""
+    torch.manual_seed(0)
+    net = perturb(Supernet(SPACES['mu_conv'])).eval()
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    return net
+
+
+def test_conv_stem_space_carries_the_stem():
+    space = SPACES['mu_conv']
+    assert space.stem == 'conv' and SPACES['mu'].stem == 'linear'
+    assert space.supernet_args()['stem'] == 'conv' and space.model_args(space.smallest())['stem'] == 'conv'
+    assert SearchSpace.from_dict(json.loads(json.dumps(space.to_dict()))) == space
+    old = SPACES['mu'].to_dict()
+    del old['stem']   # a definition written before the stem option: the linear stem
+    assert SearchSpace.from_dict(old) == SPACES['mu']
+    with pytest.raises(SearchSpaceError, match=r'stem must be one of linear, conv; got .patchify.'):
+        dataclasses.replace(space, stem='patchify')
+    with pytest.raises(SearchSpaceError, match=r'the conv stem needs an even patch size dividing img_size, got '
+                                               r'patch_size 1 and img_size 32'):
+        dataclasses.replace(space, patch_size=1, img_size=32, depths=[3, 3, 3])
+    with pytest.raises(SearchSpaceError, match=r'stem is set by the search space'):
+        Supernet(space, stem='linear')
+    with pytest.raises(SearchSpaceError, match=r'stem_width is set by the search space'):
+        Supernet(space, stem_width=16)
+
+
+def test_conv_stem_supernet_equals_its_sliced_subnets(conv_supernet, archs):
+    """archs are the mu space's; mu_conv has the same genes."""
+    assert isinstance(conv_supernet.model.patch_embed, ConvStem)
+    x = _x(4, seed=2)
+    with torch.no_grad():
+        for arch in archs:
+            sub = conv_supernet.subnet(arch)
+            assert isinstance(sub.patch_embed, ConvStem) and sub.model_args['stem'] == 'conv'
+            assert sub.patch_embed.proj.out_channels == arch.widths[0]
+            assert torch.allclose(conv_supernet(x, arch), sub(x), atol=1e-5), arch
+        a, b = archs[2], archs[3]
+        out = conv_supernet(x, [a, b])
+        ref = torch.cat([conv_supernet.subnet(a)(x[:2]), conv_supernet.subnet(b)(x[2:])])
+        assert torch.allclose(out, ref, atol=1e-5)
+        assert conv_supernet.space.macs(a) == round(count_gmacs(conv_supernet.subnet(a)) * 1e9)
+        assert conv_supernet.space.macs(a) > SPACES['mu'].macs(a)
+
+
+def test_conv_stem_batch_statistics_are_the_shared_stems(conv_supernet, archs):
+    """Training mode: the unmasked stem's BatchNorm sees the whole batch, so two archs in one batch give
+    each example what its sliced sub-network gives on that whole batch."""
+    x = _x(4, seed=4)
+    a, b = archs[2], archs[3]
+    try:
+        conv_supernet.train()
+        with torch.no_grad():
+            subs = [conv_supernet.subnet(a), conv_supernet.subnet(b)]   # in training mode, like the supernet
+            out = conv_supernet(x, [a, b])
+            ref = torch.cat([subs[0](x)[:2], subs[1](x)[2:]])
+        assert subs[0].training and torch.allclose(out, ref, atol=1e-5)
+    finally:
+        conv_supernet.eval()

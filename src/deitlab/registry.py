@@ -26,7 +26,7 @@ import importlib
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, Optional, Type
 
-__all__ = ['Entry', 'Registry', 'load_target', 'TOKEN_FUSION', 'MIX_MODES', 'SALIENCY', 'PRUNABLE']
+__all__ = ['Entry', 'Registry', 'load_target', 'TOKEN_FUSION', 'MIX_MODES', 'SALIENCY', 'PRUNABLE', 'VITRES_STEMS']
 
 
 def load_target(spec: str) -> Any:
@@ -164,3 +164,13 @@ PRUNABLE.register('spectformer', 'deitlab.prune.families:SpectFormerLayout', 'Sp
                   classes=('deitlab.models.spectformer:SpectFormer',))
 PRUNABLE.register('poolformer', 'deitlab.prune.families:PoolFormerLayout', 'PoolFormer: MLP hidden widths',
                   classes=('deitlab.models.poolformer:PoolFormer',))
+
+# ------------------------------------------------------------------------------ ViT-Res stems
+#: The patch stems of ViT-Res (``ViTRes(stem=...)``, ``SearchSpace.stem``), built by
+#: ``models/vitres_stems.build_stem``; ``even_patch``: needs an even patch size dividing the image.
+VITRES_STEMS = Registry('ViT-Res stem')
+VITRES_STEMS.register('linear', 'timm.layers:PatchEmbed', 'the patch embedding, Conv2d with kernel = stride = patch',
+                      even_patch=False)
+VITRES_STEMS.register('conv', 'deitlab.models.vitres_stems:ConvStem',
+                      "ViT-ResNAS's release: 3x3 conv-BN-ReLU stride 2, a residual pair of 3x3 conv-BN-ReLU, a "
+                      "projection with kernel = stride = patch / 2", even_patch=True)

@@ -45,9 +45,11 @@ import torch
 import torch.nn as nn
 from timm.layers import PatchEmbed, to_2tuple
 
+from ..registry import VITRES_STEMS
+
 __all__ = ['STEMS', 'DEFAULT_STEM_WIDTH', 'ConvStem', 'build_stem', 'check_stem', 'stem_macs']
 
-STEMS = ('linear', 'conv')
+STEMS = VITRES_STEMS.names()   # ('linear', 'conv')
 DEFAULT_STEM_WIDTH = 32   # the conv stem's hidden width (module docstring)
 IntPair = Union[int, Sequence[int]]
 
@@ -107,11 +109,10 @@ class ConvStem(nn.Module):
 
 def check_stem(stem: str) -> str:
     """``stem`` if it is one of :data:`STEMS`, else ``ValueError`` describing them."""
-    if stem in STEMS:
+    if stem in VITRES_STEMS:
         return stem
-    raise ValueError(f'unknown ViT-Res stem {stem!r}; supported: {", ".join(STEMS)} (linear: the patch embedding '
-                     f'Conv2d with kernel = stride = patch_size; conv: 3x3 conv-BN-ReLU stride 2, a residual pair '
-                     f'of 3x3 conv-BN-ReLU, a projection with kernel = stride = patch_size / 2)')
+    raise ValueError(f'unknown ViT-Res stem {stem!r}; supported: '
+                     + '; '.join(f'{e.name} ({e.help})' for e in VITRES_STEMS))
 
 
 def build_stem(stem: str, img_size: IntPair, patch_size: IntPair, in_chans: int, embed_dim: int,

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Dict, List
 
 from ..layers.block import block_macs
+from ..models.vitres_stems import stem_macs
 from .space import Arch, SearchSpace
 
 __all__ = ['arch_macs', 'macs_parts', 'stage_grids', 'stage_tokens']
@@ -28,12 +29,12 @@ def stage_tokens(space: SearchSpace) -> List[int]:
 
 
 def macs_parts(space: SearchSpace, arch: Arch) -> Dict[str, int]:
-    """MACs per image of ``arch`` (validated) by part: ``stem`` (patch embedding), ``blocks``
+    """MACs per image of ``arch`` (validated) by part: ``stem`` (the space's patch stem), ``blocks``
     (the kept blocks), ``reductions`` and ``head``; ``total`` is their sum, ``SearchSpace.macs``."""
     space.validate(arch)
     grids, tokens, prefix = stage_grids(space), stage_tokens(space), 2 if space.distilled else 1
     d, C = space.head_dim, arch.widths
-    stem = grids[0] ** 2 * space.in_chans * space.patch_size ** 2 * C[0]
+    stem = stem_macs(space.stem, space.img_size, space.patch_size, space.in_chans, C[0])
     blocks = sum(sum(block_macs(tokens[s], C[s], arch.heads[i], d, d, arch.mlp_hidden[i]).values())
                  for i, s in enumerate(space.stage_of) if arch.keep[i])
     reductions = sum(9 * C[s - 1] * C[s] * grids[s] ** 2 + prefix * C[s - 1] * C[s] for s in range(1, len(C)))

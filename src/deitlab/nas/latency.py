@@ -6,8 +6,8 @@ space allows:
 * per stage ``s``, the time of one transformer block of every width choice ``C_s`` on that stage's
   token count, on a grid of (heads, MLP hidden width);
 * every residual spatial reduction ``C_{s-1} -> C_s`` (all pairs of width choices);
-* the stem (patch embedding, class / distillation tokens, position embedding) at every stage-1
-  width and the head (final LayerNorm and classifier) at every last-stage width.
+* the stem (the space's patch stem, linear or conv; class / distillation tokens, position
+  embedding) at every stage-1 width and the head (final LayerNorm and classifier) at every last-stage width.
 
 The prediction for an architecture is the sum of its parts (skipped blocks cost nothing); a block
 whose MLP width is not on the grid is interpolated linearly between the nearest timed widths (or
@@ -41,11 +41,11 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 import torch.nn as nn
-from timm.layers import PatchEmbed
 
 from ..bench.common import device_name, load_average, num_threads, synchronize
 from ..layers import WidthBlock
 from ..models.vitres import ResidualSpatialReduction, ViTRes
+from ..models.vitres_stems import build_stem
 from ..rundir import atomic_write_bytes
 from .config import read_json_file
 from .cost import stage_grids, stage_tokens
@@ -56,7 +56,8 @@ __all__ = ['LatencyTable', 'LatencyTableError', 'build_latency_table', 'check_pr
 
 TABLE_FORMAT = 'deitlab-nas-latency/1'
 # what a table's timings depend on: a space that differs here needs its own table
-_SHAPE_KEYS = ('depths', 'head_dim', 'img_size', 'patch_size', 'in_chans', 'distilled')
+_SHAPE_KEYS = ('depths', 'head_dim', 'img_size', 'patch_size', 'in_chans', 'distilled', 'stem')
+_OLD_DEFAULTS = dict(stem='linear')   # keys tables written before them lack
 
 
 class LatencyTableError(SearchSpaceError):
@@ -66,11 +67,12 @@ class LatencyTableError(SearchSpaceError):
 # ----------------------------------------------------------------------------- the parts as modules
 
 class _Stem(nn.Module):
-    """Patch embedding, prefix tokens and position embedding: the start of ``ViTRes.forward_features``."""
+    """The space's patch stem (linear or conv, as its networks are built), prefix tokens and position
+    embedding: the start of ``ViTRes.forward_features``."""
 
     def __init__(self, space: SearchSpace, width: int):
         super().__init__()
-        self.patch_embed = PatchEmbed(space.img_size, space.patch_size, space.in_chans, width)
+        self.patch_embed = build_stem(space.stem, space.img_size, space.patch_size, space.in_chans, width)
         self.prefix = nn.Parameter(torch.zeros(1, 2 if space.distilled else 1, width))
         self.pos_embed = nn.Parameter(torch.zeros(1, stage_tokens(space)[0], width))
 
@@ -205,7 +207,7 @@ class LatencyTable:
     def check_space(self, space: SearchSpace) -> None:
         """``LatencyTableError`` unless the table was timed for ``space``'s shapes (token counts,
         head width, depths) and covers its width and head choices."""
-        mine = self.space
+        mine = {**_OLD_DEFAULTS, **self.space}
         diff = [k for k in _SHAPE_KEYS if mine.get(k) != getattr(space, k)]
         if diff:
             detail = ', '.join(f'{k} {mine.get(k)!r} vs {getattr(space, k)!r}' for k in diff)

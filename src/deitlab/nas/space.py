@@ -11,6 +11,11 @@ supernet. A :class:`SearchSpace` lists the genes:
 * per block, whether it is kept; only the blocks in ``skippable`` may be skipped (never the first
   block of a stage, so every stage keeps at least one block).
 
+The patch stem (``stem``: 'linear' or the release's 'conv', ``deitlab.models.vitres_stems``) is
+one for the whole space and not searched: only its output channels follow the stage-1 width gene
+(sliced and masked like every other width); the conv stem's hidden layers have their default width
+in every network of the space.
+
 An :class:`Arch` is one choice of every gene (hashable, JSON via ``to_dict`` / ``from_dict``). The
 genes of a skipped block are carried but do not change the network; :meth:`Arch.canonical` sets
 them to the block's smallest choices, so two archs name the same network iff their canonical forms
@@ -21,6 +26,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
+
+from ..registry import VITRES_STEMS
 
 __all__ = ['Arch', 'SearchSpace', 'SearchSpaceError', 'SPACES']
 
@@ -82,7 +89,8 @@ class SearchSpace:
     per stage (``len(depths)`` lists, expanded to its blocks). ``skippable`` holds global block
     indices (all stages in order). ``model_name``, if set, is the timm name sub-networks and the
     supernet are built through (so that they carry a ``pretrained_cfg`` and can be saved as run
-    directories); its distilled form must match ``distilled``.
+    directories); its distilled form must match ``distilled``. ``stem`` is the patch stem of every
+    network of the space (not a gene).
     """
 
     widths: List[List[int]]
@@ -97,6 +105,7 @@ class SearchSpace:
     num_classes: int = 10
     distilled: bool = False
     model_name: Optional[str] = None
+    stem: str = 'linear'
     _macs: Dict[Arch, int] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self):
@@ -132,6 +141,10 @@ class SearchSpace:
         if grid < 1 or grid % factor:
             raise SearchSpaceError(f'img_size {self.img_size} with patch_size {self.patch_size} gives a {grid}x{grid} '
                                    f'grid, which must halve exactly at each of the {S - 1} reductions')
+        VITRES_STEMS.check(self.stem, SearchSpaceError, 'stem')
+        if VITRES_STEMS[self.stem]['even_patch'] and (self.patch_size % 2 or self.img_size % self.patch_size):
+            raise SearchSpaceError(f'the {self.stem} stem needs an even patch size dividing img_size, got patch_size '
+                                   f'{self.patch_size} and img_size {self.img_size}')
         if self.model_name is not None and ('_distilled' in self.model_name) != bool(self.distilled):
             raise SearchSpaceError(f'model_name {self.model_name!r} does not match distilled={self.distilled}')
 
@@ -147,7 +160,7 @@ class SearchSpace:
     # ------------------------------------------------------------------ definition
 
     _FIELDS = ('widths', 'depths', 'heads', 'mlp_hidden', 'skippable', 'head_dim', 'img_size', 'patch_size',
-               'in_chans', 'num_classes', 'distilled', 'model_name')
+               'in_chans', 'num_classes', 'distilled', 'model_name', 'stem')
 
     def to_dict(self) -> dict:
         """The definition as plain JSON values (per-block ``heads`` / ``mlp_hidden``); equal
@@ -269,7 +282,8 @@ class SearchSpace:
 
     def _common_args(self) -> dict:
         return dict(img_size=self.img_size, patch_size=self.patch_size, in_chans=self.in_chans,
-                    num_classes=self.num_classes, distilled=bool(self.distilled), head_dim=self.head_dim)
+                    num_classes=self.num_classes, distilled=bool(self.distilled), head_dim=self.head_dim,
+                    stem=self.stem)
 
     def supernet_args(self) -> dict:
         """ViTRes constructor arguments of the largest network (the supernet's shape)."""
@@ -299,16 +313,16 @@ class SearchSpace:
         return self._macs[key]
 
 
-def _mu(distilled: bool) -> SearchSpace:
+def _mu(distilled: bool, stem: str = 'linear') -> SearchSpace:
     """ViT-ResNAS's ``sr_tiny_mh`` shape in miniature for 32 px inputs: patch 4 (grids 8x8, 4x4,
     2x2), three stages of three blocks (the 2nd and 3rd of each skippable), heads of width 32, MLP
-    hidden 2x / 3x / 4x the stage's largest width."""
+    hidden 2x / 3x / 4x the stage's largest width; ``stem`` the patch stem of all its networks."""
     widths = [[48, 56, 64], [96, 112, 128], [192, 224, 256]]
     return SearchSpace(
         widths=widths, depths=[3, 3, 3], heads=[[1, 2], [2, 3, 4], [4, 6, 8]],
         mlp_hidden=[[r * w[-1] for r in (2, 3, 4)] for w in widths], skippable=[1, 2, 4, 5, 7, 8], head_dim=32,
         img_size=32, patch_size=4, in_chans=3, num_classes=10, distilled=distilled,
-        model_name=f'deitlab_vitres_mu{"_distilled" if distilled else ""}_patch4_32')
+        model_name=f'deitlab_vitres_mu{"_distilled" if distilled else ""}_patch4_32', stem=stem)
 
 
 def _nano(distilled: bool) -> SearchSpace:
@@ -323,6 +337,7 @@ def _nano(distilled: bool) -> SearchSpace:
         model_name=f'deitlab_vitres_nano{"_distilled" if distilled else ""}_patch4_32')
 
 
-# name -> space (the MACs cache a space keeps is a pure function of the architecture, so sharing it is safe)
+# name -> space (the MACs cache a space keeps is a pure function of the architecture, so sharing it is safe);
+# mu_conv: the mu space with the release's conv stem
 SPACES: Dict[str, SearchSpace] = {'mu': _mu(False), 'mu_distilled': _mu(True), 'nano': _nano(False),
-                                  'nano_distilled': _nano(True)}
+                                  'nano_distilled': _nano(True), 'mu_conv': _mu(False, stem='conv')}

@@ -8,9 +8,15 @@ per-example masks, so one batch can hold several architectures (the paper's mult
 sampling: example ``i`` uses ``archs[i // (B // len(archs))]``, one forward and one backward for
 all):
 
-* channels ``(B, 1, C_s)``: applied after the patch embedding and position embedding, to both
-  branch outputs of every block (so the stream stays zero outside the active channels) and after
-  each residual spatial reduction;
+* channels ``(B, 1, C_s)``: applied after the patch stem and position embedding, to both branch
+  outputs of every block (so the stream stays zero outside the active channels) and after each
+  residual spatial reduction;
+* the patch stem (``space.stem``) runs unmasked: the linear stem is one projection, and the conv
+  stem's hidden convolutions and BatchNorms are shared by every sub-network (their width is not a
+  gene), only its projection's output channels follow the stage-1 width, masked as above. A mask
+  inside the conv stem would be wrong in training mode: BatchNorm's batch statistics would average
+  the zeros of the examples whose sub-network lacks a channel. As it is, the statistics are those of
+  the shared stem over the whole batch, as in any sub-network run on that batch;
 * heads ``(B, H, 1, 1)``: the context of inactive heads is zeroed before ``proj``;
 * MLP hidden ``(B, 1, M)``: after the activation;
 * keep: a block runs on the examples that keep it only (the identity for the others);
@@ -228,7 +234,7 @@ class Supernet(nn.Module):
         args = self.space.model_args(arch)
         m = self.model
         p = next(m.parameters())
-        kwargs = {k: v for k, v in m.arch_kwargs.items() if k != 'distilled'}
+        kwargs = {k: v for k, v in m.arch_kwargs.items() if k not in args and k != 'stem_width'}   # drop path, qkv bias
         with torch.device('meta'):   # no initialisation: every tensor is loaded from the supernet below
             sub = _build(self.space, args, **kwargs)
         if set(sub.state_dict()) == {name for name, _ in sub.named_parameters()} | \
@@ -262,6 +268,11 @@ def _qkv_rows(H: int, h: int, d: int, device) -> torch.Tensor:
 
 
 def _build(space: SearchSpace, args: dict, **kwargs) -> ViTRes:
+    fixed = sorted(set(kwargs) & (set(args) | {'stem_width'}))
+    if fixed:
+        raise SearchSpaceError(f'{", ".join(fixed)} {"is" if len(fixed) == 1 else "are"} set by the search space (its '
+                               f'definition, and the default conv stem width its MACs and latency tables assume); '
+                               f'pass only other ViTRes arguments (e.g. drop_path_rate)')
     if space.model_name is None:
         return ViTRes(**args, **kwargs)
     import timm

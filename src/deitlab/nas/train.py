@@ -230,6 +230,7 @@ def check_checkpoint(ckpt: dict, cfg: SupernetConfig, space: SearchSpace, path: 
     check_resume_settings(ckpt.get('config', {}), cfg, _RESUME_KEYS, path,
                           'resume with its settings or train into a new --out')
     before, now = ckpt.get('space_def') or {}, space.to_dict()
+    before = {'stem': 'linear', **before}   # checkpoints from before the stem option had the linear stem
     if before != now:
         keys = [k for k in now if before.get(k) != now[k]]
         detail = '; '.join(f'{k}: saved {before.get(k)!r} vs now {now[k]!r}' for k in keys)
