@@ -315,3 +315,50 @@ def test_conv_stem_hand_count_equals_counter():
     assert round(count_gmacs(model) * 1e9) - round(count_gmacs(linear) * 1e9) == stem - 4 * 4 * (1 * 4 * 4) * 8
     assert analytic_macs(model)['patch_embed'] == stem
     assert analytic_macs(model)['total'] == round(count_gmacs(model) * 1e9)
+
+
+# ----------------------------------------------------------------------------- the patch head
+
+@pytest.mark.parametrize('name', ['deitlab_vitres_mu_patch4_32', 'deitlab_vitres_mu_distilled_patch4_32'])
+def test_patch_head_leaves_the_class_logits_and_classifies_every_last_stage_token(name):
+    torch.manual_seed(0)
+    model = _perturb(timm.create_model(name, num_classes=5, patch_head=True)).eval()
+    plain = timm.create_model(name, num_classes=5).eval()
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith('patch_head.')})
+    x = torch.randn(3, 3, 32, 32)
+    P = model.num_prefix_tokens
+    with torch.no_grad():
+        out, patches = model.forward_dense(x)
+        assert torch.equal(model(x), plain(x)) and torch.equal(out, plain(x))
+        assert model.patch_grid == (2, 2) and patches.shape == (3, 4, 5)
+        tokens = model.forward_features(x)[:, P:]
+        assert torch.allclose(patches, tokens @ model.patch_head.weight.T + model.patch_head.bias, atol=1e-6)
+        with model.capture_patch_logits() as got:
+            assert got.logits is None
+            assert torch.equal(model(x), out)
+        assert torch.equal(got.logits, patches)
+        assert model._patch_sink is None   # the capture ends with the block
+    with pytest.raises(ValueError, match='no patch head to capture; build it with patch_head=True'):
+        with plain.capture_patch_logits():
+            pass
+    model.reset_classifier(7)
+    assert model.patch_head.out_features == 7 and model.forward_dense(x)[1].shape == (3, 4, 7)
+
+
+def test_patch_head_round_trip_and_macs(tmp_path):
+    torch.manual_seed(0)
+    model = _perturb(timm.create_model('deitlab_vitres_mu_patch4_32', stem='conv', patch_head=True, in_chans=1)).eval()
+    assert model.model_args['patch_head'] is True and 'patch_head' not in timm.create_model(
+        'deitlab_vitres_mu_patch4_32').model_args
+    save_run_dir(model, tmp_path)
+    loaded = create(f'local-dir:{tmp_path}').eval()
+    assert loaded.model_args == model.model_args and loaded.patch_head is not None
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        for a, b in zip(loaded.forward_dense(x), model.forward_dense(x)):
+            assert torch.equal(a, b)
+    parts = analytic_macs(model)
+    assert parts['patch_head'] == 2 * 2 * 256 * 10                     # 4 last-stage tokens x C_S x K
+    assert parts['total'] == round(count_gmacs(model) * 1e9)           # inference: the class head only
+    assert parts['total'] == analytic_macs(timm.create_model('deitlab_vitres_mu_patch4_32', stem='conv',
+                                                             in_chans=1))['total']

@@ -21,7 +21,12 @@ search). The network:
 
 * a final LayerNorm and a linear ``head`` on the class token (with distillation a second
   ``head_dist`` on the DIST token: averaged logits at eval, both returned in training after
-  ``set_distilled_training(True)``, as deitlab's ``DeiTDistilled``).
+  ``set_distilled_training(True)``, as deitlab's ``DeiTDistilled``);
+* optionally (``patch_head=True``, the release's training) an auxiliary ``patch_head``: one Linear
+  ``C_S -> K`` applied to every patch token of the last stage, ``(B, h_S w_S, K)``. It is trained by
+  ``--mix patchmix`` (:mod:`deitlab.train.patchmix`) and not used at inference: ``forward`` returns
+  the class head's logits, with or without it. ``forward_dense`` returns both,
+  :meth:`ViTRes.capture_patch_logits` records the patch logits of the forwards run inside it.
 
 The blocks of all stages are one flat ``blocks`` list (stages in order, ``depths`` tells where each
 stage starts), so ``block_widths`` (deitlab's ``WidthMixin``) and the class-token attention capture
@@ -29,7 +34,8 @@ see them as in DeiT; the S - 1 reductions are ``reductions.{s}``.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple, Union
+import contextlib
+from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -45,7 +51,7 @@ from .inputs import resolve_input_size
 from .registry import register_closed_form, register_variant
 from .vitres_stems import DEFAULT_STEM_WIDTH, build_stem, check_stem, stem_macs
 
-__all__ = ['ViTRes', 'ResidualSpatialReduction', 'VITRES_CONFIGS', 'vitres_macs']
+__all__ = ['ViTRes', 'ResidualSpatialReduction', 'PatchLogits', 'VITRES_CONFIGS', 'vitres_macs']
 
 IntOrList = Union[int, Sequence[int], None]
 
@@ -112,6 +118,14 @@ class ResidualSpatialReduction(nn.Module):
         return main + residual
 
 
+class PatchLogits:
+    """Where :meth:`ViTRes.capture_patch_logits` puts the patch head's logits ``(B, N_S, K)`` of the
+    last forward (``logits`` is None before one)."""
+
+    def __init__(self):
+        self.logits: Optional[torch.Tensor] = None
+
+
 class ViTRes(WidthMixin, nn.Module):
     """Multi-stage ViT with residual spatial reduction (see the module docstring).
 
@@ -121,6 +135,7 @@ class ViTRes(WidthMixin, nn.Module):
     unset) and ``mlp_hidden`` is ``mlp_ratio * C_s``. The patch grid ``img_size // patch_size`` must
     halve exactly at each of the S - 1 reductions. ``stem`` is 'linear' or 'conv' (the conv stem
     needs an even patch size; ``stem_width`` is its hidden width, see ``vitres_stems``).
+    ``patch_head`` adds the auxiliary per-patch classifier of the last stage (module docstring).
     """
 
     def __init__(
@@ -140,6 +155,7 @@ class ViTRes(WidthMixin, nn.Module):
             qkv_bias: bool = True,
             stem: str = 'linear',
             stem_width: int = DEFAULT_STEM_WIDTH,
+            patch_head: bool = False,
     ):
         super().__init__()
         check_stem(stem)
@@ -194,10 +210,14 @@ class ViTRes(WidthMixin, nn.Module):
         self.norm = nn.LayerNorm(widths[-1])
         self.head = self._new_head()
         self.head_dist = self._new_head() if self.distilled else None
+        self.patch_head = self._new_head() if patch_head else None
+        self._patch_sink: Optional[PatchLogits] = None
         self.arch_kwargs = dict(distilled=self.distilled, drop_path_rate=float(drop_path_rate),
                                 qkv_bias=bool(qkv_bias), stem=stem)
         if stem == 'conv':
             self.arch_kwargs['stem_width'] = int(stem_width)
+        if patch_head:
+            self.arch_kwargs['patch_head'] = True
         self._init_weights()
 
     def _new_head(self) -> nn.Module:
@@ -228,6 +248,11 @@ class ViTRes(WidthMixin, nn.Module):
                     widths=list(self.widths), depths=list(self.depths), num_heads=w['num_heads'],
                     head_dim=w['qk_dim'], mlp_hidden=w['mlp_hidden'], **self.arch_kwargs)
 
+    @property
+    def patch_grid(self) -> Tuple[int, int]:
+        """The last stage's token grid (h_S, w_S): the tokens the patch head classifies, row-major."""
+        return tuple(self.grid_sizes[-1])
+
     def stage_blocks(self, s: int) -> List[nn.Module]:
         """The blocks of stage ``s``."""
         start = sum(self.depths[:s])
@@ -252,6 +277,8 @@ class ViTRes(WidthMixin, nn.Module):
         self.head = self._new_head().to(device=p.device, dtype=p.dtype).train(self.training)
         if self.distilled:
             self.head_dist = self._new_head().to(device=p.device, dtype=p.dtype).train(self.training)
+        if self.patch_head is not None:
+            self.patch_head = self._new_head().to(device=p.device, dtype=p.dtype).train(self.training)
 
     @torch.jit.ignore
     def set_distilled_training(self, enable: bool = True) -> None:
@@ -280,8 +307,35 @@ class ViTRes(WidthMixin, nn.Module):
             return x, x_dist
         return (x + x_dist) / 2
 
+    def forward_patch_head(self, x: torch.Tensor) -> torch.Tensor:
+        """Final-norm tokens (B, P + h_S w_S, C_S) -> the patch head's logits (B, h_S w_S, K)."""
+        if self.patch_head is None:
+            raise ValueError('this ViT-Res has no patch head; build it with patch_head=True')
+        return self.patch_head(x[:, self.num_prefix_tokens:])
+
+    def forward_dense(self, x: torch.Tensor):
+        """Images -> ``(forward(x), patch logits (B, h_S w_S, K))``."""
+        x = self.forward_features(x)
+        return self.forward_head(x), self.forward_patch_head(x)
+
+    @contextlib.contextmanager
+    def capture_patch_logits(self) -> Iterator[PatchLogits]:
+        """Within the block every ``forward`` also runs the patch head and leaves its logits (with
+        their graph) in the yielded :class:`PatchLogits`; the output is unchanged. Runs inside the
+        forward, so a DDP wrapper sees the patch head used."""
+        if self.patch_head is None:
+            raise ValueError('this ViT-Res has no patch head to capture; build it with patch_head=True')
+        before, self._patch_sink = self._patch_sink, PatchLogits()
+        try:
+            yield self._patch_sink
+        finally:
+            self._patch_sink = before
+
     def forward(self, x: torch.Tensor):
-        return self.forward_head(self.forward_features(x))
+        x = self.forward_features(x)
+        if self._patch_sink is not None:
+            self._patch_sink.logits = self.forward_patch_head(x)
+        return self.forward_head(x)
 
 
 # ----------------------------------------------------------------------------- closed form
@@ -302,8 +356,10 @@ def vitres_macs(model: ViTRes, input_size: Optional[Sequence[int]] = None) -> di
         reduction_conv    per reduction s-1 -> s   9 * C_{s-1} * C_s * h_s w_s
         reduction_tokens  per reduction s-1 -> s   P * C_{s-1} * C_s
         head              C_S * K per head (two with distillation)
+        patch_head        h_S w_S * C_S * K, the training-only patch head (``patch_head=True``;
+                          not in ``total``: inference does not run it)
 
-    ``total`` is their sum, what ``count_gmacs`` counts; LayerNorms, softmax, GELU, the 2x2 average
+    ``total`` is the sum of the others, what ``count_gmacs`` counts; LayerNorms, softmax, GELU, the 2x2 average
     pooling, the zero padding and all adds are free, and so are the conv stem's BatchNorms (folded
     into its convolutions at inference) and ReLUs. Also returned: ``blocks`` (MACs per block),
     ``tokens`` (N_s per stage), ``grids`` and ``input_size``. The position embeddings are sized for
@@ -339,6 +395,9 @@ def vitres_macs(model: ViTRes, input_size: Optional[Sequence[int]] = None) -> di
     heads = [model.head] + ([model.head_dist] if model.distilled else [])
     parts['head'] = sum(hd.in_features * hd.out_features for hd in heads if isinstance(hd, nn.Linear))
     parts['total'] = sum(parts.values())
+    if isinstance(model.patch_head, nn.Linear):
+        gh, gw = model.patch_grid
+        parts['patch_head'] = gh * gw * model.patch_head.in_features * model.patch_head.out_features
     parts.update(blocks=per_block, tokens=tokens, grids=[tuple(g) for g in model.grid_sizes],
                  input_size=tuple(size))
     return parts
