@@ -137,6 +137,11 @@ CASES = [
      r"--model-kwargs takes K=V pairs \(e.g. depth=6\), got 'depth'"),
     ('train-recipe-unknown', TRAIN_O + ['--recipe', 'banana'], r"unknown recipe 'banana'"),
     ('train-mix-unknown', TRAIN_O + ['--mix', 'banana'], r'mix must be one of none, mixup'),
+    ('train-patchmix-no-patch-head', TRAIN_O + ['--mix', 'patchmix'],
+     r"--mix patchmix trains an auxiliary head on the last stage's patch tokens, and DeiT has none: build a ViT-Res "
+     r"with a patch head \(--model-kwargs patch_head=true\)"),
+    ('train-patch-loss-weight', TRAIN_O + ['--mix', 'patchmix', '--patch-loss-weight', '-1'],
+     r'patch_loss_weight must be >= 0, got -1'),
     ('train-distill-no-teacher', TRAIN_O + ['--distill', 'soft'],
      r'--distill soft needs --teacher'),
     # train: resuming (the run in {root}/resumable: 1 epoch, recipe short)

@@ -128,7 +128,8 @@ TOKEN_FUSION.register('mctf-fast', 'deitlab.tokens.mctf:apply_mctf', 'MCTF-Fast:
 # ------------------------------------------------------------------------------ batch mixing
 #: How a training batch is mixed (``train --mix``); implemented by ``train.mixing.BatchMixer``.
 #: ``mixup`` / ``cutmix``: uses that Beta alpha (``--mixup`` / ``--cutmix``); ``maskmix``: draws MaskMix
-#: masks; ``attention``: labels from the class token's attention (needs a class token, no fusion).
+#: masks; ``attention``: labels from the class token's attention (needs a class token, no fusion);
+#: ``patch``: labels every last-stage patch token (needs a patch head, no fusion).
 MIX_MODES = Registry('mix')
 for _name, _help, _flags in (
         ('none', 'no mixing', ''),
@@ -139,8 +140,11 @@ for _name, _help, _flags in (
          'mixup cutmix attention'),
         ('maskmix', 'MaskMix: patch-aligned masks, area labels (Zhao et al. 2023)', 'mixup cutmix maskmix'),
         ('mixpro', 'MixPro: MaskMix with progressive attention labels (Zhao et al. 2023)',
-         'mixup cutmix maskmix attention')):
-    MIX_MODES.register(_name, None, _help, **{k: k in _flags.split() for k in ('mixup', 'cutmix', 'maskmix', 'attention')})
+         'mixup cutmix maskmix attention'),
+        ('patchmix', "patch-token mix: CutMix on the last stage's token grid, a loss on every patch token "
+                     "(ViT-ResNAS's release; Gong et al. 2021, Jiang et al. 2021); needs a patch head", 'cutmix patch')):
+    MIX_MODES.register(_name, None, _help,
+                       **{k: k in _flags.split() for k in ('mixup', 'cutmix', 'maskmix', 'attention', 'patch')})
 
 # ------------------------------------------------------------------------------ saliency
 #: Unit importance for structural pruning (``prune nvit --criterion``); each target is one class

@@ -86,6 +86,9 @@ class TrainConfig(DCALSettings):
                                    "code's 0.5)"))
     pal_detach_alpha: bool = field(default=False, metadata=dict(
         group='augmentation', help="MixPro: treat PAL's alpha as a constant (the release does not)"))
+    patch_loss_weight: float = field(default=0.5, metadata=dict(
+        group='augmentation', help="patchmix: weight of the patch-token loss next to the class token's (Token "
+                                   "Labeling's 0.5)"))
     defence: str = field(default='none', metadata=dict(
         group='augmentation',
         help='none | blur[:p=0.3,k=3] | noise[:std=0.25] | adv[:eps=4,steps=3,alpha=...] (deitlab.unlearnable.defences)'))
@@ -193,6 +196,9 @@ class TrainConfig(DCALSettings):
             raise ConfigError(f'--mix {self.mix} labels from the last block\'s attention over all patch tokens; it '
                               f'does not compose with --token-fusion {self.token_fusion}, which merges tokens '
                               f'before that block (use --mix maskmix or mixup-cutmix)')
+        if MIX_MODES[self.mix]['patch'] and self.token_fusion != 'none':
+            raise ConfigError(f'--mix {self.mix} labels every patch token of the last stage by its place on the grid; '
+                              f'it does not compose with --token-fusion {self.token_fusion}, which merges tokens')
         from ..unlearnable.defences import parse_defence
         try:
             parse_defence(self.defence)
@@ -219,8 +225,9 @@ class TrainConfig(DCALSettings):
         if self.token_fusion != 'none':
             raise ConfigError(f'--multilevel swaps the model at each stage; it does not compose with --token-fusion '
                               f'{self.token_fusion} (fuse the trained model afterwards: deitlab fuse)')
-        if MIX_MODES.get(self.mix, ConfigError)['attention']:
-            raise ConfigError(f'--multilevel swaps the model at each stage; --mix {self.mix} reads the attention of '
+        if MIX_MODES.get(self.mix, ConfigError)['attention'] or MIX_MODES[self.mix]['patch']:
+            what = 'the patch logits' if MIX_MODES[self.mix]['patch'] else 'the attention'
+            raise ConfigError(f'--multilevel swaps the model at each stage; --mix {self.mix} reads {what} of '
                               f'the model it was built with: use mixup-cutmix, maskmix or none')
 
     def _check_ranges(self) -> None:
@@ -232,6 +239,7 @@ class TrainConfig(DCALSettings):
                  ('cutmix', '>= 0', lambda v: v >= 0), ('mixup_prob', 'in [0, 1]', lambda v: 0 <= v <= 1),
                  ('mixup_switch_prob', 'in [0, 1]', lambda v: 0 <= v <= 1),
                  ('maskmix_prob', 'in [0, 1]', lambda v: 0 <= v <= 1),
+                 ('patch_loss_weight', '>= 0', lambda v: v >= 0),
                  ('drop_path', 'in [0, 1)', lambda v: 0 <= v < 1), ('drop', 'in [0, 1)', lambda v: 0 <= v < 1),
                  ('ema_decay', 'in (0, 1)', lambda v: 0 < v < 1), ('distill_tau', '> 0', lambda v: v > 0),
                  ('img_size', '>= 1', lambda v: v >= 1), ('in_chans', '>= 1', lambda v: v >= 1),
@@ -248,7 +256,7 @@ class TrainConfig(DCALSettings):
         """Whether batches are mixed (they then need an even size per process)."""
         if self.mix == 'none':
             return False
-        return MIX_MODES[self.mix]['maskmix'] or (self.mixup_prob > 0 and (self.mixup > 0 or self.cutmix > 0))
+        return MIX_MODES[self.mix]['maskmix'] or MIX_MODES[self.mix]['patch'] or (self.mixup_prob > 0 and (self.mixup > 0 or self.cutmix > 0))
 
     def resolved_lr(self) -> float:
         return self.lr if self.lr is not None else self.base_lr * self.batch_size / 512

@@ -2,7 +2,7 @@
 hooks of the shared :class:`~deitlab.train.loop.Trainer`.
 
 Per step (``_DeiTBatches``, then the trainer): optional defence and batch mixing (``--mix``: timm
-Mixup/CutMix, TransMix or MixPro) -> forward (bf16 autocast on CUDA) -> label loss plus optional
+Mixup/CutMix, TransMix, MixPro or patchmix) -> forward (bf16 autocast on CUDA) -> label loss plus optional
 DeiT distillation (and MCTF's consistency loss) -> NaN check -> backward -> optional clipping ->
 AdamW -> per-step cosine schedule (timm) -> optional EMA (timm). Per epoch (``_RunDirEpochs``):
 top-1/top-5 on the validation split, one line of ``metrics.jsonl``, TensorBoard scalars, an atomic
@@ -186,7 +186,7 @@ def _criterion(cfg: TrainConfig, mixer: BatchMixer, num_classes: int, device: to
     """(label loss, full criterion): the label loss for the mixing mode, DeiT distillation around
     it, and MCTF's consistency loss around that when its teacher pass is on."""
     if mixer.active:
-        base_loss = MixLoss(cfg.transmix_area_weight, cfg.pal_detach_alpha)
+        base_loss = MixLoss(cfg.transmix_area_weight, cfg.pal_detach_alpha, cfg.patch_loss_weight)
     elif cfg.smoothing > 0:
         base_loss = LabelSmoothingCrossEntropy(cfg.smoothing)
     else:
@@ -224,7 +224,7 @@ class _DeiTBatches(Hooks):
 
     def after_epoch(self, epoch: int, row: dict) -> None:
         if isinstance(self.base_loss, MixLoss):
-            row.update(self.base_loss.pop_stats())  # this process's means of PAL alpha / TransMix lambda
+            row.update(self.base_loss.pop_stats())  # this process's means of PAL alpha / TransMix lambda / patchmix losses
 
 
 class _RunDirEpochs(Hooks):

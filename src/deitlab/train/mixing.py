@@ -10,6 +10,9 @@
                           CutMix; area labels (MixPro's released DeiT-T/S configuration)
 ``mixpro``                ``maskmix`` with Progressive Attention Labelling on MaskMix batches
                           (MixPro, Zhao et al., ICLR 2023)
+``patchmix``              CutMix aligned to the last stage's token grid, replacing Mixup /
+                          CutMix, and a loss on every patch token through the model's patch
+                          head (ViT-ResNAS's release; :mod:`deitlab.train.patchmix`)
 ========================  =====================================================================
 
 Labels, with ``y_i`` the label-smoothed one-hot, ``pi`` the pairing, ``lambda_area`` the share of
@@ -20,6 +23,9 @@ last block over the token mask ``m``; :mod:`deitlab.train.mixpro`):
 * TransMix (CutMix batches): the same with ``lambda = w lambda_area + (1 - w) lambda_attn``;
   ``w = transmix_area_weight`` is 0.5 in the released code (``(lam0 + lam1) / 2``) and 0 in the
   paper's Eq. 7. Mixup batches keep the area label.
+* patchmix: soft-target CE of the class token against the area label plus ``patch_loss_weight``
+  (0.5) times the mean soft-target CE of every last-stage patch token against the label of the
+  image its region came from.
 * MixPro (MaskMix batches): ``alpha = cos(y~, softmax(z))``,
   ``lambda = alpha lambda_attn + (1 - alpha) lambda_area`` and the hard-label loss
   ``lambda CE(z, y_i) + (1 - lambda) CE(z, y_pi(i))`` with no smoothing, as released. Its other
@@ -46,12 +52,15 @@ from timm.loss import SoftTargetCrossEntropy
 from ..registry import MIX_MODES as MIX_REGISTRY
 from ..layers.capture import CapturedAttention, capture_cls_attention, find_cls_attention
 from .mixpro import attention_lambda, cutmix_token_mask, mask_mix, mixed_ce, pal_lambda, smooth_one_hot
+from .patchmix import PatchMixTarget, patch_mix, patch_mix_loss, patch_token_grid
 
-__all__ = ['MIX_MODES', 'ATTENTION_MODES', 'MixTarget', 'BatchMixer', 'MixLoss', 'default_mask_size']
+__all__ = ['MIX_MODES', 'ATTENTION_MODES', 'MixTarget', 'PatchMixTarget', 'BatchMixer', 'MixLoss',
+           'default_mask_size']
 
 MIX_MODES = MIX_REGISTRY.names()
 ATTENTION_MODES = MIX_REGISTRY.names(attention=True)
 MASK_MODES = MIX_REGISTRY.names(maskmix=True)
+PATCH_MODES = MIX_REGISTRY.names(patch=True)
 
 
 def default_mask_size(img_size: int, patch_size: int) -> int:
@@ -127,7 +136,7 @@ class BatchMixer:
         entry = MIX_REGISTRY.get(mode)
         if mode == 'mixup' and mixup_alpha <= 0:
             raise ValueError('--mix mixup needs --mixup > 0 (the Beta alpha)')
-        if mode in ('cutmix', 'transmix') and cutmix_alpha <= 0:
+        if mode in ('cutmix', 'transmix', *PATCH_MODES) and cutmix_alpha <= 0:
             raise ValueError(f'--mix {mode} needs --cutmix > 0 (the Beta alpha)')
         if mode in MASK_MODES and not (0 < maskmix_prob <= 1 and maskmix_alpha > 0):
             raise ValueError(f'--mix {mode} needs 0 < --maskmix-prob <= 1 and --maskmix-alpha > 0')
@@ -138,6 +147,10 @@ class BatchMixer:
         self.smoothing, self.maskmix_prob, self.maskmix_alpha = smoothing, maskmix_prob, maskmix_alpha
         self.transmix_area_weight, self.pal_detach_alpha = transmix_area_weight, pal_detach_alpha
         self.patch_size = model_patch_size(model)
+        self.patch_grid = self.patch_cell = None
+        if mode in PATCH_MODES:
+            self.patch_grid, self.patch_cell = patch_token_grid(model, self.img_size)   # the error, up front
+            self.cutmix_alpha, self.mixup_prob = cutmix_alpha, mixup_prob
         if mode in ATTENTION_MODES:
             try:
                 find_cls_attention(model)  # the error, up front
@@ -168,7 +181,7 @@ class BatchMixer:
         self.mixup = None
         self.off_reason = ('mixup-prob is 0' if mixup_prob <= 0 else
                            'mixup and cutmix are 0' if mix_a <= 0 and cut_a <= 0 else None)
-        if mode != 'none' and mixup_prob > 0 and (mix_a > 0 or cut_a > 0):
+        if mode != 'none' and mode not in PATCH_MODES and mixup_prob > 0 and (mix_a > 0 or cut_a > 0):
             cls = _BoxMixup if mode == 'transmix' else Mixup
             self.mixup = cls(mixup_alpha=mix_a, cutmix_alpha=cut_a, prob=mixup_prob, switch_prob=switch_prob,
                              label_smoothing=smoothing, num_classes=num_classes)
@@ -177,13 +190,17 @@ class BatchMixer:
     @property
     def active(self) -> bool:
         """Whether batches are mixed at all (then every target is soft or a :class:`MixTarget`)."""
-        return self.mixup is not None or self.mode in MASK_MODES
+        return self.mixup is not None or self.mode in MASK_MODES or self.mode in PATCH_MODES
 
     def describe(self) -> str:
         """What is applied, e.g. ``'none (mixup and cutmix are 0)'`` for ``--mix mixup-cutmix --mixup 0
         --cutmix 0``, or ``'mixup-cutmix, Mixup 0.8 / CutMix 1.0 switch 0.5'``."""
         if not self.active:
             return 'none' if self.mode == 'none' else f'none ({self.off_reason})'
+        if self.mode in PATCH_MODES:
+            (gh, gw), (ch, cw) = self.patch_grid, self.patch_cell
+            return (f'{self.mode}, CutMix {self.cutmix_alpha} on the {gh}x{gw} last-stage token grid ({ch}x{cw} px '
+                    f'cells) on {self.mixup_prob:g} of the batches, a loss on every patch token')
         parts = [self.mode]
         if self.mode in MASK_MODES:
             parts.append(f'MaskMix p={self.maskmix_prob} cells of {self.mask_size}px')
@@ -201,6 +218,9 @@ class BatchMixer:
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, Union[torch.Tensor, MixTarget]]:
         if x.shape[-2:] != self.img_size:
             raise ValueError(f'batch of size {tuple(x.shape[-2:])}, mixer built for {self.img_size}')
+        if self.mode in PATCH_MODES:
+            return patch_mix(x, y, self.num_classes, self.patch_grid, alpha=self.cutmix_alpha, smoothing=self.smoothing,
+                             prob=self.mixup_prob)
         if self.mode in MASK_MODES and float(torch.rand(())) < self.maskmix_prob:
             return self._mask_mix(x, y)
         if self.mixup is None:
@@ -223,10 +243,19 @@ class BatchMixer:
         return xm, MixTarget('pal', y, info.perm, info.lam_area, info.token_mask, y_soft, self.smoothing)
 
     def capture(self, target) -> contextlib.AbstractContextManager:
-        """Around the forward (and loss) of a batch: records the attention a :class:`MixTarget` needs."""
+        """Around the forward (and loss) of a batch: records the attention a :class:`MixTarget` needs,
+        or the patch logits a :class:`PatchMixTarget` needs."""
+        if isinstance(target, PatchMixTarget):
+            return self._capture_patches(target)
         if not isinstance(target, MixTarget):
             return contextlib.nullcontext()
         return self._capture(target)
+
+    @contextlib.contextmanager
+    def _capture_patches(self, target: PatchMixTarget):
+        with self.model.capture_patch_logits() as got:
+            target.captured = got
+            yield got
 
     @contextlib.contextmanager
     def _capture(self, target: MixTarget):
@@ -237,17 +266,23 @@ class BatchMixer:
 
 class MixLoss(nn.Module):
     """The label loss for :class:`BatchMixer` targets: soft-target CE for soft labels, TransMix's
-    attention-weighted soft label, or MixPro's PAL hard-label loss (see the module doc).
+    attention-weighted soft label, MixPro's PAL hard-label loss, or patchmix's class-token plus
+    ``patch_loss_weight`` times patch-token loss (see the module doc).
 
-    Keeps running means of PAL's ``alpha`` and ``lambda`` and TransMix's ``lambda_attn``
-    (:meth:`pop_stats`) so a run can log how far the labels moved from the area weights.
+    Keeps running means of PAL's ``alpha`` and ``lambda``, TransMix's ``lambda_attn`` and
+    patchmix's two losses (:meth:`pop_stats`) so a run can log how far the labels moved from the
+    area weights.
     """
 
-    def __init__(self, transmix_area_weight: float = 0.5, pal_detach_alpha: bool = False):
+    def __init__(self, transmix_area_weight: float = 0.5, pal_detach_alpha: bool = False,
+                 patch_loss_weight: float = 0.5):
         super().__init__()
+        if patch_loss_weight < 0:
+            raise ValueError(f'patch_loss_weight must be >= 0, got {patch_loss_weight}')
         self.soft_ce = SoftTargetCrossEntropy()
         self.w = transmix_area_weight
         self.detach_alpha = pal_detach_alpha
+        self.patch_weight = patch_loss_weight
         self._sums = {}
 
     def _note(self, key: str, v: torch.Tensor) -> None:
@@ -260,6 +295,11 @@ class MixLoss(nn.Module):
         return out
 
     def forward(self, logits: torch.Tensor, target) -> torch.Tensor:
+        if isinstance(target, PatchMixTarget):
+            loss, cls, patch = patch_mix_loss(logits, target.patch_logits(), target, self.patch_weight)
+            self._note('patchmix_cls_loss', cls)
+            self._note('patchmix_patch_loss', patch)
+            return loss
         if not isinstance(target, MixTarget):
             return self.soft_ce(logits, target)
         lam_attn = attention_lambda(target.token_mask, target.attention())
