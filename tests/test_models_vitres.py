@@ -197,7 +197,8 @@ def test_run_dir_round_trip(tmp_path, name, kwargs):
     (dict(num_heads=[2, 2, 4]), r'num_heads has 3 entries but the model has 6 blocks'),
     (dict(mlp_hidden=[8] * 7), r'mlp_hidden has 7 entries but the model has 6 blocks'),
     (dict(head_dim=[32, 32]), r'head_dim has 2 entries'),
-    (dict(stem='patchify'), r"unknown ViT-Res stem 'patchify'; supported: linear \(.*; conv \(ViT-ResNAS's release: 3x3 conv"),
+    (dict(stem='patchify'), r"unknown ViT-Res stem 'patchify'; supported: linear \(.*; "
+                            r"conv \(ViT-ResNAS's release: 3x3 conv"),
     (dict(stem='conv', img_size=24, patch_size=3), r'conv stem needs an even patch size.*got patch_size 3x3'),
     (dict(stem='conv', img_size=(32, 24), patch_size=(4, 3)), r'conv stem needs an even patch size.*4x3'),
     (dict(stem='conv', stem_width=0), r'stem_width must be positive'),
@@ -226,7 +227,8 @@ def test_reduction_rejects_narrowing_and_odd_grids():
     ('deitlab_vitres_nano_patch4_32', dict(num_heads=[1, 5, 2, 7, 3, 12], head_dim=[16, 8, 40, 32, 24, 32],
                                            mlp_hidden=[10, 384, 99, 768, 1536, 3])),
     ('deitlab_vitres_mu_patch4_32', dict(stem='conv')),
-    ('deitlab_vitres_nano_distilled_patch4_32', dict(stem='conv', stem_width=20, in_chans=1, mlp_hidden=[10, 384, 99, 768, 1536, 3])),
+    ('deitlab_vitres_nano_distilled_patch4_32', dict(stem='conv', stem_width=20, in_chans=1,
+                                                     mlp_hidden=[10, 384, 99, 768, 1536, 3])),
     ('deitlab_vitres_tiny_patch14_224', dict(stem='conv')),
 ])
 def test_closed_form_equals_counter(name, kwargs):

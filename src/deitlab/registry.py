@@ -142,7 +142,8 @@ for _name, _help, _flags in (
         ('mixpro', 'MixPro: MaskMix with progressive attention labels (Zhao et al. 2023)',
          'mixup cutmix maskmix attention'),
         ('patchmix', "patch-token mix: CutMix on the last stage's token grid, a loss on every patch token "
-                     "(ViT-ResNAS's release; Gong et al. 2021, Jiang et al. 2021); needs a patch head", 'cutmix patch')):
+                     "(ViT-ResNAS's release; Gong et al. 2021, Jiang et al. 2021); needs a patch head",
+         'cutmix patch')):
     MIX_MODES.register(_name, None, _help,
                        **{k: k in _flags.split() for k in ('mixup', 'cutmix', 'maskmix', 'attention', 'patch')})
 

@@ -7,8 +7,9 @@ search). The network:
 * a patch stem (:mod:`deitlab.models.vitres_stems`): the patch embedding ``Conv2d(in_chans, C_1,
   kernel=patch, stride=patch)`` (``stem='linear'``) or the release's convolutional stem
   (``stem='conv'``: 3x3 conv-BN-ReLU stride 2, a residual pair of 3x3 conv-BN-ReLU, a projection
-  with kernel = stride = patch / 2; hidden width ``stem_width``), a class token, optionally a distillation token (``distilled=True``: tokens ``[CLS, DIST, patches]``)
-  and a learned position embedding over all tokens of stage 1's grid, as timm's ViT;
+  with kernel = stride = patch / 2; hidden width ``stem_width``), a class token, optionally a
+  distillation token (``distilled=True``: tokens ``[CLS, DIST, patches]``) and a learned position
+  embedding over all tokens of stage 1's grid, as timm's ViT;
 * S stages; stage s has width ``C_s`` and ``depths[s]`` pre-LN transformer blocks (deitlab's
   ``WidthBlock``), every block with its own heads, head width (``qk_dim = v_dim = head_dim``) and MLP
   hidden width; stochastic depth grows linearly over all blocks of all stages;
@@ -359,9 +360,9 @@ def vitres_macs(model: ViTRes, input_size: Optional[Sequence[int]] = None) -> di
         patch_head        h_S w_S * C_S * K, the training-only patch head (``patch_head=True``;
                           not in ``total``: inference does not run it)
 
-    ``total`` is the sum of the others, what ``count_gmacs`` counts; LayerNorms, softmax, GELU, the 2x2 average
-    pooling, the zero padding and all adds are free, and so are the conv stem's BatchNorms (folded
-    into its convolutions at inference) and ReLUs. Also returned: ``blocks`` (MACs per block),
+    ``total`` is the sum of the others, what ``count_gmacs`` counts; LayerNorms, softmax, GELU, the
+    2x2 average pooling, the zero padding and all adds are free, and so are the conv stem's
+    BatchNorms (folded into its convolutions at inference) and ReLUs. Also returned: ``blocks`` (MACs per block),
     ``tokens`` (N_s per stage), ``grids`` and ``input_size``. The position embeddings are sized for
     one input, so another input size raises ``ValueError``.
     """

@@ -256,7 +256,8 @@ class TrainConfig(DCALSettings):
         """Whether batches are mixed (they then need an even size per process)."""
         if self.mix == 'none':
             return False
-        return MIX_MODES[self.mix]['maskmix'] or MIX_MODES[self.mix]['patch'] or (self.mixup_prob > 0 and (self.mixup > 0 or self.cutmix > 0))
+        entry = MIX_MODES[self.mix]
+        return entry['maskmix'] or entry['patch'] or (self.mixup_prob > 0 and (self.mixup > 0 or self.cutmix > 0))
 
     def resolved_lr(self) -> float:
         return self.lr if self.lr is not None else self.base_lr * self.batch_size / 512

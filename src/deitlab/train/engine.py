@@ -201,7 +201,7 @@ def _criterion(cfg: TrainConfig, mixer: BatchMixer, num_classes: int, device: to
 
 class _DeiTBatches(Hooks):
     """Each epoch reseeded from ``(seed, epoch, rank)``; each batch defended and mixed, its loss the
-    recipe's criterion; the mixing statistics (PAL alpha, TransMix lambda) in the epoch's row."""
+    recipe's criterion; the mixing statistics (PAL alpha, TransMix lambda, patchmix losses) in the epoch's row."""
 
     def __init__(self, cfg: TrainConfig, rank: int, sampler, defence, mixer: BatchMixer, base_loss, criterion):
         self.cfg, self.rank, self.sampler = cfg, rank, sampler
@@ -224,7 +224,7 @@ class _DeiTBatches(Hooks):
 
     def after_epoch(self, epoch: int, row: dict) -> None:
         if isinstance(self.base_loss, MixLoss):
-            row.update(self.base_loss.pop_stats())  # this process's means of PAL alpha / TransMix lambda / patchmix losses
+            row.update(self.base_loss.pop_stats())  # this process's means: PAL alpha, TransMix lambda, patchmix losses
 
 
 class _RunDirEpochs(Hooks):
