@@ -362,5 +362,6 @@ def test_patch_head_round_trip_and_macs(tmp_path):
     parts = analytic_macs(model)
     assert parts['patch_head'] == 2 * 2 * 256 * 10                     # 4 last-stage tokens x C_S x K
     assert parts['total'] == round(count_gmacs(model) * 1e9)           # inference: the class head only
+    assert round(model.training_gmacs() * 1e9) == parts['total'] + parts['patch_head']   # training: both
     assert parts['total'] == analytic_macs(timm.create_model('deitlab_vitres_mu_patch4_32', stem='conv',
                                                              in_chans=1))['total']

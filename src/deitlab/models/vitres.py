@@ -332,6 +332,12 @@ class ViTRes(WidthMixin, nn.Module):
         finally:
             self._patch_sink = before
 
+    def training_gmacs(self) -> float:
+        """GMACs per image of a training forward (``train/flops.py``): the inference forward plus the
+        patch head, which ``--mix patchmix`` runs on every training forward (closed form)."""
+        parts = vitres_macs(self)
+        return (parts['total'] + parts.get('patch_head', 0)) / 1e9
+
     def forward(self, x: torch.Tensor):
         x = self.forward_features(x)
         if self._patch_sink is not None:
