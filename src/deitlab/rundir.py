@@ -128,22 +128,28 @@ def _global_pool(model: nn.Module) -> Optional[str]:
     return getattr(gp, 'pool_type', None) or None
 
 
+def atomic_save_safetensors(state_dict: dict, path: Path) -> None:
+    """Tensors (moved to the CPU, made contiguous) as a safetensors file, through a temporary file and
+    a rename, with the permissions of any new file."""
+    path = Path(path)
+    sd = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    tmp = path.with_name(path.name + '.tmp')
+    try:
+        with _writer_errors_as_os_errors(path):
+            save_file(sd, str(tmp))
+        _default_permissions(tmp)   # safetensors writes 0600; a run directory is shared like any file
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def save_run_dir(model: nn.Module, out: str | Path, label_names: Optional[list] = None,
                  state_dict: Optional[dict] = None) -> Path:
     """Write ``config.json`` and ``model.safetensors`` for ``model`` into ``out`` (atomically)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     unwrapped = getattr(model, 'module', model)
-    sd = state_dict if state_dict is not None else unwrapped.state_dict()
-    sd = {k: v.detach().contiguous().cpu() for k, v in sd.items()}
-    tmp = out / (WEIGHTS_NAME + '.tmp')
-    try:
-        with _writer_errors_as_os_errors(out / WEIGHTS_NAME):
-            save_file(sd, str(tmp))
-        _default_permissions(tmp)   # safetensors writes 0600; a run directory is shared like any file
-        os.replace(tmp, out / WEIGHTS_NAME)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_save_safetensors(state_dict if state_dict is not None else unwrapped.state_dict(), out / WEIGHTS_NAME)
     config = {
         'architecture': architecture_of(unwrapped),
         'num_classes': getattr(unwrapped, 'num_classes', None),
