@@ -1,5 +1,5 @@
-"""Registries: the token-fusion methods, batch-mix modes, saliency criteria and prunable model
-families deitlab knows, each named in one place with its options, cost formula and defaults.
+"""Registries: the token-fusion methods, batch-mix modes, saliency criteria, prunable model
+families and glyph detectors deitlab knows, each named in one place with its options, cost formula and defaults.
 
 Code that offers a choice reads it here: the CLI's sub-commands, choices and ``--help`` lines, the
 configs' validation, the dispatchers (``apply_token_fusion``, ``BatchMixer``, ``Saliency``,
@@ -26,7 +26,7 @@ import importlib
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, Optional, Type
 
-__all__ = ['Entry', 'Registry', 'load_target', 'TOKEN_FUSION', 'MIX_MODES', 'SALIENCY', 'PRUNABLE', 'VITRES_STEMS']
+__all__ = ['Entry', 'Registry', 'load_target', 'TOKEN_FUSION', 'MIX_MODES', 'SALIENCY', 'PRUNABLE', 'VITRES_STEMS', 'DETECTORS']
 
 
 def load_target(spec: str) -> Any:
@@ -179,3 +179,16 @@ VITRES_STEMS.register('linear', 'timm.layers:PatchEmbed', 'the patch embedding, 
 VITRES_STEMS.register('conv', 'deitlab.models.vitres_stems:ConvStem',
                       "ViT-ResNAS's release: 3x3 conv-BN-ReLU stride 2, a residual pair of 3x3 conv-BN-ReLU, a "
                       "projection with kernel = stride = patch / 2", even_patch=True)
+
+# ------------------------------------------------------------------------------ glyph detectors
+#: Detectors of ``deitlab papyri train-detector --detector``. The target builds the model from its
+#: keyword arguments (saved in the run directory's ``config.json``); ``backend``: ``torchvision``
+#: (permissive, always installed) or ``ultralytics`` (AGPL-3.0, the optional extra ``extra``);
+#: ``paper``: the method's paper.
+DETECTORS = Registry('detector')
+DETECTORS.register('fcos-r18', 'deitlab.papyri.detectors:build_fcos',
+                   'FCOS (anchor-free) on a ResNet-18 FPN with a stride-4 level, from scratch (torchvision, BSD)',
+                   backend='torchvision', paper='Tian et al., ICCV 2019')
+DETECTORS.register('retinanet-r18', 'deitlab.papyri.detectors:build_retinanet',
+                   'RetinaNet (anchors, focal loss) on the same ResNet-18 FPN, anchors sized for glyphs, from scratch '
+                   '(torchvision, BSD)', backend='torchvision', paper='Lin et al., ICCV 2017')
