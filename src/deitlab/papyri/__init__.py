@@ -7,7 +7,9 @@ font draws them with; ``coco.py``: the competition's COCO-style annotation files
 write); ``config.py`` (torch-free): the commands' settings and :class:`PapyriError`; ``synth.py``:
 synthetic papyrus pages with boxed, labelled glyphs (``deitlab papyri synth``); ``metric.py``: the
 organisers' metric (``deitlab papyri evaluate``); ``fusion.py`` and ``tiling.py``: boxes of several
-detectors or tiles merged; ``predict.py``: detectors' letters on page images, fused and written as
+detectors or tiles merged; ``detect.py``: glyph detectors behind one interface and their training
+(``deitlab papyri train-detector``; the torchvision models in ``detectors.py``, their data in
+``detect_data.py``); ``predict.py``: detectors' letters on page images, fused and written as
 COCO, CSV, overlays and reading-order text (``deitlab papyri predict``); ``outdir.py``: output
 directories written whole.
 
@@ -17,7 +19,8 @@ light.
 from ..lazy import lazy_exports
 
 _HOME = {
-    'PapyriError': 'config', 'SynthConfig': 'config', 'PredictConfig': 'config',
+    'PapyriError': 'config', 'SynthConfig': 'config', 'PredictConfig': 'config', 'DetectorConfig': 'config',
+    'Detector': 'detect', 'load_detector': 'detect', 'train_detector': 'detect',
     'LETTERS': 'alphabet', 'NAMES': 'alphabet', 'CATEGORY_IDS': 'alphabet', 'category_id': 'alphabet',
     'class_of': 'alphabet', 'is_letter': 'alphabet', 'font_code_points': 'alphabet',
     'CocoError': 'coco', 'CocoDataset': 'coco', 'CocoImage': 'coco', 'CocoAnnotation': 'coco',

@@ -1,23 +1,27 @@
 """The settings of the ``deitlab papyri`` commands and the package's error type, without torch
-(``deitlab papyri synth --help`` reads them).
+(``deitlab papyri synth --help`` and ``deitlab papyri train-detector --help`` read them).
 
 ``SynthConfig`` is ``deitlab papyri synth`` (:func:`deitlab.papyri.synth.synthesize`): synthetic
 papyrus pages in the annotation schema of the ICDAR 2023 competition on detection and recognition
 of Greek letters on papyri, the data of Turnbull & Mannix (IJDAR 2024). ``PredictConfig`` is
 ``deitlab papyri predict`` (:func:`deitlab.papyri.predict.predict_files`): one or several trained
-detectors on page images, their boxes fused, written in several formats.
+detectors on page images, their boxes fused, written in several formats. ``DetectorConfig`` is
+``deitlab papyri train-detector`` (:func:`deitlab.papyri.detect.train_detector`).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional, Tuple
 
-__all__ = ['PapyriError', 'SynthConfig', 'PredictConfig', 'parse_size', 'parse_fonts', 'nominal_cap_px', 'MIN_CAP_PX',
-           'FONT_SETS']
+__all__ = ['PapyriError', 'SynthConfig', 'PredictConfig', 'DetectorConfig', 'ANNOTATIONS_NAME', 'parse_size',
+           'parse_fonts', 'nominal_cap_px', 'annotation_file', 'MIN_CAP_PX', 'FONT_SETS']
 
 FONT_SETS = ('bundled', 'system')
+ANNOTATIONS_NAME = 'annotations.json'   # what deitlab papyri synth writes next to images/
 MIN_CAP_PX = 6          # smaller letters are specks, not glyphs: the settings are refused
 _MIN_SIDE, _MAX_SIDE = 32, 8192
 _SIZE = re.compile(r'^\s*(\d+)\s*[xX]\s*(\d+)\s*$')
@@ -184,3 +188,116 @@ class PredictConfig:
                                 class_aware=self.class_aware).validate(len(self.detector))
         except FusionError as e:
             raise PapyriError(f'fusion: {e}') from None
+
+
+def annotation_file(path, what: str = 'data') -> Path:
+    """The annotation file of a dataset given as a directory (its ``annotations.json``, the layout
+    ``deitlab papyri synth`` writes) or as the JSON file itself; :class:`PapyriError` saying what is
+    missing (``what`` names the setting, e.g. ``'val'``)."""
+    p = Path(str(path))
+    if not str(path).strip():
+        raise PapyriError(f'{what} is empty: give a directory with {ANNOTATIONS_NAME} and its images')
+    if p.is_file():
+        return p
+    if not p.exists():
+        raise PapyriError(f'{what} directory does not exist: {p}')
+    if not (p / ANNOTATIONS_NAME).is_file():
+        raise PapyriError(f'{what} directory {p} has no {ANNOTATIONS_NAME}: give a directory written by deitlab '
+                          f'papyri synth, or one holding {ANNOTATIONS_NAME} (the competition\'s COCO schema) and the '
+                          f'images it names')
+    return p / ANNOTATIONS_NAME
+
+
+def _detector_help() -> str:
+    from ..registry import DETECTORS
+    return 'the detector: ' + '; '.join(f'{e.name}: {e.help}' for e in DETECTORS)
+
+
+@dataclass
+class DetectorConfig:
+    """Settings of :func:`deitlab.papyri.detect.train_detector` (one field per ``deitlab papyri
+    train-detector`` flag). The defaults are those of the permissive default detector, ``fcos-r18``,
+    tuned to learn synthetic pages on a CPU (:mod:`deitlab.papyri.detectors` says why)."""
+    data: str = field(metadata={'group': 'data', 'help': f'training pages: a directory written by deitlab papyri '
+                                                         f'synth, or any directory with {ANNOTATIONS_NAME} (the '
+                                                         f'competition\'s COCO schema) and the images it names'})
+    out: str = field(metadata={'group': 'run', 'help': 'the run directory to write (config.json, model.safetensors, '
+                                                       'metrics.jsonl, summary.json, checkpoint.pt)'})
+    val: Optional[str] = field(default=None, metadata={
+        'group': 'data', 'help': 'validation pages (same layout as --data): detection and recognition mAP@.5 and '
+                                 'mAP@[.5:.95] after every epoch, by the organisers\' metric; unset: none'})
+    detector: str = field(default='fcos-r18', metadata={'group': 'model', 'help': _detector_help})
+    tile: int = field(default=128, metadata={
+        'group': 'data', 'help': 'side in pixels of the random training crops and of the tiles pages are predicted in'})
+    overlap: int = field(default=32, metadata={
+        'group': 'data', 'help': 'overlap in pixels of neighbouring prediction tiles: at least the largest glyph'})
+    min_visible: float = field(default=0.5, metadata={
+        'group': 'augmentation', 'help': 'a glyph cut by a training crop keeps its box (clipped to the crop) when at '
+                                         'least this share of its box area is inside; less: it is left out'})
+    jitter: float = field(default=0.2, metadata={
+        'group': 'augmentation', 'help': 'photometric jitter of the crops: brightness and contrast factors in 1 +- '
+                                         'jitter, a colour cast of half that (0: none); never a flip'})
+    min_size: Optional[int] = field(default=None, metadata={
+        'group': 'model', 'help': "torchvision's input rescaling: the shorter side scaled to this (with --max-size); "
+                                  'unset: tiles are seen at the pages\' own scale, never rescaled'})
+    max_size: Optional[int] = field(default=None, metadata={
+        'group': 'model', 'help': 'the longer side at most this after rescaling (with --min-size)'})
+    score_thresh: float = field(default=0.05, metadata={
+        'group': 'model', 'help': 'detections scoring below this are dropped (low: more recall for mAP)'})
+    detections: int = field(default=3000, metadata={
+        'group': 'model', 'help': 'most detections kept per tile after NMS (a page holds hundreds of glyphs)'})
+    epochs: int = field(default=20, metadata={'group': 'schedule', 'help': 'training epochs'})
+    steps: int = field(default=0, metadata={
+        'group': 'schedule', 'help': "updates per epoch; 0: as many as cover the training pages' area once with "
+                                     "batches of crops"})
+    warmup: float = field(default=0.1, metadata={
+        'group': 'schedule', 'help': 'share of all updates with a linear warm-up of the learning rate, then a cosine '
+                                     'to 1% of it'})
+    batch_size: int = field(default=4, metadata={'group': 'optimiser', 'help': 'crops per update'})
+    lr: float = field(default=2e-3, metadata={'group': 'optimiser', 'help': 'peak learning rate'})
+    opt: str = field(default='adamw', metadata={'group': 'optimiser', 'help': 'optimizer (a timm optimizer name)'})
+    weight_decay: float = field(default=1e-4, metadata={
+        'group': 'optimiser', 'help': 'decoupled weight decay (not on norms and biases)'})
+    grad_clip: Optional[float] = field(default=10.0, metadata={
+        'group': 'optimiser', 'help': 'clip the gradient norm to this; unset or 0: no clipping'})
+    seed: int = field(default=0, metadata={'group': 'run', 'help': 'random seed (weights, crops, jitter)'})
+    device: Optional[str] = field(default=None, metadata={
+        'group': 'run', 'help': 'torch device (default: CUDA when available, else the CPU)'})
+    amp: bool = field(default=True, metadata={'group': 'run', 'help': 'bf16 autocast on CUDA (ignored on the CPU)'})
+    workers: int = field(default=0, metadata={'group': 'data', 'help': 'data loader worker processes'})
+    resume: bool = field(default=False, metadata={'group': 'run', 'help': 'continue the checkpoint in --out'})
+    overwrite: bool = field(default=False, metadata={
+        'group': 'run', 'help': 'replace what --out holds (another run, other files) instead of refusing'})
+    progress: Optional[bool] = field(default=None, metadata={
+        'group': 'run', 'help': 'progress bar; unset: when attached to a terminal'})
+
+    def validate(self) -> 'DetectorConfig':
+        from ..registry import DETECTORS
+        DETECTORS.check(self.detector, PapyriError, 'detector')
+        rules = [('epochs', '>= 1', lambda v: v >= 1), ('steps', '>= 0', lambda v: v >= 0),
+                 ('batch_size', '>= 1', lambda v: v >= 1), ('lr', '> 0', lambda v: v > 0),
+                 ('weight_decay', '>= 0', lambda v: v >= 0), ('warmup', 'in [0, 1)', lambda v: 0 <= v < 1),
+                 ('tile', '>= 32', lambda v: v >= 32), ('overlap', 'in [0, tile)', lambda v: 0 <= v < self.tile),
+                 ('min_visible', 'in (0, 1]', lambda v: 0 < v <= 1), ('jitter', 'in [0, 1)', lambda v: 0 <= v < 1),
+                 ('score_thresh', 'in [0, 1)', lambda v: 0 <= v < 1), ('detections', '>= 1', lambda v: v >= 1),
+                 ('workers', '>= 0', lambda v: v >= 0)]
+        for name, limit, ok in rules:
+            if not ok(getattr(self, name)):
+                raise PapyriError(f'{name} must be {limit}, got {getattr(self, name)}')
+        if self.grad_clip is not None and self.grad_clip < 0:
+            raise PapyriError(f'grad_clip must be >= 0, got {self.grad_clip}')
+        if (self.min_size is None) != (self.max_size is None):
+            raise PapyriError('min_size and max_size go together: give both (torchvision\'s rescaling) or neither '
+                              '(the pages\' own scale)')
+        if self.min_size is not None and not 1 <= self.min_size <= self.max_size:
+            raise PapyriError(f'min_size must be in [1, max_size], got min_size {self.min_size}, max_size '
+                              f'{self.max_size}')
+        if not str(self.out).strip():
+            raise PapyriError('out is empty: give the run directory to write')
+        annotation_file(self.data, 'data')
+        if self.val is not None:
+            annotation_file(self.val, 'val')
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
