@@ -24,6 +24,8 @@ PAPYRI = ['papyri', 'evaluate', '--gt', '{root}/papyri-gt.json']
 SYNTH = ['papyri', 'synth', '--pages', '1', '--out', '{root}/pages', '--size', '128x96', '--lines', '3',
          '--letters', '8']
 PREDICT = ['papyri', 'predict', '--detector', '{root}/run', '--out', '{root}/predicted', '{root}/picture.png']
+DETECT = ['papyri', 'train-detector', '--data', '{root}/papyri-pages', '--out', '{root}/det', '--tile', '32',
+          '--overlap', '8', '--epochs', '1', '--steps', '1', '--batch-size', '1']
 NO_PYMOO = pytest.mark.skipif(__import__('importlib').util.find_spec('pymoo') is not None,
                               reason='pymoo is installed: NSGA-II runs')
 
@@ -76,6 +78,12 @@ def files(tmp_path_factory):
     (root / 'papyri-gt.json').write_text(json.dumps(dict(   # competition-schema ground truth, one glyph
         images=[dict(id=1, file_name='page.jpg')], categories=[dict(id=8, name='A')],
         annotations=[dict(id=1, image_id=1, category_id=8, bbox=[10, 10, 20, 30], tags=dict(BaseType=['bt1']))])))
+    pages = root / 'papyri-pages'   # a one-page dataset in the competition's schema
+    (pages / 'images').mkdir(parents=True)
+    Image.new('RGB', (48, 40), (200, 180, 140)).save(pages / 'images' / 'p.png')
+    (pages / 'annotations.json').write_text(json.dumps(dict(
+        images=[dict(id=1, file_name='images/p.png', width=48, height=40)], categories=[dict(id=8, name='A')],
+        annotations=[dict(id=1, image_id=1, category_id=8, bbox=[10, 10, 12, 16], tags=dict(BaseType=['bt1']))])))
     (root / 'papyri-pred-image-99.json').write_text(json.dumps([dict(image_id=99, category_id=8, bbox=[10, 10, 20, 30],
                                                                       score=0.9)]))
     assert main(TRAIN + ['--out', str(root / 'resumable'), '--recipe', 'short']) == 0   # has checkpoint.pt
@@ -338,6 +346,21 @@ CASES = [
      r'fusion: 1 weights for 2 detectors: one weight per detector'),
     ('papyri-predict-fusion', PREDICT + ['--fusion', 'vote'],
      r"fusion: method must be one of wbf, nms, soft-nms; got 'vote'"),
+    # papyri train-detector
+    ('papyri-train-detector-no-annotations', DETECT + ['--data', '{root}/folder'],
+     r'data directory .*folder has no annotations.json: give a directory written by deitlab papyri synth'),
+    ('papyri-train-detector-no-data', DETECT + ['--data', '{root}/nothing'],
+     r'data directory does not exist: .*nothing'),
+    ('papyri-train-detector-unknown', DETECT + ['--detector', 'yolo9000'],
+     r"detector must be one of fcos-r18, retinanet-r18.*; got 'yolo9000'"),
+    ('papyri-train-detector-overlap', DETECT + ['--overlap', '32'], r'overlap must be in \[0, tile\), got 32'),
+    ('papyri-train-detector-min-size-alone', DETECT + ['--min-size', '64'], r'min_size and max_size go together'),
+    ('papyri-train-detector-val-not-coco', DETECT + ['--val', '{root}/papyri-pred-image-99.json'],
+     r"papyri-pred-image-99.json: expected a JSON object with 'images', 'annotations' and 'categories', got list"),
+    ('papyri-train-detector-out-foreign', DETECT + ['--out', '{root}/pruned-out'],
+     r'pruned-out is not empty \(config.json, model.safetensors\) and holds no detector checkpoint to --resume'),
+    ('papyri-train-detector-no-out', ['papyri', 'train-detector', '--data', '{root}/papyri-pages'],
+     r'the following arguments are required: --out'),
     # demo
     ('demo-out-file', ['demo', '--out', '{root}/a-file'], r'Not a directory: .*a-file/'),
 ]

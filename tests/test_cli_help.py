@@ -45,7 +45,7 @@ def test_top_level_help_lists_every_command_without_torch():
                                      ['demo'], ['unlearnable', 'make'], ['prune', 'nvit'], ['fuse', 'tome'],
                                      ['fuse', 'mctf-fast'], ['nas', 'train-supernet'], ['nas', 'search'],
                                      ['nas', 'export'], ['papyri', 'evaluate'], ['papyri', 'synth'],
-                                     ['papyri', 'predict']])
+                                     ['papyri', 'predict'], ['papyri', 'train-detector']])
 def test_subcommand_help_without_torch(command):
     """The configurations (train/config.py, prune/config.py, tokens/config.py, nas/config.py, papyri/config.py) are
     torch-free, so every subcommand's --help is too."""
@@ -82,8 +82,9 @@ def test_every_flag_has_a_help_line_in_a_named_section():
         leaves += 1
         for group in p._action_groups:   # a subcommand that runs: every option in one of the sections
             assert group.title in titles or not group._group_actions, (path, group.title)
-    assert leaves == 19   # train eval explain bench models demo, prune nvit|ofb, fuse tome|mctf|mctf-fast,
-    #                       unlearnable make|eval, nas train-supernet|search|export, papyri synth|evaluate|predict
+    assert leaves == 20   # train eval explain bench models demo, prune nvit|ofb, fuse tome|mctf|mctf-fast,
+    #                       unlearnable make|eval, nas train-supernet|search|export,
+    #                       papyri synth|train-detector|evaluate|predict
 
 
 def test_config_dataclass_fields_carry_their_help_and_section():
@@ -92,10 +93,10 @@ def test_config_dataclass_fields_carry_their_help_and_section():
     from deitlab.tokens.fuse import FuseConfig
     from deitlab.nas.config import ExportConfig, SearchConfig, SupernetConfig
     from deitlab.papyri.metric import EvaluateConfig
-    from deitlab.papyri.config import PredictConfig, SynthConfig
+    from deitlab.papyri.config import DetectorConfig, PredictConfig, SynthConfig
     import dataclasses
     for cls in (TrainConfig, NViTConfig, FuseConfig, SupernetConfig, SearchConfig, ExportConfig, EvaluateConfig,
-                SynthConfig, PredictConfig):
+                SynthConfig, PredictConfig, DetectorConfig):
         for f in dataclasses.fields(cls):
             group, text = field_doc(cls, f)
             assert group in GROUPS and text.strip(), f.name

@@ -6,7 +6,7 @@ to stderr. Errors from bad input print ``deitlab: error: ...`` and exit with sta
 ``--help`` is the documentation. Every flag has a help line and sits in a section
 (:data:`deitlab.cli_flags.GROUPS`); the flags of the configuration dataclasses (``TrainConfig``, ``NViTConfig``,
 ``FuseConfig``, ``SupernetConfig``, ``SearchConfig``, ``ExportConfig``, ``SynthConfig``,
-``EvaluateConfig``, ``PredictConfig``) are
+``EvaluateConfig``, ``PredictConfig``, ``DetectorConfig``) are
 their fields, with the ``help`` and ``group`` of each field's metadata. Each subcommand that makes
 such a configuration also takes ``--config FILE.yaml``; precedence, lowest first: the dataclass
 defaults (for ``train`` and ``unlearnable eval``: the named recipe's), the file's values, explicit
@@ -253,6 +253,26 @@ def cmd_unlearnable_eval(args) -> dict:
                                 clean=not args.no_clean)
 
 
+def cmd_papyri_train_detector(args) -> dict:
+    from .papyri.config import DetectorConfig
+    from .papyri.detect import train_detector
+    values = config_values(args)
+    if args.json:
+        values.setdefault('progress', False)   # the last line is the JSON object
+    result = train_detector(DetectorConfig(**values).validate())
+    if args.json:
+        return result
+    rows = {'run_dir': result['run_dir'], 'detector': f'{result["detector"]}, {result["params"] / 1e6:.2f}M params',
+            'trained': f'{result["updates"]} updates on {result["train_images"]} pages ({result["train_boxes"]} '
+                       f'boxes), {result["train_time_s"]:.0f} s'}
+    if result.get('val_detection_mAP50') is not None:
+        for task in ('detection', 'recognition'):
+            rows[f'val {task}'] = (f'mAP@.5 {result[f"val_{task}_mAP50"]:.4f}  '
+                                   f'mAP@[.5:.95] {result[f"val_{task}_mAP"]:.4f}')
+    rows['weights'] = result['weights']
+    return rows
+
+
 def cmd_papyri_evaluate(args) -> dict:
     from .papyri.metric import EvaluateConfig, evaluate_files, summary_lines
     result = evaluate_files(EvaluateConfig(**config_values(args)))
@@ -454,6 +474,16 @@ def _papyri_predict_parser(actions) -> None:
     q.set_defaults(func=cmd_papyri_predict)
 
 
+def _papyri_train_detector_parser(actions) -> None:
+    from .papyri.config import DetectorConfig
+    q, g = subcommand(actions, 'train-detector', 'train a glyph detector (the 24 letters, boxed) on pages in the '
+                                                 "competition's COCO schema into a run directory; torchvision's FCOS "
+                                                 'from scratch by default')
+    add_config_args(q, g, DetectorConfig, required=('data', 'out'))
+    add_output_flags(g)
+    q.set_defaults(func=cmd_papyri_train_detector)
+
+
 def _papyri_parser(p, groups) -> None:
     actions = p.add_subparsers(dest='action', required=True)
     from .papyri.config import SynthConfig
@@ -462,6 +492,7 @@ def _papyri_parser(p, groups) -> None:
     add_config_args(q, g, SynthConfig, required=('pages', 'out'))
     add_output_flags(g)
     q.set_defaults(func=cmd_papyri_synth)
+    _papyri_train_detector_parser(actions)
     _papyri_evaluate_parser(actions)
     _papyri_predict_parser(actions)
 
@@ -492,8 +523,8 @@ COMMANDS = {
             _nas_parser),
     'fuse': ('token reduction (ToMe, MCTF): evaluate and benchmark the fused model', _fuse_parser),
     'unlearnable': ('unlearnable datasets (CUDA: class-wise convolution filters)', _unlearnable_parser),
-    'papyri': ('Greek letters on papyri (ICDAR 2023 competition): synthetic annotated pages, the organisers\' '
-               'metric, predictions of trained detectors', _papyri_parser),
+    'papyri': ('Greek letters on papyri (ICDAR 2023 competition): synthetic annotated pages, glyph detectors, '
+               'the organisers\' metric, predictions of trained detectors', _papyri_parser),
     'models': ('registered deitlab architectures', _models_parser),
     'demo': ('the main job: train a small DeiT on glyphs and report', _demo_parser),
 }
