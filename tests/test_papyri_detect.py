@@ -1,6 +1,7 @@
 """deitlab.papyri.detect: the glyph detectors behind one interface (build, predict a page through
 its tiles), ``train_detector``'s run directory (round trip through ``load_detector``, resume to
-the same weights), the refusals of bad input, and (slow) the default detector learning a page."""
+the same weights), the refusals of bad input, the YOLOv8 adapter (its export always; its training,
+slow, when ultralytics is installed), and (slow) the default detector learning a page."""
 import json
 import time
 
@@ -62,7 +63,7 @@ def test_the_detectors_are_registered_and_build_without_downloading(monkeypatch)
         raise AssertionError('a download was attempted')
     monkeypatch.setattr(torch.hub, 'load_state_dict_from_url', no_download)
     for entry in DETECTORS:
-        assert entry.help and entry['backend'] in ('torchvision', 'ultralytics')
+        assert entry.help and entry['backend'] in ('torchvision', 'ultralytics') and entry.load()
         if entry['backend'] == 'torchvision':
             model = entry.load()()
             assert model.detector_args['num_classes'] == 24
@@ -248,6 +249,61 @@ def test_bad_settings_are_refused_with_the_reason(pages, tmp_path):
     with pytest.raises(PapyriError, match=r'foreign is not empty \(notes.txt\) and holds no detector checkpoint'):
         train_detector(_config(pages, tmp_path / 'foreign'))
     assert (tmp_path / 'foreign' / 'notes.txt').read_text() == 'mine'
+
+
+# ------------------------------------------------------------------------------------------ YOLO (optional)
+HAVE_ULTRALYTICS = __import__('importlib').util.find_spec('ultralytics') is not None
+
+
+def test_yolo_export_cuts_pages_into_tiles_with_normalised_labels(pages, tmp_path):
+    from deitlab.papyri.yolo import export_yolo
+    data = read_pages(pages)
+    n = export_yolo(data, tmp_path, 'train', tile=64, overlap=16, min_visible=0.5)
+    grid = tile_grid(96, 128, 64, 16)
+    assert n == 2 * len(grid) == len(list((tmp_path / 'images' / 'train').glob('*.png')))
+    t = grid[-1]   # the last tile of page 1, in pixels
+    rows = np.loadtxt(tmp_path / 'labels' / 'train' / f'00001_{t.y0}_{t.x0}.txt', ndmin=2)
+    cx, cy, w, h = (rows[:, 1:] * [64, 64, 64, 64]).T
+    got = sorted(zip(rows[:, 0].astype(int), np.round(cx - w / 2 + t.x0, 3), np.round(cy - h / 2 + t.y0, 3)))
+    b, c = data.boxes[1], data.labels[1]
+    inside = (b[:, 0] >= t.x0) & (b[:, 1] >= t.y0) & (b[:, 2] <= t.x1) & (b[:, 3] <= t.y1)
+    want = sorted(zip(c[inside], np.round(b[inside, 0], 3), np.round(b[inside, 1], 3)))
+    assert len(want) and set(want) <= set(got)   # every glyph whole in the tile, at its place, with its letter
+
+
+@pytest.mark.skipif(HAVE_ULTRALYTICS, reason='ultralytics is installed')
+def test_yolo_without_ultralytics_names_the_extra(pages, tmp_path):
+    with pytest.raises(PapyriError, match=r"the YOLO detectors need ultralytics \(AGPL-3.0\), which is not installed: "
+                                          r"pip install 'deitlab\[yolo\]'"):
+        train_detector(_config(pages, tmp_path / 'y', detector='yolov8n', steps=0))
+    assert not (tmp_path / 'y').exists()
+
+
+def test_yolo_settings_are_checked_before_ultralytics_is_needed(pages, tmp_path):
+    with pytest.raises(PapyriError, match=r'yolov8n: --tile must be a multiple of 32 for YOLO'):
+        train_detector(_config(pages, tmp_path / 'y', detector='yolov8n', tile=48, steps=0))
+    with pytest.raises(PapyriError, match=r'yolov8n: YOLO trains whole epochs over the tiles: leave --steps at 0'):
+        train_detector(_config(pages, tmp_path / 'y', detector='yolov8n'))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAVE_ULTRALYTICS, reason='ultralytics (the yolo extra) is not installed')
+def test_yolo_trains_offline_into_a_run_directory_and_loads(pages, tmp_path, capsys):
+    import os
+    out = tmp_path / 'yolo'
+    summary = train_detector(_config(pages, out, detector='yolov8n', steps=0, epochs=1, val=str(pages)))
+    assert os.environ['YOLO_OFFLINE'] == '1' and os.environ['YOLO_AUTOINSTALL'] == 'false'
+    config_dir = os.environ['YOLO_CONFIG_DIR']
+    assert (tmp_path / 'yolo' / 'model.safetensors').is_file() and os.path.isfile(f'{config_dir}/Arial.Unicode.ttf')
+    assert summary['train_tiles'] == 2 * len(tile_grid(96, 128, 64, 16)) and 'val_detection_mAP50' in summary
+    config = json.loads((out / 'config.json').read_text(encoding='utf-8'))
+    assert config['backend'] == 'ultralytics' and config['args']['names'][17] == 'sigma'
+    assert (out / 'metrics.jsonl').read_text().strip()
+    loaded = load_detector(out, device='cpu')
+    assert loaded.name == 'yolov8n' and loaded.run_dir == out
+    dets = loaded.predict(load_page(read_pages(pages), 0))
+    assert isinstance(dets, Detections) and ((dets.labels >= 0) & (dets.labels < 24)).all()
+    assert not capsys.readouterr().out.strip()   # ultralytics' lines went to stderr
 
 
 # ------------------------------------------------------------------------------------------ slow

@@ -181,10 +181,10 @@ VITRES_STEMS.register('conv', 'deitlab.models.vitres_stems:ConvStem',
                       "projection with kernel = stride = patch / 2", even_patch=True)
 
 # ------------------------------------------------------------------------------ glyph detectors
-#: Detectors of ``deitlab papyri train-detector --detector``. The target builds the model from its
-#: keyword arguments (saved in the run directory's ``config.json``); ``backend``: ``torchvision``
-#: (permissive, always installed) or ``ultralytics`` (AGPL-3.0, the optional extra ``extra``);
-#: ``paper``: the method's paper.
+#: Detectors of ``deitlab papyri train-detector --detector``. ``backend``: ``torchvision``
+#: (permissive, always installed; the target builds the model from its keyword arguments, which the
+#: run directory's ``config.json`` saves) or ``ultralytics`` (AGPL-3.0, the optional extra ``extra``;
+#: the target is the detector class, ``yaml`` the network's definition); ``paper``: the method's paper.
 DETECTORS = Registry('detector')
 DETECTORS.register('fcos-r18', 'deitlab.papyri.detectors:build_fcos',
                    'FCOS (anchor-free) on a ResNet-18 FPN with a stride-4 level, from scratch (torchvision, BSD)',
@@ -192,3 +192,8 @@ DETECTORS.register('fcos-r18', 'deitlab.papyri.detectors:build_fcos',
 DETECTORS.register('retinanet-r18', 'deitlab.papyri.detectors:build_retinanet',
                    'RetinaNet (anchors, focal loss) on the same ResNet-18 FPN, anchors sized for glyphs, from scratch '
                    '(torchvision, BSD)', backend='torchvision', paper='Lin et al., ICCV 2017')
+for _scale, _size in (('n', 'nano'), ('s', 'small'), ('m', 'medium')):
+    DETECTORS.register(f'yolov8{_scale}', 'deitlab.papyri.yolo:YoloDetector',
+                       f'YOLOv8-{_scale} ({_size}) from yolov8{_scale}.yaml, no weights, through ultralytics: '
+                       f"AGPL-3.0, the optional extra (pip install 'deitlab[yolo]')", backend='ultralytics', extra='yolo',
+                       yaml=f'yolov8{_scale}.yaml', paper='Turnbull & Mannix, IJDAR 2024 (YOLOv8 ensembles)')

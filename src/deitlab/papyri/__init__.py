@@ -9,9 +9,9 @@ synthetic papyrus pages with boxed, labelled glyphs (``deitlab papyri synth``); 
 organisers' metric (``deitlab papyri evaluate``); ``fusion.py`` and ``tiling.py``: boxes of several
 detectors or tiles merged; ``detect.py``: glyph detectors behind one interface and their training
 (``deitlab papyri train-detector``; the torchvision models in ``detectors.py``, their data in
-``detect_data.py``); ``predict.py``: detectors' letters on page images, fused and written as
-COCO, CSV, overlays and reading-order text (``deitlab papyri predict``); ``outdir.py``: output
-directories written whole.
+``detect_data.py``, the optional YOLOv8 detectors through ultralytics in ``yolo.py``); ``predict.py``:
+detectors' letters on page images, fused and written as COCO, CSV, overlays and reading-order text
+(``deitlab papyri predict``); ``outdir.py``: output directories written whole.
 
 The names below are imported from their modules on first use, so that importing the package stays
 light.
