@@ -340,6 +340,8 @@ CASES = [
      r'predict; choose another --out'),
     ('papyri-predict-out-foreign-overwrite', PREDICT + ['--out', '{root}/pruned-out', '--overwrite'],
      r'pruned-out is not empty .* \(--overwrite replaces only such predictions\)'),
+    ('papyri-predict-detector-classifier', PREDICT,
+     r'run is a classification run directory \(its config.json names the '),
     ('papyri-predict-detector-plain-dir', PREDICT + ['--detector', '{root}/plain'],
      r'plain is not a detector run directory \(no config.json\)'),
     ('papyri-predict-weights', PREDICT + ['--detector', '{root}/run,{root}/run', '--weights', '1'],
