@@ -197,6 +197,20 @@ def cmd_fuse(args) -> dict:
     return report
 
 
+def cmd_export(args) -> dict:
+    from .export.config import ModelExportConfig
+    values = config_values(args)
+    if isinstance(values.get('fusion_options'), list):
+        values['fusion_options'] = parse_kv(values['fusion_options'], '--fusion-options')
+    cfg = ModelExportConfig(**values)
+    if cfg.measure:
+        from .bench.speed import fix_malloc_thresholds
+        fix_malloc_thresholds()   # the same allocation pattern in every round and every run
+    from .export.command import export_model, summary_lines
+    report = export_model(cfg)
+    return report if args.json else summary_lines(report)
+
+
 def cmd_papyri_synth(args) -> dict:
     from .papyri.config import SynthConfig
     from .papyri.synth import synthesize
@@ -497,6 +511,13 @@ def _papyri_parser(p, groups) -> None:
     _papyri_predict_parser(actions)
 
 
+def _export_parser(p, groups) -> None:
+    from .export.config import ModelExportConfig
+    add_config_args(p, groups, ModelExportConfig, required=('model', 'out'))
+    add_output_flags(groups)
+    p.set_defaults(func=cmd_export)
+
+
 def _models_parser(p, groups) -> None:
     add_output_flags(groups)
     p.set_defaults(func=cmd_models)
@@ -525,6 +546,8 @@ COMMANDS = {
     'unlearnable': ('unlearnable datasets (CUDA: class-wise convolution filters)', _unlearnable_parser),
     'papyri': ('Greek letters on papyri (ICDAR 2023 competition): synthetic annotated pages, glyph detectors, '
                'the organisers\' metric, predictions of trained detectors', _papyri_parser),
+    'export': ('a model as an ONNX file, checked against PyTorch (logits within a tolerance) and timed against it '
+               'with ONNX Runtime', _export_parser),
     'models': ('registered deitlab architectures', _models_parser),
     'demo': ('the main job: train a small DeiT on glyphs and report', _demo_parser),
 }

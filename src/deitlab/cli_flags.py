@@ -37,6 +37,7 @@ GROUPS = {
     'poisoning': 'poisoning',
     'pages': 'synthetic pages',
     'fusion': 'box fusion (several detectors)',
+    'export': 'export',
     'measurement': 'measurement',
     'run': 'run and output',
 }

@@ -2,6 +2,7 @@
 from .data import DataError
 from .distributed import DeviceError
 from .explain import ExplainError
+from .export.config import ExportError
 from .nas.space import SearchSpaceError
 from .papyri.config import PapyriError
 from .prune.base import PruneError
@@ -11,4 +12,4 @@ from .train.config import ConfigError
 from .train.loop import TrainingDiverged
 
 USER_ERRORS = (DataError, ModelLoadError, ConfigError, TrainingDiverged, PruneError, TokenFusionError, DeviceError,
-               ExplainError, SearchSpaceError, PapyriError)
+               ExplainError, SearchSpaceError, PapyriError, ExportError)
