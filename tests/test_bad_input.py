@@ -26,6 +26,10 @@ SYNTH = ['papyri', 'synth', '--pages', '1', '--out', '{root}/pages', '--size', '
 PREDICT = ['papyri', 'predict', '--detector', '{root}/run', '--out', '{root}/predicted', '{root}/picture.png']
 DETECT = ['papyri', 'train-detector', '--data', '{root}/papyri-pages', '--out', '{root}/det', '--tile', '32',
           '--overlap', '8', '--epochs', '1', '--steps', '1', '--batch-size', '1']
+EXPORT = ['export', '--model', PICO, '--out', '{root}/m.onnx', '--no-measure']
+NO_ORT = pytest.mark.skipif(any(__import__('importlib').util.find_spec(p) is None
+                                for p in ('onnx', 'onnxruntime', 'onnxscript')),
+                            reason="the export extra is not installed: the export stops there")
 NO_PYMOO = pytest.mark.skipif(__import__('importlib').util.find_spec('pymoo') is not None,
                               reason='pymoo is installed: NSGA-II runs')
 
@@ -363,6 +367,26 @@ CASES = [
      r'pruned-out is not empty \(config.json, model.safetensors\) and holds no detector checkpoint to --resume'),
     ('papyri-train-detector-no-out', ['papyri', 'train-detector', '--data', '{root}/papyri-pages'],
      r'the following arguments are required: --out'),
+    # export
+    ('export-format-unknown', EXPORT + ['--format', 'tflite'], r"unknown format 'tflite'; known: onnx"),
+    ('export-out-missing-directory', EXPORT + ['--out', '{root}/nothing/m.onnx'],
+     r'the directory of --out does not exist: .*nothing \(create it first\)'),
+    ('export-out-exists', EXPORT + ['--out', '{root}/a-file'], r'a-file already exists; pass --overwrite to replace it'),
+    ('export-out-directory', EXPORT + ['--out', '{root}/plain'], r'--out .*plain is a directory; give the file to write'),
+    ('export-batch-zero', EXPORT + ['--batch-size', '0'], r'batch_size must be >= 1, got 0'),
+    ('export-opset-low', EXPORT + ['--opset', '3'], r'opset must be >= 7, got 3'),
+    ('export-tolerance-zero', EXPORT + ['--tolerance', '0'], r'tolerance must be > 0, got 0'),
+    ('export-fusion-unknown', EXPORT + ['--token-fusion', 'banana'], r"token fusion method must be one of tome, mctf, mctf-fast; got 'banana'"),
+    ('export-r-without-fusion', EXPORT + ['--r', '4'],
+     r'--r and --fusion-options are settings of token fusion: add --token-fusion METHOD'),
+    ('export-model-unknown', EXPORT + ['--model', 'no_such_vit'], r"unknown model name 'no_such_vit'", NO_ORT),
+    ('export-fusion-poolformer', EXPORT + ['--model', '{root}/pool', '--token-fusion', 'tome'],
+     r'token fusion applies to timm VisionTransformer / deitlab DeiT models, not PoolFormer', NO_ORT),
+    ('export-fusion-option-unknown', EXPORT + ['--token-fusion', 'tome', '--fusion-options', 'banana=1'],
+     r"--fusion-options \{'banana': 1\}: tome does not take them", NO_ORT),
+    ('export-unsupported-operator', EXPORT + ['--token-fusion', 'mctf', '--r', '4', '--fusion-options', 'pooling=max'],
+     r'cannot export deitlab_deit_pico_patch4_32 \(DeiT with MCTF token fusion\) to ONNX: its operator '
+     r'aten.index_reduce has no ONNX translation', NO_ORT),
     # demo
     ('demo-out-file', ['demo', '--out', '{root}/a-file'], r'Not a directory: .*a-file/'),
 ]
@@ -385,6 +409,7 @@ def test_bad_input_is_one_clear_line(files, argv, pattern, capsys):
     assert len(lines) == 1 and 'Traceback' not in err, err
     assert __import__('re').search(pattern, lines[0]), lines[0]
     assert [_digest(p) for p in outs] == before
+    assert not list(files.glob('*.onnx*')) and not list(files.glob('.*.tmp'))   # export: nothing partial written
 
 
 def test_the_table_is_large_and_its_ids_unique():
