@@ -2,11 +2,13 @@
 
 :func:`export_onnx` traces the model with ``torch.onnx.export(..., dynamo=True)``: the exporter
 built on ``torch.export`` and onnxscript, which is torch's default since 2.9 and the one this
-module uses on torch 2.14. The older TorchScript exporter (``dynamo=False``) was tried and
-refused two of the families here: it has no translation of ``aten::fft_rfft2`` (SpectFormer's
-spectral gating) and none of ``index_add_`` with repeated indices (ToMe's and MCTF's merges);
-the dynamo exporter turns the first into ONNX ``DFT`` and the second into ``ScatterElements``
-with an additive reduction. The graph is written to a temporary file next to ``out``, loaded into
+module uses on torch 2.14. The older TorchScript exporter (``dynamo=False``) was tried and is
+not reliable here: it has no translation of ``aten::fft_rfft2`` (SpectFormer's spectral gating)
+nor of ``index_add_`` with repeated indices (ToMe's and MCTF's merges), it cannot trace DCAL, and
+it wrote the pruned NViT model with MCTF-Fast without complaint as a graph whose logits were off
+by more than 1 (``benchmarks/export.py`` records what it makes of every family). The dynamo
+exporter turns the FFTs into ONNX ``DFT`` and the merges into ``ScatterElements`` with an
+additive reduction. The graph is written to a temporary file next to ``out``, loaded into
 ONNX Runtime (CPU provider) and run on seeded random batches; only when every logit is within
 ``tolerance`` of PyTorch's is it renamed to ``out``, so a failed export leaves nothing behind.
 
