@@ -249,8 +249,31 @@ def t_tokens_deit_s() -> str:
     return '\n'.join(lines)
 
 
+def t_export() -> str:
+    res = load('export')
+    st, b = res['settings'], res['batch']
+
+    def ratio(d: dict) -> str:
+        return f"{d['ratio']:.2f} ({d['lo']:.2f}-{d['hi']:.2f})"
+
+    def legacy(ts: dict) -> str:
+        return 'refused' if ts['status'] == 'refused' else f"{ts['max_abs_diff']:.1e}"
+    rows = [[r['name'], f"{r['max_abs_diff']:.1e}", f"{r['logits_abs_max']:.2g}", ratio(r['speed']['batch_1']),
+             ratio(r['speed'][f'batch_{b}']), legacy(r['torchscript_exporter'])] for r in res['rows']]
+    lines = [table(['model', 'max abs logit difference', 'largest logit', 'ONNX Runtime / PyTorch, batch 1',
+                    f'batch {b}', 'TorchScript exporter: difference'], rows),
+             f"Speed: ONNX Runtime's over PyTorch's (above 1: ONNX Runtime is faster), the median of {res['rounds']} "
+             f"interleaved rounds (min-max over the rounds), {st['threads']} thread(s) each, CPU; load average "
+             f"{st['load_avg_start']} -> {st['load_avg_end']}. Difference: the largest over 3 seeded random inputs "
+             f"(the tolerance is {res['tolerance']:g}). onnxruntime {st['onnxruntime']}, torch {st['torch']}."]
+    for r in res['refused']:
+        lines.append(f"Refused: {r['name']}: {r['error']}" if r['refused'] else f"Exported: {r['name']}.")
+    lines.append(source(['export'], res['command']))
+    return '\n'.join(lines)
+
+
 TABLES: Dict[str, Callable[[], str]] = {
-    'tokens_deit_s': t_tokens_deit_s,
+    'tokens_deit_s': t_tokens_deit_s, 'export': t_export,
     'demo': t_demo, 'mixpro': t_mixpro, 'tokens_fmnist': t_tokens_fmnist, 'tokens_sweep': t_tokens_sweep,
     'mixers': t_mixers, 'unlearnable': t_unlearnable, 'unlearnable_curve': t_unlearnable_curve,
     'unlearnable_settings': t_unlearnable_settings, 'nvit': t_nvit, 'nvit_ablation': t_nvit_ablation,
