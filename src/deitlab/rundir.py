@@ -75,6 +75,21 @@ def _default_permissions(path: Path) -> None:
     os.chmod(path, 0o666 & ~mask)
 
 
+def load_resume_checkpoint(path: Path, resume: bool, error=ValueError, log=print):
+    """The checkpoint at ``path`` to resume from, or None when ``resume`` is off or there is none
+    (said through ``log`` when ``resume`` is on); ``error`` (one line) for a damaged file."""
+    path = Path(path)
+    if not (resume and path.exists()):
+        if resume:
+            log(f'no {path.name} in {path.parent}: starting a new run')
+        return None
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:   # truncated or overwritten
+        raise error(f'{path} is damaged ({type(e).__name__}: {str(e)[:120]}); the run cannot be resumed from it: '
+                    f'train again into a new --out') from None
+
+
 def atomic_torch_save(obj, path: Path) -> None:
     """``torch.save`` through a temporary file and a rename."""
     path = Path(path)

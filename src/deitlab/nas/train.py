@@ -46,7 +46,7 @@ from ..data import dataset_info
 from ..data.for_model import eval_loader, model_datasets, train_loader
 from ..distributed import init_distributed, seed_all
 from ..evaluate import evaluate
-from ..rundir import atomic_torch_save, atomic_write_bytes
+from ..rundir import atomic_torch_save, atomic_write_bytes, load_resume_checkpoint
 from ..train.config import ConfigError, check_resume_settings
 from ..train.loop import Hooks, Trainer
 from .config import SupernetConfig
@@ -241,15 +241,9 @@ def check_checkpoint(ckpt: dict, cfg: SupernetConfig, space: SearchSpace, path: 
 def _load_checkpoint(cfg: SupernetConfig, space: SearchSpace, out: Path) -> Optional[dict]:
     """The checkpoint to resume from (checked against the settings and the space), or None."""
     path = out / CHECKPOINT_NAME
-    if not (cfg.resume and path.exists()):
-        if cfg.resume:
-            _log(f'no {CHECKPOINT_NAME} in {out}: starting a new run')
+    ckpt = load_resume_checkpoint(path, cfg.resume, ConfigError, _log)
+    if ckpt is None:
         return None
-    try:
-        ckpt = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:   # truncated or overwritten
-        raise ConfigError(f'{path} is damaged ({type(e).__name__}: {str(e)[:120]}); the run cannot be resumed from '
-                          f'it: train again into a new --out') from None
     check_checkpoint(ckpt, cfg, space, path)
     return ckpt
 

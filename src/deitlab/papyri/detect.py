@@ -39,6 +39,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Iterable, List, Optional, Sequence
 
@@ -48,7 +49,8 @@ import torch.nn as nn
 from ..console import log as _log
 from ..distributed import resolve_device, seed_all
 from ..registry import DETECTORS
-from ..rundir import CONFIG_NAME, WEIGHTS_NAME, atomic_save_safetensors, atomic_torch_save, atomic_write_bytes
+from ..rundir import (CONFIG_NAME, WEIGHTS_NAME, atomic_save_safetensors, atomic_torch_save, atomic_write_bytes,
+                      load_resume_checkpoint)
 from ..train.config import check_resume_settings
 from ..train.loop import Hooks, Trainer
 from .alphabet import CATEGORY_IDS, LETTERS, NAMES
@@ -73,7 +75,7 @@ _RESUME_KEYS = ('data', 'detector', 'tile', 'min_visible', 'jitter', 'min_size',
 
 
 # ------------------------------------------------------------------------------------------ detectors
-class Detector:
+class Detector(ABC):
     """A glyph detector for whole pages (the module's docstring). Subclasses implement
     :meth:`predict_tile`; :meth:`predict` runs it over the page's tiles.
 
@@ -86,9 +88,10 @@ class Detector:
         self.run_dir = None if run_dir is None else Path(run_dir)
         self.config = dict(config or {})
 
+    @abstractmethod
     def predict_tile(self, image: torch.Tensor) -> Detections:
-        """The detections on one tile ``(3, h, w)`` (h, w at most the tile size), in tile pixels."""
-        raise NotImplementedError
+        """The detections on one tile ``(3, h, w)`` (h, w at most the tile size), in tile pixels; each
+        kind of detector (torchvision, YOLO) gives its own."""
 
     def predict(self, image) -> Detections:
         """The detections on one page (a float tensor ``(C, H, W)`` in [0, 1], a PIL image, a numpy
@@ -295,12 +298,8 @@ def _prepare_out(cfg: DetectorConfig) -> Path:
         raise PapyriError(f'{out} already holds a detector checkpoint; pass --resume to continue it, --overwrite to '
                           f'replace it, or choose another --out')
     own = {METRICS_NAME}
-    if (out / CONFIG_NAME).is_file():
-        try:
-            read_run_config(out)
-            own.add(CONFIG_NAME)
-        except PapyriError:
-            pass
+    if (out / CONFIG_NAME).is_file() and _is_detector_config(out):
+        own.add(CONFIG_NAME)
     foreign = sorted(p.name for p in out.iterdir() if p.name not in own) if out.is_dir() else []
     if foreign and not cfg.overwrite and not (cfg.resume and ckpt.exists()):
         shown = ', '.join(foreign[:4]) + (', ...' if len(foreign) > 4 else '')
@@ -313,17 +312,20 @@ def _prepare_out(cfg: DetectorConfig) -> Path:
     return out
 
 
+def _is_detector_config(out: Path) -> bool:
+    """Whether ``out``'s config.json is a detector run's (an earlier run of this command)."""
+    try:
+        read_run_config(out)
+    except PapyriError:
+        return False
+    return True
+
+
 def _load_checkpoint(cfg: DetectorConfig, out: Path) -> Optional[dict]:
     path = out / CHECKPOINT_NAME
-    if not (cfg.resume and path.exists()):
-        if cfg.resume:
-            _log(f'no {CHECKPOINT_NAME} in {out}: starting a new run')
+    ckpt = load_resume_checkpoint(path, cfg.resume, PapyriError, _log)
+    if ckpt is None:
         return None
-    try:
-        ckpt = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:   # truncated or overwritten
-        raise PapyriError(f'{path} is damaged ({type(e).__name__}: {str(e)[:120]}); the run cannot be resumed from '
-                          f'it: train again into a new --out') from None
     check_resume_settings(ckpt.get('config', {}), cfg, _RESUME_KEYS, path,
                           'resume with its settings, or train into a new --out')
     return ckpt

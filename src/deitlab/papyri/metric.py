@@ -293,7 +293,8 @@ def _faster_coco_eval():
 
 
 def _quiet(*args, **kwargs) -> None:
-    pass
+    """A ``print`` that prints nothing (faster-coco-eval's progress lines would break ``--json``)."""
+    return None
 
 
 def _run(scored: dict, predictions: list, class_aware: bool, max_dets: int) -> dict:
