@@ -415,6 +415,11 @@ def _papyri_parser(p, groups) -> None:
     papyri_parser(p, groups)
 
 
+def _report_parser(p, groups) -> None:
+    from .cli_report import report_parser   # imported when the report command is built
+    report_parser(p, groups)
+
+
 def _export_parser(p, groups) -> None:
     from .export.config import ModelExportConfig
     add_config_args(p, groups, ModelExportConfig, required=('model', 'out'))
@@ -452,6 +457,8 @@ COMMANDS = {
                'the organisers\' metric, predictions of trained detectors', _papyri_parser),
     'export': ('a model as an ONNX file, checked against PyTorch (logits within a tolerance) and timed against it '
                'with ONNX Runtime', _export_parser),
+    'report': ('many models on one self-contained HTML page: top-1 against GMACs and latency (Pareto front), a '
+               'sortable table, per-model widths, curves and configurations, the machine', _report_parser),
     'models': ('registered deitlab architectures', _models_parser),
     'demo': ('the main job: train a small DeiT on glyphs and report', _demo_parser),
 }

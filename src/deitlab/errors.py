@@ -6,10 +6,11 @@ from .export.config import ExportError
 from .nas.space import SearchSpaceError
 from .papyri.config import PapyriError
 from .prune.base import PruneError
+from .report.records import ReportError
 from .rundir import ModelLoadError
 from .tokens.config import TokenFusionError
 from .train.config import ConfigError
 from .train.loop import TrainingDiverged
 
 USER_ERRORS = (DataError, ModelLoadError, ConfigError, TrainingDiverged, PruneError, TokenFusionError, DeviceError,
-               ExplainError, SearchSpaceError, PapyriError, ExportError)
+               ExplainError, SearchSpaceError, PapyriError, ExportError, ReportError)
