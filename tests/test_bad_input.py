@@ -27,6 +27,7 @@ PREDICT = ['papyri', 'predict', '--detector', '{root}/run', '--out', '{root}/pre
 DETECT = ['papyri', 'train-detector', '--data', '{root}/papyri-pages', '--out', '{root}/det', '--tile', '32',
           '--overlap', '8', '--epochs', '1', '--steps', '1', '--batch-size', '1']
 EXPORT = ['export', '--model', PICO, '--out', '{root}/m.onnx', '--no-measure']
+REPORT = ['report', '--out', '{root}/report.html']
 NO_ORT = pytest.mark.skipif(any(__import__('importlib').util.find_spec(p) is None
                                 for p in ('onnx', 'onnxruntime', 'onnxscript')),
                             reason="the export extra is not installed: the export stops there")
@@ -389,6 +390,22 @@ CASES = [
      r'aten.index_reduce has no ONNX translation', NO_ORT),
     # demo
     ('demo-out-file', ['demo', '--out', '{root}/a-file'], r'Not a directory: .*a-file/'),
+    # report
+    ('report-no-sources', REPORT, r'no runs to report on: give run directories \(or directories holding them\) or '
+                                  r'benchmark result files \(benchmarks/results/\*.json\)'),
+    ('report-no-runs-in-directory', REPORT + ['{root}/plain'],
+     r'plain holds no run directory \(no config.json in it or in the directories inside it\)'),
+    ('report-source-missing', REPORT + ['{root}/nothing'], r'source does not exist: .*nothing'),
+    ('report-not-json', REPORT + ['{root}/a-file'], r'a-file is not JSON \(Expecting value: line 1, column 1\)'),
+    ('report-unknown-json', REPORT + ['{root}/papyri-gt.json'],
+     r'papyri-gt.json is not a benchmark result this report reads \(keys images, categories, annotations\); the '
+     r'kinds it reads: prune \(nvit_fmnist.json, .*\); tokens'),
+    ('report-out-directory', ['report', '{root}/run', '--out', '{root}/plain'],
+     r'--out .*plain is a directory; give the HTML file to write'),
+    ('report-out-missing-directory', ['report', '{root}/run', '--out', '{root}/nothing/r.html'],
+     r'the directory of --out does not exist: .*nothing \(create it first\)'),
+    ('report-no-out', ['report', '{root}/run'], r'the following arguments are required: --out'),
+    ('report-measure-device', REPORT + ['{root}/run', '--measure', '--device', 'banana'], r"unknown device 'banana'"),
 ]
 
 
@@ -410,6 +427,7 @@ def test_bad_input_is_one_clear_line(files, argv, pattern, capsys):
     assert __import__('re').search(pattern, lines[0]), lines[0]
     assert [_digest(p) for p in outs] == before
     assert not list(files.glob('*.onnx*')) and not list(files.glob('.*.tmp'))   # export: nothing partial written
+    assert not (files / 'report.html').exists()   # report: nothing written
 
 
 def test_the_table_is_large_and_its_ids_unique():
