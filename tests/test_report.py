@@ -274,12 +274,16 @@ def _column(driver, col):
 
 
 def test_the_page_in_a_browser(page, browser):
+    from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
     path, summary, records = page
     browser.get(path.as_uri())
     assert _severe(browser) == []
     assert browser.execute_script("return performance.getEntriesByType('resource').length") == 0   # no fetches
+    buttons = browser.execute_script("return Array.from(document.querySelectorAll('#chart-gmacs .modebar-btn'))"
+                                     ".map(b => b.getAttribute('data-title'))")
+    assert 'Download plot as a PNG' in buttons and not [b for b in buttons if 'Share' in b]   # nothing uploads
     # one marker per model on each chart; the front traces hold exactly the front
     for element, attr in (('chart-gmacs', 'gmacs'), ('chart-latency', 'latency_ms')):
         traces = browser.execute_script(
@@ -308,10 +312,13 @@ def test_the_page_in_a_browser(page, browser):
     headers[gm].click()
     values = [float(v) for v in _column(browser, gm) if v]
     assert values == sorted(values) and len(values) == 17
-    # a model's details: its widths chart is drawn when the section opens
-    i = next(i for i, r in enumerate(records) if r.widths)
-    browser.execute_script('const d = document.getElementById(arguments[0]); d.open = true; d.scrollIntoView();',
-                           f'model-{i}')
+    # clicking a marker opens that model's details, and its widths chart is drawn then
+    point = browser.find_elements(By.CSS_SELECTOR, '#chart-gmacs .scatterlayer .trace .point')[0]
+    i = browser.execute_script('return document.getElementById("chart-gmacs").data[0].customdata[0]')
+    assert records[i].widths and records[i].name == 'pico-a'
+    ActionChains(browser).move_to_element(point).pause(0.2).click().perform()
+    opened = 'return Array.from(document.querySelectorAll("details.model[open]")).map(d => d.id)'
+    assert WebDriverWait(browser, 10).until(lambda b: b.execute_script(opened)) == [f'model-{i}']
     drawn = 'const g = document.querySelector(arguments[0] + " div[data-figure]"); ' \
             'return g.classList.contains("js-plotly-plot") ? g.data.length : null'
     bars = WebDriverWait(browser, 20).until(lambda b: b.execute_script(drawn, f'#model-{i}'))

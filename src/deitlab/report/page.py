@@ -38,6 +38,8 @@ AXES = {'gmacs': ('gmacs', 'GMACs per image', 'chart-gmacs'),
         'latency': ('latency_ms', 'latency at batch 1 (ms, measured)', 'chart-latency')}
 _SYMBOLS = ('circle', 'square', 'diamond', 'triangle-up', 'cross', 'x', 'star', 'hexagon', 'pentagon')
 _DENSE_COLOUR, _MODEL_COLOUR = '#c8c8c8', '#1f77b4'
+#: every chart's plotly config: no logo, and no button that would send the chart to a server
+PLOT_CONFIG = {'displaylogo': False, 'responsive': True, 'showSendToCloud': False}
 EXTRA_HINT = "pip install 'deitlab[report]'"
 
 
@@ -197,7 +199,7 @@ def _details(go, make_subplots, i: int, r: ModelRecord, fronts: List[str]) -> st
                'Pareto front': ', '.join(fronts) or 'no'}
     if r.notes:
         numbers['how'] = r.notes
-    numbers.update({k: v for k, v in r.extra.items()})
+    numbers.update({k: f'{v:.4g}' if isinstance(v, float) else v for k, v in r.extra.items()})
     parts = [_kv_table(numbers)]
     if r.widths and any(k in r.widths for k, _ in WIDTH_KEYS):
         parts.append(_lazy_figure(_widths_figure(go, make_subplots, r), f'fig-{i}-widths'))
@@ -269,7 +271,7 @@ document.querySelectorAll('details.model').forEach(d => d.addEventListener('togg
   if (!d.open) return;
   d.querySelectorAll('div[data-figure]:not([data-drawn])').forEach(div => {
     const fig = JSON.parse(document.getElementById(div.dataset.figure).textContent);
-    Plotly.newPlot(div, fig.data, fig.layout, {displaylogo: false, responsive: true});
+    Plotly.newPlot(div, fig.data, fig.layout, PLOT_CONFIG);
     div.dataset.drawn = '1';
   });
 }));
@@ -297,7 +299,7 @@ def render_page(records: Sequence[ModelRecord], title: str, sources: Sequence[st
         if counts[axis]:
             fig = _scatter(go, records, axis, fronts, heading)
             charts.append(pio.to_html(fig, full_html=False, include_plotlyjs=False, div_id=element,
-                                      default_height='540px', config={'displaylogo': False, 'responsive': True}))
+                                      default_height='540px', config=PLOT_CONFIG))
         else:
             what = 'a measured latency (run directories are timed with --measure)' if axis == 'latency' else 'GMACs'
             charts.append(f'<p class="note" id="{element}">No model has both top-1 and {what}.</p>')
@@ -327,6 +329,6 @@ details.</p>
 <h2 id="machine">Machine and settings</h2>
 <p>What each source records about the machine and the settings its numbers come from:</p>{_machines(records)}
 <h3>This page</h3>{_kv_table(built)}
-<script>{_SCRIPT}</script>
+<script>const PLOT_CONFIG = {json.dumps(PLOT_CONFIG)};{_SCRIPT}</script>
 </body></html>
 """
