@@ -227,6 +227,19 @@ def test_the_command(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert 'models: 1 from 1 source(s); 1 drawn against GMACs, 0 against latency' in printed
     assert f'open: {out.resolve().as_uri()}' in printed
+    assert main(['report', str(run), '--out', str(out), '--measure', '--quick', '--device', 'cpu', '--json']) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result['measured'] and result['charted'] == dict(gmacs=1, latency=1)
+    assert result['pareto']['latency'] == {'glyphs:train=64': ['run']}
+
+
+def test_without_plotly_the_error_says_what_to_install(tmp_path, monkeypatch):
+    import sys
+    from deitlab.report import write_report
+    monkeypatch.setitem(sys.modules, 'plotly', None)   # as if it were not installed
+    with pytest.raises(ReportError, match=r"plotly, which is not installed: pip install 'deitlab\[report\]'"):
+        write_report([RESULTS / 'reference_fmnist.json'], tmp_path / 'r.html')
+    assert not (tmp_path / 'r.html').exists()
 
 
 def test_no_sources_is_a_clear_error(tmp_path):
