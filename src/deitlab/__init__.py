@@ -19,7 +19,7 @@ import threading
 __version__ = '0.1.0'
 
 _SUBMODULES = frozenset(('bench', 'cli', 'data', 'demo', 'errors', 'evaluate', 'models', 'nas', 'prune', 'report',
-                         'retrieval', 'rundir', 'tokens', 'train', 'unlearnable'))
+                         'retrieval', 'rundir', 'share', 'tokens', 'train', 'unlearnable'))
 _registered = False
 _executing = threading.local()   # per thread: how many watched modules are executing
 
