@@ -420,6 +420,16 @@ def _report_parser(p, groups) -> None:
     report_parser(p, groups)
 
 
+def _push_parser(p, groups) -> None:
+    from .cli_share import push_parser   # imported when push or pull is built
+    push_parser(p, groups)
+
+
+def _pull_parser(p, groups) -> None:
+    from .cli_share import pull_parser
+    pull_parser(p, groups)
+
+
 def _export_parser(p, groups) -> None:
     from .export.config import ModelExportConfig
     add_config_args(p, groups, ModelExportConfig, required=('model', 'out'))
@@ -459,6 +469,9 @@ COMMANDS = {
                'with ONNX Runtime', _export_parser),
     'report': ('many models on one self-contained HTML page: top-1 against GMACs and latency (Pareto front), a '
                'sortable table, per-model widths, curves and configurations, the machine', _report_parser),
+    'push': ('upload a run directory to the Hugging Face Hub in the layout timm\'s hf-hub: loader reads, with a '
+             'generated model card', _push_parser),
+    'pull': ('fetch a model from the Hugging Face Hub (or a local folder) into a run directory', _pull_parser),
     'models': ('registered deitlab architectures', _models_parser),
     'demo': ('the main job: train a small DeiT on glyphs and report', _demo_parser),
 }

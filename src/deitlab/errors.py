@@ -8,9 +8,11 @@ from .papyri.config import PapyriError
 from .prune.base import PruneError
 from .report.records import ReportError
 from .rundir import ModelLoadError
+from .share import ShareError
 from .tokens.config import TokenFusionError
 from .train.config import ConfigError
 from .train.loop import TrainingDiverged
 
 USER_ERRORS = (DataError, ModelLoadError, ConfigError, TrainingDiverged, PruneError, TokenFusionError, DeviceError,
-               ExplainError, SearchSpaceError, PapyriError, ExportError, ReportError)
+               ExplainError, SearchSpaceError, PapyriError, ExportError, ReportError,
+               ShareError)
