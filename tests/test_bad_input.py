@@ -28,6 +28,8 @@ DETECT = ['papyri', 'train-detector', '--data', '{root}/papyri-pages', '--out', 
           '--overlap', '8', '--epochs', '1', '--steps', '1', '--batch-size', '1']
 EXPORT = ['export', '--model', PICO, '--out', '{root}/m.onnx', '--no-measure']
 REPORT = ['report', '--out', '{root}/report.html']
+PUSH = ['push', '{root}/run', 'alice/pico']   # no token: the tests' Hub has none, and is offline
+PULL = ['pull', 'alice/pico', '--out', '{root}/pulled']
 NO_ORT = pytest.mark.skipif(any(__import__('importlib').util.find_spec(p) is None
                                 for p in ('onnx', 'onnxruntime', 'onnxscript')),
                             reason="the export extra is not installed: the export stops there")
@@ -55,6 +57,11 @@ def files(tmp_path_factory):
     save_run_dir(timm.create_model(PICO, num_classes=2), root / 'pruned-out')   # e.g. what prune/fuse wrote
     save_run_dir(timm.create_model('deitlab_poolformer_pico_32', num_classes=2), root / 'pool')
     (root / 'a-file').write_text('not a directory\n')
+    (root / 'config-only').mkdir()   # a folder with a model's config.json but no weights
+    (root / 'config-only' / 'config.json').write_text((root / 'run' / 'config.json').read_text())
+    (root / 'no-cfg').mkdir()   # config.json without what the Hub layout needs
+    (root / 'no-cfg' / 'config.json').write_text(json.dumps(dict(architecture=PICO, num_classes=2)))
+    (root / 'no-cfg' / 'model.safetensors').write_bytes((root / 'run' / 'model.safetensors').read_bytes())
     (root / 'plain').mkdir()   # a directory, not a run directory
     (root / 'plain' / 'notes.txt').write_text('nothing here\n')
     Image.new('RGB', (40, 24), (90, 160, 30)).save(root / 'picture.png')
@@ -388,6 +395,46 @@ CASES = [
     ('export-unsupported-operator', EXPORT + ['--token-fusion', 'mctf', '--r', '4', '--fusion-options', 'pooling=max'],
      r'cannot export deitlab_deit_pico_patch4_32 \(DeiT with MCTF token fusion\) to ONNX: its operator '
      r'aten.index_reduce has no ONNX translation', NO_ORT),
+    # push and pull (the Hub offline, no token, nothing cached)
+    ('push-no-token', PUSH, r'no Hugging Face token: log in with `hf auth login` \(a token with write access, from '
+                            r'https://huggingface.co/settings/tokens\), or set the HF_TOKEN environment variable'),
+    ('push-not-a-run-dir', ['push', '{root}/plain', 'alice/pico'],
+     r'plain is not a run directory \(no config.json\); push a directory written by deitlab train, prune or nas '
+     r'export'),
+    ('push-run-missing', ['push', '{root}/nothing', 'alice/pico'], r'run directory does not exist: .*nothing'),
+    ('push-run-a-file', ['push', '{root}/a-file', 'alice/pico'], r'a-file is a file, not a run directory'),
+    ('push-no-weights', ['push', '{root}/config-only', 'alice/pico'],
+     r'run directory .*config-only has no model.safetensors'),
+    ('push-config-without-pretrained-cfg', ['push', '{root}/no-cfg', 'alice/pico', '--dry-run'],
+     r'no-cfg/config.json lacks pretrained_cfg, which the Hub layout needs \(save the model again with '
+     r'deitlab.rundir.save_run_dir\)'),
+    ('push-weights-truncated', ['push', '{root}/truncated', 'alice/pico', '--dry-run'],
+     r'truncated/model.safetensors is damaged \(truncated or not a safetensors file'),
+    ('push-repo-id-no-owner', ['push', '{root}/run', 'pico'], r"repository id 'pico' is not OWNER/NAME \(e.g. "
+                                                              r"alice/deit-pico-glyphs"),
+    ('push-repo-id-spaces', ['push', '{root}/run', 'alice/my model'], r"repository id 'alice/my model' is not "
+                                                                      r"OWNER/NAME"),
+    ('push-stage-not-empty', PUSH + ['--dry-run', '--stage', '{root}/plain'],
+     r'--stage .*plain exists and is not empty; give a new or empty directory'),
+    ('push-no-repo-id', ['push', '{root}/run'], r'the following arguments are required: REPO_ID'),
+    ('pull-out-not-empty', PULL + ['--out', '{root}/plain'],
+     r'--out .*plain exists and is not empty; give a new or empty directory'),
+    ('pull-out-a-file', PULL + ['--out', '{root}/a-file'], r'--out .*a-file is a file, not a directory'),
+    ('pull-not-cached-offline', PULL, r'cannot fetch alice/pico: offline \(HF_HUB_OFFLINE is set\) and it is not in '
+                                      r'the Hugging Face cache'),
+    ('pull-repo-id-bad', ['pull', 'alice/pico--v2', '--out', '{root}/pulled'],
+     r"repository id 'alice/pico--v2' is not OWNER/NAME"),
+    ('pull-folder-missing', ['pull', '{root}/nothing', '--out', '{root}/pulled'], r'folder does not exist: .*nothing'),
+    ('pull-folder-no-model', ['pull', '{root}/plain', '--out', '{root}/pulled'],
+     r"plain is not a model in the layout timm's hf-hub: loader reads: no config.json and no model.safetensors "
+     r'\(it holds notes.txt\)'),
+    ('pull-folder-no-weights', ['pull', '{root}/config-only', '--out', '{root}/pulled'],
+     r"config-only is not a model in the layout timm's hf-hub: loader reads: no model.safetensors"),
+    ('pull-folder-truncated', ['pull', '{root}/truncated', '--out', '{root}/pulled'],
+     r'truncated: .*truncated/model.safetensors is damaged'),
+    ('pull-revision-of-a-folder', ['pull', '{root}/run', '--out', '{root}/pulled', '--revision', 'v1'],
+     r'--revision names a revision on the Hub; .*run is a local folder'),
+    ('pull-no-out', ['pull', 'alice/pico'], r'the following arguments are required: --out'),
     # demo
     ('demo-out-file', ['demo', '--out', '{root}/a-file'], r'Not a directory: .*a-file/'),
     # report
@@ -411,7 +458,11 @@ CASES = [
 
 @pytest.mark.parametrize('argv, pattern', [pytest.param(*c[1:3], marks=c[3:]) for c in CASES],
                          ids=[c[0] for c in CASES])
-def test_bad_input_is_one_clear_line(files, argv, pattern, capsys):
+def test_bad_input_is_one_clear_line(files, argv, pattern, capsys, monkeypatch, tmp_path):
+    from huggingface_hub import constants   # push and pull: the Hub offline, its cache empty, no token
+    monkeypatch.setattr(constants, 'HF_HUB_OFFLINE', True)
+    monkeypatch.setattr(constants, 'HF_HUB_CACHE', str(tmp_path / 'hf-cache'))
+    monkeypatch.setattr('huggingface_hub.get_token', lambda: None)
     argv = [a.replace('{root}', str(files)) for a in argv]
     outs = [files / name for name in ('pruned-out', 'run', 'folder', 'plain', 'truncated', 'damaged-train',
                                       'damaged-prune', 'resumable', 'pool', 'nas-other', 'supernet')]
@@ -428,6 +479,7 @@ def test_bad_input_is_one_clear_line(files, argv, pattern, capsys):
     assert [_digest(p) for p in outs] == before
     assert not list(files.glob('*.onnx*')) and not list(files.glob('.*.tmp'))   # export: nothing partial written
     assert not (files / 'report.html').exists()   # report: nothing written
+    assert not (files / 'pulled').exists() and not list(files.glob('.pulled.pull-*'))   # pull: nor here
 
 
 def test_the_table_is_large_and_its_ids_unique():

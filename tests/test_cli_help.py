@@ -45,7 +45,8 @@ def test_top_level_help_lists_every_command_without_torch():
                                      ['demo'], ['unlearnable', 'make'], ['prune', 'nvit'], ['fuse', 'tome'],
                                      ['fuse', 'mctf-fast'], ['nas', 'train-supernet'], ['nas', 'search'],
                                      ['nas', 'export'], ['papyri', 'evaluate'], ['papyri', 'synth'],
-                                     ['papyri', 'predict'], ['papyri', 'train-detector'], ['export'], ['report']])
+                                     ['papyri', 'predict'], ['papyri', 'train-detector'], ['export'], ['report'],
+                                     ['push'], ['pull']])
 def test_subcommand_help_without_torch(command):
     """The configurations (train/config.py, prune/config.py, tokens/config.py, nas/config.py, papyri/config.py) are
     torch-free, so every subcommand's --help is too."""
@@ -82,8 +83,8 @@ def test_every_flag_has_a_help_line_in_a_named_section():
         leaves += 1
         for group in p._action_groups:   # a subcommand that runs: every option in one of the sections
             assert group.title in titles or not group._group_actions, (path, group.title)
-    assert leaves == 22   # train eval explain bench models demo export report, prune nvit|ofb, fuse tome|mctf|mctf-fast,
-    #                       unlearnable make|eval, nas train-supernet|search|export,
+    assert leaves == 24   # train eval explain bench models demo export report push pull, prune nvit|ofb,
+    #                       fuse tome|mctf|mctf-fast, unlearnable make|eval, nas train-supernet|search|export,
     #                       papyri synth|train-detector|evaluate|predict
 
 
