@@ -410,24 +410,13 @@ def _unlearnable_parser(p, groups) -> None:
     q.set_defaults(func=cmd_unlearnable_eval)
 
 
-def _papyri_parser(p, groups) -> None:
-    from .cli_papyri import papyri_parser   # imported when the papyri subcommands are built
-    papyri_parser(p, groups)
-
-
-def _report_parser(p, groups) -> None:
-    from .cli_report import report_parser   # imported when the report command is built
-    report_parser(p, groups)
-
-
-def _push_parser(p, groups) -> None:
-    from .cli_share import push_parser   # imported when push or pull is built
-    push_parser(p, groups)
-
-
-def _pull_parser(p, groups) -> None:
-    from .cli_share import pull_parser
-    pull_parser(p, groups)
+def _elsewhere(module: str, builder: str):
+    """The parser builder ``builder`` of ``deitlab.<module>``, imported only when that command is built
+    (cli_papyri: the papyri subcommands; cli_report: report; cli_share: push and pull)."""
+    def build(p, groups) -> None:
+        import importlib
+        getattr(importlib.import_module(f'.{module}', __package__), builder)(p, groups)
+    return build
 
 
 def _export_parser(p, groups) -> None:
@@ -464,14 +453,16 @@ COMMANDS = {
     'fuse': ('token reduction (ToMe, MCTF): evaluate and benchmark the fused model', _fuse_parser),
     'unlearnable': ('unlearnable datasets (CUDA: class-wise convolution filters)', _unlearnable_parser),
     'papyri': ('Greek letters on papyri (ICDAR 2023 competition): synthetic annotated pages, glyph detectors, '
-               'the organisers\' metric, predictions of trained detectors', _papyri_parser),
+               'the organisers\' metric, predictions of trained detectors', _elsewhere('cli_papyri', 'papyri_parser')),
     'export': ('a model as an ONNX file, checked against PyTorch (logits within a tolerance) and timed against it '
                'with ONNX Runtime', _export_parser),
     'report': ('many models on one self-contained HTML page: top-1 against GMACs and latency (Pareto front), a '
-               'sortable table, per-model widths, curves and configurations, the machine', _report_parser),
+               'sortable table, per-model widths, curves and configurations, the machine',
+               _elsewhere('cli_report', 'report_parser')),
     'push': ('upload a run directory to the Hugging Face Hub in the layout timm\'s hf-hub: loader reads, with a '
-             'generated model card', _push_parser),
-    'pull': ('fetch a model from the Hugging Face Hub (or a local folder) into a run directory', _pull_parser),
+             'generated model card', _elsewhere('cli_share', 'push_parser')),
+    'pull': ('fetch a model from the Hugging Face Hub (or a local folder) into a run directory',
+             _elsewhere('cli_share', 'pull_parser')),
     'models': ('registered deitlab architectures', _models_parser),
     'demo': ('the main job: train a small DeiT on glyphs and report', _demo_parser),
 }
