@@ -21,6 +21,7 @@ at a time, 1 thread each; the ratio to the baseline of the same task and seed). 
 
     DEITLAB_BENCH_RUNS=/work/dcal-runs python benchmarks/dcal.py train --jobs 2   # 36 runs
     DEITLAB_BENCH_RUNS=/work/dcal-runs python benchmarks/dcal.py report            # JSON + plot
+    DEITLAB_BENCH_RUNS=/work/dcal-runs python benchmarks/dcal.py figure            # the rollout picture
 """
 from __future__ import annotations
 
@@ -172,6 +173,62 @@ def cmd_report(args) -> None:
                      indent=1))
 
 
+REFERENCE = HERE / 'reference' / 'glyphs-fine-dcal'   # seed 0's DCAL run on glyphs-fine, for the picture
+
+
+def cmd_figure(args) -> None:
+    """Where the baseline and DCAL look on glyphs-fine test images: the class token's attention
+    rollout of each (the same seed) and the patches DCAL's GLCA takes as queries (the top
+    ``ratio`` of its rollout). DCAL's run directory is committed (``benchmarks/reference``)."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    import torch
+    from deitlab.data.for_model import model_datasets
+    from deitlab.layers.rollout import attention_rollout, cls_row, top_tokens
+    from deitlab.rundir import create
+    if not (REFERENCE / 'model.safetensors').exists():
+        src = run_dir('fine', 'dcal', 0)
+        REFERENCE.mkdir(parents=True, exist_ok=True)
+        for name in ('config.json', 'model.safetensors', 'summary.json', 'train_config.json'):
+            (REFERENCE / name).write_bytes((src / name).read_bytes())
+    dcal = create(str(REFERENCE)).eval()
+    base = create(str(run_dir('fine', 'baseline', 0))).eval()
+    val, = model_datasets(dcal, TASKS['fine']['data'], ('val',))
+    picks = [val[i] for i in range(0, 8 * 37, 37)]
+    x = torch.stack([p[0] for p in picks])
+    with torch.no_grad():
+        rows = {name: cls_row(attention_rollout(m, x), m) for name, m in
+                (('baseline', base), ('DCAL (SA)', dcal.backbone))}
+        chosen = top_tokens(rows['DCAL (SA)'], TASKS['fine']['ratio'])
+        correct = dict(baseline=(base(x).argmax(-1) == torch.tensor([p[1] for p in picks])).tolist(),
+                       dcal=(dcal(x).argmax(-1) == torch.tensor([p[1] for p in picks])).tolist())
+    grid = int(rows['baseline'].shape[1] ** 0.5)
+    img = (x * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    fig, axes = plt.subplots(4, len(picks), figsize=(1.6 * len(picks), 6.8))
+    side = x.shape[-1] / grid
+    for j in range(len(picks)):
+        axes[0, j].imshow(img[j])
+        for r, (name, row) in enumerate(rows.items(), start=1):
+            axes[r, j].imshow(row[j].reshape(grid, grid).numpy(), cmap='magma')
+        axes[3, j].imshow(img[j])
+        for k in chosen[j].tolist():
+            axes[3, j].add_patch(plt.Rectangle(((k % grid) * side - 0.5, (k // grid) * side - 0.5), side, side,
+                                               fill=False, edgecolor='tab:red', linewidth=1.5))
+        axes[1, j].set_title('baseline: ' + ('right' if correct['baseline'][j] else 'wrong'), fontsize=8)
+        axes[2, j].set_title('DCAL: ' + ('right' if correct['dcal'][j] else 'wrong'), fontsize=8)
+    labels = ['test image', 'baseline rollout', 'DCAL SA rollout', f"GLCA queries (top {TASKS['fine']['ratio']:.0%})"]
+    for r, label in enumerate(labels):
+        axes[r, 0].set_ylabel(label, fontsize=8)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(f'glyphs-fine, seed 0: the class token\'s attention rollout ({MODEL})', fontsize=10)
+    fig.tight_layout()
+    fig.savefig(RESULTS / 'dcal_rollout.png', dpi=100)
+    print('wrote', RESULTS / 'dcal_rollout.png')
+
+
 def plot(result: dict) -> None:
     import matplotlib
     matplotlib.use('Agg')
@@ -207,7 +264,7 @@ def _flags(name: str, q) -> None:
 
 
 def main():
-    run_cli(__doc__, {'train': cmd_train, 'report': cmd_report}, _flags)
+    run_cli(__doc__, {'train': cmd_train, 'report': cmd_report, 'figure': cmd_figure}, _flags)
 
 
 if __name__ == '__main__':
