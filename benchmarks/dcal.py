@@ -173,13 +173,14 @@ def cmd_report(args) -> None:
                      indent=1))
 
 
-REFERENCE = HERE / 'reference' / 'glyphs-fine-dcal'   # seed 0's DCAL run on glyphs-fine, for the picture
+# seed 0's baseline and DCAL runs on glyphs-fine, committed for the picture
+REFERENCE = {arm: HERE / 'reference' / f'glyphs-fine-{arm}' for arm in ('baseline', 'dcal')}
 
 
 def cmd_figure(args) -> None:
     """Where the baseline and DCAL look on glyphs-fine test images: the class token's attention
     rollout of each (the same seed) and the patches DCAL's GLCA takes as queries (the top
-    ``ratio`` of its rollout). DCAL's run directory is committed (``benchmarks/reference``)."""
+    ``ratio`` of its rollout). Both run directories are committed (``benchmarks/reference``)."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
@@ -187,13 +188,12 @@ def cmd_figure(args) -> None:
     from deitlab.data.for_model import model_datasets
     from deitlab.layers.rollout import attention_rollout, cls_row, top_tokens
     from deitlab.rundir import create
-    if not (REFERENCE / 'model.safetensors').exists():
-        src = run_dir('fine', 'dcal', 0)
-        REFERENCE.mkdir(parents=True, exist_ok=True)
-        for name in ('config.json', 'model.safetensors', 'summary.json', 'train_config.json'):
-            (REFERENCE / name).write_bytes((src / name).read_bytes())
-    dcal = create(str(REFERENCE)).eval()
-    base = create(str(run_dir('fine', 'baseline', 0))).eval()
+    for arm, ref in REFERENCE.items():
+        if not (ref / 'model.safetensors').exists():
+            ref.mkdir(parents=True, exist_ok=True)
+            for name in ('config.json', 'model.safetensors', 'summary.json', 'train_config.json'):
+                (ref / name).write_bytes((run_dir('fine', arm, 0) / name).read_bytes())
+    base, dcal = (create(str(REFERENCE[arm])).eval() for arm in ('baseline', 'dcal'))
     val, = model_datasets(dcal, TASKS['fine']['data'], ('val',))
     picks = [val[i] for i in range(0, 8 * 37, 37)]
     x = torch.stack([p[0] for p in picks])
