@@ -241,6 +241,19 @@ def test_csv_text_and_overlay_formats(tmp_path):
     assert Path(overlay_font()).name == 'DejaVuSans.ttf'
 
 
+def test_the_overlay_draws_only_the_boxes_at_the_score_threshold():
+    """Boxes below --score-thr stay off the picture; one at it is outlined, inside its box only."""
+    from deitlab.papyri.predict import draw_overlay
+    page = Image.new('RGB', (80, 60), (200, 180, 140))
+    low = Detections(boxes=[[10, 10, 30, 40]], scores=[0.29], labels=[0])
+    assert (np.asarray(draw_overlay(page, low, score_thr=0.3)) == np.asarray(page)).all()
+    both = Detections(boxes=[[10, 10, 30, 40], [50, 20, 70, 50]], scores=[0.29, 0.3], labels=[0, 1])
+    changed = (np.asarray(draw_overlay(page, both, score_thr=0.3)) != np.asarray(page)).any(-1)
+    ys, xs = np.nonzero(changed)
+    assert xs.min() >= 50 - 1 and changed[20:50, 50].all()   # the kept box's left edge; the low one's pixels intact
+    assert not changed[10:40, 10:30].any()
+
+
 def test_a_blank_page_is_named_in_a_warning(tmp_path, capsys):
     (blank,) = predict_pages([_blank_page(tmp_path / 'blank.png')], [Oracle(_two_lines())])
     assert blank.blank and blank.found == (0,)

@@ -150,7 +150,7 @@ class PredictConfig:
         'group': 'fusion', 'help': 'fuse each letter on its own (off: fuse boxes whatever their letter, then choose '
                                    'the letter by a score-weighted vote)'})
     score_thr: float = field(default=0.3, metadata={
-        'group': 'run', 'help': 'boxes scored below this stay out of text/ and get no letter on the overlays (every '
+        'group': 'run', 'help': 'boxes scored below this stay out of text/ and off the overlays (every '
                                 'box is kept in the JSON and CSV files, which the metric ranks by score)'})
     overlays: bool = field(default=True, metadata={
         'group': 'run', 'help': 'draw each page with its boxes and letters in overlays/'})

@@ -387,8 +387,10 @@ def _colour(score: float) -> Tuple[int, int, int]:
 
 
 def draw_overlay(image: Image.Image, detections: Detections, score_thr: float = 0.3) -> Image.Image:
-    """A copy of the page with every box outlined in the colour of its score and, for the boxes at
-    or above ``score_thr``, its letter above it (inside when at the top edge)."""
+    """A copy of the page with each box scoring at least ``score_thr`` outlined in the colour of its
+    score and its letter above it (inside when at the top edge). The boxes below stay off the
+    picture (a detector keeps thousands per page for the metric's ranking, which would bury the
+    page); the JSON and CSV files hold them all."""
     out = image.convert('RGB')
     if not len(detections):
         return out
@@ -398,13 +400,14 @@ def draw_overlay(image: Image.Image, detections: Detections, score_thr: float = 
     font = ImageFont.truetype(overlay_font(), size)
     width = max(1, int(round(float(np.median(heights)) / 20)))
     for k in np.argsort(detections.scores, kind='stable'):   # best last: drawn on top
+        if detections.scores[k] < score_thr:
+            continue
         x0, y0, x1, y1 = (float(v) for v in detections.boxes[k])
         colour = _colour(detections.scores[k])
         draw.rectangle([x0, y0, max(x0, x1 - 1), max(y0, y1 - 1)], outline=colour, width=width)
-        if detections.scores[k] >= score_thr:
-            top = y0 - size - 1 if y0 - size - 1 >= 0 else y0 + 1
-            draw.text((x0, top), LETTERS[detections.labels[k]], font=font, fill=colour, stroke_width=1,
-                      stroke_fill=(255, 255, 255))
+        top = y0 - size - 1 if y0 - size - 1 >= 0 else y0 + 1
+        draw.text((x0, top), LETTERS[detections.labels[k]], font=font, fill=colour, stroke_width=1,
+                  stroke_fill=(255, 255, 255))
     return out
 
 
