@@ -290,6 +290,8 @@ def create(name_or_dir: str, pretrained: bool = False, **kwargs) -> nn.Module:
         cfg.update(config.get('pretrained_cfg') or {})
         cfg['architecture'] = arch
         model.pretrained_cfg = cfg
+        if config.get('model_args') and not isinstance(getattr(model, 'model_args', None), dict):
+            model.model_args = dict(config['model_args'])   # a timm model built with arguments: saved again with them
         if config.get('label_names'):
             model.pretrained_cfg['label_names'] = config['label_names']
         return model

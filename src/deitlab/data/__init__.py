@@ -140,7 +140,14 @@ def dataset_info(spec: str) -> DatasetInfo:
         classes, size, chans = tuple(folder.find_classes(arg)), None, 3
     native = (size, size) if size else folder.native_size(arg)
     return DatasetInfo(name=name, spec=spec, num_classes=len(classes), classes=tuple(classes),
-                       img_size=size, in_chans=chans, default_hflip=_DEFAULT_HFLIP[name], native_size=native)
+                       img_size=size, in_chans=chans, default_hflip=_default_hflip(name, arg), native_size=native)
+
+
+def _default_hflip(name: str, arg: Optional[str]) -> float:
+    """The flip probability of a dataset when none is asked for; a folder tree may declare its own."""
+    if name == 'folder' and arg is not None:
+        return folder.declared(arg).get('hflip', _DEFAULT_HFLIP[name])
+    return _DEFAULT_HFLIP[name]
 
 
 def build_dataset(spec: str, split: str, *, img_size: Optional[int] = None, in_chans: int = 3,
@@ -159,7 +166,8 @@ def build_dataset(spec: str, split: str, *, img_size: Optional[int] = None, in_c
             + horizontal flip) or ``'deit'`` (timm's DeiT training transform).
         mean, std: Normalisation statistics; the first ``in_chans`` entries are used.
         hflip: Flip probability for ``'light'``/``'deit'``; None = the dataset's default (0.0 for
-            the glyphs datasets, whose mirror images are not letters; 0.5 otherwise).
+            the glyphs datasets, whose mirror images are not letters; a folder tree's declared
+            ``hflip``, see :func:`.folder.declared`; 0.5 otherwise).
         seed: Generation seed of synthetic data (the glyphs datasets) when the spec has no ``seed=``;
             real datasets ignore it. Augmentation randomness comes from torch's RNG.
         download: ``fashion-mnist`` only: download with torchvision if no local copy is found.
@@ -180,7 +188,7 @@ def build_dataset(spec: str, split: str, *, img_size: Optional[int] = None, in_c
     if img_size is not None and (not isinstance(img_size, int) or img_size < 1):
         raise DataError(f'img_size must be a positive int or None, got {img_size!r}')
     mean, std = channel_stats(mean, std, in_chans)
-    hflip = _DEFAULT_HFLIP[name] if hflip is None else float(hflip)
+    hflip = _default_hflip(name, arg) if hflip is None else float(hflip)
     if not 0.0 <= hflip <= 1.0:
         raise DataError(f'hflip must be a probability in [0, 1], got {hflip}')
     common = dict(in_chans=in_chans, mean=mean, std=std, hflip=hflip)

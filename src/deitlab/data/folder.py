@@ -15,6 +15,11 @@ Layout::
   :func:`~deitlab.data.build_dataset` with ``img_size=None`` gives 224: images are resized (shorter
   side) and centre-cropped to the size (``aug='deit'`` uses timm's random-resized crop instead).
 * Grayscale images give 3 channels by replication, colour images 1 channel by luminance.
+* A tree may declare itself in ``PATH/manifest.json`` under the key ``folder`` (:func:`declared`):
+  ``classes``, the class folders in label order (all of them sub-folders of ``train/``; a declared
+  class may have no images, so a tree of glyph crops has its 24 letters whatever the pages held), and
+  ``hflip``, the flip probability augmentation uses when none is asked for (0 for glyphs, whose mirror
+  images are other letters or none). ``deitlab papyri crops`` writes such trees.
 
 Corrupt or unreadable images: the policy is to FAIL, naming the file. The tree is only listed
 when the dataset is built; each image is decoded when its item is loaded, and an image PIL cannot
@@ -23,6 +28,7 @@ error reaches the main process with the message intact). Nothing is skipped sile
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Callable, List, Optional, Tuple
@@ -34,11 +40,12 @@ from torch.utils.data import Dataset
 from ..console import log
 from .base import DataError
 
-__all__ = ['IMAGE_EXTENSIONS', 'DEFAULT_IMG_SIZE', 'split_dir', 'find_classes', 'scan_split', 'native_size',
-           'FolderDataset']
+__all__ = ['IMAGE_EXTENSIONS', 'DEFAULT_IMG_SIZE', 'MANIFEST_NAME', 'split_dir', 'declared', 'find_classes',
+           'scan_split', 'native_size', 'FolderDataset']
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.gif', '.webp', '.tif', '.tiff')
 DEFAULT_IMG_SIZE = 224
+MANIFEST_NAME = 'manifest.json'
 _SPLIT_NAMES = {'train': ('train',), 'val': ('val', 'validation')}
 
 
@@ -67,9 +74,39 @@ def split_dir(path: str, split: str) -> Path:
                     f'and PATH/val/<class>/')
 
 
+def declared(path: str) -> dict:
+    """The tree's declaration: the ``folder`` object of ``PATH/manifest.json`` (``classes``: the class
+    folders in label order; ``hflip``: the default flip probability), checked; ``{}`` when there is none."""
+    file = Path(path).expanduser() / MANIFEST_NAME
+    if not file.is_file():
+        return {}
+    try:
+        decl = json.loads(file.read_text(encoding='utf-8')).get('folder')
+    except (OSError, ValueError, AttributeError):
+        return {}
+    if decl is None:
+        return {}
+    classes, hflip = decl.get('classes') if isinstance(decl, dict) else None, \
+        decl.get('hflip', 0.5) if isinstance(decl, dict) else None
+    if (not isinstance(classes, list) or len(classes) < 2 or len(set(classes)) != len(classes)
+            or not all(isinstance(c, str) and c and '/' not in c for c in classes)):
+        raise DataError(f"{file}: 'folder.classes' must list at least two distinct class folder names")
+    if isinstance(hflip, bool) or not isinstance(hflip, (int, float)) or not 0 <= hflip <= 1:
+        raise DataError(f"{file}: 'folder.hflip' must be a probability in [0, 1], got {hflip!r}")
+    return {'classes': list(classes), 'hflip': float(hflip)}
+
+
 def find_classes(path: str) -> List[str]:
-    """Class names: the sub-folders of ``PATH/train``, sorted."""
+    """Class names: the classes the tree declares (:func:`declared`), else the sub-folders of
+    ``PATH/train``, sorted."""
     d = split_dir(path, 'train')
+    classes = declared(path).get('classes')
+    if classes is not None:
+        missing = [c for c in classes if not (d / c).is_dir()]
+        if missing:
+            raise DataError(f'folder: {Path(path) / MANIFEST_NAME} declares classes with no folder in {d}: '
+                            f'{", ".join(missing[:6])}')
+        return classes
     classes = _subdirs(d)
     if not classes:
         files = sorted(e.name for e in os.scandir(d))[:5]
@@ -134,9 +171,10 @@ def scan_split(path: str, split: str) -> Tuple[List[str], List[Path], List[int]]
         raise DataError(f'folder: no class folders in {d}')
     index = {c: i for i, c in enumerate(classes)}
     files, labels = [], []
+    may_be_empty = set(declared(path).get('classes') or ())
     for name in names:
         imgs = _images_under(d / name)
-        if not imgs:
+        if not imgs and name not in may_be_empty:
             raise DataError(f'folder: class folder {d / name} has no images '
                             f'({", ".join(IMAGE_EXTENSIONS)})')
         files += imgs
