@@ -37,6 +37,7 @@ GROUPS = {
     'poisoning': 'poisoning',
     'pages': 'synthetic pages',
     'fusion': 'box fusion (several detectors)',
+    'refine': 'refinement of the letters (crop classifiers and the vote)',
     'export': 'export',
     'measurement': 'measurement',
     'run': 'run and output',

@@ -149,6 +149,19 @@ class PredictConfig:
     class_aware: bool = field(default=True, metadata={
         'group': 'fusion', 'help': 'fuse each letter on its own (off: fuse boxes whatever their letter, then choose '
                                    'the letter by a score-weighted vote)'})
+    refiners: tuple = field(default=(), metadata={
+        'group': 'refine', 'help': 'crop classifiers that re-classify every box, NAME=RUN each (e.g. deit=runs/deit,'
+                                   'simclr=runs/simclr-ft): run directories of deitlab train on deitlab papyri crops; '
+                                   'the detector and they vote on each letter (--vote)'})
+    vote: str = field(default='majority', metadata={
+        'group': 'refine', 'help': 'with --refiners: majority (the letter most members name; a tie goes to the most '
+                                   'confident member) or average (the largest mean probability)'})
+    vote_score: str = field(default='agree', metadata={
+        'group': 'refine', 'help': "with --refiners: a box's score, agree (the detector's score times the agreeing "
+                                   "members' share of the vote) or detector (kept)"})
+    vote_weights: Optional[tuple] = field(default=None, metadata={
+        'group': 'refine', 'help': 'one weight per member of the vote: the detector, then each refiner in order '
+                                   '(unset: equal)'})
     score_thr: float = field(default=0.3, metadata={
         'group': 'run', 'help': 'boxes scored below this stay out of text/ and off the overlays (every '
                                 'box is kept in the JSON and CSV files, which the metric ranks by score)'})
@@ -177,7 +190,40 @@ class PredictConfig:
         if not 0 <= self.score_thr <= 1:
             raise PapyriError(f'score_thr must be in [0, 1], got {self.score_thr}')
         self.fusion_config()
+        self.refiner_pairs()
+        try:
+            self.vote_weights = None if self.vote_weights is None else tuple(float(w) for w in self.vote_weights)
+        except (TypeError, ValueError):
+            raise PapyriError(f'vote_weights must be numbers, one per member of the vote; got '
+                              f'{",".join(map(str, self.vote_weights))}') from None
+        if self.refiners:
+            self.vote_config()
         return self
+
+    def refiner_pairs(self) -> Tuple[Tuple[str, str], ...]:
+        """``(name, run directory)`` of each ``--refiners`` entry (``NAME=RUN``; a bare ``RUN`` is named
+        after its directory); names unique, and not ``detector`` (the first member of the vote)."""
+        pairs = []
+        for item in (str(r).strip() for r in self.refiners):
+            if not item:
+                continue
+            name, eq, path = item.partition('=')
+            name, path = (name.strip(), path.strip()) if eq else (Path(item).name, item)
+            if not name or not path:
+                raise PapyriError(f'refiners: expected NAME=RUN_DIR, got {item!r}')
+            pairs.append((name, path))
+        names = [n for n, _ in pairs]
+        clash = sorted({n for n in names if names.count(n) > 1 or n == 'detector'})
+        if clash:
+            raise PapyriError(f'refiners: each needs its own name, not detector; {", ".join(clash)} is taken (name '
+                              f'them NAME=RUN_DIR)')
+        return tuple(pairs)
+
+    def vote_config(self):
+        """The :class:`~deitlab.papyri.vote.VoteConfig` of these settings, checked against the number
+        of members (the detector and each refiner; imports numpy: not for ``--help``)."""
+        from .vote import VoteConfig
+        return VoteConfig(self.vote, self.vote_score, self.vote_weights).validate(1 + len(self.refiner_pairs()))
 
     def fusion_config(self):
         """The :class:`~deitlab.papyri.fusion.FusionConfig` of these settings, checked against the number

@@ -83,6 +83,7 @@ class PagePrediction:
     detections: Detections
     found: Tuple[int, ...] = ()
     blank: bool = False
+    votes: Optional[dict] = None   # after refinement: each member's letter per box (detector first)
 
     @property
     def name(self) -> str:
@@ -454,12 +455,15 @@ def write_outputs(out_dir, pages: Sequence[PagePrediction], *, score_thr: float 
     for page in pages:
         images.append(page.image)
         d = page.detections
-        for box, score, label in zip(_rounded(d.boxes).tolist(), d.scores.tolist(), d.labels.tolist()):
+        for i, (box, score, label) in enumerate(zip(_rounded(d.boxes).tolist(), d.scores.tolist(), d.labels.tolist())):
             if box[2] <= 0 or box[3] <= 0:
                 continue   # thinner than the rounding
             box = [_number(v) for v in box]
             cid = category_id(label)
-            anns.append(CocoAnnotation(len(anns) + 1, page.image.id, tuple(box), cid, extra={'score': score}))
+            extra = {'score': score}
+            if page.votes:
+                extra['votes'] = {name: letters[i] for name, letters in page.votes.items()}
+            anns.append(CocoAnnotation(len(anns) + 1, page.image.id, tuple(box), cid, extra=extra))
             results.append({'image_id': page.image.id, 'category_id': cid, 'bbox': box, 'score': score})
             table.writerow([page.image.file_name, *box, LETTERS[label], f'U+{ord(LETTERS[label]):04X}', cid, score])
     record = {'generator': GENERATOR, **(info or {}), 'score_thr': score_thr}
@@ -490,14 +494,31 @@ def predict_files(config: PredictConfig, loader: Optional[Callable] = None) -> d
     paths = image_files(config.images)
     records = number_pages(paths, config.ids_from)
     _check_out(Path(config.out), config.overwrite)
+    refiner_pairs = config.refiner_pairs()
+    for name, path in refiner_pairs:   # named before any model is loaded
+        if not Path(path).is_dir():
+            raise PapyriError(f'refiner {name}: {path} {"is a file" if Path(path).exists() else "does not exist"}; '
+                              f'give a run directory written by deitlab train on crops')
     detectors = load_detectors(config.detector, loader)
+    refiners = []
+    if refiner_pairs:
+        from .refine import load_refiners
+        refiners = load_refiners(refiner_pairs)
     pages = predict_pages(paths, detectors, fusion_config, records=records, progress_bar=config.progress)
     fused = len(detectors) > 1
     info = {'detectors': [_name(d, k) for k, d in enumerate(detectors)],
             'fusion': {'method': fusion_config.method, 'iou_thr': fusion_config.iou_thr,
                        'weights': list(fusion_config.weights) if fusion_config.weights else None,
                        'class_aware': fusion_config.class_aware} if fused else None}
+    if refiners:
+        from .refine import refine_pages
+        vote_config = config.vote_config()
+        pages = refine_pages(pages, refiners, vote_config, progress_bar=config.progress)
+        info.update(refiners={r.name: str(r.run_dir) for r in refiners},
+                    vote={'rule': vote_config.rule, 'score': vote_config.score,
+                          'weights': list(vote_config.weights) if vote_config.weights else None})
     result = write_outputs(config.out, pages, score_thr=config.score_thr, overwrite=config.overwrite,
                            overlays=config.overlays, info=info)
     return {**result, 'detectors': info['detectors'], 'fusion': fusion_config.method if fused else None,
+            'refiners': info.get('refiners', {}), 'vote': info.get('vote'),
             'blank': [str(p.path) for p in pages if p.blank]}
