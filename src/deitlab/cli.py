@@ -453,7 +453,8 @@ COMMANDS = {
     'fuse': ('token reduction (ToMe, MCTF): evaluate and benchmark the fused model', _fuse_parser),
     'unlearnable': ('unlearnable datasets (CUDA: class-wise convolution filters)', _unlearnable_parser),
     'papyri': ('Greek letters on papyri (ICDAR 2023 competition): synthetic annotated pages, glyph detectors, '
-               'the organisers\' metric, predictions of trained detectors', _elsewhere('cli_papyri', 'papyri_parser')),
+               'crop refiners (DeiT, SimCLR) and their vote, the organisers\' metric, predictions, a demo',
+               _elsewhere('cli_papyri', 'papyri_parser')),
     'export': ('a model as an ONNX file, checked against PyTorch (logits within a tolerance) and timed against it '
                'with ONNX Runtime', _export_parser),
     'report': ('many models on one self-contained HTML page: top-1 against GMACs and latency (Pareto front), a '

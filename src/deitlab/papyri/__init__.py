@@ -11,7 +11,13 @@ detectors or tiles merged; ``detect.py``: glyph detectors behind one interface a
 (``deitlab papyri train-detector``; the torchvision models in ``detectors.py``, their data in
 ``detect_data.py``, the optional YOLOv8 detectors through ultralytics in ``yolo.py``); ``predict.py``:
 detectors' letters on page images, fused and written as COCO, CSV, overlays and reading-order text
-(``deitlab papyri predict``); ``outdir.py``: output directories written whole.
+(``deitlab papyri predict``); ``outdir.py``: output directories written whole. The refiners:
+``crops.py``: letter crops, one rule for training and inference, and the crops dataset
+(``deitlab papyri crops``); ``simclr.py``: SimCLR pretraining of a ResNet on unlabelled pages
+(``deitlab papyri pretrain-simclr``); ``refine.py``: classification runs as refiners of the detected
+letters; ``vote.py``: the vote of the detector and the refiners; ``refine_config.py`` (torch-free):
+the settings of crops and SimCLR; ``demo.py``: the whole pipeline in a few CPU minutes
+(``deitlab papyri demo``).
 
 The names below are imported from their modules on first use, so that importing the package stays
 light.
@@ -28,6 +34,11 @@ _HOME = {
     'make_page': 'synth', 'synthesize': 'synth', 'base_type': 'synth', 'resolve_fonts': 'synth',
     'PagePrediction': 'predict', 'predict_pages': 'predict', 'write_outputs': 'predict',
     'reading_lines': 'predict', 'page_text': 'predict', 'predict_files': 'predict',
+    'CropsConfig': 'refine_config', 'SimCLRConfig': 'refine_config',
+    'CropPolicy': 'crops', 'crop_glyph': 'crops', 'write_crops': 'crops',
+    'nt_xent': 'simclr', 'pretrain_simclr': 'simclr',
+    'Refiner': 'refine', 'load_refiner': 'refine', 'refine_pages': 'refine',
+    'VoteConfig': 'vote', 'run_papyri_demo': 'demo',
 }
 __all__ = sorted(_HOME)
 __getattr__, __dir__ = lazy_exports(__name__, _HOME)

@@ -60,8 +60,10 @@ def class_folder(k: int) -> str:
 
 
 def letter_of_folder(name: str) -> Optional[int]:
-    """The letter of a class folder name from :func:`class_folder` (also the bare names ``alpha``, and
-    the letters themselves), else None."""
+    """The letter of a class folder name from :func:`class_folder` (also the bare names ``alpha``, with
+    ``lambda`` for Unicode's ``lamda``, as the ``glyphs`` dataset names its classes, and the letters
+    themselves), else None."""
+    name = 'lamda' if name == 'lambda' else name
     for k in range(NUM_CLASSES):
         if name in (class_folder(k), NAMES[k], LETTERS[k]):
             return k
