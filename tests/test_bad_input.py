@@ -26,6 +26,9 @@ SYNTH = ['papyri', 'synth', '--pages', '1', '--out', '{root}/pages', '--size', '
 PREDICT = ['papyri', 'predict', '--detector', '{root}/run', '--out', '{root}/predicted', '{root}/picture.png']
 DETECT = ['papyri', 'train-detector', '--data', '{root}/papyri-pages', '--out', '{root}/det', '--tile', '32',
           '--overlap', '8', '--epochs', '1', '--steps', '1', '--batch-size', '1']
+CROPS = ['papyri', 'crops', '--data', '{root}/papyri-pages', '--out', '{root}/crops']
+SIMCLR = ['papyri', 'pretrain-simclr', '--images', '{root}/papyri-pages/images', '--out', '{root}/simclr',
+          '--epochs', '1', '--steps', '1', '--batch-size', '2']
 EXPORT = ['export', '--model', PICO, '--out', '{root}/m.onnx', '--no-measure']
 REPORT = ['report', '--out', '{root}/report.html']
 PUSH = ['push', '{root}/run', 'alice/pico']   # no token: the tests' Hub has none, and is offline
@@ -375,6 +378,41 @@ CASES = [
      r'pruned-out is not empty \(config.json, model.safetensors\) and holds no detector checkpoint to --resume'),
     ('papyri-train-detector-no-out', ['papyri', 'train-detector', '--data', '{root}/papyri-pages'],
      r'the following arguments are required: --out'),
+    # papyri crops
+    ('papyri-crops-no-annotations', CROPS + ['--data', '{root}/folder'],
+     r'data directory .*folder has no annotations.json: give a directory written by deitlab papyri synth'),
+    ('papyri-crops-size', CROPS + ['--size', '4'], r'size must be in \[8, 1024\], got 4'),
+    ('papyri-crops-margin', CROPS + ['--margin', '-0.1'], r'margin must be in \[0, 2\], got -0.1'),
+    ('papyri-crops-base-types', CROPS + ['--base-types', 'bt1,bt9'], r'base_types must be among bt1, bt2, bt3, got bt1,bt9'),
+    ('papyri-crops-label-fraction', CROPS + ['--label-fraction', '0'], r'label_fraction must be in \(0, 1\], got 0.0'),
+    ('papyri-crops-out-foreign', CROPS + ['--out', '{root}/pruned-out', '--overwrite'],
+     r'pruned-out is not empty \(config.json, model.safetensors\) and holds no crops written by deitlab papyri crops'),
+    ('papyri-crops-one-letter', CROPS, r'has 1 letter\(s\): too few to hold some out as the val split \(give --val pages\)'),
+    # papyri pretrain-simclr
+    ('papyri-simclr-not-resnet', SIMCLR + ['--model', 'vit_tiny_patch16_224'],
+     r"model must be a timm ResNet \(resnet18, resnet50, ...\), got 'vit_tiny_patch16_224'"),
+    ('papyri-simclr-images-missing', SIMCLR + ['--images', '{root}/nothing'], r'image file does not exist: .*nothing'),
+    ('papyri-simclr-not-an-image', SIMCLR + ['--images', '{root}/a-file'], r'a-file is not an image that can be read'),
+    ('papyri-simclr-window', SIMCLR + ['--window', '40,20'], r"window: LOW must not exceed HIGH; got '40,20'"),
+    ('papyri-simclr-temperature', SIMCLR + ['--temperature', '0'], r'temperature must be > 0, got 0.0'),
+    ('papyri-simclr-backend', SIMCLR + ['--backend', 'torch'], r"backend must be one of auto, native, lightly, got 'torch'"),
+    ('papyri-simclr-model-kwargs', SIMCLR + ['--model', 'resnet18', '--model-kwargs', 'depth=3'],
+     r"cannot build resnet18 with \{'depth': 3\}"),
+    ('papyri-simclr-out-foreign', SIMCLR + ['--out', '{root}/pruned-out'],
+     r'pruned-out is not empty \(config.json, model.safetensors\) and holds no SimCLR run'),
+    # papyri predict --refiners
+    ('papyri-predict-refiner-missing', PREDICT + ['--refiners', 'deit={root}/nothing'],
+     r'refiner deit: .*nothing does not exist; give a run directory written by deitlab train on crops'),
+    ('papyri-predict-refiner-names', PREDICT + ['--refiners', 'a={root}/run,a={root}/pool'],
+     r'refiners: each needs its own name, not detector; a is taken'),
+    ('papyri-predict-vote', PREDICT + ['--refiners', '{root}/run', '--vote', 'unanimous'],
+     r"vote must be one of majority, average, got 'unanimous'"),
+    ('papyri-predict-vote-weights', PREDICT + ['--refiners', '{root}/run', '--vote-weights', '1'],
+     r'vote_weights: 1 weight\(s\) for 2 members \(the detector, then each refiner\)'),
+    # papyri demo
+    ('papyri-demo-out-file', ['papyri', 'demo', '--out', '{root}/a-file'], r'--out .*a-file is a file, not a directory'),
+    ('papyri-demo-out-foreign', ['papyri', 'demo', '--out', '{root}/plain'],
+     r'--out .*plain holds files the demo did not write \(notes.txt\); choose another --out'),
     # export
     ('export-format-unknown', EXPORT + ['--format', 'tflite'], r"unknown format 'tflite'; known: onnx"),
     ('export-out-missing-directory', EXPORT + ['--out', '{root}/nothing/m.onnx'],

@@ -45,7 +45,8 @@ def test_top_level_help_lists_every_command_without_torch():
                                      ['demo'], ['unlearnable', 'make'], ['prune', 'nvit'], ['fuse', 'tome'],
                                      ['fuse', 'mctf-fast'], ['nas', 'train-supernet'], ['nas', 'search'],
                                      ['nas', 'export'], ['papyri', 'evaluate'], ['papyri', 'synth'],
-                                     ['papyri', 'predict'], ['papyri', 'train-detector'], ['export'], ['report'],
+                                     ['papyri', 'predict'], ['papyri', 'train-detector'], ['papyri', 'crops'],
+                                     ['papyri', 'pretrain-simclr'], ['papyri', 'demo'], ['export'], ['report'],
                                      ['push'], ['pull']])
 def test_subcommand_help_without_torch(command):
     """The configurations (train/config.py, prune/config.py, tokens/config.py, nas/config.py, papyri/config.py) are
@@ -83,9 +84,9 @@ def test_every_flag_has_a_help_line_in_a_named_section():
         leaves += 1
         for group in p._action_groups:   # a subcommand that runs: every option in one of the sections
             assert group.title in titles or not group._group_actions, (path, group.title)
-    assert leaves == 24   # train eval explain bench models demo export report push pull, prune nvit|ofb,
+    assert leaves == 27   # train eval explain bench models demo export report push pull, prune nvit|ofb,
     #                       fuse tome|mctf|mctf-fast, unlearnable make|eval, nas train-supernet|search|export,
-    #                       papyri synth|train-detector|evaluate|predict
+    #                       papyri synth|train-detector|crops|pretrain-simclr|evaluate|predict|demo
 
 
 def test_config_dataclass_fields_carry_their_help_and_section():
@@ -95,10 +96,11 @@ def test_config_dataclass_fields_carry_their_help_and_section():
     from deitlab.nas.config import ExportConfig, SearchConfig, SupernetConfig
     from deitlab.papyri.metric import EvaluateConfig
     from deitlab.papyri.config import DetectorConfig, PredictConfig, SynthConfig
+    from deitlab.papyri.refine_config import CropsConfig, SimCLRConfig
     from deitlab.export.config import ModelExportConfig
     import dataclasses
     for cls in (TrainConfig, NViTConfig, FuseConfig, SupernetConfig, SearchConfig, ExportConfig, EvaluateConfig,
-                SynthConfig, PredictConfig, DetectorConfig, ModelExportConfig):
+                SynthConfig, PredictConfig, DetectorConfig, ModelExportConfig, CropsConfig, SimCLRConfig):
         for f in dataclasses.fields(cls):
             group, text = field_doc(cls, f)
             assert group in GROUPS and text.strip(), f.name
