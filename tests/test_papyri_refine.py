@@ -51,6 +51,7 @@ def test_letter_folders_are_in_letter_order():
     assert folders == sorted(folders) and folders[0] == '00-alpha' and folders[17] == '17-sigma'
     assert [letter_of_folder(f) for f in folders] == list(range(NUM_CLASSES))
     assert letter_of_folder('omega') == 23 and letter_of_folder(LETTERS[17]) == 17 and letter_of_folder('cat') is None
+    assert letter_of_folder('lambda') == letter_of_folder('lamda') == 10   # the glyphs dataset's spelling
 
 
 def test_crops_make_a_folder_dataset_of_the_24_letters(pages, tmp_path):
@@ -287,3 +288,14 @@ def test_refiner_settings_are_checked_before_any_model_is_loaded(tmp_path):
         PredictConfig(detector=('d',), out='o', images=('p.png',), refiners=('detector=a',)).validate()
     with pytest.raises(PapyriError, match=r"vote_score must be one of agree, detector, got 'max'"):
         PredictConfig(detector=('d',), out='o', images=('p.png',), refiners=('a',), vote_score='max').validate()
+
+
+@pytest.mark.slow
+def test_the_quick_demo_runs_every_step_and_prints_the_table(tmp_path, capsys):
+    from deitlab.papyri.demo import VARIANTS
+    assert main(['papyri', 'demo', '--quick', '--out', str(tmp_path / 'demo')]) == 0
+    out = capsys.readouterr().out
+    assert all(label in out for _, label, _ in VARIANTS) and 'CPU minutes' in out
+    res = json.loads((tmp_path / 'demo' / 'results.json').read_text(encoding='utf-8'))
+    assert [r['variant'] for r in res['rows']] == [label for _, label, _ in VARIANTS] and res['cpu_s'] < 120
+    assert sorted(p.name for p in (tmp_path / 'demo' / 'predictions' / 'vote' / 'overlays').iterdir())

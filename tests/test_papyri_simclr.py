@@ -240,3 +240,31 @@ def test_bad_settings_are_refused(pages, tmp_path):
     with pytest.raises(PapyriError, match=r'foreign is not empty \(notes.txt\) and holds no SimCLR run'):
         pretrain_simclr(_cfg(pages, tmp_path / 'foreign'))
     assert (tmp_path / 'foreign' / 'notes.txt').read_text() == 'mine'
+
+
+# ------------------------------------------------------------------------------------------ linear probe
+def test_the_linear_probe_separates_separable_features_and_not_noise():
+    from deitlab.papyri.probe import linear_probe
+    g = np.random.default_rng(0)
+    centres = g.normal(size=(4, 8)) * 5
+    y = np.repeat(np.arange(4), 30)
+    x = centres[y] + g.normal(size=(120, 8))
+    assert linear_probe(x[::2], y[::2], x[1::2], y[1::2], 4) == 100.0
+    noise = g.normal(size=(120, 8))
+    assert linear_probe(noise[::2], y[::2], noise[1::2], y[1::2], 4) < 50.0
+    assert linear_probe(x[::2], y[::2], x[1::2], y[1::2], 4) == linear_probe(x[::2], y[::2], x[1::2], y[1::2], 4)
+
+
+def test_probe_crops_encodes_a_backbone_on_a_crops_dataset(pages, tmp_path, one_thread):
+    from deitlab.papyri.crops import write_crops
+    from deitlab.papyri.probe import encode, probe_crops
+    from deitlab.papyri.refine_config import CropsConfig
+    write_crops(CropsConfig(data=str(pages.parent), out=str(tmp_path / 'crops'), size=32, progress=False))
+    torch.manual_seed(0)
+    backbone = build_backbone('resnet18', 32, {'channels': [8, 16, 32, 64]})
+    result = probe_crops(backbone, tmp_path / 'crops')
+    assert result['features'] == 64 and result['train'] > result['test'] > 0 and 0 <= result['top1'] <= 100
+    from deitlab.data.for_model import model_datasets
+    train, _ = model_datasets(backbone, f'folder:{tmp_path / "crops"}')
+    feats, labels = encode(backbone, train)
+    assert feats.shape == (len(train), 64) and labels.tolist() == train.targets.tolist() and backbone.training

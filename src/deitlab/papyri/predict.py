@@ -9,12 +9,16 @@ scorer and for readers. This module does the same with deitlab's detectors:
   method returning :class:`~deitlab.papyri.fusion.Detections`, e.g. :func:`deitlab.papyri.detect.load_detector`'s);
   with several, their boxes are fused per page by :func:`~deitlab.papyri.fusion.fuse` (WBF by
   default). With one, its boxes are kept as they are, clipped to the page.
+* With ``refiners`` (crop classifiers, :mod:`.refine`), every box is then re-classified and its
+  letter and score set by the vote of the detector and the refiners (:mod:`.vote`), as Turnbull &
+  Mannix re-classified theirs with a DeiT and a SimCLR-pretrained ResNet.
 * :func:`write_outputs`: the output directory, written whole or not at all (:mod:`.outdir`):
 
   - ``predictions.json``: COCO in the competition's schema (:mod:`.coco`): the pages
     (``id``, ``file_name``, ``width``, ``height``), one annotation per box with its ``bbox``
-    ``[x, y, w, h]`` in pixels, the competition ``category_id`` of its letter and its ``score``, the
-    24 letter categories, and the settings under ``info``;
+    ``[x, y, w, h]`` in pixels, the competition ``category_id`` of its letter and its ``score`` (and,
+    after refinement, ``votes``: every member's letter), the 24 letter categories, and the settings
+    under ``info``;
   - ``results.json``: the same boxes as a COCO results list ``[{image_id, category_id, bbox,
     score}]``, what ``deitlab papyri evaluate --pred`` (:mod:`.metric`) and COCO tools read;
   - ``predictions.csv``: one row per box: ``image`` (the file name), ``x``, ``y``, ``w``, ``h``,

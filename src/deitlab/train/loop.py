@@ -93,9 +93,10 @@ class Hooks:
     wrapper's learnable loss weights (parameters of the model, so in its optimizer and
     checkpoints), ``after_step`` / ``after_epoch`` report each branch's loss and weight.
 
-    *SimCLR*: ``on_batch`` makes two augmented views of every image (a 2B batch), ``forward``
-    returns the projections, ``loss`` is NT-Xent over the 2B views (labels unused), and
-    ``after_epoch`` runs the linear-probe or k-NN evaluation.
+    *SimCLR* (``papyri/simclr.py``): the loader yields two augmented views of every image,
+    ``on_batch`` stacks them into one batch of 2B, ``forward`` returns the projections, ``loss`` is
+    NT-Xent over the 2B views (labels unused), ``after_epoch`` saves the backbone without its head
+    (``papyri/probe.py`` runs the linear-probe evaluation on it afterwards).
     """
 
     trainer: Optional['Trainer'] = None
