@@ -15,11 +15,13 @@ def demo_table(res: dict) -> str:
              f"{r['detection_mAP50']:.3f}"] for r in res['rows']]
     s, ref = res['settings'], res['refiners']
     load_avg = res.get('load_avg') or {}
+    widths = (s.get('simclr_kwargs') or {}).get('channels')
+    resnet = ref['simclr']['model'] + (f" (widths {'-'.join(map(str, widths))})" if widths else '')
     return '\n'.join([
         table(['test pages (unseen STIX hand)', 'recognition mAP@[.5:.95]', 'recognition mAP@.5', 'detection mAP@.5'],
               rows, bold=(1, 2)),
         f"{s['train_pages']} training pages, {s['test_pages']} test pages ({s['size']} px); crop classifiers' top-1 on "
-        f"held-out training crops: SimCLR-pretrained {ref['simclr']['model']} fine-tuned "
+        f"held-out training crops: SimCLR-pretrained {resnet} fine-tuned "
         f"{ref['simclr']['crop_val_top1']:.1f} %, DeiT ({ref['deit']['model']}, distilled from it) "
         f"{ref['deit']['crop_val_top1']:.1f} %. The whole demo: {res['cpu_s'] / 60:.1f} CPU minutes "
         f"({res['wall_s'] / 60:.1f} min wall, load average {load_avg.get('start')} at the start).",
