@@ -11,6 +11,10 @@ gets the same pages.
 """
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 TRAIN_FAMILIES = ('DejaVuSans', 'DejaVuSerif', 'DejaVuSansMono')
@@ -29,3 +33,13 @@ def fonts(which: str) -> list:
     if which == 'held_out':
         return [p for p in paths if Path(p).stem.startswith(HELD_OUT_FAMILY)]
     return [p for p in paths if stem(p) in TRAIN_FAMILIES]
+
+
+def deitlab_json(*args) -> dict:
+    """``deitlab ARGS --json --quiet`` on 1 thread: the JSON object on its last line (a failure stops
+    the benchmark with the command's error output)."""
+    out = subprocess.run([sys.executable, '-m', 'deitlab', *args, '--json', '--quiet'],
+                         env=dict(os.environ, OMP_NUM_THREADS='1'), capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f'deitlab {" ".join(args)} failed:\n{out.stderr[-3000:]}')
+    return json.loads(out.stdout.strip().splitlines()[-1])

@@ -1,16 +1,15 @@
 """Glyph detection and recognition on generated papyrus pages: each detector alone and their boxes
 fused (weighted boxes fusion), scored by the competition's metric (``deitlab papyri evaluate``).
 
-Pages (``deitlab papyri synth``, 512 x 384, the default hands and damage):
-
-* ``train``  16 pages, seed 0, the DejaVu fonts bundled with matplotlib (Sans, Serif, Mono; 12 files);
-* ``test``   8 pages, seed 1, the STIX fonts (4 files, never seen in training): the bar's pages;
-* ``test-seen``  8 pages, seed 2, the training fonts (how much the unseen font costs).
+Pages (``_papyri_pages.py``: ``deitlab papyri synth``, 512 x 384, the default hands and damage):
+``train`` 16 pages, seed 0, the DejaVu fonts bundled with matplotlib; ``test`` 8 pages, seed 1, the
+STIX fonts, never seen in training (the bar's pages); ``test-seen`` 8 pages, seed 2, the training fonts.
 
 Every detector trains with the same command (``deitlab papyri train-detector``, its defaults:
-20 epochs of random 128 px crops, AdamW, batch 4; 1 thread) and predicts the test pages tiled;
-the ensemble fuses their boxes with WBF (equal weights, IoU 0.55, class-aware: ``predict``'s
-defaults). Metrics: detection (class-agnostic) mAP@.5 and mAP@[.5:.95], recognition (class-aware)
+20 epochs of random 128 px crops, AdamW, batch 4; 1 thread) and predicts the test pages tiled:
+FCOS and RetinaNet, and YOLOv8-n when ultralytics (the optional AGPL extra) is installed. The
+ensembles fuse their boxes with WBF (equal weights, IoU 0.55, class-aware: ``predict``'s
+defaults): the permissive pair, and all three with YOLOv8-n. Metrics: detection (class-agnostic) mAP@.5 and mAP@[.5:.95], recognition (class-aware)
 mAP@[.5:.95] and mAP@.5; training cost in CPU-seconds of the training process.
 
 Context, not comparable: on the real competition data the winning ensemble reached 42.16
@@ -27,11 +26,10 @@ import importlib.util
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 from _common import run_cli
+from _papyri_pages import PAGES as FULL_PAGES, SMOKE_PAGES, deitlab_json as _deitlab, fonts as _fonts
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / 'results'
@@ -41,32 +39,9 @@ DEFAULT = 'fcos-r18'
 DETECTORS = ['fcos-r18', 'retinanet-r18']
 if importlib.util.find_spec('ultralytics') is not None:   # the optional AGPL extra
     DETECTORS.append('yolov8n')
-TRAIN_FAMILIES = ('DejaVuSans', 'DejaVuSerif', 'DejaVuSansMono')
-HELD_OUT_FAMILY = 'STIXGeneral'
-PAGES = dict(train=(16, 0, 'train'), test=(8, 1, 'held_out'), **{'test-seen': (8, 2, 'train')})
 TRAIN_FLAGS = ['--epochs', '1', '--steps', '4', '--detections', '50'] if SMOKE else []
-if SMOKE:
-    PAGES = {k: (2, seed, fonts) for k, (_, seed, fonts) in PAGES.items()}
-ENV = dict(os.environ, OMP_NUM_THREADS='1')
+PAGES = SMOKE_PAGES if SMOKE else FULL_PAGES
 BAR_MAP50, BAR_CPU_MIN = 0.5, 20.0
-
-
-def _fonts(which: str) -> list:
-    from deitlab.data.glyphs import find_fonts
-    paths = find_fonts('bundled')
-    stem = lambda p: Path(p).stem.split('-')[0]   # DejaVuSans-Bold -> DejaVuSans
-    if which == 'held_out':
-        return [p for p in paths if Path(p).stem.startswith(HELD_OUT_FAMILY)]
-    return [p for p in paths if stem(p) in TRAIN_FAMILIES]
-
-
-def _deitlab(*args) -> dict:
-    """``deitlab ARGS --json``: the JSON object on the last line (1 thread)."""
-    out = subprocess.run([sys.executable, '-m', 'deitlab', *args, '--json', '--quiet'], env=ENV,
-                         capture_output=True, text=True)
-    if out.returncode != 0:
-        raise SystemExit(f'deitlab {" ".join(args)} failed:\n{out.stderr[-3000:]}')
-    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def cmd_pages(args) -> None:
@@ -134,9 +109,22 @@ def _per_page(name: str, split: str) -> list:
     return json.loads(cached.read_text())
 
 
+def _trained() -> list:
+    return [d for d in DETECTORS if (WORK / 'runs' / d / 'summary.json').exists()]
+
+
+def _ensembles(trained: list) -> list:
+    """The permissive pair fused, and with YOLOv8 too when it was trained."""
+    pair = [d for d in ('fcos-r18', 'retinanet-r18') if d in trained]
+    out = ['+'.join(pair)] if len(pair) == 2 else []
+    if len(trained) > 2:
+        out.append('+'.join(trained))
+    return out
+
+
 def cmd_measure(args) -> None:
-    trained = [d for d in DETECTORS if (WORK / 'runs' / d / 'summary.json').exists()]
-    names = trained + (['+'.join(trained)] if len(trained) > 1 else [])
+    trained = _trained()
+    names = trained + _ensembles(trained)
     for split in ('test', 'test-seen'):
         for name in names:
             s = _score(name, split)
@@ -144,16 +132,16 @@ def cmd_measure(args) -> None:
 
 
 def cmd_report(args) -> None:
-    trained = [d for d in DETECTORS if (WORK / 'runs' / d / 'summary.json').exists()]
-    ensemble = '+'.join(trained)
+    trained = _trained()
+    ensembles = _ensembles(trained)
     rows = []
-    for name in trained + ([ensemble] if len(trained) > 1 else []):
+    for name in trained + ensembles:
         members = _members(name)
         train = [json.loads((WORK / 'runs' / m / 'summary.json').read_text()) for m in members]
         row = dict(name=name, members=members, fused=len(members) > 1,
                    train_cpu_min=sum(t['train_cpu_s'] for t in train) / 60,
                    train_wall_min=sum(t['train_time_s'] for t in train) / 60,
-                   params_m=sum(t['params'] for t in train) / 1e6, updates=[t['updates'] for t in train])
+                   params_m=sum(t['params'] for t in train) / 1e6, updates=[t.get('updates') for t in train])
         for split in ('test', 'test-seen'):
             row[split] = _score(name, split)
         rows.append(row)
@@ -165,14 +153,15 @@ def cmd_report(args) -> None:
                                         cpu_min=d['train_cpu_min'], bar_cpu_min=BAR_CPU_MIN,
                                         met=d['test']['detection']['mAP50'] >= BAR_MAP50
                                         and d['train_cpu_min'] < BAR_CPU_MIN)
-    if len(trained) > 1:
+    for ensemble in ensembles:
         for task in ('detection', 'recognition'):
-            best = max(trained, key=lambda m: by[m]['test'][task]['mAP'])
+            best = max(_members(ensemble), key=lambda m: by[m]['test'][task]['mAP'])
             gap = by[ensemble]['test'][task]['mAP'] - by[best]['test'][task]['mAP']
             pages = zip(_per_page(ensemble, 'test'), _per_page(best, 'test'))
             wins = [e[task] > b[task] for e, b in pages]
-            verdict[f'ensemble_{task}'] = dict(best_member=best, gap_mAP=gap, met=gap > 0,
-                                               pages_better=sum(wins), pages=len(wins))
+            key = f'ensemble_{task}' if ensemble == ensembles[0] else f'ensemble_{task}_{ensemble}'
+            verdict[key] = dict(ensemble=ensemble, best_member=best, gap_mAP=gap, met=gap > 0,
+                                pages_better=sum(wins), pages=len(wins))
     pages = {k: dict(pages=n, seed=seed, fonts=[Path(p).name for p in _fonts(f)]) for k, (n, seed, f) in PAGES.items()}
     result = dict(benchmark='papyri_detect', smoke=SMOKE, pages=pages, train_flags=' '.join(TRAIN_FLAGS) or 'defaults',
                   default=DEFAULT, fusion='wbf, equal weights, iou 0.55, class-aware', rows=rows, verdict=verdict,
@@ -181,7 +170,7 @@ def cmd_report(args) -> None:
     RESULTS.mkdir(exist_ok=True)
     if not SMOKE:
         (RESULTS / 'papyri_detect.json').write_text(json.dumps(result, indent=1))
-        overlay = sorted((WORK / 'pred' / 'test' / (ensemble if len(trained) > 1 else DEFAULT) / 'overlays').glob('*.png'))
+        overlay = sorted((WORK / 'pred' / 'test' / (ensembles[0] if ensembles else DEFAULT) / 'overlays').glob('*.png'))
         if overlay:
             shutil.copy(overlay[0], RESULTS / 'papyri_overlay.png')
     print(json.dumps(dict(verdict=verdict, rows=[{k: r[k] for k in ('name', 'train_cpu_min', 'test')} for r in rows]),

@@ -43,20 +43,18 @@ import os
 import resource
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 from _common import run_cli
-from _papyri_pages import PAGES, SMOKE_PAGES, fonts
+from _papyri_pages import PAGES, SMOKE_PAGES, deitlab_json as _deitlab, fonts
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / 'results'
 WORK = Path(os.environ.get('PAPYRI_PIPELINE_RUNS', '/tmp/deitlab-papyri-pipeline'))
 SMOKE = bool(os.environ.get('PAPYRI_SMOKE'))
-ENV = dict(os.environ, OMP_NUM_THREADS='1')
 SEEDS = (0, 1) if SMOKE else (0, 1, 2)
 UNLABELLED = (2 if SMOKE else 32, 3, 'train')
 CROP = 32
@@ -77,25 +75,6 @@ def _pages() -> dict:
     pages = dict(SMOKE_PAGES if SMOKE else PAGES)
     pages.pop('test-seen')   # part 1's other test set: not needed here
     return dict(pages, unlabelled=UNLABELLED)
-
-
-def _check_part1_pages() -> None:
-    """``papyri_detect.py``, when present, defines its pages here too: they must be the same."""
-    if not (HERE / 'papyri_detect.py').exists():
-        return
-    import papyri_detect
-    if getattr(papyri_detect, 'PAGES', None) not in (PAGES, SMOKE_PAGES):
-        raise SystemExit('papyri_detect.py defines other pages than _papyri_pages.py: the two benchmarks would not '
-                         'score the same test pages')
-
-
-def _deitlab(*args) -> dict:
-    """``deitlab ARGS --json``: the JSON object on the last line (1 thread)."""
-    out = subprocess.run([sys.executable, '-m', 'deitlab', *args, '--json', '--quiet'], env=ENV, capture_output=True,
-                         text=True)
-    if out.returncode != 0:
-        raise SystemExit(f'deitlab {" ".join(args)} failed:\n{out.stderr[-3000:]}')
-    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def _timed(name: str, fn):
@@ -128,7 +107,6 @@ def _detector(args) -> Path:
 
 
 def cmd_pages(args) -> None:
-    _check_part1_pages()
     for name, (n, seed, which) in _pages().items():
         out = WORK / 'pages' / name
         if not (out / 'annotations.json').exists():

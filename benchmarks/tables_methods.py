@@ -150,10 +150,10 @@ def t_papyri() -> str:
         checks.append(f"{res['default']} detection mAP@.5 {d['value']:.3f} after {d['cpu_min']:.1f} CPU-minutes "
                       f"of training (bar: >= {d['bar']} in under {d['bar_cpu_min']:.0f}): "
                       f"{'met' if d['met'] else 'missed'}")
-    for task in ('detection', 'recognition'):
-        e = v.get(f'ensemble_{task}')
-        if e:
-            checks.append(f"the fused ensemble's {task} mAP@[.5:.95] {e['gap_mAP']:+.3f} over its best member "
+    for key, e in v.items():
+        if key.startswith('ensemble_'):
+            task = key.split('_')[1]
+            checks.append(f"{e['ensemble']} fused: {task} mAP@[.5:.95] {e['gap_mAP']:+.3f} over its best member "
                           f"({e['best_member']}), better on {e['pages_better']} of {e['pages']} test pages: "
                           f"{'met' if e['met'] else 'missed'}")
     test, seen, train = pages['test'], pages['test-seen'], pages['train']
