@@ -14,6 +14,10 @@ Torch-free.
 | ``reference`` | ``reference_fmnist.json`` | the reference run |
 | ``demo`` | ``demo.json`` | row of the demo's table |
 | ``export`` | ``export.json`` | exported model (no accuracy: shown in the table only) |
+| ``pipeline`` | ``pipeline.json`` (``deitlab pipeline``'s records) | completed step without a run directory: a fused model, an exported file |
+
+A pipeline's train and prune steps wrote run directories, which the report reads as such (``deitlab
+pipeline`` gives them with its ``pipeline.json``), so its adapter leaves them out: no model is listed twice.
 """
 from __future__ import annotations
 
@@ -135,6 +139,38 @@ def _export(d: dict, source: str) -> List[ModelRecord]:
     return records
 
 
+def _pipeline(d: dict, source: str) -> List[ModelRecord]:
+    records = []
+    for s in d['steps']:
+        if s.get('run_dir') or s.get('status') not in ('done', 'skipped') or s.get('kind') not in ('fuse', 'export'):
+            continue
+        extra = dict(s.get('extra') or {})
+        config = dict(_pick(s, ('command', 'model', 'fusion', 'path')), pipeline=d.get('pipeline'))
+        if s['kind'] == 'fuse':
+            notes = (f'{s.get("top1_from") or "deitlab fuse"}: top-1 on {s.get("data")}, GMACs of the fused model'
+                     if s.get('top1') is not None else 'deitlab fuse without data: no top-1')
+            if s.get('latency_ms') is not None:
+                notes += '; latency: measured by deitlab fuse, interleaved with the model it fused (bench.compare)'
+        else:
+            notes = ('an exported file: no accuracy of its own (its logits match PyTorch\'s within the tolerance, '
+                     'max_abs_diff), so the table shows it and the charts do not'
+                     + (f'; GMACs and parameters of the model of step {s["model_step"]}' if s.get('model_step') else '')
+                     + ('; latency: ONNX Runtime at batch 1, interleaved with PyTorch (pytorch_ms)'
+                        if s.get('latency_ms') is not None else ''))
+        records.append(ModelRecord(
+            name=s.get('name') or f'step {s.get("step")}', source=source, kind='pipeline', data=s.get('data'),
+            top1=s.get('top1'), gmacs=s.get('gmacs'), params=_params(s), latency_ms=s.get('latency_ms'),
+            notes=notes, config=config, machine=s.get('settings') if isinstance(s.get('settings'), dict) else None,
+            extra=dict(_pick(s, ('top5', 'seconds')), **extra)))
+    return records
+
+
+def _is_pipeline(d) -> bool:
+    steps = d.get('steps') if isinstance(d, dict) else None
+    return (isinstance(d.get('pipeline'), str) and isinstance(steps, list)
+            and all(isinstance(s, dict) and 'step' in s and 'kind' in s for s in steps))
+
+
 def _is_prune(d) -> bool:
     rows = _rows(d)
     return bool(rows) and all('arm' in r and 'budget' in r for r in rows)
@@ -172,6 +208,7 @@ KINDS: Dict[str, Tuple[Callable[[dict], bool], Callable[[dict, str], List[ModelR
     'reference': (_is_reference, _reference, 'reference_fmnist.json'),
     'demo': (_is_demo, _demo, 'demo.json'),
     'export': (_is_export, _export, 'export.json'),
+    'pipeline': (_is_pipeline, _pipeline, 'pipeline.json of deitlab pipeline'),
 }
 
 

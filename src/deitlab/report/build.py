@@ -86,7 +86,8 @@ def write_report(sources: Sequence[Source], out: Source, title: Optional[str] = 
 
     Returns a summary: ``out``, ``models`` (how many), ``sources``, ``charted`` (how many are drawn
     against GMACs and against latency), ``pareto`` (the names on each axis's fronts, per dataset),
-    ``bytes`` and ``measured``.
+    ``bytes``, ``measured`` and ``records`` (per model its name, source, kind, dataset, top-1, GMACs,
+    parameters and latency, as the page shows them).
     """
     from .page import render_page, require_plotly
 
@@ -107,4 +108,6 @@ def write_report(sources: Sequence[Source], out: Source, title: Optional[str] = 
     return dict(out=str(out), models=len(records), sources=len({r.source for r in records}),
                 charted=dict(gmacs=sum(r.has('gmacs') for r in records),
                              latency=sum(r.has('latency_ms') for r in records)),
-                pareto=pareto, bytes=len(data), measured=bool(measure and run_records))
+                pareto=pareto, bytes=len(data), measured=bool(measure and run_records),
+                records=[{k: getattr(r, k) for k in ('name', 'source', 'kind', 'data', 'top1', 'gmacs', 'params',
+                                                     'latency_ms')} for r in records])

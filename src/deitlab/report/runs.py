@@ -2,7 +2,7 @@
 pruning or the search wrote beside them).
 
 :func:`read_run_dir` reads the files (torch-free): top-1 from ``summary.json`` (else the last epoch of
-``metrics.jsonl`` that has one), the dataset from ``summary.json`` / ``train_config.json``, the training
+``metrics.jsonl`` that has one, else the pruned model's row of a pruning run's ``report.json``), the dataset from ``summary.json`` / ``train_config.json``, the training
 curve from ``metrics.jsonl``, per-block widths from ``config.json``'s ``model_args`` (a pruned model
 records them there) and the dense model's from a pruning run's ``report.json``, and the configuration
 (``config.json``'s architecture and arguments, ``train_config.json``). :func:`measure_runs` then
@@ -91,6 +91,10 @@ def read_run_dir(path) -> ModelRecord:
     if top1 is None:
         last = next((r for r in reversed(curve) if 'val_top1' in r), None)
         top1, how = (last['val_top1'], f'top-1: the last epoch of {METRICS}') if last else (None, 'no top-1 recorded')
+    if top1 is None:   # a pruning run without fine-tuning: its report's row of the pruned model
+        rows = [r for r in prune.get('rows') or [] if isinstance(r, dict) and r.get('name') != 'dense']
+        if rows and isinstance(rows[-1].get('top1'), (int, float)):
+            top1, how = rows[-1]['top1'], f'top-1: the pruned model\'s row of {PRUNE_REPORT}'
     data = summary.get('data') or (train_config or {}).get('data') or (prune.get('config') or {}).get('data')
     shown = {k: v for k, v in config.items() if k not in ('pretrained_cfg', 'label_names')}
     if config.get('label_names'):
