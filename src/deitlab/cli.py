@@ -412,7 +412,8 @@ def _unlearnable_parser(p, groups) -> None:
 
 def _elsewhere(module: str, builder: str):
     """The parser builder ``builder`` of ``deitlab.<module>``, imported only when that command is built
-    (cli_papyri: the papyri subcommands; cli_report: report; cli_share: push and pull)."""
+    (cli_papyri: the papyri subcommands; cli_report: report; cli_share: push and pull; cli_pipeline:
+    pipeline)."""
     def build(p, groups) -> None:
         import importlib
         getattr(importlib.import_module(f'.{module}', __package__), builder)(p, groups)
@@ -464,6 +465,9 @@ COMMANDS = {
              'generated model card', _elsewhere('cli_share', 'push_parser')),
     'pull': ('fetch a model from the Hugging Face Hub (or a local folder) into a run directory',
              _elsewhere('cli_share', 'pull_parser')),
+    'pipeline': ('several commands in a row from a YAML file (train -> prune -> fuse -> export): each step\'s output '
+                 'the next one\'s input, every step measured, one report; a re-run skips the steps done',
+                 _elsewhere('cli_pipeline', 'pipeline_parser')),
     'models': ('registered deitlab architectures', _models_parser),
     'demo': ('the main job: train a small DeiT on glyphs and report', _demo_parser),
 }
@@ -525,8 +529,8 @@ def main(argv=None) -> int:
         if debug:
             raise
         return _fail(str(e), type(e).__name__, args.json)
-    except KeyboardInterrupt:   # Ctrl-C: no traceback; say what is kept and how to go on
-        print(f'deitlab: interrupted{_resume_hint(args)}', file=sys.stderr)
+    except KeyboardInterrupt as e:   # Ctrl-C: no traceback; say what is kept and how to go on
+        print(f'deitlab: interrupted{f"; {e}" if str(e) else _resume_hint(args)}', file=sys.stderr)
         return 130
     except OSError as e:   # the file system: a read-only or full disk, a path through a file, ...
         if debug:

@@ -5,6 +5,7 @@ from .explain import ExplainError
 from .export.config import ExportError
 from .nas.space import SearchSpaceError
 from .papyri.config import PapyriError
+from .pipeline import PipelineError
 from .prune.base import PruneError
 from .report.records import ReportError
 from .rundir import ModelLoadError
@@ -15,4 +16,4 @@ from .train.loop import TrainingDiverged
 
 USER_ERRORS = (DataError, ModelLoadError, ConfigError, TrainingDiverged, PruneError, TokenFusionError, DeviceError,
                ExplainError, SearchSpaceError, PapyriError, ExportError, ReportError,
-               ShareError)
+               ShareError, PipelineError)
