@@ -82,4 +82,9 @@ def pipeline_parser(p, groups) -> None:
                      help='run step N and every step after it again, even if done before (the steps before it must '
                           'have completed)')
     add_output_flags(groups)
+    p.epilog = ('Each step writes OUT/NN-name (a run directory; an export: OUT/NN-name.onnx) and keeps its JSON in '
+                'OUT/NN-name.step.json; at the end OUT/pipeline.json lists every step (command, status, time, '
+                'top-1, GMACs, params) and the report shows them all. Run again, a step done before with the same '
+                'command (and the same steps before it) is skipped; a changed step runs again with every step after '
+                'it. A failed step stops the pipeline; the steps before it are kept.')
     p.set_defaults(func=cmd_pipeline)
