@@ -33,6 +33,23 @@ EXPORT = ['export', '--model', PICO, '--out', '{root}/m.onnx', '--no-measure']
 REPORT = ['report', '--out', '{root}/report.html']
 PUSH = ['push', '{root}/run', 'alice/pico']   # no token: the tests' Hub has none, and is offline
 PULL = ['pull', 'alice/pico', '--out', '{root}/pulled']
+PIPE_HEAD = 'out: {root}/pipe-out\ndata: ' + GLYPHS + '\nsteps:\n'
+PIPELINES = {   # name -> the file's text
+    'ok': PIPE_HEAD + f'  - train: {{model: {PICO}, epochs: 1}}\n',
+    'kind': PIPE_HEAD + f'  - trian: {{model: {PICO}}}\n',
+    'option': PIPE_HEAD + f'  - train: {{model: {PICO}, epoch: 2}}\n',
+    'value': PIPE_HEAD + f'  - train: {{model: {PICO}, epochs: many}}\n',
+    'setting': PIPE_HEAD + f'  - train: {{model: {PICO}, lr: -1}}\n',
+    'no-model': PIPE_HEAD + '  - prune: {method: nvit, target-gmacs: 0.5}\n',
+    'method': PIPE_HEAD + f'  - train: {{model: {PICO}}}\n  - prune: {{method: nvt, target-gmacs: 0.5}}\n',
+    'target': PIPE_HEAD + f'  - train: {{model: {PICO}}}\n  - prune: {{method: nvit}}\n',
+    'out': PIPE_HEAD + f'  - train: {{model: {PICO}, out: elsewhere}}\n',
+    'top-key': 'outt: {root}/pipe-out\nsteps:\n  - train: {model: x}\n',
+    'no-out': 'steps:\n  - train: {model: x}\n',
+    'no-steps': 'out: {root}/pipe-out\n',
+    'list': '- train\n',
+    'report-dir': 'out: {root}/pipe-out\nreport: {root}/nothing/r.html\nsteps:\n' + f'  - train: {{model: {PICO}}}\n',
+}
 NO_ORT = pytest.mark.skipif(any(__import__('importlib').util.find_spec(p) is None
                                 for p in ('onnx', 'onnxruntime', 'onnxscript')),
                             reason="the export extra is not installed: the export stops there")
@@ -102,6 +119,8 @@ def files(tmp_path_factory):
     (root / 'papyri-pred-image-99.json').write_text(json.dumps([dict(image_id=99, category_id=8, bbox=[10, 10, 20, 30],
                                                                       score=0.9)]))
     assert main(TRAIN + ['--out', str(root / 'resumable'), '--recipe', 'short']) == 0   # has checkpoint.pt
+    for name, text in PIPELINES.items():   # pipeline files, each with one problem (their out: is root/pipe-out)
+        (root / f'pipe-{name}.yaml').write_text(text.replace('{root}', str(root)))
     return root
 
 
@@ -491,6 +510,43 @@ CASES = [
      r'the directory of --out does not exist: .*nothing \(create it first\)'),
     ('report-no-out', ['report', '{root}/run'], r'the following arguments are required: --out'),
     ('report-measure-device', REPORT + ['{root}/run', '--measure', '--device', 'banana'], r"unknown device 'banana'"),
+    # pipeline: the file is checked before anything runs (pipe-out is never made)
+    ('pipeline-file-missing', ['pipeline', '{root}/nothing.yaml'], r'pipeline file does not exist: .*nothing.yaml'),
+    ('pipeline-file-a-directory', ['pipeline', '{root}/plain'], r'plain is not a file: give the pipeline YAML file'),
+    ('pipeline-not-yaml', ['pipeline', '{root}/syntax.yaml'], r'syntax.yaml is not valid YAML \(line 2, column 1\)'),
+    ('pipeline-not-a-mapping', ['pipeline', '{root}/pipe-list.yaml'],
+     r'pipe-list.yaml must hold a mapping with out: and steps:'),
+    ('pipeline-unknown-key', ['pipeline', '{root}/pipe-top-key.yaml'],
+     r"pipe-top-key.yaml, line 1: unknown key 'outt' \(did you mean 'out'\?\); a pipeline file has out, data, "
+     r'measure, report, title, steps'),
+    ('pipeline-no-out', ['pipeline', '{root}/pipe-no-out.yaml'], r'give out: the directory every step writes under'),
+    ('pipeline-no-steps', ['pipeline', '{root}/pipe-no-steps.yaml'], r'give steps: a list of steps'),
+    ('pipeline-unknown-kind', ['pipeline', '{root}/pipe-kind.yaml'],
+     r"pipe-kind.yaml, step 1 \(line 4\): unknown step kind 'trian' \(did you mean 'train'\?\); the kinds: train, "
+     r'prune, fuse, export'),
+    ('pipeline-unknown-option', ['pipeline', '{root}/pipe-option.yaml'],
+     r"step 1 \(train, line 4\): unknown option 'epoch' \(did you mean 'epochs'\?\); deitlab train --help lists its "
+     r'options'),
+    ('pipeline-bad-value', ['pipeline', '{root}/pipe-value.yaml'],
+     r"step 1 \(train, line 4\): argument --epochs: invalid int value: 'many'"),
+    ('pipeline-setting-refused', ['pipeline', '{root}/pipe-setting.yaml'],
+     r'step 1 \(train, line 4\): lr must be > 0, got -1'),
+    ('pipeline-prune-without-model', ['pipeline', '{root}/pipe-no-model.yaml'],
+     r'step 1 \(prune nvit, line 4\): no model to prune: give model: \(a run directory or a deitlab/timm name\), or '
+     r'put a train step before it'),
+    ('pipeline-unknown-method', ['pipeline', '{root}/pipe-method.yaml'],
+     r"step 2 \(prune, line 5\): unknown method 'nvt' \(did you mean 'nvit'\?\); the methods of prune: nvit, ofb"),
+    ('pipeline-prune-no-target', ['pipeline', '{root}/pipe-target.yaml'],
+     r'step 2 \(prune nvit, line 5\): give exactly one pruning target'),
+    ('pipeline-out-in-a-step', ['pipeline', '{root}/pipe-out.yaml'],
+     r'step 1 \(train, line 4\): out is not a step option: the pipeline writes each step to OUT/NN-name'),
+    ('pipeline-report-directory-missing', ['pipeline', '{root}/pipe-report-dir.yaml'],
+     r'report: the directory of .*nothing/r.html does not exist'),
+    ('pipeline-from-past-the-end', ['pipeline', '{root}/pipe-ok.yaml', '--from', '3'],
+     r'--from 3: .*pipe-ok.yaml has 1 step \(1-1\)'),
+    ('pipeline-from-zero', ['pipeline', '{root}/pipe-ok.yaml', '--from', '0'],
+     r'argument --from: steps are numbered from 1, got 0'),
+    ('pipeline-no-file', ['pipeline'], r'the following arguments are required: FILE.yaml'),
 ]
 
 
@@ -518,6 +574,7 @@ def test_bad_input_is_one_clear_line(files, argv, pattern, capsys, monkeypatch, 
     assert not list(files.glob('*.onnx*')) and not list(files.glob('.*.tmp'))   # export: nothing partial written
     assert not (files / 'report.html').exists()   # report: nothing written
     assert not (files / 'pulled').exists() and not list(files.glob('.pulled.pull-*'))   # pull: nor here
+    assert not (files / 'pipe-out').exists()   # pipeline: no step ran
 
 
 def test_the_table_is_large_and_its_ids_unique():

@@ -47,7 +47,7 @@ def test_top_level_help_lists_every_command_without_torch():
                                      ['nas', 'export'], ['papyri', 'evaluate'], ['papyri', 'synth'],
                                      ['papyri', 'predict'], ['papyri', 'train-detector'], ['papyri', 'crops'],
                                      ['papyri', 'pretrain-simclr'], ['papyri', 'demo'], ['export'], ['report'],
-                                     ['push'], ['pull']])
+                                     ['push'], ['pull'], ['pipeline']])
 def test_subcommand_help_without_torch(command):
     """The configurations (train/config.py, prune/config.py, tokens/config.py, nas/config.py, papyri/config.py) are
     torch-free, so every subcommand's --help is too."""
@@ -84,7 +84,7 @@ def test_every_flag_has_a_help_line_in_a_named_section():
         leaves += 1
         for group in p._action_groups:   # a subcommand that runs: every option in one of the sections
             assert group.title in titles or not group._group_actions, (path, group.title)
-    assert leaves == 27   # train eval explain bench models demo export report push pull, prune nvit|ofb,
+    assert leaves == 28   # train eval explain bench models demo export report push pull pipeline, prune nvit|ofb,
     #                       fuse tome|mctf|mctf-fast, unlearnable make|eval, nas train-supernet|search|export,
     #                       papyri synth|train-detector|crops|pretrain-simclr|evaluate|predict|demo
 
