@@ -351,3 +351,16 @@ def test_a_real_pipeline_end_to_end(tmp_path, monkeypatch, capsys):
     again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert (again['ran'], again['skipped']) == (0, 4)
     assert sys.executable   # the steps ran with this interpreter
+
+
+def test_the_documented_example_is_a_valid_pipeline():
+    """docs/pipeline.yaml is the README's example, word for word, and it loads."""
+    root = Path(__file__).resolve().parents[1]
+    example = (root / 'docs' / 'pipeline.yaml').read_text()
+    readme = (root / 'README.md').read_text()
+    section = readme[readme.index('## Pipelines'):]
+    assert '```yaml\n' + example + '```' in section
+    pipe = load_pipeline(root / 'docs' / 'pipeline.yaml')
+    assert [s.name for s in pipe.steps] == ['01-train', '02-nvit-half', '03-fuse-tome', '04-export']
+    assert pipe.steps[3].argv[:4] == ['export', '--model', 'runs/pico-pipeline/02-nvit-half', '--out']
+    assert pipe.report == Path('runs/pico-pipeline/report.html')
