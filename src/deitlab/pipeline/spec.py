@@ -317,7 +317,7 @@ def _top(data: dict, path: Path, lines: dict):
     if not isinstance(steps, list) or not steps:
         raise PipelineError(f'{path}: give steps: a list of steps, e.g. "- train: {{model: '
                             f'deitlab_deit_pico_patch4_32}}", then prune, fuse, export')
-    return Path(str(out)), steps
+    return Path(str(out)).expanduser(), steps
 
 
 def load_pipeline(path) -> Pipeline:
@@ -425,6 +425,6 @@ def load_pipeline(path) -> Pipeline:
         elif kind in MODEL_KINDS:
             model, source, fusion = str(output), i, None
         steps.append(step)
-    report = Path(str(data['report'])) if data.get('report') is not None else out / 'report.html'
+    report = Path(str(data['report'])).expanduser() if data.get('report') is not None else out / 'report.html'
     title = str(data['title']) if data.get('title') is not None else f'deitlab pipeline: {path.name}'
     return Pipeline(path=path, out=out, data=pipe_data, measure=measure, report=report, title=title, steps=steps)
