@@ -274,6 +274,19 @@ def test_a_failed_step_stops_and_keeps_the_steps_before_it(tmp_path, capsys, mon
     assert [c[0] for c in fake.calls] == ['fuse', 'export']
 
 
+def test_a_step_that_runs_again_removes_the_outputs_after_it(tmp_path):
+    path = _pipeline(tmp_path)
+    out = tmp_path / 'out'
+    run_pipeline(load_pipeline(path), runner=FakeSteps(), report=False, quiet=True)
+    assert (out / '04-export.onnx').is_file()
+    _pipeline(tmp_path, STEPS.replace('r: 4', 'r: 40'))
+    with pytest.raises(PipelineError, match=r'step 3 \(fuse tome\) failed'):
+        run_pipeline(load_pipeline(path), runner=FakeSteps(fail=lambda argv: argv[0] == 'fuse'), report=False,
+                     quiet=True)
+    assert sorted(p.name for p in out.iterdir()) == [   # the export of the old fusion is gone with its record
+        '01-train', '01-train.step.json', '02-prune-nvit', '02-prune-nvit.step.json', 'pipeline.json']
+
+
 def test_a_step_that_crashes_or_prints_no_json(tmp_path):
     path = _pipeline(tmp_path)
     with pytest.raises(PipelineError, match=r'^step 1 \(train\) failed: exit status 1 \(its messages are above\); no '

@@ -4,7 +4,7 @@ A step's progress goes to standard error as the command prints it; the JSON on t
 standard output is kept in ``OUT/NN-name.step.json`` with the step's hash (its command and every
 command before it, :attr:`Step.hash`). On a re-run a step whose record has the same hash and whose
 output is there is skipped; the first step that runs (changed, forced by ``start``, or its output
-gone) runs every step after it too, and before it runs its old output and the records from it on are
+gone) runs every step after it too, and before it runs the records and outputs from it on are
 removed. A step that fails stops the pipeline with a :class:`PipelineError` that names it and its
 command's error; the steps before it keep their outputs and records. At the end ``OUT/pipeline.json``
 holds every step (command, status, time, numbers) and :func:`deitlab.report.write_report` puts the
@@ -312,9 +312,9 @@ def run_pipeline(pipe: Pipeline, *, start: Optional[int] = None, runner: Optiona
             _log(f'step {step.index}/{n} ({step.label}): skipped, done before with the same command'
                  + (f' ({step.output})' if step.output else ''), quiet)
             continue
-        for later in pipe.steps[step.index - 1:]:   # its records, and those after it, no longer hold
+        for later in pipe.steps[step.index - 1:]:   # its record and output, and those after it, no longer hold
             pipe.record_of(later).unlink(missing_ok=True)
-        _remove(step.output)
+            _remove(later.output)
         _log(f'step {step.index}/{n} ({step.label}): {step.command}', quiet)
         t0 = time.time()
         try:
