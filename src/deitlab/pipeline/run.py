@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Callable, List, Optional, Tuple
 
 from . import PipelineError, PipelineInterrupted
+from ..report.adapters import params_of as _params, pick as _pick   # the same fields as the report reads
 from .spec import Pipeline, Step
 
 __all__ = ['StepRun', 'subprocess_runner', 'plan_pipeline', 'run_pipeline']
@@ -127,18 +128,6 @@ def _last_json(stdout: str) -> Optional[dict]:
     except ValueError:
         return None
     return value if isinstance(value, dict) else None
-
-
-def _params(row: dict) -> Optional[int]:
-    if isinstance(row.get('params'), (int, float)):
-        return int(row['params'])
-    if isinstance(row.get('params_m'), (int, float)):
-        return int(round(row['params_m'] * 1e6))
-    return None
-
-
-def _pick(d: dict, keys) -> dict:
-    return {k: d[k] for k in keys if d.get(k) is not None}
 
 
 def step_numbers(step: Step, result: dict) -> dict:

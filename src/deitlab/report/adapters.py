@@ -36,7 +36,8 @@ def _rows(d) -> list:
     return rows if isinstance(rows, list) and all(isinstance(r, dict) for r in rows) else []
 
 
-def _params(row: dict) -> Optional[int]:
+def params_of(row: dict) -> Optional[int]:
+    """A row's parameter count from ``params`` or ``params_m`` (millions); None without either."""
     if isinstance(row.get('params'), (int, float)):
         return int(row['params'])
     if isinstance(row.get('params_m'), (int, float)):
@@ -44,7 +45,8 @@ def _params(row: dict) -> Optional[int]:
     return None
 
 
-def _pick(row: dict, keys) -> dict:
+def pick(row: dict, keys) -> dict:
+    """The entries of ``row`` under ``keys`` that are set (not None)."""
     return {k: row[k] for k in keys if row.get(k) is not None}
 
 
@@ -67,12 +69,12 @@ def _prune(d: dict, source: str) -> List[ModelRecord]:
                          + ', interleaved with the dense model (bench.compare)')
         records.append(ModelRecord(
             name='dense' if dense_row else f'{row["arm"]} {kind} {row["budget"]}', source=source, kind='prune',
-            data=settings.get('data'), top1=row.get('top1'), gmacs=row.get('gmacs'), params=_params(row),
+            data=settings.get('data'), top1=row.get('top1'), gmacs=row.get('gmacs'), params=params_of(row),
             latency_ms=statistics.median(measured) if measured else None, widths=row.get('widths'),
             dense_widths=None if dense_row else dense, notes='; '.join(notes),
-            config=dict(_pick(row, ('arm', 'budget')), target=kind, reference=d.get('reference'),
-                        **_pick(settings, ('prune_steps', 'interval', 'lam', 'total_steps', 'common'))),
-            extra=_pick(row, ('top1_std', 'n_seeds', 'throughput_ratio', 'latency_speedup', 'predicted_speedup',
+            config=dict(pick(row, ('arm', 'budget')), target=kind, reference=d.get('reference'),
+                        **pick(settings, ('prune_steps', 'interval', 'lam', 'total_steps', 'common'))),
+            extra=pick(row, ('top1_std', 'n_seeds', 'throughput_ratio', 'latency_speedup', 'predicted_speedup',
                               'images_per_s', 'train_wall_s'))))
     return records
 
@@ -80,13 +82,13 @@ def _prune(d: dict, source: str) -> List[ModelRecord]:
 def _tokens(d: dict, source: str) -> List[ModelRecord]:
     return [ModelRecord(
         name=f'{r["name"]} ({r.get("stage", "")})', source=source, kind='tokens', data=d.get('data'),
-        top1=r.get('top1'), gmacs=r.get('gmacs'), params=_params(r), latency_ms=r.get('latency_ms'),
+        top1=r.get('top1'), gmacs=r.get('gmacs'), params=params_of(r), latency_ms=r.get('latency_ms'),
         notes='latency: measured with every other model of the file, interleaved (bench.compare)'
               + (f'; speed of {r["speed_as"]} (the same fused model)' if r.get('speed_as') else ''),
-        config=dict(_pick(r, ('ref', 'method', 'r', 'stage', 'one_pass', 'run_dir')),
+        config=dict(pick(r, ('ref', 'method', 'r', 'stage', 'one_pass', 'run_dir')),
                     reference=(d.get('references') or {}).get(r.get('ref')),
                     **({'finetune': d.get('finetune')} if r.get('stage') == 'fine-tuned' else {})),
-        extra=_pick(r, ('top5', 'images_per_s', 'throughput_ratio', 'latency_speedup', 'tokens', 'train_wall_s')))
+        extra=pick(r, ('top5', 'images_per_s', 'throughput_ratio', 'latency_speedup', 'tokens', 'train_wall_s')))
         for r in d['rows']]
 
 
@@ -94,11 +96,11 @@ def _mixers(d: dict, source: str) -> List[ModelRecord]:
     datasets = d.get('datasets') or {}
     return [ModelRecord(
         name=f'{r["name"]} / {r["dataset"]}', source=source, kind='mixers', data=r.get('dataset'),
-        top1=r.get('top1'), gmacs=r.get('gmacs'), params=_params(r), latency_ms=r.get('latency_ms'),
+        top1=r.get('top1'), gmacs=r.get('gmacs'), params=params_of(r), latency_ms=r.get('latency_ms'),
         notes='latency: measured with the other mixers, interleaved (bench.compare)',
-        config=dict(_pick(r, ('model', 'kwargs', 'run_dir')), recipe=d.get('recipe'),
+        config=dict(pick(r, ('model', 'kwargs', 'run_dir')), recipe=d.get('recipe'),
                     **(datasets.get(r.get('dataset')) or {})),
-        extra=_pick(r, ('top5', 'best_top1', 'images_per_s', 'throughput_ratio', 'latency_speedup', 'train_wall_s')))
+        extra=pick(r, ('top5', 'best_top1', 'images_per_s', 'throughput_ratio', 'latency_speedup', 'train_wall_s')))
         for r in d['rows']]
 
 
@@ -108,11 +110,11 @@ def _reference(d: dict, source: str) -> List[ModelRecord]:
     return [ModelRecord(
         name=f'{train.get("model", "reference")} (reference run)', source=source, kind='reference',
         data=train.get('data'), top1=measured.get('test_top1', train.get('val_top1')), gmacs=bench.get('gmacs'),
-        params=_params(bench) or _params(train), latency_ms=bench.get('latency_ms'),
+        params=params_of(bench) or params_of(train), latency_ms=bench.get('latency_ms'),
         curve=measured.get('curve'), config=dict(command=d.get('command'), train=train),
         notes='latency: measured alone (bench.benchmark_model)',
         machine=bench.get('settings'),
-        extra=_pick(dict(top5=measured.get('test_top5'), images_per_s=bench.get('images_per_s'),
+        extra=pick(dict(top5=measured.get('test_top5'), images_per_s=bench.get('images_per_s'),
                          peak_memory_mb=bench.get('peak_memory_mb')), ('top5', 'images_per_s', 'peak_memory_mb')))]
 
 
@@ -120,9 +122,9 @@ def _demo(d: dict, source: str) -> List[ModelRecord]:
     settings = d.get('settings') or {}
     return [ModelRecord(
         name=r['model'], source=source, kind='demo', data=settings.get('data'), top1=r.get('top1'),
-        gmacs=r.get('gmacs'), params=_params(r), latency_ms=r.get('latency_ms'),
+        gmacs=r.get('gmacs'), params=params_of(r), latency_ms=r.get('latency_ms'),
         notes='numbers rounded as the demo prints them', config=dict(r, fusion=d.get('fusion')),
-        extra=_pick(r, ('img_per_s', 'speedup', 'predicted')))
+        extra=pick(r, ('img_per_s', 'speedup', 'predicted')))
         for r in d['rows']]
 
 
@@ -131,11 +133,11 @@ def _export(d: dict, source: str) -> List[ModelRecord]:
     for r in d['rows']:
         b1 = ((r.get('speed') or {}).get('batch_1')) or {}
         records.append(ModelRecord(
-            name=r['name'], source=source, kind='export', params=_params(r), latency_ms=b1.get('pytorch_ms'),
+            name=r['name'], source=source, kind='export', params=params_of(r), latency_ms=b1.get('pytorch_ms'),
             notes='an export check (weights: ' + str(r.get('weights')) + '): no accuracy or GMACs, so the table '
                   'shows it and the charts do not; latency: PyTorch at batch 1, interleaved with ONNX Runtime',
-            config=_pick(r, ('model', 'spec', 'weights', 'token_fusion', 'input_size', 'opset')),
-            extra=dict(_pick(b1, ('onnxruntime_ms', 'ratio')), **_pick(r, ('max_abs_diff', 'bytes')))))
+            config=pick(r, ('model', 'spec', 'weights', 'token_fusion', 'input_size', 'opset')),
+            extra=dict(pick(b1, ('onnxruntime_ms', 'ratio')), **pick(r, ('max_abs_diff', 'bytes')))))
     return records
 
 
@@ -145,7 +147,7 @@ def _pipeline(d: dict, source: str) -> List[ModelRecord]:
         if s.get('run_dir') or s.get('status') not in ('done', 'skipped') or s.get('kind') not in ('fuse', 'export'):
             continue
         extra = dict(s.get('extra') or {})
-        config = dict(_pick(s, ('command', 'model', 'fusion', 'path')), pipeline=d.get('pipeline'))
+        config = dict(pick(s, ('command', 'model', 'fusion', 'path')), pipeline=d.get('pipeline'))
         if s['kind'] == 'fuse':
             notes = (f'{s.get("top1_from") or "deitlab fuse"}: top-1 on {s.get("data")}, GMACs of the fused model'
                      if s.get('top1') is not None else 'deitlab fuse without data: no top-1')
@@ -159,9 +161,9 @@ def _pipeline(d: dict, source: str) -> List[ModelRecord]:
                         if s.get('latency_ms') is not None else ''))
         records.append(ModelRecord(
             name=s.get('name') or f'step {s.get("step")}', source=source, kind='pipeline', data=s.get('data'),
-            top1=s.get('top1'), gmacs=s.get('gmacs'), params=_params(s), latency_ms=s.get('latency_ms'),
+            top1=s.get('top1'), gmacs=s.get('gmacs'), params=params_of(s), latency_ms=s.get('latency_ms'),
             notes=notes, config=config, machine=s.get('settings') if isinstance(s.get('settings'), dict) else None,
-            extra=dict(_pick(s, ('top5', 'seconds')), **extra)))
+            extra=dict(pick(s, ('top5', 'seconds')), **extra)))
     return records
 
 
