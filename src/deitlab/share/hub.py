@@ -99,11 +99,9 @@ def _empty_or_new(path: Path, flag: str) -> None:
 
 def _link_or_copy(src: Path, dst: Path, link: bool) -> None:
     if link:
-        try:
+        with contextlib.suppress(OSError):   # another file system, or links not allowed: copy
             os.link(src, dst)
             return
-        except OSError:   # another file system, or links not allowed: copy
-            pass
     shutil.copyfile(src, dst)
 
 
