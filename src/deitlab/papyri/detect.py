@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Iterable, List, Optional, Sequence
@@ -52,7 +51,7 @@ from ..registry import DETECTORS
 from ..rundir import (CONFIG_NAME, WEIGHTS_NAME, atomic_save_safetensors, atomic_torch_save, atomic_write_bytes,
                       load_resume_checkpoint)
 from ..train.config import check_resume_settings
-from ..train.loop import Hooks, Trainer
+from ..train.loop import EpochRecords, Hooks, Trainer
 from .alphabet import CATEGORY_IDS, LETTERS, NAMES
 from .config import DetectorConfig, PapyriError
 from .detect_data import PageCrops, Pages, collate_crops, load_page, page_tensor, read_pages, unpack_targets
@@ -247,29 +246,20 @@ class DetectionLoss(Hooks):
         row.update({f'loss_{name}': float(total) / max(1, self.count) for name, total in self.sums.items()})
 
 
-class DetectorEpochs(Hooks):
+class DetectorEpochs(EpochRecords):
     """Before an epoch: the crops of that epoch. After it: validation mAP (when there are ``val``
     pages), one row of ``metrics.jsonl``, the weights, an atomic checkpoint."""
 
     def __init__(self, cfg: DetectorConfig, out: Path, crops: PageCrops, val: Optional[Pages], steps: int,
                  time_before: float = 0.0, cpu_before: float = 0.0):
+        super().__init__(out / METRICS_NAME, time_before, cpu_before)
         self.cfg, self.out, self.crops, self.val, self.steps = cfg, out, crops, val, steps
-        self.time_before, self.cpu_before = time_before, cpu_before
-        self.t_start, self.cpu_epochs = time.perf_counter(), 0.0
-        self.last_row: dict = {}
-
-    def train_time(self) -> float:
-        return self.time_before + time.perf_counter() - self.t_start
-
-    def train_cpu(self) -> float:
-        return self.cpu_before + self.cpu_epochs
 
     def before_epoch(self, epoch: int) -> None:
         self.crops.set_epoch(epoch)
 
     def after_epoch(self, epoch: int, row: dict) -> None:
         t = self.trainer
-        self.cpu_epochs += row.get('epoch_cpu_s', 0.0)
         if self.val is not None:
             res = evaluate_detector(TorchvisionDetector(self.cfg.detector, t.model, self.cfg.tile, self.cfg.overlap,
                                                         t.device), self.val)
@@ -278,9 +268,7 @@ class DetectorEpochs(Hooks):
         val = (f'  val detection mAP@.5 {row["val_detection_mAP50"]:.3f}, recognition mAP@.5 '
                f'{row["val_recognition_mAP50"]:.3f}' if self.val is not None else '')
         _log(f'epoch {epoch + 1}: loss {row["train_loss"]:.4f}{val}')
-        self.last_row = row
-        with open(self.out / METRICS_NAME, 'a', encoding='utf-8') as f:
-            f.write(json.dumps(row) + '\n')
+        self.record(row)
         atomic_save_safetensors(t.model.state_dict(), self.out / WEIGHTS_NAME)
         atomic_torch_save(dict(t.state_dict(), epoch=epoch, config=self.cfg.to_dict(), steps_per_epoch=self.steps,
                                train_time_s=self.train_time(), train_cpu_s=self.train_cpu()),

@@ -60,7 +60,6 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
-import time
 from pathlib import Path
 from typing import List, Optional, Sequence
 
@@ -76,7 +75,7 @@ from ..distributed import resolve_device, seed_all
 from ..rundir import (CONFIG_NAME, WEIGHTS_NAME, atomic_torch_save, atomic_write_bytes, load_resume_checkpoint,
                       save_run_dir)
 from ..train.config import check_resume_settings
-from ..train.loop import Hooks, Trainer
+from ..train.loop import EpochRecords, Hooks, Trainer
 from .config import PapyriError
 from .refine_config import SimCLRConfig
 
@@ -330,29 +329,18 @@ class SimCLRStep(Hooks):
         row['contrastive_top1'] = 100.0 * self.hits / max(1, self.seen)
 
 
-class SimCLREpochs(Hooks):
+class SimCLREpochs(EpochRecords):
     """After each epoch: one row of ``metrics.jsonl``, the backbone's run directory (head dropped) and
     an atomic checkpoint of everything (head and optimizer included)."""
 
     def __init__(self, cfg: SimCLRConfig, out: Path, time_before: float = 0.0, cpu_before: float = 0.0):
+        super().__init__(out / METRICS_NAME, time_before, cpu_before)
         self.cfg, self.out = cfg, out
-        self.time_before, self.cpu_before = time_before, cpu_before
-        self.t_start, self.cpu_epochs = time.perf_counter(), 0.0
-        self.last_row: dict = {}
-
-    def train_time(self) -> float:
-        return self.time_before + time.perf_counter() - self.t_start
-
-    def train_cpu(self) -> float:
-        return self.cpu_before + self.cpu_epochs
 
     def after_epoch(self, epoch: int, row: dict) -> None:
         t = self.trainer
-        self.cpu_epochs += row.get('epoch_cpu_s', 0.0)
         _log(f'epoch {epoch + 1}: NT-Xent {row["train_loss"]:.4f}  contrastive top-1 {row["contrastive_top1"]:.1f}%')
-        self.last_row = row
-        with open(self.out / METRICS_NAME, 'a', encoding='utf-8') as f:
-            f.write(json.dumps(row) + '\n')
+        self.record(row)
         save_run_dir(t.model.backbone, self.out)
         atomic_torch_save(dict(t.state_dict(), epoch=epoch, config=self.cfg.to_dict(), train_time_s=self.train_time(),
                                train_cpu_s=self.train_cpu()), self.out / CHECKPOINT_NAME)

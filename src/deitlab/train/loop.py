@@ -27,6 +27,7 @@ loss, learning rate, time, images/s; a hook adds its own entries such as validat
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from typing import Any, Callable, Iterable, Optional, Union
 
@@ -37,7 +38,7 @@ import torch.nn.functional as F
 from ..console import progress as _progress
 from ..distributed import DistInfo, all_reduce_sum
 
-__all__ = ['Hooks', 'Trainer', 'TrainingDiverged', 'HOOK_POINTS']
+__all__ = ['Hooks', 'EpochRecords', 'Trainer', 'TrainingDiverged', 'HOOK_POINTS']
 
 HOOK_POINTS = ('before_epoch', 'should_stop', 'on_batch', 'forward_context', 'forward', 'loss', 'on_nonfinite',
                'after_backward', 'before_optimizer_step', 'after_optimizer_step', 'after_step', 'after_epoch')
@@ -136,6 +137,31 @@ class Hooks:
 
     def after_epoch(self, epoch: int, row: dict) -> None:
         """Default: the epoch's row is left as it is."""
+
+
+class EpochRecords(Hooks):
+    """A base for a run's per-epoch bookkeeping across resumes: the training time and CPU time so far
+    (``time_before`` / ``cpu_before`` from the checkpoint, plus this process's), and :meth:`record`,
+    which counts an epoch's ``epoch_cpu_s``, keeps the row as ``last_row`` and appends it to the
+    JSON-lines file ``metrics``."""
+
+    def __init__(self, metrics, time_before: float = 0.0, cpu_before: float = 0.0):
+        self.metrics = metrics
+        self.time_before, self.cpu_before = time_before, cpu_before
+        self.t_start, self.cpu_epochs = time.perf_counter(), 0.0
+        self.last_row: dict = {}
+
+    def train_time(self) -> float:
+        return self.time_before + time.perf_counter() - self.t_start
+
+    def train_cpu(self) -> float:
+        return self.cpu_before + self.cpu_epochs
+
+    def record(self, row: dict) -> None:
+        self.cpu_epochs += row.get('epoch_cpu_s', 0.0)
+        self.last_row = row
+        with open(self.metrics, 'a', encoding='utf-8') as f:
+            f.write(json.dumps(row) + '\n')
 
 
 def _default_forward(model: nn.Module, x: torch.Tensor, y: Any):
