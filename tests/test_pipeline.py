@@ -313,6 +313,74 @@ def test_ctrl_c_says_what_is_kept(tmp_path, capsys, monkeypatch):
         run_pipeline(load_pipeline(path), runner=runner, report=False, quiet=True)
 
 
+def _interrupted_train(tmp_path, path):
+    """Run ``path`` with a train step that writes its checkpoint, then is interrupted."""
+    fake = FakeSteps()
+
+    def runner(argv):
+        if argv[0] == 'train':
+            out = Path(argv[argv.index('--out') + 1])
+            out.mkdir(parents=True)
+            (out / 'checkpoint.pt').write_bytes(b'epoch 3 of 6')
+            raise KeyboardInterrupt
+        return fake(argv)
+    with pytest.raises(PipelineInterrupted):
+        run_pipeline(load_pipeline(path), runner=runner, report=False, quiet=True)
+    doc = json.loads((tmp_path / 'out' / 'pipeline.json').read_text())
+    assert doc['steps'][0]['status'] == 'interrupted' and doc['steps'][0]['resumable'] is True
+
+
+def test_an_interrupted_train_step_continues_from_its_checkpoint(tmp_path):
+    path = _pipeline(tmp_path)
+    out = tmp_path / 'out' / '01-train'
+    _interrupted_train(tmp_path, path)
+    seen = []
+
+    def runner(argv):   # the checkpoint is still there when the step runs again
+        seen.append((out / 'checkpoint.pt').read_bytes())
+        return FakeSteps()(argv)
+    result = run_pipeline(load_pipeline(path), runner=runner, report=False, quiet=True)
+    assert seen[0] == b'epoch 3 of 6' and result['status'] == 'complete' and result['ran'] == 4
+    rec = json.loads((tmp_path / 'out' / '01-train.step.json').read_text())
+    assert rec['resumed'] is True and '--resume' not in rec['argv']   # its hash and command are the step's own
+    assert run_pipeline(load_pipeline(path), runner=FakeSteps(), report=False, quiet=True)['skipped'] == 4
+
+
+@pytest.mark.parametrize('how', ['changed', 'from'])
+def test_a_changed_or_forced_step_starts_over(tmp_path, how):
+    path = _pipeline(tmp_path)
+    _interrupted_train(tmp_path, path)
+    fake = FakeSteps()
+    if how == 'changed':
+        _pipeline(tmp_path, STEPS.replace('epochs: 1', 'epochs: 2'))
+    run_pipeline(load_pipeline(path), runner=fake, start=1 if how == 'from' else None, report=False, quiet=True)
+    assert fake.calls[0][0] == 'train' and '--resume' not in fake.calls[0]
+    assert not (tmp_path / 'out' / '01-train' / 'checkpoint.pt').exists()   # the old output was removed first
+
+
+def test_a_resumed_run_passes_resume_to_the_command(tmp_path):
+    path = _pipeline(tmp_path)
+    _interrupted_train(tmp_path, path)
+    fake = FakeSteps()
+    run_pipeline(load_pipeline(path), runner=fake, report=False, quiet=True)
+    assert fake.calls[0][0] == 'train' and fake.calls[0][-3:] == ['--json', '--resume', '--quiet']
+    assert all('--resume' not in c for c in fake.calls[1:])
+
+
+def test_a_failed_pipeline_reports_the_steps_it_completed(tmp_path):
+    pytest.importorskip('plotly')
+    path = _pipeline(tmp_path)
+    out = tmp_path / 'out'
+    with pytest.raises(PipelineError) as e:
+        run_pipeline(load_pipeline(path), runner=FakeSteps(fail=lambda argv: argv[0] == 'fuse'), quiet=True)
+    assert str(e.value).startswith(f'step 3 (fuse tome) failed: r = 99 is more than a block can merge; steps 1-2 are '
+                                   f'kept in {out}, with their report page {out / "report.html"}; fix the step')
+    page = (out / 'report.html').read_text()
+    assert '01-train' in page and '02-prune-nvit' in page and '03-fuse-tome' not in page
+    steps = json.loads((out / 'pipeline.json').read_text())['steps']
+    assert [s['status'] for s in steps] == ['done', 'done', 'failed', 'not run'] and steps[0]['gmacs'] > 0
+
+
 def test_top1_on_the_pipelines_data_when_a_step_trained_on_other_data(tmp_path):
     steps = f'steps:\n  - train: {{model: {PICO}, data: other}}\n'
     fake = FakeSteps()

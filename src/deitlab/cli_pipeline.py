@@ -79,12 +79,13 @@ def pipeline_parser(p, groups) -> None:
                      help='check the file and print each step\'s command, and whether it would run or be skipped '
                           '(done before with the same command); nothing runs')
     run.add_argument('--from', dest='start', type=_step_number, default=None, metavar='N',
-                     help='run step N and every step after it again, even if done before (the steps before it must '
-                          'have completed)')
+                     help='run step N and every step after it again, from scratch, even if done before (the steps '
+                          'before it must have completed)')
     add_output_flags(groups)
     p.epilog = ('Each step writes OUT/NN-name (a run directory; an export: OUT/NN-name.onnx) and keeps its JSON in '
                 'OUT/NN-name.step.json; at the end OUT/pipeline.json lists every step (command, status, time, '
                 'top-1, GMACs, params) and the report shows them all. Run again, a step done before with the same '
                 'command (and the same steps before it) is skipped; a changed step runs again with every step after '
-                'it. A failed step stops the pipeline; the steps before it are kept.')
+                'it. A failed step stops the pipeline; the steps before it are kept, with their report. A train or '
+                'prune step that was interrupted (or failed) continues from its checkpoint when run again unchanged.')
     p.set_defaults(func=cmd_pipeline)

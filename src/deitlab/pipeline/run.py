@@ -6,7 +6,11 @@ command before it, :attr:`Step.hash`). On a re-run a step whose record has the s
 output is there is skipped; the first step that runs (changed, forced by ``start``, or its output
 gone) runs every step after it too, and before it runs the records and outputs from it on are
 removed. A step that fails stops the pipeline with a :class:`PipelineError` that names it and its
-command's error; the steps before it keep their outputs and records. At the end ``OUT/pipeline.json``
+command's error; the steps before it keep their outputs and records, and the report page shows them.
+A train or prune step that was interrupted or failed with a checkpoint in its output continues from
+that checkpoint (its command with ``--resume``) when the pipeline runs again with the step unchanged
+(``start`` runs it from scratch).
+At the end ``OUT/pipeline.json``
 holds every step (command, status, time, numbers) and :func:`deitlab.report.write_report` puts the
 run directories and the pipeline's own records (the fused model, the exported file) on one page.
 
@@ -209,19 +213,53 @@ def _summary_doc(pipe: Pipeline, entries: List[dict], status: str, started: floa
                 settings=dict(python=sys.version.split()[0], executable=sys.executable), steps=entries)
 
 
-def _stop(pipe: Pipeline, entries: List[dict], step: Step, started: float, status: str) -> str:
-    """Write ``pipeline.json`` for a pipeline stopped at ``step``; the sentence on what is kept."""
+def _stop(pipe: Pipeline, entries: List[dict], step: Step, started: float, status: str, report: bool,
+          quiet: bool) -> str:
+    """Write ``pipeline.json`` for a pipeline stopped at ``step`` (and, with ``report`` when a step
+    had completed, the report page of the completed steps); the sentence on what is kept."""
     done = [e['step'] for e in entries if e['status'] in ('done', 'skipped')]
     rest = [_entry(s, 'not run') for s in pipe.steps if s.index > step.index]
-    _write_json(pipe.records, _summary_doc(pipe, entries + [_entry(step, status)] + rest,
-                                           f'{status} at step {step.index}', started))
+    stopped = dict(_entry(step, status), hash=step.hash, resumable=_checkpoint(step) is not None)
+    doc = _summary_doc(pipe, entries + [stopped] + rest, f'{status} at step {step.index}', started)
+    _write_json(pipe.records, doc)
     if not done:
-        kept = 'no step had completed'
-    elif len(done) == 1:
-        kept = f'step {done[0]} is kept in {pipe.out}'
-    else:
-        kept = f'steps {done[0]}-{done[-1]} are kept in {pipe.out}'
+        return 'no step had completed'
+    kept = (f'step {done[0]} is kept in {pipe.out}' if len(done) == 1 else
+            f'steps {done[0]}-{done[-1]} are kept in {pipe.out}')
+    if report:
+        try:
+            _report(pipe, entries, True)
+        except Exception as e:   # the step's failure is the error to report, not the page's
+            return f'{kept} (no report page: {e})'
+        _write_json(pipe.records, _summary_doc(pipe, entries + [stopped] + rest, doc['status'], started))
+        kept += f', with their report page {pipe.report}'
     return kept
+
+
+def _checkpoint(step: Step) -> Optional[Path]:
+    """The checkpoint a train or prune step's command writes into its output as it goes, when it
+    is there (``--resume`` continues from it); else None."""
+    if step.output is None or step.kind not in ('train', 'prune'):
+        return None
+    if step.kind == 'train':
+        from ..train.engine import CHECKPOINT_NAME as name
+    elif step.method == 'nvit':
+        from ..prune.nvit import CHECKPOINT as name
+    else:
+        from ..prune.ofb_search import CHECKPOINT as name
+    path = step.output / name
+    return path if path.is_file() else None
+
+
+def _stopped_before(pipe: Pipeline) -> Optional[Tuple[int, str]]:
+    """``(step, hash)`` of the step at which the last run of the pipeline stopped (interrupted or
+    failed), from ``pipeline.json``; None when it completed or never ran."""
+    try:
+        doc = json.loads(pipe.records.read_text(encoding='utf-8'))
+        stopped = [s for s in doc['steps'] if s.get('status') in ('interrupted', 'failed') and s.get('hash')]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return (stopped[0]['step'], stopped[0]['hash']) if stopped else None
 
 
 def _report(pipe: Pipeline, entries: List[dict], quiet: bool) -> dict:
@@ -292,6 +330,7 @@ def run_pipeline(pipe: Pipeline, *, start: Optional[int] = None, runner: Optiona
     if report:
         pipe.report.parent.mkdir(parents=True, exist_ok=True)   # under OUT (checked above)
     started, n = time.time(), len(pipe.steps)
+    stopped = _stopped_before(pipe)
     entries: List[dict] = []
     ran = skipped = 0
     for step, action in plan:
@@ -301,15 +340,18 @@ def run_pipeline(pipe: Pipeline, *, start: Optional[int] = None, runner: Optiona
             _log(f'step {step.index}/{n} ({step.label}): skipped, done before with the same command'
                  + (f' ({step.output})' if step.output else ''), quiet)
             continue
+        resume = start is None and stopped == (step.index, step.hash) and _checkpoint(step) is not None
         for later in pipe.steps[step.index - 1:]:   # its record and output, and those after it, no longer hold
             pipe.record_of(later).unlink(missing_ok=True)
-            _remove(later.output)
-        _log(f'step {step.index}/{n} ({step.label}): {step.command}', quiet)
+            if not (resume and later is step):
+                _remove(later.output)
+        _log(f'step {step.index}/{n} ({step.label}): {step.command}'
+             + (f' --resume (continuing from {_checkpoint(step)})' if resume else ''), quiet)
         t0 = time.time()
         try:
-            got = runner(step.argv + (['--quiet'] if quiet else []))
+            got = runner(step.argv + (['--resume'] if resume else []) + (['--quiet'] if quiet else []))
         except KeyboardInterrupt:
-            kept = _stop(pipe, entries, step, started, 'interrupted')
+            kept = _stop(pipe, entries, step, started, 'interrupted', False, quiet)   # Ctrl-C: stop now
             raise PipelineInterrupted(f'at step {step.index} ({step.label}); {kept}; run the pipeline again to '
                                       f'continue from step {step.index}') from None
         seconds = round(time.time() - t0, 1)
@@ -318,13 +360,14 @@ def run_pipeline(pipe: Pipeline, *, start: Optional[int] = None, runner: Optiona
             why = (result or {}).get('error') or (
                 f'exit status {got.returncode} (its messages are above)' if got.returncode else
                 'it printed no JSON result on its last line')
-            kept = _stop(pipe, entries, step, started, 'failed')
+            kept = _stop(pipe, entries, step, started, 'failed', report, quiet)
             raise PipelineError(f'step {step.index} ({step.label}) failed: {why}; {kept}; fix the step and run the '
                                 f'pipeline again to continue from step {step.index}')
         numbers = _top1_on(pipe, step, step_numbers(step, result), runner, quiet)
         rec = dict(step=step.index, kind=step.kind, method=step.method, name=step.name, hash=step.hash,
                    command=step.command, argv=step.argv, output=None if step.output is None else str(step.output),
-                   seconds=seconds, finished=time.strftime('%Y-%m-%dT%H:%M:%S'), numbers=numbers, result=result)
+                   seconds=seconds, finished=time.strftime('%Y-%m-%dT%H:%M:%S'), numbers=numbers, result=result,
+                   resumed=resume)
         _write_json(pipe.record_of(step), rec)
         entries.append(_entry(step, 'done', rec))
         ran += 1
