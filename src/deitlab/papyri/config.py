@@ -31,6 +31,28 @@ class PapyriError(ValueError):
     """Bad input to the papyri tools: settings, fonts, annotation files (the message says what)."""
 
 
+# the run settings the papyri commands share, one definition each (a dataclass field with its --help)
+def progress_field():
+    return field(default=None, metadata={'group': 'run', 'help': 'progress bar; unset: when attached to a terminal'})
+
+
+def device_field():
+    return field(default=None, metadata={'group': 'run', 'help': 'torch device (default: CUDA when available, else '
+                                                                  'the CPU)'})
+
+
+def amp_field():
+    return field(default=True, metadata={'group': 'run', 'help': 'bf16 autocast on CUDA (ignored on the CPU)'})
+
+
+def workers_field():
+    return field(default=0, metadata={'group': 'data', 'help': 'data loader worker processes'})
+
+
+def resume_field():
+    return field(default=False, metadata={'group': 'run', 'help': 'continue the checkpoint in --out'})
+
+
 def parse_size(text: str) -> Tuple[int, int]:
     """``'WIDTHxHEIGHT'`` in pixels (``'512x384'``) as ``(width, height)``."""
     m = _SIZE.match(str(text))
@@ -74,8 +96,7 @@ class SynthConfig:
         'group': 'pages', 'help': 'amount of holes, torn edges and abraded ink, in [0, 3] (0: intact pages)'})
     overwrite: bool = field(default=False, metadata={
         'group': 'run', 'help': 'replace a dataset this command wrote in --out with other settings'})
-    progress: Optional[bool] = field(default=None, metadata={
-        'group': 'run', 'help': 'progress bar; unset: when attached to a terminal'})
+    progress: Optional[bool] = progress_field()
 
     def validate(self) -> 'SynthConfig':
         rules = [('pages', '>= 1', lambda v: v >= 1), ('lines', '>= 1', lambda v: v >= 1),
@@ -170,8 +191,7 @@ class PredictConfig:
     overwrite: bool = field(default=False, metadata={
         'group': 'run', 'help': 'replace the predictions this command wrote earlier in --out (a directory holding '
                                 'anything else is always refused)'})
-    progress: Optional[bool] = field(default=None, metadata={
-        'group': 'run', 'help': 'progress bar; unset: when attached to a terminal'})
+    progress: Optional[bool] = progress_field()
 
     def validate(self) -> 'PredictConfig':
         self.detector = tuple(str(d).strip() for d in self.detector if str(d).strip())
@@ -307,15 +327,13 @@ class DetectorConfig:
     grad_clip: Optional[float] = field(default=10.0, metadata={
         'group': 'optimiser', 'help': 'clip the gradient norm to this; unset or 0: no clipping'})
     seed: int = field(default=0, metadata={'group': 'run', 'help': 'random seed (weights, crops, jitter)'})
-    device: Optional[str] = field(default=None, metadata={
-        'group': 'run', 'help': 'torch device (default: CUDA when available, else the CPU)'})
-    amp: bool = field(default=True, metadata={'group': 'run', 'help': 'bf16 autocast on CUDA (ignored on the CPU)'})
-    workers: int = field(default=0, metadata={'group': 'data', 'help': 'data loader worker processes'})
-    resume: bool = field(default=False, metadata={'group': 'run', 'help': 'continue the checkpoint in --out'})
+    device: Optional[str] = device_field()
+    amp: bool = amp_field()
+    workers: int = workers_field()
+    resume: bool = resume_field()
     overwrite: bool = field(default=False, metadata={
         'group': 'run', 'help': 'replace what --out holds (another run, other files) instead of refusing'})
-    progress: Optional[bool] = field(default=None, metadata={
-        'group': 'run', 'help': 'progress bar; unset: when attached to a terminal'})
+    progress: Optional[bool] = progress_field()
 
     def validate(self) -> 'DetectorConfig':
         from ..registry import DETECTORS

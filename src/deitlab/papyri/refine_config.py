@@ -15,7 +15,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
-from .config import PapyriError, annotation_file
+from .config import (PapyriError, amp_field, annotation_file, device_field, progress_field, resume_field,
+                     workers_field)
 
 __all__ = ['CropsConfig', 'SimCLRConfig', 'parse_pair', 'BACKENDS']
 
@@ -71,8 +72,7 @@ class CropsConfig:
     overwrite: bool = field(default=False, metadata={
         'group': 'run', 'help': 'replace crops this command wrote in --out (a directory holding anything else is '
                                 'always refused)'})
-    progress: Optional[bool] = field(default=None, metadata={
-        'group': 'run', 'help': 'progress bar; unset: when attached to a terminal'})
+    progress: Optional[bool] = progress_field()
 
     def validate(self) -> 'CropsConfig':
         _check(self, [('val_fraction', 'in (0, 1)', lambda v: 0 < v < 1), ('margin', 'in [0, 2]', lambda v: 0 <= v <= 2),
@@ -141,15 +141,13 @@ class SimCLRConfig:
     opt: str = field(default='adamw', metadata={'group': 'optimiser', 'help': 'optimizer (a timm optimizer name)'})
     weight_decay: float = field(default=1e-4, metadata={'group': 'optimiser', 'help': 'decoupled weight decay'})
     seed: int = field(default=0, metadata={'group': 'run', 'help': 'random seed (weights, windows, views)'})
-    device: Optional[str] = field(default=None, metadata={
-        'group': 'run', 'help': 'torch device (default: CUDA when available, else the CPU)'})
-    amp: bool = field(default=True, metadata={'group': 'run', 'help': 'bf16 autocast on CUDA (ignored on the CPU)'})
-    workers: int = field(default=0, metadata={'group': 'data', 'help': 'data loader worker processes'})
-    resume: bool = field(default=False, metadata={'group': 'run', 'help': 'continue the checkpoint in --out'})
+    device: Optional[str] = device_field()
+    amp: bool = amp_field()
+    workers: int = workers_field()
+    resume: bool = resume_field()
     overwrite: bool = field(default=False, metadata={
         'group': 'run', 'help': 'replace what --out holds instead of refusing'})
-    progress: Optional[bool] = field(default=None, metadata={
-        'group': 'run', 'help': 'progress bar; unset: when attached to a terminal'})
+    progress: Optional[bool] = progress_field()
 
     def validate(self) -> 'SimCLRConfig':
         self.images = tuple(str(p) for p in self.images if str(p).strip())
