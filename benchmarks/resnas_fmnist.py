@@ -20,6 +20,11 @@ Phases (each skips the work already on disk under ``DEITLAB_BENCH_RUNS``):
   table's predictions. Run on an idle machine;
 * ``report``    ``results/resnas_fmnist.json`` and ``.png``.
 
+Every finished training run is also kept in ``results/resnas_fmnist_runs.json`` (its network, seed,
+recipe and summary): ``train`` skips a run recorded there with the same network, seed and recipe, so
+the stand-alone and DeiT-nano runs, which need no supernet, can be trained on one day and the rest
+on another (``collect`` records the runs finished so far).
+
     DEITLAB_BENCH_RUNS=/work/resnas-runs python benchmarks/resnas_fmnist.py all --jobs 2
 """
 from __future__ import annotations
@@ -27,6 +32,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import resource
 import subprocess
 import sys
 import time
@@ -92,17 +98,25 @@ def baseline_macs() -> float:
 
 # ----------------------------------------------------------------------------- phases
 
+def _costed(threads: int, *args) -> tuple:
+    """``_deitlab(*args)`` on ``threads`` threads: its summary and its cost (wall seconds, and the CPU
+    minutes the command used, from the children's resource usage, right also on a busy machine)."""
+    os.environ['OMP_NUM_THREADS'] = str(threads)
+    t0, c0 = time.time(), resource.getrusage(resource.RUSAGE_CHILDREN)
+    summary = _deitlab(*args)
+    c1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = c1.ru_utime + c1.ru_stime - c0.ru_utime - c0.ru_stime
+    return summary, dict(wall_s=time.time() - t0, threads=threads, cpu_min=cpu / 60)
+
+
 def cmd_supernet(args) -> None:
     out = WORK / 'supernet'
     if (WORK / 'supernet_cost.json').exists():
         return
     flags = [f'--{k.replace("_", "-")}={v}' for k, v in SUPERNET.items()]
-    t0 = time.time()
-    os.environ['OMP_NUM_THREADS'] = '2'
-    summary = _deitlab('nas', 'train-supernet', '--space', SPACE, '--data', 'fashion-mnist', '--out', out, *flags,
-                       '--resume' if (out / 'supernet_checkpoint.pt').exists() else '--seed=0')
-    wall = time.time() - t0
-    _save(WORK / 'supernet_cost.json', dict(wall_s=wall, threads=2, cpu_min=wall * 2 / 60, summary=summary))
+    summary, cost = _costed(args.threads, 'nas', 'train-supernet', '--space', SPACE, '--data', 'fashion-mnist', '--out',
+                            out, *flags, '--resume' if (out / 'supernet_checkpoint.pt').exists() else '--seed=0')
+    _save(WORK / 'supernet_cost.json', dict(cost, summary=summary))
 
 
 def cmd_latency(args) -> None:
@@ -132,11 +146,9 @@ def cmd_search(args) -> None:
         cost = WORK / f'search_{name}' / 'cost.json'
         if cost.exists():
             continue
-        t0 = time.time()
-        os.environ['OMP_NUM_THREADS'] = '2'
-        summary = _deitlab('nas', 'search', '--supernet', sn, '--out', WORK / f'search_{name}', '--lut', lut, *flags)
-        wall = time.time() - t0
-        _save(cost, dict(wall_s=wall, threads=2, cpu_min=wall * 2 / 60, summary=summary))
+        summary, spent = _costed(args.threads, 'nas', 'search', '--supernet', sn, '--out', WORK / f'search_{name}',
+                                 '--lut', lut, *flags)
+        _save(cost, dict(spent, summary=summary))
 
 
 def standalone_archs() -> list:
@@ -147,6 +159,49 @@ def standalone_archs() -> list:
     draws.sort(key=space.macs)
     picks = [draws[round(q * (len(draws) - 1) / (STANDALONE - 1))] for q in range(STANDALONE)]
     return [space.canonical(a) for a in picks]
+
+
+RUNS_FILE = RESULTS / 'resnas_fmnist_runs.json'
+
+
+def _run_key(name: str, seed: int) -> dict:
+    """What makes a training run the same run: the network (the baseline's name or the exported
+    architecture), the seed and the recipe."""
+    if name == 'deit_nano' or name.startswith('deit_nano_'):
+        model = BASELINE
+    elif name.startswith('standalone'):
+        model = standalone_archs()[int(name[len('standalone'):])].to_dict()
+    else:
+        best = _load(WORK / f'search_{name.rsplit("_s", 1)[0]}' / 'best_arch.json')
+        model = best['arch'] if best else None
+    return dict(model=model, seed=seed, train=' '.join(TRAIN))
+
+
+def _run_names() -> list:
+    """``(name, seed)`` of every training run of the benchmark."""
+    return [(f'{arm}_s{s}', s) for s in SEEDS for arm in ARMS] + [(f'standalone{j}', 0) for j in range(STANDALONE)]
+
+
+def restore_runs() -> int:
+    """Write ``train/NAME/summary.json`` for every recorded run whose key still matches; the count."""
+    records, n = _load(RUNS_FILE) or {}, 0
+    for name, seed in _run_names():
+        rec, out = records.get(name), WORK / 'train' / name / 'summary.json'
+        if rec and not out.exists() and rec['key'] == _run_key(name, seed):
+            _save(out, rec['summary'])
+            n += 1
+    return n
+
+
+def cmd_collect(args) -> None:
+    """Record every finished training run under WORK in ``results/resnas_fmnist_runs.json``."""
+    records = _load(RUNS_FILE) or {}
+    for name, seed in _run_names():
+        summary = _load(WORK / 'train' / name / 'summary.json')
+        if summary is not None:
+            records[name] = dict(key=_run_key(name, seed), summary=summary)
+    _save(RUNS_FILE, dict(sorted(records.items())))
+    print(f'{len(records)} runs recorded in {RUNS_FILE}', flush=True)
 
 
 def _export(arch_file: Path, out: Path, seed: int) -> None:
@@ -162,9 +217,10 @@ def _train_job(label: str, model: str, out: Path, seed: int) -> tuple:
 
 
 def cmd_train(args) -> None:
+    print(f'{restore_runs()} runs restored from {RUNS_FILE.name}', flush=True)
     jobs = []
     for seed in args.seeds:
-        for arm in ARMS:
+        for arm in args.arms:
             out = WORK / 'train' / f'{arm}_s{seed}'
             if (out / 'summary.json').exists():
                 continue
@@ -175,7 +231,7 @@ def cmd_train(args) -> None:
             jobs.append(_train_job(f'{arm}_s{seed}', model, out, seed))
     for j, arch in enumerate(standalone_archs()):
         out = WORK / 'train' / f'standalone{j}'
-        if (out / 'summary.json').exists():
+        if (out / 'summary.json').exists() or j not in args.standalone:
             continue
         arch_file = WORK / 'export' / f'standalone{j}.json'
         _save(arch_file, arch.to_dict())
@@ -183,6 +239,7 @@ def cmd_train(args) -> None:
         jobs.append(_train_job(f'standalone{j}', str(WORK / 'export' / f'standalone{j}'), out, 0))
     print(f'{len(jobs)} runs to do', flush=True)
     run_pool(jobs, args.jobs, dict(os.environ, OMP_NUM_THREADS='1'))
+    cmd_collect(args)
 
 
 def cmd_measure(args) -> None:
@@ -217,6 +274,7 @@ def _mean_std(xs: list) -> dict:
 
 def cmd_report(args) -> None:
     from scipy.stats import kendalltau
+    restore_runs()
     measure = _load(WORK / 'measure.json')
     rows = measure['rows']
     trained = {}
@@ -324,13 +382,18 @@ def cmd_all(args) -> None:
 
 def _flags(name: str, q) -> None:
     q.add_argument('--jobs', type=int, default=2)
+    q.add_argument('--threads', type=int, default=2, help='supernet, search: torch threads')
     q.add_argument('--seeds', nargs='*', type=int, default=list(SEEDS))
+    q.add_argument('--arms', nargs='*', choices=ARMS, default=list(ARMS),
+                   help='train: the arms to train (deit_nano needs no supernet)')
+    q.add_argument('--standalone', nargs='*', type=int, default=list(range(STANDALONE)), metavar='J',
+                   help='train: the stand-alone networks to train (their indices; none: --standalone alone)')
 
 
 def main():
     WORK.mkdir(parents=True, exist_ok=True)
     run_cli(__doc__, {name: globals()[f'cmd_{name}'] for name in
-                      ('supernet', 'latency', 'search', 'train', 'measure', 'report', 'all')}, _flags)
+                      ('supernet', 'latency', 'search', 'train', 'collect', 'measure', 'report', 'all')}, _flags)
 
 
 if __name__ == '__main__':
