@@ -42,7 +42,27 @@ def pipeline_table(res: dict) -> str:
         f"Mean ± std over seeds {', '.join(map(str, res['seeds']))}. Crop top-1 on the test pages' letters: DeiT "
         f"refiner {res['crop_top1']['deit']:.1f} %, SimCLR refiner {res['crop_top1']['simclr']:.1f} %, ResNet-18 "
         f"from scratch on all labels {res['crop_top1']['random_full']:.1f} %. {res['cpu_min']:.0f} CPU minutes in all.",
+        '', _pipeline_bar(res['verdict']),
         source(['papyri_pipeline'], 'python benchmarks/papyri_pipeline.py all')])
+
+
+def _pipeline_bar(v: dict) -> str:
+    """The issue's bar, item by item, from the benchmark's verdict."""
+    def said(ok: bool) -> str:
+        return '**met**' if ok else '**not met**'
+
+    def beats(d: dict) -> str:
+        how = ('by more than the seeds\' spread' if d['beyond_spread'] else
+               'but within the seeds\' spread' if d['met'] else 'it does worse')
+        return f"{said(d['beyond_spread'])} ({d['gap']:+.1f} pt, spread {d['spread']:.1f}: {how})"
+    return '\n'.join([
+        'The bar, item by item:',
+        f"- the DeiT refiner raises recognition mAP@[.5:.95] over the detector alone: {said(v['deit_raises_mAP']['met'])} "
+        f"({v['deit_raises_mAP']['gain']:+.3f});",
+        f"- the SimCLR refiner raises it: {said(v['simclr_raises_mAP']['met'])} ({v['simclr_raises_mAP']['gain']:+.3f});",
+        f"- a vote of all three is best: {said(v['vote_best']['met'])} (best: {v['vote_best']['best']});",
+        f"- SimCLR pretraining beats random initialisation in the linear probe: {beats(v['simclr_probe'])};",
+        f"- and fine-tuned on 10 % of the labels: {beats(v['simclr_ten_percent'])}."])
 
 
 def t_papyri_demo() -> str:
