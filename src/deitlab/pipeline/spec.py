@@ -130,9 +130,8 @@ def _read(path: Path):
     except UnicodeDecodeError:
         raise PipelineError(f'{path} is not a text file: give the pipeline YAML file') from None
     except yaml.YAMLError as e:
-        where = getattr(e, 'problem_mark', None)
-        at = f' (line {where.line + 1}, column {where.column + 1})' if where is not None else ''
-        raise PipelineError(f'{path} is not valid YAML{at}: {getattr(e, "problem", None) or e}') from None
+        from ..train.config import yaml_error
+        raise PipelineError(yaml_error(path, e)) from None
     if not isinstance(data, dict):
         raise PipelineError(f'{path} must hold a mapping with out: and steps: (see deitlab pipeline --help)')
     return data, node

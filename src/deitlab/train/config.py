@@ -469,6 +469,13 @@ def coerce_value(value, kind, what: str):
     return value
 
 
+def yaml_error(path, e) -> str:
+    """``PATH is not valid YAML (line L, column C): PROBLEM`` for a ``yaml.YAMLError``."""
+    where = getattr(e, 'problem_mark', None)
+    at = f' (line {where.line + 1}, column {where.column + 1})' if where is not None else ''
+    return f'{path} is not valid YAML{at}: {getattr(e, "problem", None) or e}'
+
+
 def load_yaml_defaults(path: str | Path, known: Optional[Iterable[str]] = None) -> dict:
     """Read a YAML file of options (dashes or underscores): TrainConfig fields, or the names in
     ``known``; a key that is not one of them is an error that names it."""
@@ -478,9 +485,7 @@ def load_yaml_defaults(path: str | Path, known: Optional[Iterable[str]] = None) 
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        where = getattr(e, 'problem_mark', None)
-        at = f' (line {where.line + 1}, column {where.column + 1})' if where is not None else ''
-        raise ConfigError(f'{path} is not valid YAML{at}: {getattr(e, "problem", None) or e}') from None
+        raise ConfigError(yaml_error(path, e)) from None
     if not isinstance(data, dict):
         raise ConfigError(f'{path} must hold a mapping of option: value')
     known = list(config_fields() if known is None else known)
