@@ -29,6 +29,7 @@ on another (``collect`` records the runs finished so far).
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -151,6 +152,7 @@ def cmd_search(args) -> None:
         _save(cost, dict(spent, summary=summary))
 
 
+@functools.lru_cache(maxsize=None)
 def standalone_archs() -> list:
     """``STANDALONE`` networks spread over the space's MACs: 400 random draws sorted by MACs, one
     at each of evenly spaced quantiles (distinct networks)."""

@@ -340,13 +340,14 @@ def run_pipeline(pipe: Pipeline, *, start: Optional[int] = None, runner: Optiona
             _log(f'step {step.index}/{n} ({step.label}): skipped, done before with the same command'
                  + (f' ({step.output})' if step.output else ''), quiet)
             continue
-        resume = start is None and stopped == (step.index, step.hash) and _checkpoint(step) is not None
+        checkpoint = _checkpoint(step) if start is None and stopped == (step.index, step.hash) else None
+        resume = checkpoint is not None
         for later in pipe.steps[step.index - 1:]:   # its record and output, and those after it, no longer hold
             pipe.record_of(later).unlink(missing_ok=True)
             if not (resume and later is step):
                 _remove(later.output)
         _log(f'step {step.index}/{n} ({step.label}): {step.command}'
-             + (f' --resume (continuing from {_checkpoint(step)})' if resume else ''), quiet)
+             + (f' --resume (continuing from {checkpoint})' if resume else ''), quiet)
         t0 = time.time()
         try:
             got = runner(step.argv + (['--resume'] if resume else []) + (['--quiet'] if quiet else []))
