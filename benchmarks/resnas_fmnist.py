@@ -13,11 +13,12 @@ Phases (each skips the work already on disk under ``DEITLAB_BENCH_RUNS``):
   (predicted <= DeiT-nano's measured ms); NSGA-II on held-out top-1 and predicted latency (the
   front of the plot);
 * ``train``     the two found networks (exported fresh, one export per seed) and DeiT-nano with one
-  recipe (``TRAIN``), ``SEEDS``; ``STANDALONE`` networks spread over the space's MACs, one seed,
-  for the ranking (Kendall tau of supernet fitness against stand-alone top-1). 1 thread per run,
-  two runs at a time;
+  recipe (``TRAIN``), ``SEEDS``; ``STANDALONE`` networks spread over the space's MACs, also
+  ``SEEDS``, for the ranking (Kendall tau of supernet fitness against stand-alone top-1, the mean
+  over the seeds). 1 thread per run, two runs at a time;
 * ``measure``   every trained network and DeiT-nano timed together (paired, 1 thread), next to the
-  table's predictions. Run on an idle machine;
+  table's predictions; the supernet fitness of each network on the held-out images the search
+  ranks by, and on the 10,000 test images (less noisy, for tau only). Run on an idle machine;
 * ``report``    ``results/resnas_fmnist.json`` and ``.png``.
 
 Every finished training run is also kept in ``results/resnas_fmnist_runs.json`` (its network, seed,
@@ -56,6 +57,7 @@ ARMS = ('deit_nano', 'macs', 'latency')
 LUT_ROUNDS, MEASURE_ROUNDS = 5, 7
 if os.environ.get('RESNAS_SMOKE'):   # the whole pipeline in minutes, to check the script (numbers meaningless)
     SEEDS, STANDALONE, LUT_ROUNDS, MEASURE_ROUNDS = (0,), 3, 1, 1
+    RESULTS = WORK / 'results'   # the committed results stay untouched
     SUPERNET.update(epochs=1, max_steps_per_epoch=4, holdout=10)
     SEARCH = ['--population', '4', '--iterations', '1', '--parents', '2', '--mutations', '2', '--crossovers', '2',
               '--max-tries', '5000']
@@ -172,7 +174,7 @@ def _run_key(name: str, seed: int) -> dict:
     if name == 'deit_nano' or name.startswith('deit_nano_'):
         model = BASELINE
     elif name.startswith('standalone'):
-        model = standalone_archs()[int(name[len('standalone'):])].to_dict()
+        model = standalone_archs()[int(name[len('standalone'):].split('_s')[0])].to_dict()
     else:
         best = _load(WORK / f'search_{name.rsplit("_s", 1)[0]}' / 'best_arch.json')
         model = best['arch'] if best else None
@@ -181,7 +183,7 @@ def _run_key(name: str, seed: int) -> dict:
 
 def _run_names() -> list:
     """``(name, seed)`` of every training run of the benchmark."""
-    return [(f'{arm}_s{s}', s) for s in SEEDS for arm in ARMS] + [(f'standalone{j}', 0) for j in range(STANDALONE)]
+    return [(f'{arm}_s{s}', s) for s in SEEDS for arm in [*ARMS, *(f'standalone{j}' for j in range(STANDALONE))]]
 
 
 def restore_runs() -> int:
@@ -231,14 +233,16 @@ def cmd_train(args) -> None:
                 model = str(WORK / 'export' / f'{arm}_s{seed}')
                 _export(WORK / f'search_{arm}' / 'best_arch.json', Path(model), seed)
             jobs.append(_train_job(f'{arm}_s{seed}', model, out, seed))
-    for j, arch in enumerate(standalone_archs()):
-        out = WORK / 'train' / f'standalone{j}'
-        if (out / 'summary.json').exists() or j not in args.standalone:
-            continue
-        arch_file = WORK / 'export' / f'standalone{j}.json'
-        _save(arch_file, arch.to_dict())
-        _export(arch_file, WORK / 'export' / f'standalone{j}', 0)
-        jobs.append(_train_job(f'standalone{j}', str(WORK / 'export' / f'standalone{j}'), out, 0))
+    for seed in args.seeds:
+        for j, arch in enumerate(standalone_archs()):
+            name = f'standalone{j}_s{seed}'
+            out, model = WORK / 'train' / name, WORK / 'export' / name
+            if (out / 'summary.json').exists() or j not in args.standalone:
+                continue
+            arch_file = WORK / 'export' / f'standalone{j}.json'
+            _save(arch_file, arch.to_dict())
+            _export(arch_file, model, seed)
+            jobs.append(_train_job(name, str(model), out, seed))
     print(f'{len(jobs)} runs to do', flush=True)
     run_pool(jobs, args.jobs, dict(os.environ, OMP_NUM_THREADS='1'))
     cmd_collect(args)
@@ -246,9 +250,11 @@ def cmd_train(args) -> None:
 
 def cmd_measure(args) -> None:
     """Every network timed in one run, next to the table's prediction; and the supernet fitness of
-    the stand-alone networks (for Kendall tau)."""
+    every searched and stand-alone network (for Kendall tau), on the held-out images and on the
+    test images. The best random network of the MACs search is scored on the test images too."""
     import timm
     import torch
+    from deitlab.data.for_model import model_datasets
     from deitlab.nas.latency import LatencyTable, time_models
     from deitlab.nas.search import Fitness, load_supernet
     from deitlab.nas.space import Arch
@@ -257,16 +263,22 @@ def cmd_measure(args) -> None:
     archs = {arm: Arch.from_dict(_load(WORK / f'search_{arm}' / 'best_arch.json')['arch']) for arm in ('macs', 'latency')}
     archs.update({f'standalone{j}': a for j, a in enumerate(standalone_archs())})
     models = {'deit_nano': _baseline_model()}
-    models.update({k: timm.create_model(f'local-dir:{WORK / "export" / (k if k.startswith("standalone") else k + "_s0")}')
-                   for k in archs})
+    models.update({k: timm.create_model(f'local-dir:{WORK / "export" / (k + "_s0")}') for k in archs})
     times, settings = time_models(space, models, threads=1, rounds=MEASURE_ROUNDS)
     supernet, sd = load_supernet(WORK / 'supernet', 'cpu')
     fitness = Fitness.from_dir(supernet, sd)
+    (test,) = model_datasets(supernet.model, sd.holdout['data'], splits=('val',))
+    xs, ys = zip(*(test[i] for i in range(len(test))))
+    fitness_test = Fitness(supernet, torch.stack(xs), torch.as_tensor(ys), batch_size=250)
     rows = {k: dict(measured_ms=times[k]) for k in models}
     for k, a in archs.items():
-        rows[k].update(arch=a.to_dict(), macs=space.macs(a), predicted_ms=table.predict(space, a), fitness=fitness(a))
+        rows[k].update(arch=a.to_dict(), macs=space.macs(a), predicted_ms=table.predict(space, a), fitness=fitness(a),
+                       fitness_test=fitness_test(a))
     rows['deit_nano']['macs'] = baseline_macs()
-    _save(WORK / 'measure.json', dict(rows=rows, settings=settings))
+    rnd = Arch.from_dict(_load(WORK / 'search_macs' / 'search.json')['random_baseline']['best']['arch'])
+    random_best = dict(arch=rnd.to_dict(), fitness=fitness(rnd), fitness_test=fitness_test(rnd))
+    _save(WORK / 'measure.json', dict(rows=rows, settings=settings, random_best=random_best,
+                                      fitness_images=dict(held_out=len(fitness.labels), test=len(ys))))
 
 
 def _mean_std(xs: list) -> dict:
@@ -289,12 +301,14 @@ def cmd_report(args) -> None:
         trained[arm]['params'] = _load(WORK / 'train' / f'{arm}_s0' / 'summary.json').get('params')
     stand = []
     for j in range(STANDALONE):
-        s = _load(WORK / 'train' / f'standalone{j}' / 'summary.json')
+        tops = [_load(WORK / 'train' / f'standalone{j}_s{s}' / 'summary.json') for s in SEEDS]
+        tops = [t['val_top1'] for t in tops if t]
         r = rows[f'standalone{j}']
-        stand.append(dict(name=f'standalone{j}', top1=s['val_top1'] if s else None, fitness=r['fitness'],
-                          macs=r['macs'], predicted_ms=r['predicted_ms'], measured_ms=r['measured_ms']))
+        stand.append(dict(name=f'standalone{j}', top1=_mean_std(tops)['mean'] if tops else None, top1_runs=tops,
+                          **{k: r[k] for k in ('fitness', 'fitness_test', 'macs', 'predicted_ms', 'measured_ms')}))
     done = [s for s in stand if s['top1'] is not None]
     tau = kendalltau([s['fitness'] for s in done], [s['top1'] for s in done])
+    tau_test = kendalltau([s['fitness_test'] for s in done], [s['top1'] for s in done])
     lat_rows = [dict(name=k, predicted_ms=r['predicted_ms'], measured_ms=r['measured_ms'],
                      rel_error=r['predicted_ms'] / r['measured_ms'] - 1) for k, r in rows.items() if 'predicted_ms' in r]
     searches = {n: dict(cost=_load(WORK / f'search_{n}' / 'cost.json'), record=_load(WORK / f'search_{n}' / 'search.json'))
@@ -306,11 +320,14 @@ def cmd_report(args) -> None:
         supernet=dict(settings=SUPERNET, cost=_load(WORK / 'supernet_cost.json')),
         latency_budget=_load(WORK / 'latency_budget.json'), train_recipe=' '.join(TRAIN), seeds=list(SEEDS),
         trained=trained, standalone=stand, kendall_tau=dict(tau=float(tau[0]), p=float(tau[1]), n=len(done)),
+        kendall_tau_test=dict(tau=float(tau_test[0]), p=float(tau_test[1]), n=len(done)),
+        fitness_images=measure['fitness_images'],
         latency_check=dict(rows=lat_rows, max_abs_rel_error=max(abs(r['rel_error']) for r in lat_rows),
                            settings=measure['settings']),
         search=dict(
             macs=dict(best=macs_rec['best'], evaluated=len(macs_rec['evaluated']),
-                      random_best=macs_rec['random_baseline']['best'],
+                      random_best=macs_rec['random_baseline']['best'], random_best_test=measure['random_best'],
+                      best_fitness_test=rows['macs']['fitness_test'],
                       random_evaluated=len(macs_rec['random_baseline']['evaluated']),
                       cpu_min=searches['macs']['cost']['cpu_min']),
             latency=dict(best=searches['latency']['record']['best'],
@@ -365,7 +382,8 @@ def plot(result: dict, searches: dict) -> None:
                     capsize=3, label=f'{arm} ({t["macs"] / 1e6:.1f}M MACs)')
     st = [s for s in result['standalone'] if s['top1'] is not None]
     ax.scatter([s['measured_ms'] for s in st], [s['top1'] for s in st], marker='s', s=14, color='0.6',
-               label=f'stand-alone networks (tau {result["kendall_tau"]["tau"]:.2f})')
+               label=f'stand-alone networks, {len(result["seeds"])} seeds (tau {result["kendall_tau"]["tau"]:.2f}, '
+                     f'{result["kendall_tau_test"]["tau"]:.2f} on test images)')
     ax.set(xlabel='measured latency (ms, batch 1, 1 thread)', ylabel='test top-1 (%), retrained',
            title=f'retrained, {len(result["seeds"])} seeds')
     ax.grid(alpha=0.3)
