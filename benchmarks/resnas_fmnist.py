@@ -18,7 +18,8 @@ Phases (each skips the work already on disk under ``DEITLAB_BENCH_RUNS``):
   over the seeds). 1 thread per run, two runs at a time;
 * ``measure``   every trained network and DeiT-nano timed together (paired, 1 thread), next to the
   table's predictions; the supernet fitness of each network on the held-out images the search
-  ranks by, and on the 10,000 test images (less noisy, for tau only). Run on an idle machine;
+  ranks by, and on the 10,000 test images (less noisy, for tau only). Run on an idle machine; run
+  again, it keeps the earlier runs (``measure_earlier*.json``), whose latencies are checked too;
 * ``report``    ``results/resnas_fmnist.json`` and ``.png``.
 
 Every finished training run is also kept in ``results/resnas_fmnist_runs.json`` (its network, seed,
@@ -277,8 +278,24 @@ def cmd_measure(args) -> None:
     rows['deit_nano']['macs'] = baseline_macs()
     rnd = Arch.from_dict(_load(WORK / 'search_macs' / 'search.json')['random_baseline']['best']['arch'])
     random_best = dict(arch=rnd.to_dict(), fitness=fitness(rnd), fitness_test=fitness_test(rnd))
+    if (WORK / 'measure.json').exists():   # an earlier measuring run: kept, its latencies are checked too
+        (WORK / 'measure.json').rename(WORK / f'measure_earlier{len(_earlier_measures())}.json')
     _save(WORK / 'measure.json', dict(rows=rows, settings=settings, random_best=random_best,
                                       fitness_images=dict(held_out=len(fitness.labels), test=len(ys))))
+
+
+def _earlier_measures() -> list:
+    return sorted(WORK.glob('measure_earlier*.json'), key=lambda f: int(f.stem[len('measure_earlier'):]))
+
+
+def _latency_check(measure: dict) -> dict:
+    """One measuring run's latencies against the table's predictions."""
+    rows = [dict(name=k, predicted_ms=r['predicted_ms'], measured_ms=r['measured_ms'],
+                 rel_error=r['predicted_ms'] / r['measured_ms'] - 1) for k, r in measure['rows'].items() if 'predicted_ms' in r]
+    from scipy.stats import spearmanr
+    rho = spearmanr([r['predicted_ms'] for r in rows], [r['measured_ms'] for r in rows])[0]
+    return dict(rows=rows, max_abs_rel_error=max(abs(r['rel_error']) for r in rows), spearman=float(rho),
+                settings=measure['settings'])
 
 
 def _mean_std(xs: list) -> dict:
@@ -309,8 +326,6 @@ def cmd_report(args) -> None:
     done = [s for s in stand if s['top1'] is not None]
     tau = kendalltau([s['fitness'] for s in done], [s['top1'] for s in done])
     tau_test = kendalltau([s['fitness_test'] for s in done], [s['top1'] for s in done])
-    lat_rows = [dict(name=k, predicted_ms=r['predicted_ms'], measured_ms=r['measured_ms'],
-                     rel_error=r['predicted_ms'] / r['measured_ms'] - 1) for k, r in rows.items() if 'predicted_ms' in r]
     searches = {n: dict(cost=_load(WORK / f'search_{n}' / 'cost.json'), record=_load(WORK / f'search_{n}' / 'search.json'))
                 for n in ('macs', 'latency', 'nsga2')}
     macs_rec = searches['macs']['record']
@@ -318,12 +333,13 @@ def cmd_report(args) -> None:
     result = dict(
         benchmark='resnas_fmnist', space=SPACE, space_def=_space().to_dict(), baseline=BASELINE, img_size=IMG,
         supernet=dict(settings=SUPERNET, cost=_load(WORK / 'supernet_cost.json')),
-        latency_budget=_load(WORK / 'latency_budget.json'), train_recipe=' '.join(TRAIN), seeds=list(SEEDS),
+        latency_budget=_load(WORK / 'latency_budget.json'), latency_table_meta=_load(WORK / 'lut.json')['meta'],
+        train_recipe=' '.join(TRAIN), seeds=list(SEEDS),
         trained=trained, standalone=stand, kendall_tau=dict(tau=float(tau[0]), p=float(tau[1]), n=len(done)),
         kendall_tau_test=dict(tau=float(tau_test[0]), p=float(tau_test[1]), n=len(done)),
         fitness_images=measure['fitness_images'],
-        latency_check=dict(rows=lat_rows, max_abs_rel_error=max(abs(r['rel_error']) for r in lat_rows),
-                           settings=measure['settings']),
+        latency_check=_latency_check(measure),
+        latency_check_earlier=[_latency_check(_load(f)) for f in _earlier_measures()],
         search=dict(
             macs=dict(best=macs_rec['best'], evaluated=len(macs_rec['evaluated']),
                       random_best=macs_rec['random_baseline']['best'], random_best_test=measure['random_best'],
@@ -339,10 +355,13 @@ def cmd_report(args) -> None:
     result['bar'] = dict(
         macs_beats_baseline=gap('macs') > spread('macs') and trained['macs']['macs'] <= base['macs'],
         tau_above_0_3=result['kendall_tau']['tau'] > 0.3,
+        tau_above_0_3_test=result['kendall_tau_test']['tau'] > 0.3,
         evolution_beats_random=macs_rec['best']['fitness'] > macs_rec['random_baseline']['best']['fitness'],
+        evolution_beats_random_test=rows['macs']['fitness_test'] > measure['random_best']['fitness_test'],
         latency_model_faster_and_better=(trained['latency']['measured_ms'] <= base['measured_ms']
                                          and gap('latency') > spread('latency')),
-        latency_predictions_within_15pct=result['latency_check']['max_abs_rel_error'] <= 0.15)
+        latency_predictions_within_15pct=all(c['max_abs_rel_error'] <= 0.15 for c in
+                                             [result['latency_check'], *result['latency_check_earlier']]))
     _save(RESULTS / 'resnas_fmnist.json', result)
     plot(result, searches)
     print(json.dumps(dict(bar=result['bar'], tau=result['kendall_tau'],
