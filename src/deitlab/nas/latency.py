@@ -22,7 +22,12 @@ Timing on a busy CPU is noisy, so every point is timed *paired* with a fixed ref
 block of the middle stage at its largest shape): in each of several rounds the points come in a
 fresh random order, and each is timed between two calls of the reference; a point's time is the
 median over the rounds of its ratio to the mean of the two reference calls, times the reference's
-fastest time. A load that slows everything down moves both and cancels in the ratio.
+fastest time. A load that slows everything down moves both and cancels in the ratio. A change in
+the machine's own state between timing the table and using it does not cancel so well (on a shared
+virtual CPU the reference block and whole networks do not speed up or slow down by one factor): the
+predicted milliseconds are those of the CPU when the table was timed, the ranking holds better.
+Time the table again before a search whose budget is in absolute milliseconds measured another time
+(``benchmarks/resnas_fmnist.py`` reports both effects).
 
 :func:`check_predictions` reports how well the table predicts: the stand-alone latency of sliced
 sub-networks (paired the same way) next to their prediction. Tables are JSON with their metadata
