@@ -33,7 +33,7 @@ from .distributed import resolve_device
 from .rundir import create
 
 __all__ = ['model_features', 'cosine_distance', 'average_precision', 'retrieval_metrics', 'extract_features',
-           'evaluate_retrieval']
+           'query_gallery_features', 'evaluate_retrieval']
 
 
 def model_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -114,6 +114,16 @@ def extract_features(model: nn.Module, loader, device: torch.device, amp: bool =
     return torch.cat(feats), torch.cat(ids), torch.cat(views)
 
 
+def query_gallery_features(model: nn.Module, data: str, device: torch.device, batch_size: int = 256, workers: int = 0,
+                           progress: Optional[bool] = None):
+    """``(query, gallery)``: the :func:`extract_features` triples of ``data``'s query and gallery
+    splits under ``model`` on ``device`` (bf16 autocast on CUDA)."""
+    query, gallery = model_datasets(model, data, ('query', 'gallery'))
+    amp = device.type == 'cuda'
+    return tuple(extract_features(model, eval_loader(split, batch_size, workers=workers), device, amp, progress, desc)
+                 for split, desc in ((query, 'query'), (gallery, 'gallery')))
+
+
 def evaluate_retrieval(model_spec: str, data: str, batch_size: int = 256, device: Optional[str] = None,
                        workers: int = 0, progress: Optional[bool] = None) -> dict:
     """mAP and CMC Rank-1/5 of ``model_spec`` (a name or run directory) on the ``query`` and
@@ -125,10 +135,7 @@ def evaluate_retrieval(model_spec: str, data: str, batch_size: int = 256, device
     model = create(model_spec)
     dev = resolve_device(device)
     model.to(dev).eval()
-    query, gallery = model_datasets(model, data, ('query', 'gallery'))
-    amp = dev.type == 'cuda'
-    q = extract_features(model, eval_loader(query, batch_size, workers=workers), dev, amp, progress, 'query')
-    g = extract_features(model, eval_loader(gallery, batch_size, workers=workers), dev, amp, progress, 'gallery')
+    q, g = query_gallery_features(model, data, dev, batch_size, workers, progress)
     try:
         res = retrieval_metrics(cosine_distance(q[0], g[0]), q[1], q[2], g[1], g[2])
     except ValueError as e:
