@@ -22,6 +22,11 @@ at a time, 1 thread each; the ratio to the baseline of the same task and seed). 
     DEITLAB_BENCH_RUNS=/work/dcal-runs python benchmarks/dcal.py train --jobs 2   # 36 runs
     DEITLAB_BENCH_RUNS=/work/dcal-runs python benchmarks/dcal.py report            # JSON + plot
     DEITLAB_BENCH_RUNS=/work/dcal-runs python benchmarks/dcal.py figure            # the rollout picture
+    DEITLAB_BENCH_RUNS=/work/dcal-runs python benchmarks/dcal.py features          # re-ID, each feature alone
+
+``features`` asks why DCAL loses on re-ID: the re-ID runs of the arms with GLCA, ranked by the SA
+feature alone (the backbone's), by GLCA's alone and by both joined (what ``eval --retrieval`` uses),
+into ``results/dcal_reid_features.json``. It trains the runs it lacks first.
 """
 from __future__ import annotations
 
@@ -86,6 +91,51 @@ def _retrieval(out: Path) -> dict:
                              check=True, capture_output=True, text=True)
         cached.write_text(res.stdout.strip().splitlines()[-1])
     return json.loads(cached.read_text())
+
+
+def _feature_retrieval(out: Path) -> dict:
+    """mAP and Rank-1 of a re-ID run with DCAL's retrieval feature split into its two halves: the SA
+    feature (the backbone's pre-logits feature) and GLCA's, each alone and joined; cached in the run
+    directory."""
+    cached = out / 'retrieval_features.json'
+    if not cached.exists():
+        import torch
+        from deitlab.distributed import resolve_device
+        from deitlab.retrieval import cosine_distance, query_gallery_features, retrieval_metrics
+        from deitlab.rundir import create
+        torch.set_num_threads(1)
+        device = resolve_device(None)
+        model = create(str(out)).to(device).eval()
+        with torch.no_grad():
+            (qf, qi, qv), (gf, gi, gv) = query_gallery_features(model, TASKS['reid']['data'], device)
+        d = model.backbone.embed_dim
+        if qf.shape[1] != 2 * d:
+            raise SystemExit(f'{out}: a feature of {qf.shape[1]} channels is not SA and GLCA joined ({2 * d})')
+        parts = {'sa': slice(0, d), 'glca': slice(d, None), 'sa+glca': slice(None)}
+        res = {}
+        for name, sl in parts.items():
+            m = retrieval_metrics(cosine_distance(qf[:, sl], gf[:, sl]), qi, qv, gi, gv)
+            res[name] = dict(mAP=m['mAP'], rank1=m['rank1'])
+        cached.write_text(json.dumps(res))
+    return json.loads(cached.read_text())
+
+
+FEATURE_ARMS = ('dcal', 'glca')
+
+
+def cmd_features(args) -> None:
+    args.tasks, args.arms = ['reid'], list(FEATURE_ARMS)
+    cmd_train(args)
+    runs = [dict(arm=arm, seed=seed, **_feature_retrieval(run_dir('reid', arm, seed)))
+            for arm in FEATURE_ARMS for seed in args.seeds]
+    summary = {arm: {part: {k: _mean_std([r[part][k] for r in runs if r['arm'] == arm]) for k in ('mAP', 'rank1')}
+                     for part in ('sa', 'glca', 'sa+glca')} for arm in FEATURE_ARMS}
+    result = dict(benchmark='dcal_reid_features', model=MODEL, data=TASKS['reid']['data'], seeds=list(args.seeds),
+                  arms={a: ' '.join(ARMS[a]) for a in FEATURE_ARMS}, flags=' '.join([*COMMON, *TASKS['reid']['flags']]),
+                  ratio=TASKS['reid']['ratio'], summary=summary, runs=runs)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / 'dcal_reid_features.json').write_text(json.dumps(result, indent=1))
+    print(json.dumps(summary, indent=1))
 
 
 def _garment_confusions(out: Path) -> dict:
@@ -256,15 +306,17 @@ def plot(result: dict) -> None:
 
 
 def _flags(name: str, q) -> None:
-    if name == 'train':
+    if name in ('train', 'features'):
         q.add_argument('--jobs', type=int, default=2)
+        q.add_argument('--seeds', nargs='*', type=int, default=list(SEEDS))
+    if name == 'train':
         q.add_argument('--tasks', nargs='*', default=list(TASKS), choices=list(TASKS))
         q.add_argument('--arms', nargs='*', default=list(ARMS), choices=list(ARMS))
-        q.add_argument('--seeds', nargs='*', type=int, default=list(SEEDS))
 
 
 def main():
-    run_cli(__doc__, {'train': cmd_train, 'report': cmd_report, 'figure': cmd_figure}, _flags)
+    run_cli(__doc__, {'train': cmd_train, 'report': cmd_report, 'figure': cmd_figure, 'features': cmd_features},
+            _flags)
 
 
 if __name__ == '__main__':
