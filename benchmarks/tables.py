@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))   # the sibling table m
 
 from _tables_base import (BLOCK, DOCS, INLINE, ROOT, MissingResult, f, f2, load, mean_std, source,  # noqa: E402
                           table)
-from tables_methods import t_dcal, t_dcal_reid_features, t_multilevel, t_multilevel_stages, t_papyri, t_resnas  # noqa: E402
+from tables_methods import (t_dcal, t_dcal_reid_features, t_multilevel, t_multilevel_stages, t_papyri,  # noqa: E402
+                            t_resnas)
 from tables_papyri import t_papyri_demo, t_papyri_pipeline  # noqa: E402
 from tables_prune import (_lc_mean, _lc_rows, _nvit_row, ofb_forced_max, ofb_nvit_gap, ofb_seed0, t_latency_check, t_nvit,  # noqa: E402
                           t_nvit_ablation, t_nvit_verdict, t_ofb, t_ofb_verdict)
@@ -279,7 +280,8 @@ TABLES: Dict[str, Callable[[], str]] = {
     'mixers': t_mixers, 'unlearnable': t_unlearnable, 'unlearnable_curve': t_unlearnable_curve,
     'unlearnable_settings': t_unlearnable_settings, 'nvit': t_nvit, 'nvit_ablation': t_nvit_ablation,
     'nvit_verdict': t_nvit_verdict, 'latency_check': t_latency_check, 'ofb': t_ofb, 'ofb_verdict': t_ofb_verdict,
-    'multilevel': t_multilevel, 'multilevel_stages': t_multilevel_stages, 'dcal': t_dcal, 'dcal_reid_features': t_dcal_reid_features, 'resnas': t_resnas,
+    'multilevel': t_multilevel, 'multilevel_stages': t_multilevel_stages, 'dcal': t_dcal,
+    'dcal_reid_features': t_dcal_reid_features, 'resnas': t_resnas,
     'papyri': t_papyri, 'papyri_demo': t_papyri_demo, 'papyri_pipeline': t_papyri_pipeline,
 }
 

@@ -167,7 +167,7 @@ def t_resnas() -> str:
         f"{lat['settings']['reference_ms']:.2f} ms; rank correlation {lat['spearman']:.2f})" + ''.join(
             f", {100 * c['max_abs_rel_error']:.1f}% in an earlier run (reference block {c['settings']['reference_ms']:.2f} ms; "
             f"rank correlation {c['spearman']:.2f})"
-            for c in res.get('latency_check_earlier', [])) + '.',
+            for c in res['latency_check_earlier']) + '.',
         '',
         *_resnas_verdict(res),
         '',
