@@ -307,6 +307,8 @@ def cmd_report(args) -> None:
     from scipy.stats import kendalltau
     restore_runs()
     measure = _load(WORK / 'measure.json')
+    if measure is None:
+        raise SystemExit('run the measure phase first')
     rows = measure['rows']
     trained = {}
     for arm in ARMS:

@@ -114,10 +114,18 @@ def extract_features(model: nn.Module, loader, device: torch.device, amp: bool =
     return torch.cat(feats), torch.cat(ids), torch.cat(views)
 
 
+def _require_query_gallery(data: str) -> None:
+    name, _ = parse_spec(data)
+    if not {'query', 'gallery'} <= set(SPLITS[name]):
+        raise DataError(f'--retrieval ranks a gallery for each query: {data} has the splits '
+                        f'{", ".join(SPLITS[name])}, no query and gallery; use a re-ID spec, e.g. glyphs-reid')
+
+
 def query_gallery_features(model: nn.Module, data: str, device: torch.device, batch_size: int = 256, workers: int = 0,
                            progress: Optional[bool] = None):
     """``(query, gallery)``: the :func:`extract_features` triples of ``data``'s query and gallery
     splits under ``model`` on ``device`` (bf16 autocast on CUDA)."""
+    _require_query_gallery(data)
     query, gallery = model_datasets(model, data, ('query', 'gallery'))
     amp = device.type == 'cuda'
     return tuple(extract_features(model, eval_loader(split, batch_size, workers=workers), device, amp, progress, desc)
@@ -128,10 +136,7 @@ def evaluate_retrieval(model_spec: str, data: str, batch_size: int = 256, device
                        workers: int = 0, progress: Optional[bool] = None) -> dict:
     """mAP and CMC Rank-1/5 of ``model_spec`` (a name or run directory) on the ``query`` and
     ``gallery`` splits of ``data`` (see the module docstring)."""
-    name, _ = parse_spec(data)
-    if not {'query', 'gallery'} <= set(SPLITS[name]):
-        raise DataError(f'--retrieval ranks a gallery for each query: {data} has the splits '
-                        f'{", ".join(SPLITS[name])}, no query and gallery; use a re-ID spec, e.g. glyphs-reid')
+    _require_query_gallery(data)   # before loading the model
     model = create(model_spec)
     dev = resolve_device(device)
     model.to(dev).eval()
