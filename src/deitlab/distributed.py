@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import atexit
+import gc
 import os
 import random
 from dataclasses import dataclass
@@ -69,7 +70,16 @@ def init_distributed(device: Optional[str] = None) -> DistInfo:
 
 
 def _leave_group() -> None:
+    """Destroy the process group while the interpreter is still whole.
+
+    A DDP wrapper can sit in a reference cycle (on a process's first wrapper, the frames of an
+    exception caught in its constructor hold it), and its reducer keeps the group alive after
+    ``destroy_process_group`` has dropped it from the registry. Left to the collection at
+    interpreter shutdown, the group's destructor would join gloo worker threads that may still
+    need the GIL to release a tensor, and a thread asking for the GIL during finalization aborts
+    the process. Collecting first frees those wrappers, so the group dies here."""
     if dist.is_available() and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 
