@@ -25,7 +25,7 @@ def test_leaving_frees_the_ddp_wrappers_that_hold_the_group(gloo_group):
     try:
         ddp = DistributedDataParallel(nn.Linear(4, 2))
         ddp(torch.randn(3, 4)).sum().backward()
-        # a cycle holds it, as the frames of an exception caught in DDP's constructor can on a
+        # a cycle holds it, as frames kept by the lazy imports of DDP's constructor can hold a
         # process's first wrapper, or a trainer that refers to itself
         cycle = [ddp]
         cycle.append(cycle)

@@ -72,8 +72,8 @@ def init_distributed(device: Optional[str] = None) -> DistInfo:
 def _leave_group() -> None:
     """Destroy the process group while the interpreter is still whole.
 
-    A DDP wrapper can sit in a reference cycle (on a process's first wrapper, the frames of an
-    exception caught in its constructor hold it), and its reducer keeps the group alive after
+    A DDP wrapper can sit in a reference cycle (a process's first one can be held through frames
+    kept by the lazy imports its constructor triggers), and its reducer keeps the group alive after
     ``destroy_process_group`` has dropped it from the registry. Left to the collection at
     interpreter shutdown, the group's destructor would join gloo worker threads that may still
     need the GIL to release a tensor, and a thread asking for the GIL during finalization aborts
