@@ -1,5 +1,5 @@
-"""Shared by the benchmark scripts: timing in a fresh process with fixed malloc thresholds, and a
-pool of child runs.
+"""Shared by the benchmark scripts: timing in a fresh process with fixed malloc thresholds, a pool
+of child runs, and the mean and std of a result over seeds.
 
 Without fixed thresholds a model's batch time moved between 45 and 66 ms from one process to the
 next on this machine (page faults on the larger activations), which moved every speed ratio by up
@@ -15,6 +15,15 @@ import time
 from pathlib import Path
 
 FIXED_MALLOC = dict(MALLOC_MMAP_THRESHOLD_=str(32 * 2 ** 20), MALLOC_TRIM_THRESHOLD_=str(2 ** 30))
+
+
+def seed_stats(xs: list) -> dict:
+    """``mean``, sample ``std`` (None for one value) and ``n`` of the values that are not None."""
+    import numpy as np
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return dict(mean=None, std=None, n=0)
+    return dict(mean=float(np.mean(xs)), std=float(np.std(xs, ddof=1)) if len(xs) > 1 else None, n=len(xs))
 
 
 def fresh_json(cmd: list):

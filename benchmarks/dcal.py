@@ -36,7 +36,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from _common import run_cli, run_pool
+from _common import run_cli, run_pool, seed_stats
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / 'results'
@@ -128,7 +128,7 @@ def cmd_features(args) -> None:
     cmd_train(args)
     runs = [dict(arm=arm, seed=seed, **_feature_retrieval(run_dir('reid', arm, seed)))
             for arm in FEATURE_ARMS for seed in args.seeds]
-    summary = {arm: {part: {k: _mean_std([r[part][k] for r in runs if r['arm'] == arm]) for k in ('mAP', 'rank1')}
+    summary = {arm: {part: {k: seed_stats([r[part][k] for r in runs if r['arm'] == arm]) for k in ('mAP', 'rank1')}
                      for part in ('sa', 'glca', 'sa+glca')} for arm in FEATURE_ARMS}
     result = dict(benchmark='dcal_reid_features', model=MODEL, data=TASKS['reid']['data'], seeds=list(args.seeds),
                   arms={a: ' '.join(ARMS[a]) for a in FEATURE_ARMS}, flags=' '.join([*COMMON, *TASKS['reid']['flags']]),
@@ -160,14 +160,6 @@ def _garment_confusions(out: Path) -> dict:
     return json.loads(cached.read_text())
 
 
-def _mean_std(xs: list) -> dict:
-    import numpy as np
-    xs = [x for x in xs if x is not None]
-    if not xs:
-        return dict(mean=None, std=None, n=0)
-    return dict(mean=float(np.mean(xs)), std=float(np.std(xs, ddof=1)) if len(xs) > 1 else None, n=len(xs))
-
-
 def cmd_report(args) -> None:
     runs = []
     for task in TASKS:
@@ -195,15 +187,15 @@ def cmd_report(args) -> None:
             rs = [r for r in runs if r['task'] == task and r['arm'] == arm]
             if not rs:
                 continue
-            s = dict(top1=_mean_std([r['top1'] for r in rs]), train_gflops=_mean_std([r['train_gflops'] for r in rs]),
-                     time_ratio=_mean_std([r['train_time_s'] / base[r['seed']]['train_time_s'] for r in rs
+            s = dict(top1=seed_stats([r['top1'] for r in rs]), train_gflops=seed_stats([r['train_gflops'] for r in rs]),
+                     time_ratio=seed_stats([r['train_time_s'] / base[r['seed']]['train_time_s'] for r in rs
                                            if r['seed'] in base]),
-                     gflops_ratio=_mean_std([r['train_gflops'] / base[r['seed']]['train_gflops'] for r in rs
+                     gflops_ratio=seed_stats([r['train_gflops'] / base[r['seed']]['train_gflops'] for r in rs
                                              if r['seed'] in base]))
             if task == 'reid':
-                s.update(mAP=_mean_std([r['mAP'] for r in rs]), rank1=_mean_std([r['rank1'] for r in rs]))
+                s.update(mAP=seed_stats([r['mAP'] for r in rs]), rank1=seed_stats([r['rank1'] for r in rs]))
             if task == 'fmnist':
-                s['garment_confusions'] = _mean_std([r['garments']['total'] for r in rs])
+                s['garment_confusions'] = seed_stats([r['garments']['total'] for r in rs])
             summary[task][arm] = s
     verdict = {}
     for task, key in (('fine', 'top1'), ('fmnist', 'top1'), ('reid', 'mAP')):

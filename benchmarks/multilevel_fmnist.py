@@ -32,7 +32,7 @@ import os
 import sys
 from pathlib import Path
 
-from _common import run_cli, run_pool
+from _common import run_cli, run_pool, seed_stats
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / 'results'
@@ -98,11 +98,6 @@ def _at(curve: list, gflops: float) -> float:
     return float(np.interp(gflops, [0.0] + [c['gflops'] for c in curve], [0.0] + [c['val_top1'] for c in curve]))
 
 
-def _mean_std(xs: list) -> dict:
-    import numpy as np
-    return dict(mean=float(np.mean(xs)), std=float(np.std(xs, ddof=1)) if len(xs) > 1 else None, n=len(xs))
-
-
 def cmd_report(args) -> None:
     runs = []
     for arm in ARMS:
@@ -126,8 +121,8 @@ def cmd_report(args) -> None:
             continue
         for r in rs:
             r['reach_gflops'], r['reach_wall_s'] = _reach(r['curve'], target) if target is not None else (None, None)
-        summary[arm] = dict(top1=_mean_std([r['top1'] for r in rs]), gflops=_mean_std([r['gflops'] for r in rs]),
-                            wall_s=_mean_std([r['wall_s'] for r in rs]),
+        summary[arm] = dict(top1=seed_stats([r['top1'] for r in rs]), gflops=seed_stats([r['gflops'] for r in rs]),
+                            wall_s=seed_stats([r['wall_s'] for r in rs]),
                             reached=sum(r['reach_gflops'] is not None for r in rs))
     if 'plain' in summary:
         base = summary['plain']
@@ -136,7 +131,7 @@ def cmd_report(args) -> None:
             s['gflops_saving'] = 1 - s['gflops']['mean'] / base['gflops']['mean']
             s['wall_saving'] = 1 - s['wall_s']['mean'] / base['wall_s']['mean']
             # plain training's test top-1 after the same training GFLOPs (its evaluations interpolated)
-            s['plain_top1_same_gflops'] = _mean_std([_at(c, s['gflops']['mean']) for c in plain_curves])
+            s['plain_top1_same_gflops'] = seed_stats([_at(c, s['gflops']['mean']) for c in plain_curves])
     result = dict(benchmark='multilevel_fmnist', model=MODEL, epochs=EPOCHS, steps_per_epoch=STEPS_PER_EPOCH,
                   main_arms=list(MAIN_ARMS),
                   batch_size=32, seeds=list(SEEDS), arms=ARMS, recipe=' '.join(RECIPE), target_top1=target,

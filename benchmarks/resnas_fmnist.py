@@ -41,7 +41,7 @@ import sys
 import time
 from pathlib import Path
 
-from _common import run_cli, run_pool
+from _common import run_cli, run_pool, seed_stats
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / 'results'
@@ -298,11 +298,6 @@ def _latency_check(measure: dict) -> dict:
                 settings=measure['settings'])
 
 
-def _mean_std(xs: list) -> dict:
-    import numpy as np
-    return dict(mean=float(np.mean(xs)), std=float(np.std(xs, ddof=1)) if len(xs) > 1 else None, n=len(xs))
-
-
 def cmd_report(args) -> None:
     from scipy.stats import kendalltau
     restore_runs()
@@ -314,7 +309,7 @@ def cmd_report(args) -> None:
     for arm in ARMS:
         tops = [_load(WORK / 'train' / f'{arm}_s{s}' / 'summary.json') for s in SEEDS]
         tops = [t['val_top1'] for t in tops if t]
-        trained[arm] = dict(top1=_mean_std(tops), top1_runs=tops, macs=rows[arm]['macs'],
+        trained[arm] = dict(top1=seed_stats(tops), top1_runs=tops, macs=rows[arm]['macs'],
                             measured_ms=rows[arm]['measured_ms'], predicted_ms=rows[arm].get('predicted_ms'),
                             fitness=rows[arm].get('fitness'), arch=rows[arm].get('arch'))
         trained[arm]['params'] = _load(WORK / 'train' / f'{arm}_s0' / 'summary.json').get('params')
@@ -323,7 +318,7 @@ def cmd_report(args) -> None:
         tops = [_load(WORK / 'train' / f'standalone{j}_s{s}' / 'summary.json') for s in SEEDS]
         tops = [t['val_top1'] for t in tops if t]
         r = rows[f'standalone{j}']
-        stand.append(dict(name=f'standalone{j}', top1=_mean_std(tops)['mean'] if tops else None, top1_runs=tops,
+        stand.append(dict(name=f'standalone{j}', top1=seed_stats(tops)['mean'] if tops else None, top1_runs=tops,
                           **{k: r[k] for k in ('fitness', 'fitness_test', 'macs', 'predicted_ms', 'measured_ms')}))
     done = [s for s in stand if s['top1'] is not None]
     tau = kendalltau([s['fitness'] for s in done], [s['top1'] for s in done])
