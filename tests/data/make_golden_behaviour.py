@@ -471,6 +471,14 @@ def exact_here(stored: Dict[str, np.ndarray]) -> bool:
     return str(stored.get('meta.cpu_capability', '')) == cpu_capability()
 
 
+def comparison(stored: Dict[str, np.ndarray]) -> str:
+    """How a golden file is compared here, and why (see :func:`exact_here`)."""
+    if exact_here(stored):
+        return 'bit for bit'
+    return (f'floats within {CLOSE_RTOL:g} of each array\'s scale: this CPU runs torch with {cpu_capability()}, '
+            f'the file was made with {stored.get("meta.cpu_capability", "unrecorded")} vector instructions')
+
+
 def close(a: np.ndarray, b: np.ndarray) -> bool:
     """Equality up to another CPU's low bits: dtype and shape equal; non-float arrays bit for bit;
     floats NaN and infinity at the same places and every finite value within ``CLOSE_RTOL`` times
@@ -537,9 +545,7 @@ def main(argv=None) -> int:
         stored = {k: v for k, v in file.items() if not k.startswith('meta.')}
         exact = exact_here(file)
         if not exact:
-            print(f'this CPU runs torch with {cpu_capability()}, the file was made with '
-                  f'{file.get("meta.cpu_capability", "unrecorded")} vector instructions: floats compared within '
-                  f'{CLOSE_RTOL:g} of each array\'s scale')
+            print(f'compared {comparison(file)}')
         diff = differences(compute_all(), stored, exact)
         for line in diff:
             print(line)
